@@ -1,0 +1,77 @@
+"""The contract every unipic model family (and the evaluation oracle) implements.
+
+The CLI, the evaluators and the server only talk to a model through `UnifiedPipeline`, so
+UniPic-1 (MAR + Qwen2.5), UniPic-2 (SD3.5M-Kontext, MetaQuery) and test oracles are
+interchangeable. A job a family cannot do raises `UnsupportedTaskError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from PIL import Image
+
+
+class UserError(ValueError):
+    """A mistake in what the user asked for; the CLI prints it as one line and exits with code 2."""
+
+
+class UnsupportedTaskError(UserError):
+    """The loaded model family cannot do the requested job (e.g. captioning with SD3.5M-Kontext)."""
+
+
+@runtime_checkable
+class UnifiedPipeline(Protocol):
+    """Text-to-image, editing and image-to-text behind one interface.
+
+    Images go in and come out as RGB `PIL.Image.Image`. Every method validates its inputs and
+    raises `UserError` (with the argument name, the bad value and the fix) for bad ones.
+    `seed=None` means nondeterministic; the same seed on the same device gives the same output.
+    Extra keyword options (`cfg`, `temperature`, `num_iter`, `num_inference_steps`, ...) are
+    family-specific sampling settings; unknown ones raise `UserError`.
+    """
+
+    def text_to_image(
+        self,
+        prompts: Sequence[str],
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        images_per_prompt: int = 1,
+        seed: int | None = None,
+        progress: bool = False,
+        **options: object,
+    ) -> list[list[Image.Image]]:
+        """Generate `images_per_prompt` images for each prompt; returns one list per prompt."""
+        ...
+
+    def edit_image(
+        self,
+        images: Sequence[Image.Image],
+        instructions: Sequence[str],
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        progress: bool = False,
+        **options: object,
+    ) -> list[Image.Image]:
+        """Apply instruction i to image i; returns one edited image per pair."""
+        ...
+
+    def image_to_text(
+        self,
+        images: Sequence[Image.Image],
+        questions: Sequence[str],
+        *,
+        max_new_tokens: int = 256,
+        seed: int | None = None,
+        **options: object,
+    ) -> list[str]:
+        """Answer question i about image i (a caption when the question asks for one)."""
+        ...
+
+    def sampling_defaults(self) -> dict[str, object]:
+        """The default settings this pipeline samples with (written into PNG metadata)."""
+        ...

@@ -1,0 +1,39 @@
+"""Argument helpers shared by every `unipic` subcommand that loads a model."""
+
+from __future__ import annotations
+
+import argparse
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Add --model, --device and --dtype (the options every model-loading command shares)."""
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model to load: a local model folder (UniPic-1 `config.json` or UniPic-2 diffusers "
+        "`model_index.json`), a Hugging Face hub id (needs network), or a built-in name "
+        "('default' = the embedded Shapes-world model, 'tiny-random' = untrained tiny preset, "
+        "'shapes-oracle' = exact renderer for checking the evaluators). Default: the embedded model.",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=DEVICE_CHOICES,
+        help="where to run: 'auto' picks cuda, then mps, then cpu (default: auto)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="compute precision: 'auto' = bfloat16 on cuda, float32 elsewhere (default: auto)",
+    )
+
+
+def pipeline_from_args(args: argparse.Namespace):
+    """Load the pipeline named by --model/--device/--dtype (raises UserError on bad input)."""
+    from unipic.loading import load_pipeline
+
+    return load_pipeline(args.model, device=args.device, dtype=args.dtype)

@@ -1,0 +1,69 @@
+"""Atomic file output: write to a temporary file in the destination folder, then rename.
+
+A crash or Ctrl-C therefore never leaves a half-written image, JSON or checkpoint behind,
+and resumable jobs can treat "file exists" as "file is complete".
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically (temp file in the same folder, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        # Leave nothing behind on failure, including KeyboardInterrupt.
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 text to `path` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: object, indent: int | None = 2) -> Path:
+    """Write `obj` as JSON to `path` atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping]) -> Path:
+    """Write one JSON object per line to `path` atomically."""
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def save_image_atomic(
+    image: Image.Image, path: str | os.PathLike, text_chunks: Mapping[str, object] | None = None
+) -> Path:
+    """Save an image atomically; for PNG, `text_chunks` go into tEXt chunks (non-str values as JSON)."""
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"cannot tell the image format from the file name {str(path)!r}; use .png or .jpg")
+    buffer = io.BytesIO()
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        for key, value in (text_chunks or {}).items():
+            info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+        image.save(buffer, format="PNG", pnginfo=info)
+    else:
+        image.save(buffer, format=fmt)
+    return atomic_write_bytes(path, buffer.getvalue())

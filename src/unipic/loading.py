@@ -1,0 +1,142 @@
+"""`load_pipeline`: turn a `--model` value into a ready `UnifiedPipeline`.
+
+Accepted values: a UniPic-1 model folder (`config.json`), a UniPic-2 diffusers folder
+(`model_index.json`), a Hugging Face hub id (downloaded when online), or a built-in name:
+`default` (the embedded Shapes-world model), `tiny-random` (an untrained tiny preset, for smoke
+tests) and `shapes-oracle` (renders template prompts exactly; checks the evaluators).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from unipic.api import UnifiedPipeline, UserError
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_MODELS = ("default", "tiny-random", "shapes-oracle")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """'auto' → cuda, then mps, then cpu; an explicit but unavailable device is a UserError."""
+    device = device or "auto"
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise UserError("--device mps: MPS is not available here; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a valid device; use cpu, cuda or mps") from None
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """'auto' → bfloat16 on CUDA, float32 elsewhere; names map to torch dtypes."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise UserError(f"--dtype {dtype!r} is not supported; use float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def default_model_folder() -> Path | None:
+    """The embedded Shapes-world model shipped inside the package, if present."""
+    folder = Path(str(resources.files("unipic") / "assets" / "default_model"))
+    return folder if (folder / "config.json").is_file() else None
+
+
+def tiny_random_model(seed: int = 0):
+    """An untrained model of the tiny preset with the toy byte tokenizer (deterministic weights)."""
+    from unipic.checkpoint import build_model
+    from unipic.config import unipic1_tiny
+    from unipic.tokenizer import build_byte_tokenizer
+
+    config = unipic1_tiny()
+    model = build_model(config, seed=seed)
+    tokenizer = build_byte_tokenizer(config.image_token)
+    model.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+    return model.eval(), tokenizer
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    """Fetch a hub repo (cache first); offline, fail with one line saying how to pass a local folder."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        raise UserError(f"--model {repo_id}: huggingface_hub is not installed; pass a local folder") from None
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        pass
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as error:
+        kind = type(error).__name__
+        raise UserError(f"--model {repo_id}: the Hugging Face hub is unreachable or the repo is unavailable ({kind}); "
+                        f"download it elsewhere and pass the local folder with --model PATH") from None
+
+
+def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None = "auto",
+                  dtype: str | torch.dtype | None = "auto", cpu_offload: bool = False,
+                  vae_tiling: bool = False) -> UnifiedPipeline:
+    """Load the pipeline for a `--model` value (see the module docstring) on a device and dtype."""
+    name = "default" if model in (None, "") else str(model)
+    if name == "shapes-oracle":
+        from unipic.eval.oracle import ShapesOracle
+
+        return ShapesOracle()
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if name == "tiny-random" or (name == "default" and default_model_folder() is None):
+        if name == "default":
+            logger.warning("the embedded default model is not installed; using the untrained tiny preset")
+        net, tokenizer = tiny_random_model()
+        return _unipic1_pipeline(net.to(device=torch_device, dtype=torch_dtype), tokenizer)
+    folder = default_model_folder() if name == "default" else Path(name).expanduser()
+    if not folder.exists():
+        if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+            folder = _download_from_hub(name)
+        else:
+            raise UserError(f"--model {name}: no such folder, and not a built-in name ({', '.join(BUILTIN_MODELS)}) "
+                            f"or a hub id (org/name)")
+    if not folder.is_dir():
+        raise UserError(f"--model {name}: not a folder")
+    if (folder / "model_index.json").is_file():
+        from unipic.unipic2 import is_unipic2_folder, load_unipic2_pipeline
+
+        if not is_unipic2_folder(folder):
+            raise UserError(f"--model {name}: model_index.json does not describe a UniPic-2 model")
+        return load_unipic2_pipeline(folder, device=str(torch_device), dtype=torch_dtype, cpu_offload=cpu_offload,
+                                     vae_tiling=vae_tiling)
+    if (folder / "config.json").is_file():
+        from unipic.checkpoint import load_model_folder
+
+        if cpu_offload or vae_tiling:
+            raise UserError("--cpu-offload and --vae-tiling apply to UniPic-2 models only")
+        net, tokenizer = load_model_folder(folder, device=torch_device, dtype=torch_dtype)
+        return _unipic1_pipeline(net, tokenizer)
+    raise UserError(f"--model {name}: the folder has neither config.json (UniPic-1) nor model_index.json (UniPic-2)")
+
+
+def _unipic1_pipeline(model, tokenizer) -> UnifiedPipeline:
+    from unipic.pipeline import UniPicPipeline
+
+    return UniPicPipeline(model, tokenizer)

@@ -1,0 +1,243 @@
+"""UniPic-1: the KL-16 VAE, the MAR encoder/decoder + diffusion head, a Qwen2 LLM, projectors and
+an optional SigLIP2 understanding tower, wired as in Skywork UniPic (arXiv 2508.03320).
+
+Generation path (spec §7): visible latent tokens → MAR encoder → `proj_in` → LLM (after the text
+prefix, buffer rows moved last so they see every visible token) → `proj_out` added back as a
+residual → MAR decoder → per-token diffusion head. Understanding path: VAE + MAR-encoder
+features (the released code) or SigLIP2 features (the paper) replace the `<image>` tokens.
+
+Submodule names and registration order equal the released checkpoint's, so `state_dict()` keys
+are the official tensor names. This module holds no sampling loop (see `unipic.sampling`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from unipic.config import UniPicConfig
+from unipic.models.layers import build_mlp
+from unipic.models.mar import MAR
+from unipic.models.vae import AutoencoderKL
+
+
+class SiglipTower(nn.Module):
+    """Holds transformers' SigLIP vision model under `vision_model`, the checkpoint's key layout.
+
+    transformers ≥ 5 flattened `SiglipVisionModel` (keys `embeddings.*`); the released weights
+    use the 4.x names `vision_model.embeddings.*`. Nesting restores them on every version.
+    """
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        from transformers import SiglipVisionModel
+
+        model = SiglipVisionModel(config)
+        # On transformers 4.x the model already nests a `vision_model`; use that inner module.
+        self.vision_model = getattr(model, "vision_model", model)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] → patch features (B, (H/p)·(W/p), hidden)."""
+        size = self.vision_model.config.image_size
+        out = self.vision_model(pixel_values=pixel_values,
+                                interpolate_pos_encoding=tuple(pixel_values.shape[-2:]) != (size, size))
+        return out.last_hidden_state
+
+
+@contextlib.contextmanager
+def init_empty_weights() -> Iterator[None]:
+    """Create parameters on the meta device (no memory, no init compute); buffers stay real.
+
+    Loading then assigns the checkpoint's tensors in place of the meta parameters, so a model is
+    never held twice. Buffers (rotary frequencies, position ids) are computed normally because
+    checkpoints do not carry them.
+    """
+    original = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+class UniPic(nn.Module):
+    """The UniPic-1 model. Build with a `UniPicConfig`; load weights with `unipic.checkpoint`."""
+
+    def __init__(self, config: UniPicConfig) -> None:
+        super().__init__()
+        from transformers import Qwen2ForCausalLM
+
+        self.config = config
+        hidden = config.llm.hidden_size
+        enc = config.mar.encoder_embed_dim
+        self.vae = AutoencoderKL(config.vae)
+        self.llm = Qwen2ForCausalLM(config.llm.to_transformers())
+        self.mar = MAR(config.mar, config.head)
+        self.proj_in = build_mlp(enc, hidden, hidden)
+        self.proj_out = build_mlp(hidden, hidden, enc)
+        if config.siglip is not None:
+            self.siglip2 = SiglipTower(config.siglip.to_transformers())
+            # Upstream hard-codes 1152 here; we read the tower's width.
+            self.siglip2_proj = build_mlp(config.siglip.hidden_size, hidden, hidden)
+        else:
+            self.siglip2 = None
+            self.siglip2_proj = None
+        # The VAE is frozen in every training stage (spec §3).
+        self.vae.requires_grad_(False)
+        self.image_token_id: int | None = None  # set from the tokenizer by the loader
+
+    # -----------------------------------------------------------------------------------------
+    # Properties and small helpers
+    # -----------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the LLM weights (the pipelines put inputs there)."""
+        return self.llm.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype of the LLM."""
+        return self.llm.model.embed_tokens.weight.dtype
+
+    def train(self, mode: bool = True) -> UniPic:
+        """Switch train/eval mode; the frozen VAE always stays in eval mode."""
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid (h, w) for an image size in pixels (both must be multiples of the stride)."""
+        stride = self.config.pixel_stride
+        if height % stride or width % stride or height <= 0 or width <= 0:
+            raise ValueError(f"image size {height}x{width} must be positive multiples of {stride}")
+        return height // stride, width // stride
+
+    def num_image_tokens(self, grid: tuple[int, int]) -> int:
+        """How many `<image>` placeholders a source image of this grid expands to (h·w + buffers)."""
+        return grid[0] * grid[1] + self.config.mar.buffer_size
+
+    def num_understanding_tokens(self, size: int) -> int:
+        """`<image>` placeholders for understanding at `size` pixels (square)."""
+        if self.config.understanding_encoder == "siglip2":
+            return (size // self.config.siglip.patch_size) ** 2
+        return self.num_image_tokens(self.grid_for(size, size))
+
+    # -----------------------------------------------------------------------------------------
+    # Latents ↔ tokens
+    # -----------------------------------------------------------------------------------------
+
+    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, H', W') VAE latents → (B, (H'/p)·(W'/p), C·p²) raster-order tokens."""
+        p = self.config.mar.patch_size
+        b, c, h, w = latents.shape
+        x = latents.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+    def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Inverse of `patchify` for a token grid (h, w)."""
+        p = self.config.mar.patch_size
+        b = tokens.shape[0]
+        c = self.config.vae.embed_dim
+        x = tokens.reshape(b, grid[0], grid[1], c, p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, c, grid[0] * p, grid[1] * p)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] → (B, L, token_dim) scaled posterior-mean tokens (the VAE is frozen)."""
+        latents = self.vae.encode(pixels.to(self.vae_dtype))
+        return self.patchify(latents)
+
+    def decode_tokens(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, L, token_dim) → (B, 3, H, W) pixels in about [-1, 1]."""
+        return self.vae.decode(self.unpatchify(tokens.to(self.vae_dtype), grid))
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """Dtype of the VAE weights."""
+        return self.vae.post_quant_conv.weight.dtype
+
+    # -----------------------------------------------------------------------------------------
+    # MAR ↔ LLM
+    # -----------------------------------------------------------------------------------------
+
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, hidden)."""
+        return self.llm.get_input_embeddings()(input_ids)
+
+    def extract_visual_feature(self, tokens: torch.Tensor, mask: torch.Tensor | None,
+                               grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """MAR-encode visible tokens; return (x_enc, z_enc).
+
+        x_enc: (B, buf + L_vis, enc_dim) with buffer rows first (the MAR's layout).
+        z_enc: (B, L_vis + buf, hidden) projected for the LLM with buffer rows moved LAST, so in the
+        causal LLM the buffers attend to every visible image token.
+        """
+        x_enc = self.mar.forward_encoder(tokens, mask, grid)
+        z_enc = self.proj_in(x_enc)
+        buf = self.config.mar.buffer_size
+        z_enc = torch.cat([z_enc[:, buf:], z_enc[:, :buf]], dim=1)
+        return x_enc, z_enc
+
+    def llm_image_hidden(self, z_enc: torch.Tensor, attention_mask: torch.Tensor, *,
+                         prefix_embeds: torch.Tensor | None = None,
+                         past_key_values=None) -> torch.Tensor:
+        """Run image rows through the LLM after a text prefix; return their last hidden states.
+
+        Args:
+            z_enc: (B, Lz, hidden) image rows.
+            attention_mask: (B, T) validity of the prefix rows (right padding).
+            prefix_embeds: (B, T, hidden) prefix embeddings, when no cache is given.
+            past_key_values: a transformers cache already holding the T prefix rows.
+        """
+        batch, length = z_enc.shape[:2]
+        full_mask = torch.cat([attention_mask.bool(),
+                               attention_mask.new_ones(batch, length, dtype=torch.bool)], dim=1)
+        # Image rows continue right after each row's valid text, whatever its padding.
+        position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)
+        z_enc = z_enc.to(self.dtype)
+        if past_key_values is None:
+            inputs = torch.cat([prefix_embeds.to(self.dtype), z_enc], dim=1)
+        else:
+            inputs, position_ids = z_enc, position_ids[:, -length:]
+        out = self.llm.model(inputs_embeds=inputs, attention_mask=full_mask.long(), position_ids=position_ids,
+                             past_key_values=past_key_values, use_cache=past_key_values is not None)
+        return out.last_hidden_state[:, -length:]
+
+    def forward_mae_encoder(self, tokens: torch.Tensor, mask: torch.Tensor | None, grid: tuple[int, int],
+                            attention_mask: torch.Tensor, *, prefix_embeds: torch.Tensor | None = None,
+                            past_key_values=None, grad_scale: float | None = None) -> torch.Tensor:
+        """MAR encoder → LLM → residual back into MAR space: (B, buf + L_vis, enc_dim)."""
+        x_enc, z_enc = self.extract_visual_feature(tokens, mask, grid)
+        hidden = self.llm_image_hidden(z_enc, attention_mask, prefix_embeds=prefix_embeds,
+                                       past_key_values=past_key_values)
+        buf = self.config.mar.buffer_size
+        hidden = torch.cat([hidden[:, -buf:], hidden[:, :-buf]], dim=1)  # buffers first again
+        return x_enc + self.proj_out(hidden.to(self.proj_out[0].weight.dtype))
+
+    def understanding_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Visual features for the `<image>` rows of an understanding prompt: (B, N, hidden)."""
+        if self.config.understanding_encoder == "siglip2":
+            feats = self.siglip2(pixels.to(self.siglip2_proj[0].weight.dtype))
+            return self.siglip2_proj(feats)
+        tokens = self.encode_images(pixels)
+        grid = self.grid_for(pixels.shape[-2], pixels.shape[-1])
+        return self.extract_visual_feature(tokens, None, grid)[1]
+
+    def fill_image_rows(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the `<image>` rows replaced, in order, by `features` (B, N, hidden)."""
+        embeds = self.embed_text(input_ids)
+        is_image = input_ids == self.image_token_id
+        expected = int(is_image.sum())
+        if expected != features.shape[0] * features.shape[1]:
+            raise ValueError(f"prompt has {expected} <image> tokens but {tuple(features.shape[:2])} features were given")
+        return embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))

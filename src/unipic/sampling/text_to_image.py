@@ -1,0 +1,53 @@
+"""Text-to-image with UniPic-1: prompts → MAR decoding with CFG against the null prompt → VAE."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from unipic.sampling.mar_decode import mar_generate_tokens
+from unipic.sampling.prompts import format_instruction, tokenize_padded
+
+
+def build_t2i_prefix(model, tokenizer, prompts: Sequence[str], *, cfg: float,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings and mask of [conditional prompts; null prompts] (the null rows only with guidance)."""
+    sampling = model.config.sampling
+    template = model.config.prompt_template
+    texts = [format_instruction(template, sampling.t2i_prompt.format(prompt=p.strip())) for p in prompts]
+    if cfg != 1.0:
+        texts += [format_instruction(template, sampling.cfg_prompt)] * len(prompts)
+    input_ids, mask = tokenize_padded(tokenizer, texts, pad_id=_pad_id(tokenizer), device=device)
+    return model.embed_text(input_ids), mask
+
+
+def _pad_id(tokenizer) -> int:
+    # Upstream right-pads generation prompts with the EOS id; padded rows are masked anyway.
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+
+
+@torch.no_grad()
+def generate_images(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    height: int,
+    width: int,
+    num_iter: int,
+    cfg: float,
+    cfg_schedule: str = "constant",
+    temperature: float = 1.0,
+    head_steps: int | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Generate one image per prompt: (B, 3, height, width) pixels in about [-1, 1]."""
+    grid = model.grid_for(height, width)
+    prefix, mask = build_t2i_prefix(model, tokenizer, prompts, cfg=cfg, device=model.device)
+    tokens = mar_generate_tokens(model, prefix, mask, grid, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
+                                 temperature=temperature, head_steps=head_steps, generator=generator,
+                                 progress=progress)
+    # Only the conditional rows are decoded (upstream decoded the discarded CFG rows too).
+    return model.decode_tokens(tokens, grid)

@@ -1,0 +1,279 @@
+"""Scenes of the Shapes world: objects in boxes, and seeded sampling of valid layouts.
+
+All coordinates are fractions of the canvas side S: an object is its color, its shape and its
+box (centre `cx`, `cy` and side `size`). Randomness always comes from a `numpy.random.Generator`
+passed in by the caller (no global RNG), so every generator in the package is a pure function
+of its seed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from unipic.world.spec import (
+    ALL_PAIRS,
+    COLORS,
+    GAP,
+    HELD_OUT,
+    MARGIN,
+    MAX_BOX,
+    MAX_OBJECTS,
+    MIN_BOX,
+    MIN_OBJECTS,
+    REL_T,
+    RELATIONS,
+    SHAPES,
+    TRAIN_PAIRS,
+)
+
+_EPS = 1e-6  # keep sampled layouts strictly inside the spec's inequalities despite rounding
+
+
+@dataclass(frozen=True)
+class WorldObject:
+    """One filled shape of one color inside an axis-aligned square box (fractions of S)."""
+
+    color: str
+    shape: str
+    cx: float  # box centre x
+    cy: float  # box centre y
+    size: float  # box side s
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return (self.color, self.shape)
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) of the box."""
+        h = self.size / 2
+        return (self.cx - h, self.cy - h, self.cx + h, self.cy + h)
+
+    def moved(self, cx: float, cy: float) -> WorldObject:
+        return WorldObject(self.color, self.shape, cx, cy, self.size)
+
+    def recolored(self, color: str) -> WorldObject:
+        return WorldObject(color, self.shape, self.cx, self.cy, self.size)
+
+    def to_dict(self) -> dict:
+        return {
+            "color": self.color,
+            "shape": self.shape,
+            "cx": round(self.cx, 6),
+            "cy": round(self.cy, 6),
+            "size": round(self.size, 6),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> WorldObject:
+        return cls(str(data["color"]), str(data["shape"]), float(data["cx"]), float(data["cy"]), float(data["size"]))
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A Shapes-world scene: a tuple of objects (1 to 4 in a valid scene)."""
+
+    objects: tuple[WorldObject, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "objects", tuple(self.objects))
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        return [o.pair for o in self.objects]
+
+    def pair_counts(self) -> Counter:
+        return Counter(self.pairs)
+
+    def count(self, shape: str, color: str | None = None) -> int:
+        return sum(o.shape == shape and (color is None or o.color == color) for o in self.objects)
+
+    def with_shape(self, shape: str) -> list[WorldObject]:
+        return [o for o in self.objects if o.shape == shape]
+
+    def with_color(self, color: str) -> list[WorldObject]:
+        return [o for o in self.objects if o.color == color]
+
+    def has_held_out(self) -> bool:
+        return any(p in HELD_OUT for p in self.pairs)
+
+    def left_to_right(self) -> list[WorldObject]:
+        """Objects ordered by cx, ties by cy (the canonical caption order)."""
+        return sorted(self.objects, key=lambda o: (o.cx, o.cy))
+
+    def replace(self, index: int, new: WorldObject | None) -> Scene:
+        """A copy with object `index` replaced by `new` (or removed when `new` is None)."""
+        objs = list(self.objects)
+        if new is None:
+            del objs[index]
+        else:
+            objs[index] = new
+        return Scene(tuple(objs))
+
+    def add(self, new: WorldObject) -> Scene:
+        return Scene(self.objects + (new,))
+
+    def to_dict(self) -> dict:
+        return {"objects": [o.to_dict() for o in self.objects]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Scene:
+        return cls(tuple(WorldObject.from_dict(o) for o in data["objects"]))
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first way this scene breaks WORLD.md's scene rules."""
+        if not MIN_OBJECTS <= len(self.objects) <= MAX_OBJECTS:
+            raise ValueError(f"a scene holds {MIN_OBJECTS} to {MAX_OBJECTS} objects, got {len(self.objects)}")
+        for i, o in enumerate(self.objects):
+            if o.color not in COLORS or o.shape not in SHAPES:
+                raise ValueError(f"object {i} has unknown color/shape {o.pair}")
+            if not MIN_BOX - 1e-9 <= o.size <= MAX_BOX + 1e-9:
+                raise ValueError(f"object {i} box side {o.size:.4f} outside [{MIN_BOX}, {MAX_BOX}]")
+            x0, y0, x1, y1 = o.box
+            if min(x0, y0) < MARGIN - 1e-9 or max(x1, y1) > 1 - MARGIN + 1e-9:
+                raise ValueError(f"object {i} box {o.box} is not inside the canvas margin {MARGIN}")
+        for i, a in enumerate(self.objects):
+            for j in range(i + 1, len(self.objects)):
+                if box_gap(a, self.objects[j]) < GAP - 1e-9:
+                    raise ValueError(f"objects {i} and {j} are closer than the gap {GAP}")
+
+
+def box_gap(a: WorldObject, b: WorldObject) -> float:
+    """Separation of two boxes (negative when they overlap): the larger of the x and y gaps."""
+    half = (a.size + b.size) / 2
+    return max(abs(a.cx - b.cx) - half, abs(a.cy - b.cy) - half)
+
+
+def fits(candidate: WorldObject, others: Iterable[WorldObject]) -> bool:
+    """True when `candidate` lies inside the margin and keeps the gap to every other object."""
+    x0, y0, x1, y1 = candidate.box
+    if min(x0, y0) < MARGIN + _EPS or max(x1, y1) > 1 - MARGIN - _EPS:
+        return False
+    return all(box_gap(candidate, o) >= GAP + _EPS for o in others)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+Predicate = Callable[[float, float], bool]
+
+
+def place_object(
+    rng: np.random.Generator,
+    color: str,
+    shape: str,
+    others: Sequence[WorldObject],
+    where: Predicate | None = None,
+    size: float | None = None,
+    tries: int = 200,
+) -> WorldObject | None:
+    """Sample a box for (color, shape) that fits among `others` and satisfies `where(cx, cy)`.
+
+    Rejection sampling: the size is uniform in [MIN_BOX, MAX_BOX] (unless given) and the centre
+    uniform over the positions that keep the margin. Returns None when no try succeeds.
+    """
+    for _ in range(tries):
+        s = float(rng.uniform(MIN_BOX, MAX_BOX)) if size is None else size
+        lo, hi = MARGIN + s / 2 + 2 * _EPS, 1 - MARGIN - s / 2 - 2 * _EPS
+        cx, cy = float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
+        if where is not None and not where(cx, cy):
+            continue
+        candidate = WorldObject(color, shape, cx, cy, s)
+        if fits(candidate, others):
+            return candidate
+    return None
+
+
+def layout(
+    rng: np.random.Generator,
+    pairs: Sequence[tuple[str, str]],
+    constraints: dict[int, Callable[[list[WorldObject]], Predicate]] | None = None,
+    restarts: int = 100,
+) -> Scene:
+    """Place `pairs` in order into a valid scene.
+
+    Args:
+        rng: the random generator.
+        pairs: (color, shape) of each object, in placement order.
+        constraints: optional {index: factory}; `factory(placed_so_far)` returns the predicate
+            object `index`'s centre must satisfy (e.g. "left of object 0 by a clear margin").
+        restarts: how many times to start over when an object cannot be placed.
+
+    Raises:
+        RuntimeError: when no valid layout is found (a bug in the caller's constraints).
+    """
+    constraints = constraints or {}
+    for _ in range(restarts):
+        placed: list[WorldObject] = []
+        for i, (color, shape) in enumerate(pairs):
+            where = constraints[i](placed) if i in constraints else None
+            obj = place_object(rng, color, shape, placed, where)
+            if obj is None:
+                break
+            placed.append(obj)
+        else:
+            return Scene(tuple(placed))
+    raise RuntimeError(f"could not lay out {list(pairs)} with the given constraints")
+
+
+def random_pairs(
+    rng: np.random.Generator, n: int, allowed: Sequence[tuple[str, str]] = TRAIN_PAIRS
+) -> list[tuple[str, str]]:
+    """`n` (color, shape) pairs drawn uniformly (with repetition) from `allowed`."""
+    idx = rng.integers(0, len(allowed), size=n)
+    return [allowed[int(i)] for i in idx]
+
+
+def sample_scene(
+    rng: np.random.Generator,
+    n_objects: int | None = None,
+    allow_held_out: bool = False,
+) -> Scene:
+    """A random valid scene: 1-4 objects (uniform) with uniform (color, shape) pairs.
+
+    Training generators pass `allow_held_out=False` (the default), so no held-out pair appears;
+    evaluation generators pass True and draw from all 60 pairs.
+    """
+    n = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1)) if n_objects is None else n_objects
+    allowed = ALL_PAIRS if allow_held_out else TRAIN_PAIRS
+    return layout(rng, random_pairs(rng, n, allowed))
+
+
+def allowed_pairs(allow_held_out: bool) -> tuple[tuple[str, str], ...]:
+    return ALL_PAIRS if allow_held_out else TRAIN_PAIRS
+
+
+def colors_for(shape: str, allow_held_out: bool) -> list[str]:
+    """Colors that may be painted on `shape` (all ten, or the ten minus held-out pairs)."""
+    return [c for c, s in allowed_pairs(allow_held_out) if s == shape]
+
+
+def rng_for(seed: int, *keys: int) -> np.random.Generator:
+    """A generator that is a pure function of (seed, *keys): example i of task k is rng_for(seed, k, i)."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, *(int(k) for k in keys)])
+
+
+def relation_holds(rel: str, a, b, margin: float = REL_T) -> bool:
+    """WORLD.md's relations between two objects with centres `cx`, `cy` (fractions of S).
+
+    `a` is `left of` `b` when a.cx < b.cx - margin, `right of` when a.cx > b.cx + margin,
+    `above` when a.cy < b.cy - margin and `below` when a.cy > b.cy + margin (y grows downward).
+    Works for scene objects and for judge detections alike.
+    """
+    if rel == "left of":
+        return a.cx < b.cx - margin
+    if rel == "right of":
+        return a.cx > b.cx + margin
+    if rel == "above":
+        return a.cy < b.cy - margin
+    if rel == "below":
+        return a.cy > b.cy + margin
+    raise ValueError(f"unknown relation {rel!r}; expected one of {', '.join(RELATIONS)}")
