@@ -64,9 +64,7 @@ class DiffusionHeadConfig:
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features ``(N, dim)`` of timesteps ``t: (N,)``: cos half first, then sin half (float32)."""
     half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    )
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.to(torch.float32)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -285,4 +283,3 @@ class DiffusionHead(nn.Module):
             noise=noise,
             step_noise=step_noise,
         )
-

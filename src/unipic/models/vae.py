@@ -13,7 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AutoencoderKL", "AttnBlock", "Decoder", "Downsample", "Encoder", "ResnetBlock", "Upsample", "VAEConfig"]
+__all__ = [
+    "AutoencoderKL",
+    "AttnBlock",
+    "Decoder",
+    "Downsample",
+    "Encoder",
+    "ResnetBlock",
+    "Upsample",
+    "VAEConfig",
+]
 
 
 @dataclass
@@ -179,7 +188,9 @@ class Encoder(nn.Module):
             self.down.append(level)
         self.mid = _Mid(block_in, cfg.dropout)
         self.norm_out = _norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, 2 * cfg.embed_dim if cfg.double_z else cfg.embed_dim, 3, padding=1)
+        self.conv_out = nn.Conv2d(
+            block_in, 2 * cfg.embed_dim if cfg.double_z else cfg.embed_dim, 3, padding=1
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W) -> (B, 2·embed_dim, H/16, W/16)``."""

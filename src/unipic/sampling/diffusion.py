@@ -47,9 +47,7 @@ NetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # ---------------------------------------------------------------------------------------------
 
 
-def betas_for_alpha_bar(
-    num_steps: int, alpha_bar: Callable[[float], float], max_beta: float
-) -> np.ndarray:
+def betas_for_alpha_bar(num_steps: int, alpha_bar: Callable[[float], float], max_beta: float) -> np.ndarray:
     """Discretise a continuous ᾱ(s), s∈[0,1], into ``num_steps`` betas clipped at ``max_beta``."""
     betas = []
     for i in range(num_steps):
@@ -232,7 +230,9 @@ class GaussianDiffusion:
         pv = self.posterior_variance
         fixed_first = np.concatenate([pv[1:2], pv[1:]]) if len(pv) > 1 else np.maximum(pv, 1e-20)
         self.posterior_log_variance_clipped = np.log(fixed_first)
-        self.posterior_mean_coef1 = self.betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef1 = (
+            self.betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        )
         self.posterior_mean_coef2 = (
             (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         )
@@ -358,7 +358,9 @@ class GaussianDiffusion:
         ``t`` (step indices) and ``noise`` are drawn from ``generator`` unless given (t first, then noise).
         """
         if x0.dim() != 2 or cond.dim() != 2 or cond.shape[0] != x0.shape[0]:
-            raise ValueError(f"expected x0 (N, C) and cond (N, D), got {tuple(x0.shape)} and {tuple(cond.shape)}")
+            raise ValueError(
+                f"expected x0 (N, C) and cond (N, D), got {tuple(x0.shape)} and {tuple(cond.shape)}"
+            )
         n = x0.shape[0]
         device = x0.device
         if t is None:
@@ -447,7 +449,9 @@ class GaussianDiffusion:
                 raise ValueError("pass `channels` (token width) or an initial `noise` tensor")
             noise = torch.randn((n_eff, channels), generator=generator, device=device, dtype=dtype)
         elif noise.shape[0] != n_eff or noise.dim() != 2:
-            raise ValueError(f"noise must be ({n_eff}, C) for {n} cond rows (cfg={cfg}), got {tuple(noise.shape)}")
+            raise ValueError(
+                f"noise must be ({n_eff}, C) for {n} cond rows (cfg={cfg}), got {tuple(noise.shape)}"
+            )
         c = noise.shape[1]
         if step_noise is not None and tuple(step_noise.shape) != (self.num_steps - 1, n_eff, c):
             raise ValueError(

@@ -1,0 +1,81 @@
+"""The three task losses of UniPic-1 training (spec §10-12).
+
+- text-to-image: masked diffusion loss on hidden latent tokens, conditioned on the prompt;
+- editing: the same, with the source image in the prompt (`<image>` rows) and as `x_con`;
+- image-to-text: next-token cross-entropy on the answer, visual features in the `<image>` rows.
+Visual features entering the LLM are gradient-scaled by `config.grad_scale` (0.1 upstream).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from unipic.models.layers import scale_gradient
+from unipic.sampling.schedules import random_masking, sample_mask_ratio, sample_orders
+
+
+def _masked_targets(model, tokens: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One random order per row and one masking ratio per batch (as MAR): (B, L) float mask, 1 = hidden."""
+    orders = sample_orders(tokens.shape[0], tokens.shape[1], device=tokens.device, generator=generator)
+    ratio = sample_mask_ratio(model.config.mar.mask_ratio_min, generator=_cpu_generator(generator))
+    return random_masking(orders, ratio)
+
+
+def _cpu_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    # The ratio is a host-side scalar; draw it from a CPU generator derived from the caller's.
+    if generator is None or generator.device.type == "cpu":
+        return generator
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), device=generator.device,
+                                                           generator=generator).item()))
+
+
+def _diffusion_loss(model, tokens: torch.Tensor, z: torch.Tensor, mask: torch.Tensor,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    return model.mar.diffloss(tokens.reshape(-1, tokens.shape[-1]), z.reshape(-1, z.shape[-1]),
+                              mask.reshape(-1), generator=generator)
+
+
+def text_to_image_loss(model, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Diffusion loss for generating `pixels` (B, 3, H, W) from prompts (right-padded ids and mask)."""
+    grid = model.grid_for(pixels.shape[-2], pixels.shape[-1])
+    tokens = model.encode_images(pixels)  # (B, L, token_dim), frozen VAE
+    mask = _masked_targets(model, tokens, generator)
+    x_enc = model.forward_mae_encoder(tokens, mask, grid, attention_mask, prefix_embeds=model.embed_text(input_ids))
+    z = model.mar.forward_decoder(x_enc, mask, grid)
+    return _diffusion_loss(model, tokens, z, mask, generator)
+
+
+def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Diffusion loss for producing `target_pixels` from `source_pixels` and an instruction prompt.
+
+    `input_ids` must contain h·w + buffer `<image>` ids for the source (see `UniPic.num_image_tokens`).
+    """
+    grid = model.grid_for(target_pixels.shape[-2], target_pixels.shape[-1])
+    source = model.encode_images(source_pixels)
+    target = model.encode_images(target_pixels)
+    x_con, z_src = model.extract_visual_feature(source, None, grid)
+    scale = model.config.grad_scale
+    x_con, z_src = scale_gradient(x_con, scale), scale_gradient(z_src, scale)
+    prefix = model.fill_image_rows(input_ids, z_src)
+    mask = _masked_targets(model, target, generator)
+    x_enc = model.forward_mae_encoder(target, mask, grid, attention_mask, prefix_embeds=prefix)
+    z = model.mar.forward_decoder(x_enc, mask, grid, x_con=x_con)
+    return _diffusion_loss(model, target, z, mask, generator)
+
+
+def image_to_text_loss(model, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy on positions whose label is ≥ 0 (-100 = ignore), image rows filled."""
+    features = scale_gradient(model.understanding_features(pixels), model.config.grad_scale)
+    embeds = model.fill_image_rows(input_ids, features)
+    hidden = model.llm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+    # Predict token t+1 from position t; only supervised positions go through the output matrix.
+    shifted = labels[:, 1:]
+    keep = shifted >= 0
+    if not bool(keep.any()):
+        return hidden.sum() * 0.0
+    logits = model.llm.lm_head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), shifted[keep])

@@ -1,0 +1,76 @@
+"""Input-image handling shared by the UniPic-2 pipelines: mode conversion, sizes, resizing.
+
+Upstream crashes on RGBA or greyscale inputs, asserts bare on size mismatches, and its
+longer-edge resize can round the short side to 0 (spec §10.3, §10.10). These helpers fix that.
+"""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from unipic.api import UserError
+
+# Negative prompt of the upstream editing scripts (spec §3), used as the default for edits.
+EDIT_NEGATIVE_PROMPT = (
+    "blurry, low quality, low resolution, distorted, deformed, broken content, missing parts, damaged details, "
+    "artifacts, glitch, noise, pixelated, grainy, compression artifacts, bad composition, wrong proportion, "
+    "incomplete editing, unfinished, unedited areas."
+)
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Return `image` as RGB; transparent pixels are composited onto `background` (white).
+
+    Dropping alpha with a plain `convert("RGB")` would expose whatever colour hides under
+    transparent pixels (often black), so images with transparency are alpha-composited instead.
+    """
+    if not isinstance(image, Image.Image):
+        raise UserError(f"expected a PIL.Image.Image, got {type(image).__name__}; open the file with PIL first")
+    if image.mode == "RGB":
+        return image
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, background + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as error:
+        raise UserError(f"cannot convert an image of mode {image.mode!r} to RGB ({error}); save it as PNG or JPEG") from error
+
+
+def check_size(height: int, width: int, *, multiple: int, max_side: int, what: str = "image") -> None:
+    """Raise `UserError` unless height and width are positive multiples of `multiple` and <= `max_side`."""
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UserError(f"{what} {name} must be an integer, got {value!r}")
+        if value < multiple or value % multiple:
+            fixed = max(multiple, round(value / multiple) * multiple)
+            raise UserError(
+                f"{what} {name}={value} is not a positive multiple of {multiple} "
+                f"(VAE factor x patch size); use {name}={fixed}"
+            )
+        if value > max_side:
+            raise UserError(f"{what} {name}={value} exceeds the model's maximum {max_side}; use a smaller size")
+
+
+def round_to_multiple(value: float, multiple: int) -> int:
+    """Round to the nearest multiple of `multiple`, never below `multiple` (upstream could reach 0)."""
+    return max(multiple, int(round(value / multiple)) * multiple)
+
+
+def longer_edge_size(width: int, height: int, longer_edge: int, multiple: int = 32) -> tuple[int, int]:
+    """Output (width, height) for the "fix the longer edge" rule of the upstream editing scripts.
+
+    The longer side becomes `longer_edge`, the shorter side keeps the aspect ratio; both are
+    rounded to the nearest multiple of `multiple` (upstream rounded only the short side).
+    """
+    scale = longer_edge / max(width, height)
+    return round_to_multiple(width * scale, multiple), round_to_multiple(height * scale, multiple)
+
+
+def resize(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Resize with a bicubic filter (a no-op when the size already matches)."""
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), Image.Resampling.BICUBIC)

@@ -1,0 +1,406 @@
+"""Text-to-image and editing with UniPic2-SD3.5M-Kontext (SD3.5-Medium + reference-image tokens).
+
+`StableDiffusion3KontextPipeline` is diffusers' `StableDiffusion3Pipeline` plus an `image`
+argument. Prompt encoding (CLIP-L + CLIP-G + T5, spec §3), input checks and the scheduler are
+reused from the parent; the sampling loop lives in `KontextSamplingMixin`, which the MetaQuery
+pipeline shares. With `image=None` the pipeline performs exactly the parent's operations, so its
+output equals `StableDiffusion3Pipeline`'s under the same generator.
+
+Fixes relative to upstream (spec §10): the reference is VAE-encoded with the pipeline's
+generator (edits are reproducible from a seed); RGBA/greyscale/palette inputs are converted to
+RGB; size mismatches raise clear errors; skip-layer guidance keeps the reference tokens; no
+IP-Adapter leftovers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img import retrieve_latents
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from unipic.api import UserError
+from unipic.unipic2.images import check_size, to_rgb
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SIZE = 512  # upstream __call__ default (not SD3's 1024)
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 3.5
+REFERENCE_SAMPLE_MODES = ("sample", "argmax")
+
+
+class KontextSamplingMixin:
+    """Reference encoding, the flow-matching denoising loop and decoding for Kontext-style DiTs.
+
+    Expects `transformer`, `scheduler`, `vae`, `image_processor` (a `VaeImageProcessor`),
+    `vae_scale_factor` and `patch_size` on the pipeline.
+    """
+
+    # ------------------------------------------------------------------ input checks
+
+    def max_image_side(self) -> int:
+        """Largest height/width in pixels the transformer's positional table covers."""
+        return self.transformer.config.pos_embed_max_size * self.patch_size * self.vae_scale_factor
+
+    def check_size(self, height: int, width: int) -> None:
+        """Raise `UserError` (a `ValueError`) unless the output size fits the model."""
+        multiple = self.vae_scale_factor * self.patch_size
+        check_size(height, width, multiple=multiple, max_side=self.max_image_side(), what="output")
+
+    def check_reference_images(
+        self, image: Image.Image | Sequence[Image.Image], batch_size: int, height: int, width: int
+    ) -> list[Image.Image]:
+        """Validate the reference image(s) and return one RGB PIL image per prompt.
+
+        Raises:
+            UserError: wrong type, wrong count, or a size different from (width, height).
+        """
+        images = [image] if isinstance(image, Image.Image) else list(image)
+        if not images or not all(isinstance(im, Image.Image) for im in images):
+            raise UserError("`image` must be a PIL image or a list of PIL images")
+        if len(images) == 1 and batch_size > 1:
+            images = images * batch_size
+        if len(images) != batch_size:
+            raise UserError(f"got {len(images)} reference images for {batch_size} prompts; pass one image per prompt")
+        for index, im in enumerate(images):
+            if im.size != (width, height):
+                raise UserError(
+                    f"reference image {index} is {im.size[0]}x{im.size[1]} (WxH) but the output is {width}x{height}; "
+                    f"the Kontext model needs them equal: resize the image or pass height={im.size[1]}, width={im.size[0]}"
+                )
+        # Upstream fed RGBA/greyscale straight into ToTensor and crashed (spec §10.3).
+        return [to_rgb(im) for im in images]
+
+    # ------------------------------------------------------------------ latents
+
+    def prepare_reference_latents(
+        self,
+        images: list[Image.Image],
+        num_images_per_prompt: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        sample_mode: str = "sample",
+    ) -> torch.Tensor:
+        """VAE-encode the references into normalised latents, shape (B * num_images_per_prompt, C, h, w).
+
+        The posterior is sampled with the pipeline's `generator` (upstream used the global RNG, so
+        edits were not reproducible from a seed); `sample_mode="argmax"` takes its mean instead.
+        """
+        if sample_mode not in REFERENCE_SAMPLE_MODES:
+            raise ValueError(f"reference_sample_mode must be one of {REFERENCE_SAMPLE_MODES}, got {sample_mode!r}")
+        pixels = self.image_processor.preprocess(images, height=height, width=width)  # (B, 3, H, W) in [-1, 1]
+        pixels = pixels.to(device=device, dtype=self.vae.dtype)
+        if isinstance(generator, list):  # one generator per output image: use the first of each prompt's group
+            generator = generator[::num_images_per_prompt]
+            latents = torch.cat(
+                [retrieve_latents(self.vae.encode(pixels[i : i + 1]), generator[i], sample_mode) for i in range(len(images))]
+            )
+        else:
+            latents = retrieve_latents(self.vae.encode(pixels), generator, sample_mode)  # (B, C, h, w)
+        latents = (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        # Same order as the prompt embeddings: each prompt's images are consecutive.
+        latents = latents.repeat_interleave(num_images_per_prompt, dim=0)
+        return latents.to(dtype=dtype)
+
+    def prepare_noise_latents(
+        self,
+        batch_size: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Initial Gaussian latents (B, C, H/8, W/8), drawn exactly as `StableDiffusion3Pipeline` draws them."""
+        if latents is not None:
+            return latents.to(device=device, dtype=dtype)
+        shape = (
+            batch_size,
+            self.transformer.config.in_channels,
+            int(height) // self.vae_scale_factor,
+            int(width) // self.vae_scale_factor,
+        )
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"got {len(generator)} generators for an effective batch of {batch_size}")
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    def prepare_timesteps(
+        self,
+        latents: torch.Tensor,
+        num_inference_steps: int,
+        device: torch.device,
+        sigmas: list[float] | None = None,
+        mu: float | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """Set the scheduler's timesteps; dynamic shifting (if the config enables it) uses the target length."""
+        scheduler_kwargs = {}
+        if self.scheduler.config.get("use_dynamic_shifting", None) and mu is None:
+            _, _, lat_h, lat_w = latents.shape
+            image_seq_len = (lat_h // self.patch_size) * (lat_w // self.patch_size)
+            mu = calculate_shift(
+                image_seq_len,
+                self.scheduler.config.get("base_image_seq_len", 256),
+                self.scheduler.config.get("max_image_seq_len", 4096),
+                self.scheduler.config.get("base_shift", 0.5),
+                self.scheduler.config.get("max_shift", 1.16),
+            )
+        if mu is not None:
+            scheduler_kwargs["mu"] = mu
+        return retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, **scheduler_kwargs)
+
+    # ------------------------------------------------------------------ sampling
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        negative_pooled_prompt_embeds: torch.Tensor | None,
+        guidance_scale: float,
+        ref_latents: torch.Tensor | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        skip_guidance_layers: list[int] | None = None,
+        skip_layer_guidance_scale: float = 2.8,
+        skip_layer_guidance_start: float = 0.01,
+        skip_layer_guidance_stop: float = 0.2,
+    ) -> torch.Tensor:
+        """Run the Euler flow-matching loop with classifier-free guidance; returns the final latents.
+
+        The op order mirrors `StableDiffusion3Pipeline.__call__` (bit-identical without a reference).
+        The reference latents go to both CFG halves, so guidance is text-only (spec §3), and also
+        to the skip-layer-guidance pass, which upstream forgot (spec §10.2).
+        """
+        do_cfg = guidance_scale > 1
+        if do_cfg:
+            cfg_prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds], dim=0)  # (2B, L, J)
+            cfg_pooled = torch.cat([negative_pooled_prompt_embeds, pooled_prompt_embeds], dim=0)  # (2B, P)
+        else:
+            cfg_prompt_embeds, cfg_pooled = prompt_embeds, pooled_prompt_embeds
+        ref_kwargs = {} if ref_latents is None else {"ref_latents": ref_latents}
+        cfg_ref_kwargs = (
+            {"ref_latents": torch.cat([ref_latents] * 2)} if ref_latents is not None and do_cfg else ref_kwargs
+        )
+        num_inference_steps = len(timesteps)
+
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                latent_model_input = torch.cat([latents] * 2) if do_cfg else latents  # (2B, C, h, w)
+                timestep = t.expand(latent_model_input.shape[0])
+                noise_pred = self.transformer(
+                    hidden_states=latent_model_input,
+                    timestep=timestep,
+                    encoder_hidden_states=cfg_prompt_embeds,
+                    pooled_projections=cfg_pooled,
+                    joint_attention_kwargs=joint_attention_kwargs,
+                    return_dict=False,
+                    **cfg_ref_kwargs,
+                )[0]
+
+                if do_cfg:
+                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                    noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+                    use_slg = (
+                        skip_guidance_layers is not None
+                        and num_inference_steps * skip_layer_guidance_start < i < num_inference_steps * skip_layer_guidance_stop
+                    )
+                    if use_slg:
+                        noise_pred_skip_layers = self.transformer(
+                            hidden_states=latents,
+                            timestep=t.expand(latents.shape[0]),
+                            encoder_hidden_states=prompt_embeds,
+                            pooled_projections=pooled_prompt_embeds,
+                            joint_attention_kwargs=joint_attention_kwargs,
+                            return_dict=False,
+                            skip_layers=skip_guidance_layers,
+                            **ref_kwargs,
+                        )[0]
+                        noise_pred = noise_pred + (noise_pred_text - noise_pred_skip_layers) * skip_layer_guidance_scale
+
+                latents_dtype = latents.dtype
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                if latents.dtype != latents_dtype and torch.backends.mps.is_available():
+                    latents = latents.to(latents_dtype)  # pytorch/pytorch#99272 on Apple MPS
+                progress_bar.update()
+        return latents
+
+    def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
+        """Undo the SD3 latent normalisation and decode; `output_type="latent"` returns the latents."""
+        if output_type == "latent":
+            return latents
+        latents = (latents / self.vae.config.scaling_factor) + self.vae.config.shift_factor
+        image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        return self.image_processor.postprocess(image, output_type=output_type)
+
+
+class StableDiffusion3KontextPipeline(KontextSamplingMixin, StableDiffusion3Pipeline):
+    """UniPic2-SD3.5M-Kontext: SD3.5-Medium text-to-image and instruction editing.
+
+    Components are those of `StableDiffusion3Pipeline` (three text encoders); `transformer`
+    should be a `SD3Transformer2DKontextModel` (a stock `SD3Transformer2DModel` works for
+    text-to-image only).
+    """
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        prompt_3: str | list[str] | None = None,
+        image: Image.Image | list[Image.Image] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = DEFAULT_STEPS,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = DEFAULT_GUIDANCE,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        negative_prompt_3: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        reference_sample_mode: str = "sample",
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        max_sequence_length: int = 256,
+        skip_guidance_layers: list[int] | None = None,
+        skip_layer_guidance_scale: float = 2.8,
+        skip_layer_guidance_stop: float = 0.2,
+        skip_layer_guidance_start: float = 0.01,
+        mu: float | None = None,
+    ) -> StableDiffusion3PipelineOutput | tuple:
+        """Generate (`image=None`) or edit (`image` given) images.
+
+        Arguments are those of `StableDiffusion3Pipeline.__call__` (minus IP-Adapter), with
+        UniPic-2's defaults (50 steps, guidance 3.5, 512x512), plus:
+
+        Args:
+            image: reference image(s) to edit, one per prompt (or one for all), each exactly
+                `width` x `height`; when height/width are omitted they default to the image size.
+            reference_sample_mode: "sample" draws the VAE posterior with `generator` (upstream
+                behaviour, made reproducible); "argmax" uses its mean.
+
+        Returns:
+            `StableDiffusion3PipelineOutput` with `images`, or a 1-tuple when `return_dict=False`.
+        """
+        if image is not None and (height is None or width is None):
+            first = image if isinstance(image, Image.Image) else image[0]
+            width, height = (width or first.size[0]), (height or first.size[1])
+        height = height or DEFAULT_SIZE
+        width = width or DEFAULT_SIZE
+
+        # 1. Check inputs
+        self.check_size(height, width)
+        self.check_inputs(
+            prompt,
+            prompt_2,
+            prompt_3,
+            height,
+            width,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            negative_prompt_3=negative_prompt_3,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            max_sequence_length=max_sequence_length,
+        )
+        if isinstance(prompt, str):
+            batch_size = 1
+        elif prompt is not None:
+            batch_size = len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        references = None if image is None else self.check_reference_images(image, batch_size, height, width)
+        self._guidance_scale = guidance_scale
+        self._clip_skip = clip_skip
+        self._joint_attention_kwargs = joint_attention_kwargs
+        self._interrupt = False
+        device = self._execution_device
+
+        # 2. Encode the prompt with CLIP-L, CLIP-G and T5 (inherited, spec §3)
+        lora_scale = joint_attention_kwargs.get("scale", None) if joint_attention_kwargs is not None else None
+        (
+            prompt_embeds,
+            negative_prompt_embeds,
+            pooled_prompt_embeds,
+            negative_pooled_prompt_embeds,
+        ) = self.encode_prompt(
+            prompt=prompt,
+            prompt_2=prompt_2,
+            prompt_3=prompt_3,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            negative_prompt_3=negative_prompt_3,
+            do_classifier_free_guidance=guidance_scale > 1,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            device=device,
+            clip_skip=clip_skip,
+            num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=max_sequence_length,
+            lora_scale=lora_scale,
+        )
+
+        # 3. Noise latents first (so an edit and a generation with one seed start from the same noise)
+        latents = self.prepare_noise_latents(
+            batch_size * num_images_per_prompt, height, width, prompt_embeds.dtype, device, generator, latents
+        )
+
+        # 4. Reference latents, sampled with the same generator
+        ref_latents = None
+        if references is not None:
+            ref_latents = self.prepare_reference_latents(
+                references, num_images_per_prompt, height, width, latents.dtype, device, generator,
+                reference_sample_mode,
+            )
+
+        # 5. Timesteps
+        timesteps, num_inference_steps = self.prepare_timesteps(latents, num_inference_steps, device, sigmas, mu)
+        self._num_timesteps = len(timesteps)
+
+        # 6. Denoising loop
+        latents = self.denoise(
+            latents,
+            timesteps,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            negative_prompt_embeds,
+            negative_pooled_prompt_embeds,
+            guidance_scale,
+            ref_latents=ref_latents,
+            joint_attention_kwargs=joint_attention_kwargs,
+            skip_guidance_layers=skip_guidance_layers,
+            skip_layer_guidance_scale=skip_layer_guidance_scale,
+            skip_layer_guidance_start=skip_layer_guidance_start,
+            skip_layer_guidance_stop=skip_layer_guidance_stop,
+        )
+
+        # 7. Decode
+        images = self.decode_latents(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return StableDiffusion3PipelineOutput(images=images)

@@ -1,0 +1,40 @@
+"""Batch generation under `accelerate launch` with 2 CPU processes covers every prompt exactly once.
+
+accelerate spells a multi-process launch `--multi_gpu`; on a machine without GPUs it starts CPU processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "accelerate")), reason="accelerate is a test dependency")
+def test_two_process_batch_generation_covers_every_prompt_once(tmp_path):
+    prompts = [{"prompt": f"a photo of {n} circles"} for n in ("two", "three", "four", "five", "six")]
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "unipic", "generate", "--prompt-file", str(tmp_path / "prompts.json"),
+         "-o", str(tmp_path / "out"), "--model", "tiny-random", "--size", "32", "--steps", "2", "--head-steps", "2",
+         "--seed", "10", "--quiet"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = [int(n) for n in re.findall(r"process \d/2: wrote (\d+) prompt", result.stdout)]
+    assert sorted(counts) == [2, 3], result.stdout  # each process wrote its own share
+    files = sorted((tmp_path / "out").glob("*.png"))
+    assert [f.name for f in files] == [f"{i:05d}.png" for i in range(5)]
+    for index, file in enumerate(files):
+        with Image.open(file) as image:
+            assert image.text["prompt"] == prompts[index]["prompt"]
+            assert image.text["seed"] == str(10 + index)
