@@ -15,6 +15,7 @@ Usage:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections import Counter
@@ -209,12 +210,12 @@ def tiny_qwen_image_processor():
 # ---------------------------------------------------------------------------- models
 
 
+@contextlib.contextmanager
 def _seeded(seed: int):
-    """Fork the global RNG so building tiny models never changes the caller's random state."""
-    rng = torch.random.fork_rng()
-    rng.__enter__()
-    torch.manual_seed(seed)
-    return rng
+    """Seed the CPU RNG inside a fork, so building tiny models never changes the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def build_tiny_kontext_components(seed: int = 0) -> dict:
@@ -225,8 +226,7 @@ def build_tiny_kontext_components(seed: int = 0) -> dict:
     from unipic.unipic2.transformer_sd3_kontext import SD3Transformer2DKontextModel
 
     cfg = TINY_CONFIG["sd35m_kontext"]
-    rng = _seeded(seed)
-    try:
+    with _seeded(seed):
         components = {
             "transformer": SD3Transformer2DKontextModel(**cfg["transformer"]).eval(),
             "vae": AutoencoderKL(**cfg["vae"]).eval(),
@@ -234,8 +234,6 @@ def build_tiny_kontext_components(seed: int = 0) -> dict:
             "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])).eval(),
             "text_encoder_3": T5EncoderModel(T5Config(**cfg["text_encoder_3"])).eval(),
         }
-    finally:
-        rng.__exit__(None, None, None)
     components["scheduler"] = FlowMatchEulerDiscreteScheduler(**cfg["scheduler"])
     components["tokenizer"] = tiny_clip_tokenizer(cfg["tokenizers"]["clip_max_length"])
     components["tokenizer_2"] = tiny_clip_tokenizer(cfg["tokenizers"]["clip_max_length"])
@@ -257,11 +255,8 @@ def build_tiny_qwen(seed: int = 0):
     from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     q = copy.deepcopy(TINY_CONFIG["metaquery"]["qwen2_5_vl"])
-    rng = _seeded(seed)
-    try:
+    with _seeded(seed):
         model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**q)).eval()
-    finally:
-        rng.__exit__(None, None, None)
     text = q["text_config"]
     # Greedy by default; stop at <|im_end|> or <|endoftext|> like the real Qwen2.5-VL-Instruct.
     model.generation_config = GenerationConfig(
@@ -276,13 +271,9 @@ def build_tiny_conditioner(seed: int = 0):
     """A random tiny `StableDiffusion3Conditioner` (queries random rather than upstream's zeros)."""
     from unipic.unipic2.conditioner import StableDiffusion3Conditioner
 
-    rng = _seeded(seed)
-    try:
+    with _seeded(seed), torch.no_grad():
         conditioner = StableDiffusion3Conditioner(**copy.deepcopy(TINY_CONFIG["metaquery"]["conditioner"])).eval()
-        with torch.no_grad():
-            conditioner.meta_queries.normal_(std=0.02)
-    finally:
-        rng.__exit__(None, None, None)
+        conditioner.meta_queries.normal_(std=0.02)
     return conditioner
 
 

@@ -1,0 +1,112 @@
+"""Understanding questions about scenes and how answers are scored (WORLD.md, "Understanding").
+
+| kind | question | answer |
+| caption | `Describe the image.` | the canonical caption |
+| count | `How many {shapes} are there?` | `zero` ... `four` |
+| color | `What color is the {shape}?` (the shape occurs once) | a color |
+| shape | `What shape is the {color} object?` (the color occurs once) | a shape |
+| relation | `Is the {shape1} {rel} the {shape2}?` (each occurs once; rel or its opposite holds) | yes/no |
+
+Answers are compared after lower-casing and stripping a final period. Captions score twice:
+as a multiset of (color, shape) pairs and strictly (the pairs in the canonical order).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from unipic.world.scene import Scene, relation_holds
+from unipic.world.spec import OPPOSITE, PLURALS, REL_SAFETY, REL_T, RELATIONS, SHAPES
+from unipic.world.text import NUMBER_WORDS, canonical_caption, named_pairs, normalize
+
+QUESTION_KINDS = ("caption", "count", "color", "shape", "relation")
+CAPTION_QUESTION = "Describe the image."
+
+
+@dataclass(frozen=True)
+class Question:
+    kind: str
+    question: str
+    answer: str
+
+
+def caption_question(scene: Scene) -> Question:
+    return Question("caption", CAPTION_QUESTION, canonical_caption(scene))
+
+
+def count_question(scene: Scene, shape: str) -> Question:
+    return Question("count", f"How many {PLURALS[shape]} are there?", NUMBER_WORDS[scene.count(shape)])
+
+
+def color_questions(scene: Scene) -> list[Question]:
+    return [
+        Question("color", f"What color is the {o.shape}?", o.color)
+        for o in scene.objects
+        if scene.count(o.shape) == 1
+    ]
+
+
+def shape_questions(scene: Scene) -> list[Question]:
+    return [
+        Question("shape", f"What shape is the {o.color} object?", o.shape)
+        for o in scene.objects
+        if len(scene.with_color(o.color)) == 1
+    ]
+
+
+def relation_questions(scene: Scene, margin: float = REL_T + REL_SAFETY) -> list[Question]:
+    """All valid relation questions: both shapes occur once and rel or its opposite holds with
+    `margin` (the generators add REL_SAFETY to WORLD.md's t so the judge agrees)."""
+    unique = [o for o in scene.objects if scene.count(o.shape) == 1]
+    out = []
+    for a in unique:
+        for b in unique:
+            if a is b:
+                continue
+            for rel in RELATIONS:
+                yes = relation_holds(rel, a, b, margin)
+                if yes or relation_holds(OPPOSITE[rel], a, b, margin):
+                    out.append(Question("relation", f"Is the {a.shape} {rel} the {b.shape}?", "yes" if yes else "no"))
+    return out
+
+
+def sample_question(rng: np.random.Generator, scene: Scene, kind: str) -> Question | None:
+    """One random question of `kind` about `scene`, or None when the scene allows none.
+
+    Count questions ask about a shape in the scene half of the time, else about any shape (so
+    `zero` occurs). Relation questions are balanced between `yes` and `no`.
+    """
+    if kind == "caption":
+        return caption_question(scene)
+    if kind == "count":
+        pool = [o.shape for o in scene.objects] if rng.random() < 0.5 else list(SHAPES)
+        return count_question(scene, pool[int(rng.integers(len(pool)))])
+    if kind == "color":
+        options = color_questions(scene)
+    elif kind == "shape":
+        options = shape_questions(scene)
+    elif kind == "relation":
+        options = relation_questions(scene)
+        want = "yes" if rng.random() < 0.5 else "no"
+        options = [q for q in options if q.answer == want] or options
+    else:
+        raise ValueError(f"unknown question kind {kind!r}; expected one of {', '.join(QUESTION_KINDS)}")
+    return options[int(rng.integers(len(options)))] if options else None
+
+
+def score_answer(question: Question, prediction: str) -> dict:
+    """Score a prediction: {"correct": bool} plus, for captions, "multiset" and "strict".
+
+    For a caption, `correct` is the multiset score: the (color, shape) pairs the prediction names
+    equal the scene's as a multiset. `strict` also requires them in the canonical order.
+    """
+    pred = normalize(prediction)
+    if question.kind != "caption":
+        return {"correct": pred == normalize(question.answer)}
+    want = named_pairs(question.answer)
+    got = named_pairs(pred)
+    multiset = Counter(got) == Counter(want)
+    return {"correct": multiset, "multiset": multiset, "strict": multiset and got == want}
