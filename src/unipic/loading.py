@@ -27,9 +27,10 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def resolve_device(device: str | None) -> torch.device:
     """'auto' → cuda, then mps, then cpu; an explicit but unavailable device is a UserError."""
     device = device or "auto"
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        # Under `accelerate launch`/torchrun each process takes the GPU of its local rank.
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")

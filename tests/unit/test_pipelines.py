@@ -80,3 +80,20 @@ def test_batched_answers_equal_single_answers(tiny_pipeline):
 def test_bad_inputs_raise_user_errors(tiny_pipeline, call, message):
     with pytest.raises(UserError, match=message):
         call(tiny_pipeline)
+
+
+def test_reduced_precision_on_cpu(tiny_model_and_tokenizer):
+    import copy
+
+    import torch
+
+    from unipic.pipeline import UniPicPipeline
+
+    model, tokenizer = tiny_model_and_tokenizer
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    pipeline = UniPicPipeline(half, tokenizer)
+    [[image]] = pipeline.text_to_image(["a red circle"], seed=0, steps=2, head_steps=2)
+    assert image.size == (128, 128)
+    [edited] = pipeline.edit_image([image], ["Remove the circle."], seed=0, steps=2, head_steps=2)
+    assert edited.size == (128, 128)
+    assert isinstance(pipeline.image_to_text([image], ["Describe the image."], max_new_tokens=2)[0], str)

@@ -7,7 +7,7 @@ Layouts (spec §1):
     transformer/  vae/  scheduler/            transformer/  vae/  scheduler/  conditioner/
     text_encoder/    tokenizer/   (CLIP-L)    mllm/ mllm_tokenizer/ mllm_image_processor/  (optional:
     text_encoder_2/  tokenizer_2/ (CLIP-G)         Qwen2.5-VL saved inside; otherwise pass qwen_path
-    text_encoder_3/  tokenizer_3/ (T5-XXL)         or set "qwen_path" in model_index.json)
+    text_encoder_3/  tokenizer_3/ (T5-XXL)         or set "_qwen_path" in model_index.json)
 
 Components are loaded by slot name with our classes, not through the library names written in
 `model_index.json`: upstream folders may name upstream modules there (e.g. the upstream
@@ -41,7 +41,11 @@ KONTEXT_COMPONENTS = (
 )
 METAQUERY_COMPONENTS = ("transformer", "vae", "scheduler", "conditioner")
 MLLM_COMPONENTS = ("mllm", "mllm_tokenizer", "mllm_image_processor")
-QWEN_PATH_KEY = "qwen_path"  # optional model_index.json key: the Qwen2.5-VL folder (relative to the model folder)
+# Optional model_index.json key naming the Qwen2.5-VL folder (relative to the model folder unless
+# absolute). The leading underscore makes diffusers' from_pretrained ignore it silently; the
+# spelling without it is accepted too.
+QWEN_PATH_KEY = "_qwen_path"
+QWEN_PATH_KEYS = (QWEN_PATH_KEY, "qwen_path")
 VAE_TILE_SIZE = 512  # pixels; the SD3 VAE's own tile (config.sample_size = 1024) never triggers at <= 1024 px
 
 
@@ -140,8 +144,8 @@ def resolve_qwen_folders(path: str | Path, qwen_path: str | Path | None = None) 
     """Folders of (Qwen model, tokenizer, image processor) for a MetaQuery folder.
 
     Order: the `qwen_path` argument; `<folder>/mllm` (+ `mllm_tokenizer/`, `mllm_image_processor/`
-    when present, else the model folder); the `qwen_path` key of model_index.json (relative to
-    the model folder unless absolute).
+    when present, else the model folder); the `_qwen_path` key of model_index.json (relative to
+    the model folder unless absolute; "qwen_path" is accepted too).
 
     Raises:
         UserError: when none is found, saying how to provide it.
@@ -160,12 +164,13 @@ def resolve_qwen_folders(path: str | Path, qwen_path: str | Path | None = None) 
         processor = folder / "mllm_image_processor" if (folder / "mllm_image_processor").is_dir() else model
         return model, tokenizer, processor
     index = _read_json(folder / "model_index.json") or {}
-    if index.get(QWEN_PATH_KEY):
-        qwen = Path(index[QWEN_PATH_KEY]).expanduser()
-        qwen = qwen if qwen.is_absolute() else folder / qwen
-        if not (qwen / "config.json").is_file():
-            raise UserError(f"model_index.json names {QWEN_PATH_KEY}={index[QWEN_PATH_KEY]!r}, but {qwen} has no config.json")
-        return qwen, qwen, qwen
+    for key in QWEN_PATH_KEYS:
+        if index.get(key):
+            qwen = Path(index[key]).expanduser()
+            qwen = qwen if qwen.is_absolute() else folder / qwen
+            if not (qwen / "config.json").is_file():
+                raise UserError(f"model_index.json sets {key}={index[key]!r}, but {qwen} has no config.json")
+            return qwen, qwen, qwen
     raise UserError(MISSING_MLLM_HELP)
 
 
@@ -199,7 +204,8 @@ def save_metaquery_pipeline(pipe, folder: str | Path, include_mllm: bool = True,
         pipe: a `UniPic2MetaQueryPipeline`.
         folder: destination folder.
         include_mllm: save Qwen2.5-VL inside the folder (mllm/, mllm_tokenizer/, mllm_image_processor/).
-        qwen_path: recorded as "qwen_path" in model_index.json so loading finds Qwen without arguments.
+        qwen_path: recorded as "_qwen_path" in model_index.json so loading finds Qwen without arguments
+            (relative paths are relative to `folder`).
     """
     from unipic.unipic2.pipeline_metaquery import UniPic2MetaQueryPipeline
 

@@ -48,7 +48,7 @@ IMAGE_TYPE_ID = 1  # mm_token_type_ids value of image tokens (0 = text)
 MISSING_MLLM_HELP = (
     "UniPic2-MetaQuery needs its Qwen2.5-VL-7B-Instruct model, which lives in its own folder: pass "
     "qwen_path=<folder> to load_unipic2_pipeline (or the CLI's Qwen option), put/symlink the Qwen folder "
-    "at <model folder>/mllm, or set \"qwen_path\" in <model folder>/model_index.json"
+    "at <model folder>/mllm, or set \"_qwen_path\" in <model folder>/model_index.json"
 )
 
 

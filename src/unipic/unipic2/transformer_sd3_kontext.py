@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import SD3Transformer2DModel
+from diffusers import ModelMixin, SD3Transformer2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 try:  # diffusers >= 0.36 scales/unscales LoRA layers with this decorator
@@ -27,6 +27,10 @@ except ImportError:  # pragma: no cover - older diffusers handle the LoRA scale 
     def apply_lora_scale(kwargs_name: str = "joint_attention_kwargs"):
         return lambda forward_fn: forward_fn
 
+
+# A saved model_index.json names this module as the transformer's library; diffusers then looks up
+# the loadable base classes (ModelMixin) in this module's namespace, so keep the name exported.
+__all__ = ["ModelMixin", "SD3Transformer2DKontextModel"]
 
 class SD3Transformer2DKontextModel(SD3Transformer2DModel):
     """`SD3Transformer2DModel` whose forward accepts optional reference-image latents.

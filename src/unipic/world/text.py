@@ -203,9 +203,9 @@ def _groups(objects: Sequence[WorldObject]) -> list[tuple[int, str, str]]:
 
 
 def _grouped_phrase(objects: Sequence[WorldObject]) -> tuple[str, bool]:
+    """The grouped list and whether its first item is plural (`there are two ...`)."""
     groups = _groups(objects)
-    plural = len(objects) > 1
-    return join_list([counted(n, c, s) for n, c, s in groups]), plural
+    return join_list([counted(n, c, s) for n, c, s in groups]), groups[0][0] > 1
 
 
 def clear_relation(a: WorldObject, b: WorldObject, rng: np.random.Generator) -> str | None:
