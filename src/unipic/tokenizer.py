@@ -8,6 +8,7 @@ tiny presets follows the same rule: 256 byte symbols, the ChatML specials at 256
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -59,4 +60,43 @@ def load_tokenizer(folder: str | Path, image_token: str = "<image>") -> PreTrain
     add_image_token(tokenizer, image_token)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_world_tokenizer(corpus: Iterable[str], vocab_size: int = 512,
+                          image_token: str = "<image>") -> PreTrainedTokenizerFast:
+    """Train a small byte-level BPE on `corpus` (e.g. Shapes-world text) for a model trained from scratch.
+
+    The layout follows Qwen2.5's: learned byte-level BPE symbols first, then the ChatML specials
+    `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` and finally `image_token`, so `vocab_size` counts
+    all of them (pad = `<|endoftext|>`, eos = `<|im_end|>`). Every byte is in the base alphabet, so
+    any text round-trips (`decode(encode(x)) == x`), not only world text. Training is deterministic
+    for a given corpus order (the merges break count ties by pair order).
+
+    Args:
+        corpus: training texts (iterated once).
+        vocab_size: total vocabulary size including the 256 byte symbols and the 4 specials.
+        image_token: the image placeholder appended last.
+
+    Raises:
+        ValueError: when `vocab_size` cannot hold the byte alphabet and the specials.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = [*CHATML_SPECIALS, image_token]
+    if vocab_size < 256 + len(specials):
+        raise ValueError(f"vocab_size={vocab_size} must be at least {256 + len(specials)} (bytes + specials)")
+    backend = Tokenizer(models.BPE(fuse_unk=False))
+    # GPT-2 style: split into words/punctuation first (merges never cross words), bytes as symbols.
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials), min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    backend.train_from_iterator(list(corpus), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, padding_side="right")
+    # Specials after the learned symbols, in Qwen's order; `<image>` last (as UniPic appends it).
+    tokenizer.add_special_tokens({"additional_special_tokens": [*CHATML_SPECIALS]})
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.pad_token = "<|endoftext|>"
+    add_image_token(tokenizer, image_token)
     return tokenizer

@@ -41,7 +41,8 @@ def render_example(task: str, example, index: int, size: int) -> dict:
 class _Stream(IterableDataset):
     """Shared sharding: global example indices start, start+1, ... are dealt round-robin over
     (accelerate/torchrun process) x (DataLoader worker), so each index is produced exactly once
-    across all of them and the union is the same whatever the number of workers."""
+    across all of them; process r always gets the indices = r mod world size, however many
+    DataLoader workers it uses."""
 
     def __init__(self, seed: int, size: int, length: int | None, start: int, transform: Callable | None,
                  rank: int | None, world_size: int | None) -> None:
@@ -69,7 +70,8 @@ class _Stream(IterableDataset):
             rank, world = self.rank, self.world_size
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        return rank * workers + worker, world * workers
+        # Rank-major: a process sees indices = rank mod world whatever its number of workers.
+        return worker * world + rank, world * workers
 
     def __iter__(self):
         shard, shards = self._shard()
@@ -120,7 +122,7 @@ class ShapesMixedStream(_Stream):
                  length: int | None = None, start: int = 0, train: bool = True,
                  transform: Callable | None = None, rank: int | None = None,
                  world_size: int | None = None) -> None:
-        weights = dict(weights or {t: 1.0 for t in TASKS})
+        weights = dict(weights or dict.fromkeys(TASKS, 1.0))
         unknown = set(weights) - set(TASKS)
         if unknown or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
             raise ValueError(f"weights must map tasks {TASKS} to non-negative numbers with a positive sum, got {weights}")
@@ -169,8 +171,10 @@ class FolderDataset(Dataset):
 
 
 def pil_collate(batch: list[dict]) -> dict[str, list]:
-    """Collate example dicts into a dict of lists (keeps PIL images and strings as they are)."""
-    return {key: [item[key] for item in batch] for key in batch[0]}
+    """Collate example dicts into a dict of lists, keeping PIL images and strings as they are.
+    Keys some examples lack (mixed-task batches) get None in their places."""
+    keys = list(dict.fromkeys(key for item in batch for key in item))
+    return {key: [item.get(key) for item in batch] for key in keys}
 
 
 __all__ = ["FolderDataset", "ShapesMixedStream", "ShapesStream", "pil_collate", "render_example"]

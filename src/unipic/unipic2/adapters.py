@@ -10,7 +10,8 @@ apply the defaults of the upstream scripts:
 - captioning (MetaQuery only): Qwen2.5-VL generation with the checkpoint's decoding settings.
 
 Sampling options: `num_inference_steps` (alias `steps`), `cfg` (alias `guidance_scale`),
-`negative_prompt`, and for edits `image_size` (the longer edge). A value of None means "default".
+`negative_prompt`, `batch_size` (images per forward pass, text-to-image), and for edits
+`image_size` (the longer edge). A value of None means "default"; anything else is a `UserError`.
 """
 
 from __future__ import annotations
@@ -22,15 +23,23 @@ import torch
 from PIL import Image
 
 from unipic.api import UnsupportedTaskError, UserError
-from unipic.unipic2.images import EDIT_NEGATIVE_PROMPT, check_size, longer_edge_size, resize, round_to_multiple, to_rgb
+from unipic.unipic2.images import (
+    EDIT_NEGATIVE_PROMPT,
+    check_size,
+    fit,
+    longer_edge_size,
+    round_to_multiple,
+    to_rgb,
+)
 from unipic.unipic2.pipeline_kontext import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS
 
 EDIT_IMAGE_SIZE = 512  # longer edge of edited images (scripts; the upstream Gradio app used 1024)
 EDIT_MULTIPLE = 32  # the longer-edge rule rounds to multiples of 32
 _ALIASES = {"steps": "num_inference_steps", "guidance_scale": "cfg"}
-_GENERATION_OPTIONS = ("num_inference_steps", "steps", "cfg", "guidance_scale", "negative_prompt")
+_GENERATION_OPTIONS = ("num_inference_steps", "steps", "cfg", "guidance_scale", "negative_prompt", "batch_size")
 _EDIT_OPTIONS = _GENERATION_OPTIONS + ("image_size",)
-_CAPTION_OPTIONS = ("temperature", "top_p", "top_k")
+_CAPTION_OPTIONS = ("do_sample", "temperature", "top_p", "top_k")
+DEFAULT_MAX_NEW_TOKENS = 512  # upstream i2t script
 
 
 def _parse_options(options: dict, allowed: Sequence[str], task: str) -> dict:
@@ -56,10 +65,10 @@ def _parse_options(options: dict, allowed: Sequence[str], task: str) -> dict:
         parsed["cfg"] = float(cfg)
     if "negative_prompt" in parsed and not isinstance(parsed["negative_prompt"], str):
         raise UserError(f"negative_prompt must be a string, got {type(parsed['negative_prompt']).__name__}")
-    if "image_size" in parsed:
-        size = parsed["image_size"]
-        if isinstance(size, bool) or not isinstance(size, int) or size < EDIT_MULTIPLE:
-            raise UserError(f"image_size must be an integer >= {EDIT_MULTIPLE}, got {size!r}")
+    for name, minimum in (("image_size", EDIT_MULTIPLE), ("batch_size", 1)):
+        value = parsed.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return parsed
 
 
@@ -145,18 +154,24 @@ class _UniPic2Adapter:
         self._check_output_size(height, width)
         generator = self._generator(seed)
         self.pipeline.set_progress_bar_config(disable=not progress)
-        images = self.pipeline(
-            prompt=prompts,
-            height=height,
-            width=width,
-            num_inference_steps=opts.get("num_inference_steps", DEFAULT_STEPS),
-            guidance_scale=opts.get("cfg", DEFAULT_GUIDANCE),
-            negative_prompt=opts.get("negative_prompt", ""),
-            num_images_per_prompt=images_per_prompt,
-            generator=generator,
-        ).images
-        n = images_per_prompt
-        return [images[i * n : (i + 1) * n] for i in range(len(prompts))]
+        # batch_size caps the images per forward pass: whole prompts are grouped (at least one).
+        per_call = max(1, opts.get("batch_size", len(prompts) * images_per_prompt) // images_per_prompt)
+        results: list[list[Image.Image]] = []
+        for start in range(0, len(prompts), per_call):
+            chunk = prompts[start : start + per_call]
+            images = self.pipeline(
+                prompt=chunk,
+                height=height,
+                width=width,
+                num_inference_steps=opts.get("num_inference_steps", DEFAULT_STEPS),
+                guidance_scale=opts.get("cfg", DEFAULT_GUIDANCE),
+                negative_prompt=opts.get("negative_prompt", ""),
+                num_images_per_prompt=images_per_prompt,
+                generator=generator,
+            ).images
+            n = images_per_prompt
+            results += [images[i * n : (i + 1) * n] for i in range(len(chunk))]
+        return results
 
     def _edit_size(self, size: tuple[int, int], height: int | None, width: int | None, image_size: int) -> tuple[int, int]:
         """Output (width, height): both given -> as given; one -> keep the aspect; none -> longer-edge rule."""
@@ -183,8 +198,9 @@ class _UniPic2Adapter:
     ) -> list[Image.Image]:
         """Apply instruction i to image i; outputs have the (resized) input size.
 
-        Pairs run one after another with one generator, so results depend only on the inputs and
-        the seed. Images of any mode are converted to RGB (transparency composited on white).
+        Pairs run one after another with one generator (`batch_size` has no effect), so results
+        depend only on the inputs and the seed. Images of any mode are converted to RGB
+        (transparency composited on white); a forced output size centre-crops to its aspect ratio.
         """
         instructions = _check_texts(instructions, "instructions")
         images = _check_images(images, len(instructions), "instructions")
@@ -198,7 +214,7 @@ class _UniPic2Adapter:
                        what="edit output")
             result = self.pipeline(
                 prompt=instruction,
-                image=resize(image, out_w, out_h),
+                image=fit(image, out_w, out_h),
                 height=out_h,
                 width=out_w,
                 num_inference_steps=opts.get("num_inference_steps", DEFAULT_STEPS),
@@ -240,6 +256,7 @@ class MetaQueryUnifiedPipeline(_UniPic2Adapter):
     def sampling_defaults(self) -> dict[str, object]:
         defaults = super().sampling_defaults()
         defaults["caption_question"] = "Describe the image in detail."
+        defaults["caption_max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
         return defaults
 
     def image_to_text(
@@ -247,19 +264,21 @@ class MetaQueryUnifiedPipeline(_UniPic2Adapter):
         images: Sequence[Image.Image],
         questions: Sequence[str],
         *,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | None = 256,
         seed: int | None = None,
         **options: object,
     ) -> list[str]:
         """Answer question i about image i with Qwen2.5-VL; an empty question asks for a detailed description.
 
-        Options: `temperature` (0 = greedy), `top_p`, `top_k`; otherwise the checkpoint's
-        generation config decides. `seed` makes sampling reproducible.
+        Options: `do_sample`, `temperature` (0 = greedy), `top_p`, `top_k`; otherwise the
+        checkpoint's generation config decides. `max_new_tokens=None` means 512 (upstream's
+        default). `seed` makes sampling reproducible.
         """
         from unipic.unipic2.pipeline_metaquery import DEFAULT_QUESTION
 
         questions = _check_texts(questions, "questions")
         images = _check_images(images, len(questions), "questions")
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         _check_seed(seed)

@@ -69,8 +69,18 @@ def longer_edge_size(width: int, height: int, longer_edge: int, multiple: int = 
     return round_to_multiple(width * scale, multiple), round_to_multiple(height * scale, multiple)
 
 
-def resize(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Resize with a bicubic filter (a no-op when the size already matches)."""
+def fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Centre-crop `image` to the aspect ratio of (width, height), then resize to it (bicubic).
+
+    The same behaviour as UniPic-1's edit command, so a forced output size never distorts the input.
+    """
     if image.size == (width, height):
         return image
-    return image.resize((width, height), Image.Resampling.BICUBIC)
+    in_w, in_h = image.size
+    if in_w * height > in_h * width:  # too wide: crop the sides
+        crop_w, crop_h = round(in_h * width / height), in_h
+    else:  # too tall: crop top and bottom
+        crop_w, crop_h = in_w, round(in_w * height / width)
+    left, top = (in_w - crop_w) // 2, (in_h - crop_h) // 2
+    box = (left, top, left + crop_w, top + crop_h)
+    return image.resize((width, height), Image.Resampling.BICUBIC, box=box)

@@ -37,7 +37,12 @@ from PIL import Image
 from unipic.api import UserError
 from unipic.unipic2.conditioner import StableDiffusion3Conditioner
 from unipic.unipic2.images import to_rgb
-from unipic.unipic2.pipeline_kontext import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS, KontextSamplingMixin
+from unipic.unipic2.pipeline_kontext import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SIZE,
+    DEFAULT_STEPS,
+    KontextSamplingMixin,
+)
 from unipic.unipic2.transformer_sd3_kontext import SD3Transformer2DKontextModel
 
 logger = logging.getLogger(__name__)
@@ -47,7 +52,7 @@ DEFAULT_QUESTION = "Describe the image in detail."
 IMAGE_TYPE_ID = 1  # mm_token_type_ids value of image tokens (0 = text)
 MISSING_MLLM_HELP = (
     "UniPic2-MetaQuery needs its Qwen2.5-VL-7B-Instruct model, which lives in its own folder: pass "
-    "qwen_path=<folder> to load_unipic2_pipeline (or the CLI's Qwen option), put/symlink the Qwen folder "
+    "qwen_path=<folder> to load_unipic2_pipeline, put (or symlink) the Qwen folder "
     "at <model folder>/mllm, or set \"_qwen_path\" in <model folder>/model_index.json"
 )
 

@@ -296,6 +296,16 @@ def build_tiny_metaquery_pipeline(seed: int = 0, with_mllm: bool = True):
     return pipe
 
 
+def random_image(width: int, height: int, mode: str = "RGB", seed: int = 0):
+    """A PIL image of uniform noise (mode "RGB", "RGBA" or "L") for tests and smoke runs."""
+    import numpy as np
+    from PIL import Image
+
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    data = (np.random.default_rng(seed).random((height, width, channels)) * 255).astype("uint8")
+    return Image.fromarray(data[..., 0] if channels == 1 else data)  # mode follows the shape
+
+
 # ---------------------------------------------------------------------------- folders
 
 

@@ -9,6 +9,10 @@ UniPic models without a learned detector.
 - `geneval`: GenEval-format metadata records and their rules.
 - `questions`, `edits`: understanding questions and instruction edits.
 - `examples`: seeded example generators for the three tasks (training and evaluation).
+
+The names re-exported here are functions and classes: `unipic.world.judge` and
+`unipic.world.render` below are the functions, so import module internals with
+`from unipic.world.judge import shape_ious` rather than `import unipic.world.judge as m`.
 """
 
 from unipic.world.edits import Edit, apply_instruction, edit_succeeded, parse_instruction, sample_edit

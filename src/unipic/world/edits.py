@@ -38,7 +38,7 @@ from unipic.world.spec import (
     MOVE_SAFETY,
     SHAPES,
 )
-from unipic.world.text import noun_phrase, normalize
+from unipic.world.text import normalize, noun_phrase
 
 _DIR_VECTORS = {"left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1)}
 

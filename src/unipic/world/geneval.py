@@ -5,13 +5,15 @@ A metadata record is GenEval's: `{"tag", "include": [{"class", "count", "color"?
 as classes. WORLD.md's rules (GenEval's own):
 
 - an `include` entry needs at least `count` objects of its class (and color, when given);
-- an `exclude` entry needs fewer than `count` such objects;
+- an `exclude` entry needs fewer than `count` objects of its class (any color, as GenEval);
 - `position: [rel, j]` needs every object of the entry's class to stand `rel` of every object of
   entry j's class (classes only, colors ignored, as GenEval does), with threshold t = 0.0625*S.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 from collections.abc import Callable, Sequence
 from itertools import permutations
@@ -32,6 +34,7 @@ from unipic.world.spec import (
 )
 from unipic.world.text import (
     TAGS,
+    parse_template,
     prompt_color_attr,
     prompt_colors,
     prompt_counting,
@@ -85,6 +88,15 @@ def color_attr(color1: str, shape1: str, color2: str, shape2: str) -> dict:
 
 def all_records(tag: str, allow_held_out: bool = True) -> list[dict]:
     """Every distinct prompt of a category, in a fixed order (held-out pairs optional)."""
+    return copy.deepcopy(list(_records(tag, allow_held_out)))
+
+
+@functools.lru_cache(maxsize=None)
+def _records(tag: str, allow_held_out: bool) -> tuple[dict, ...]:
+    return tuple(_build_records(tag, allow_held_out))
+
+
+def _build_records(tag: str, allow_held_out: bool) -> list[dict]:
     pairs = ALL_PAIRS if allow_held_out else TRAIN_PAIRS
     if tag == "single_object":
         return [single_object(s) for s in SHAPES]
@@ -103,8 +115,8 @@ def all_records(tag: str, allow_held_out: bool = True) -> list[dict]:
 
 def random_record(rng: np.random.Generator, tag: str, allow_held_out: bool) -> dict:
     """One prompt of category `tag`, drawn uniformly from its distinct prompts."""
-    records = all_records(tag, allow_held_out)
-    return records[int(rng.integers(len(records)))]
+    records = _records(tag, allow_held_out)
+    return copy.deepcopy(records[int(rng.integers(len(records)))])
 
 
 def shapes_eval_metadata(n_per_category: int, seed: int = 0) -> list[dict]:
@@ -195,7 +207,7 @@ def evaluate_record(record: dict, objects: Sequence) -> tuple[bool, str]:
             elif any(not relation_holds(rel, a, b) for a in mine for b in targets):
                 reasons.append(f"expected every {entry['class']} {rel} every {includes[j]['class']}")
     for entry in record.get("exclude", []):
-        found = _matching(objects, entry)
+        found = [o for o in objects if o.shape == entry["class"]]  # GenEval counts the class, any color
         if len(found) >= entry["count"]:
             reasons.append(f"expected {entry['class']}<{entry['count']}, found {len(found)}")
     return not reasons, "; ".join(reasons)
@@ -280,3 +292,22 @@ def load_metadata_lines(lines: Sequence[str], source: str = "metadata") -> list[
     if not records:
         raise ValueError(f"{source}: no metadata records found")
     return records
+
+
+def record_for_prompt(prompt: str) -> dict | None:
+    """The metadata record of a template prompt (see `text.parse_template`), or None."""
+    f = parse_template(prompt)
+    if f is None:
+        return None
+    tag = f["tag"]
+    if tag == "single_object":
+        return single_object(f["shape"])
+    if tag == "two_object":
+        return two_object(f["shape1"], f["shape2"])
+    if tag == "counting":
+        return counting(f["shape"], f["count"])
+    if tag == "colors":
+        return colors(f["color"], f["shape"])
+    if tag == "position":
+        return position(f["shape1"], f["relation"], f["shape2"])
+    return color_attr(f["color1"], f["shape1"], f["color2"], f["shape2"])

@@ -108,8 +108,14 @@ def color_classes(array: np.ndarray) -> np.ndarray:
     return classes.reshape(array.shape[:2])
 
 
-def _classify_component(component: np.ndarray, r0: int, c0: int, size: int) -> tuple[int, float]:
-    """Best shape index and its IoU for a component given as its bounding-box crop at (r0, c0)."""
+def shape_ious(component: np.ndarray, r0: int, c0: int, size: int) -> np.ndarray:
+    """IoU of a component with each of the six shapes (in `SHAPES` order), WORLD.md step 3.
+
+    Args:
+        component: boolean crop of the component's bounding box.
+        r0, c0: the crop's top-left pixel in the image.
+        size: the image side (shapes are clipped to the canvas).
+    """
     h, w = component.shape
     side = max(h, w)
     bx0 = c0 - (side - w) / 2  # square box, enlarged symmetrically on the shorter side
@@ -123,8 +129,13 @@ def _classify_component(component: np.ndarray, r0: int, c0: int, size: int) -> t
     masks = all_shape_masks(u[None, :], v[:, None])  # (6, rows, cols)
     inter = (masks & window).sum(axis=(1, 2))
     union = (masks | window).sum(axis=(1, 2))
-    ious = inter / np.maximum(union, 1)
-    best = int(np.argmax(ious))  # first of equals, in SHAPES order
+    return inter / np.maximum(union, 1)
+
+
+def _classify_component(component: np.ndarray, r0: int, c0: int, size: int) -> tuple[int, float]:
+    """Best shape index and its IoU (ties go to the earlier shape in `SHAPES`)."""
+    ious = shape_ious(component, r0, c0, size)
+    best = int(np.argmax(ious))  # first of equals
     return best, float(ious[best])
 
 

@@ -13,14 +13,16 @@ as a multiset of (color, shape) pairs and strictly (the pairs in the canonical o
 
 from __future__ import annotations
 
+import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from unipic.world.scene import Scene, relation_holds
 from unipic.world.spec import OPPOSITE, PLURALS, REL_SAFETY, REL_T, RELATIONS, SHAPES
-from unipic.world.text import NUMBER_WORDS, canonical_caption, named_pairs, normalize
+from unipic.world.text import NUMBER_WORDS, canonical_caption, join_list, named_pairs, normalize, noun_phrase
 
 QUESTION_KINDS = ("caption", "count", "color", "shape", "relation")
 CAPTION_QUESTION = "Describe the image."
@@ -110,3 +112,45 @@ def score_answer(question: Question, prediction: str) -> dict:
     got = named_pairs(pred)
     multiset = Counter(got) == Counter(want)
     return {"correct": multiset, "multiset": multiset, "strict": multiset and got == want}
+
+
+_PLURAL_TO_SHAPE = {p: s for s, p in PLURALS.items()}
+_QUESTION_PATTERNS = [
+    ("caption", re.compile(r"describe the image")),
+    ("count", re.compile(r"how many (\w+) are there\?")),
+    ("color", re.compile(r"what color is the (\w+)\?")),
+    ("shape", re.compile(r"what shape is the (\w+) object\?")),
+    ("relation", re.compile(r"is the (\w+) (left of|right of|above|below) the (\w+)\?")),
+]
+
+
+def answer_question(objects: Sequence, question: str) -> str | None:
+    """The correct answer to one of the five question forms about `objects` (scene objects or
+    judge detections: anything with color, shape, cx, cy), or None when the question is not one
+    of the forms or does not apply (e.g. its shape does not occur exactly once)."""
+    text = normalize(question)
+    for kind, pattern in _QUESTION_PATTERNS:
+        m = pattern.fullmatch(text)
+        if m is None:
+            continue
+        if kind == "caption":
+            ordered = sorted(objects, key=lambda o: (o.cx, o.cy))
+            return join_list([noun_phrase(o.color, o.shape) for o in ordered])
+        if kind == "count":
+            shape = _PLURAL_TO_SHAPE.get(m.group(1))
+            if shape is None:
+                return None
+            n = sum(o.shape == shape for o in objects)
+            return NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
+        if kind == "color":
+            found = [o for o in objects if o.shape == m.group(1)]
+            return found[0].color if len(found) == 1 else None
+        if kind == "shape":
+            found = [o for o in objects if o.color == m.group(1)]
+            return found[0].shape if len(found) == 1 else None
+        a = [o for o in objects if o.shape == m.group(1)]
+        b = [o for o in objects if o.shape == m.group(3)]
+        if len(a) != 1 or len(b) != 1:
+            return None
+        return "yes" if relation_holds(m.group(2), a[0], b[0]) else "no"
+    return None

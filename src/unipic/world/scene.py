@@ -68,13 +68,9 @@ class WorldObject:
         return WorldObject(color, self.shape, self.cx, self.cy, self.size)
 
     def to_dict(self) -> dict:
-        return {
-            "color": self.color,
-            "shape": self.shape,
-            "cx": round(self.cx, 6),
-            "cy": round(self.cy, 6),
-            "size": round(self.size, 6),
-        }
+        # Full precision: lattice coordinates are short binary fractions, and a round trip must
+        # render the same pixels.
+        return {"color": self.color, "shape": self.shape, "cx": self.cx, "cy": self.cy, "size": self.size}
 
     @classmethod
     def from_dict(cls, data: dict) -> WorldObject:

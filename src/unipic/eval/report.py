@@ -1,0 +1,54 @@
+"""Shared reporting helpers for the evaluators: score slices, printed tables, process sync."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+from unipic.distributed import process_rank_and_world
+
+
+def score(rows: Sequence[dict], key: str = "correct") -> dict:
+    """{"score": mean of row[key] (None when empty), "n": number of rows}."""
+    n = len(rows)
+    return {"score": (sum(bool(r[key]) for r in rows) / n) if n else None, "n": n}
+
+
+def by_group(rows: Sequence[dict], group: Callable[[dict], str], order: Iterable[str],
+             key: str = "correct") -> dict[str, dict]:
+    """`score` per group, groups in `order` first (those with rows), then any others sorted."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(group(row), []).append(row)
+    names = [g for g in order if g in groups] + sorted(g for g in groups if g not in set(order))
+    return {g: score(groups[g], key) for g in names}
+
+
+def mean_of(scores: dict[str, dict], names: Sequence[str]) -> float | None:
+    """Mean of the named groups' scores (None when any is missing, so a partial run never
+    reports an 'overall' that silently skips a category)."""
+    values = [scores[n]["score"] for n in names if n in scores and scores[n]["score"] is not None]
+    return sum(values) / len(values) if len(values) == len(names) else None
+
+
+def format_table(title: str, entries: Sequence[tuple[str, float | None, int | None]]) -> str:
+    """A plain text table: name, score (3 decimals or '-'), n."""
+    width = max([len(name) for name, _, _ in entries] + [len("category")])
+    lines = [title, f"{'category':<{width}}  {'score':>6}  {'n':>6}", "-" * (width + 16)]
+    for name, value, n in entries:
+        shown = "-" if value is None else f"{value:.3f}"
+        lines.append(f"{name:<{width}}  {shown:>6}  {'' if n is None else n:>6}")
+    return "\n".join(lines)
+
+
+def wait_for_all_processes() -> bool:
+    """Under `accelerate launch` (WORLD_SIZE > 1) wait until every process got here.
+
+    Returns True on the main process (rank 0), which then does the single-process work
+    (judging, summaries); False on the others.
+    """
+    rank, world = process_rank_and_world()
+    if world > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+    return rank == 0

@@ -1,0 +1,223 @@
+"""Adapter from `unipic.data` examples to training batches.
+
+Examples come from the Shapes-world streams (`unipic.data.datasets.ShapesStream`) or from
+folders in the on-disk layout (`unipic.data.disk.read_folder`), as dicts with the layout's keys:
+t2i {image, text}, i2t {image, question, answer}, edit {source, instruction, target}.
+
+Sampling (as upstream's multi-source sampler, spec §12.2): batches never mix tasks. Micro-batch
+m belongs to task `schedule[m % len(schedule)]`, where the schedule repeats each task `data.tasks`
+times in the order t2i, i2t, edit; every micro-batch therefore computes one task's loss.
+
+Positions: each process counts the examples it has consumed per task. Its k-th example of a task
+is global example `k * world_size + rank` — for a world stream a pure function of (seed, index),
+for a folder an index into a permutation reshuffled each epoch from (seed, task, epoch) — so a
+resumed run jumps straight to its position without replaying anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from unipic.sampling.prompts import (
+    center_crop_resize,
+    expand_image_placeholder,
+    format_instruction,
+    images_to_tensor,
+    pad_to_square,
+)
+from unipic.training.config import TASKS, DataConfig
+
+IMAGE_KEYS = {"t2i": ("image",), "i2t": ("image",), "edit": ("source", "target")}
+
+
+class TaskSource:
+    """One task's examples for one process: `get(k)` is this process's k-th example."""
+
+    def __init__(self, task: str, cfg: DataConfig, rank: int, world_size: int) -> None:
+        self.task, self.rank, self.world_size = task, rank, world_size
+        self.seed = cfg.world_seed
+        if cfg.source == "world":
+            from unipic.data.datasets import ShapesStream
+
+            self._stream = ShapesStream(task, seed=cfg.world_seed, size=cfg.image_size, train=True,
+                                        rank=rank, world_size=world_size)
+            self._folder = None
+        else:
+            from unipic.data.disk import read_folder
+
+            self._stream = None
+            self._folder = read_folder(cfg.folders[task], task)
+            self._perm: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self._folder) if self._folder is not None else 2**62
+
+    def get(self, k: int) -> dict:
+        index = k * self.world_size + self.rank  # global example index
+        if self._stream is not None:
+            return self._stream.example(index)
+        n = len(self._folder)
+        epoch, offset = divmod(index, n)
+        if self._perm is None or self._perm[0] != epoch:
+            generator = torch.Generator().manual_seed(_mix(self.seed, TASKS.index(self.task), epoch))
+            self._perm = (epoch, torch.randperm(n, generator=generator))
+        return self._folder.load(int(self._perm[1][offset]))
+
+
+class TaskData:
+    """The round-robin task schedule and each task's position for this process."""
+
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int) -> None:
+        self.schedule = [t for t in TASKS for _ in range(cfg.tasks.get(t, 0))]
+        self.sources = {t: TaskSource(t, cfg, rank, world_size) for t in dict.fromkeys(self.schedule)}
+        self.positions = {t: 0 for t in self.sources}
+        self.batch_size = cfg.batch_size
+
+    def task_for(self, micro_step: int) -> str:
+        """Which task micro-batch `micro_step` (counted from the start of the run) belongs to."""
+        return self.schedule[micro_step % len(self.schedule)]
+
+    def next_examples(self, task: str) -> list[dict]:
+        """The next `batch_size` examples of `task` (advances its position)."""
+        start = self.positions[task]
+        self.positions[task] = start + self.batch_size
+        return [self.sources[task].get(k) for k in range(start, start + self.batch_size)]
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.positions)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for task in self.positions:
+            self.positions[task] = int(state.get(task, 0))
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from several integers (numpy's SeedSequence hashing; stable across platforms)."""
+    return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(2, np.uint32)
+               .astype(np.uint64).dot(np.array([1, 2**31], dtype=np.uint64)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples → tensors
+# ---------------------------------------------------------------------------------------------
+
+
+class BatchBuilder:
+    """Turns a list of example dicts of one task into the tensors `training.losses` takes.
+
+    Prompts use the model's chat template and its sampling prompts, exactly as inference builds
+    them (so training and sampling see the same token layout):
+
+    - t2i: user turn "Generate an image: {text}" (with probability `unconditional_prob` the CFG
+      prompt "Generate an image." instead, spec §12.2);
+    - i2t: user turn "<image>\\n{question}", assistant answer + "<|im_end|>"; only the answer is
+      supervised (labels -100 elsewhere);
+    - edit: user turn "<image>\\n{instruction}" with the source's h·w + buffer `<image>` rows
+      (inference's layout; upstream's training data put them before the template, spec §15.17).
+      With probability `edit_repeat_prob` an example becomes (source, "Repeat this image.",
+      source), which teaches the branch editing CFG contrasts against.
+    """
+
+    def __init__(self, model, tokenizer, cfg: DataConfig) -> None:
+        self.config = model.config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.size = cfg.image_size
+        self.pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+
+    def __call__(self, task: str, examples: Sequence[dict], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        return getattr(self, f"_{task}")(examples, rng)
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _truncate(self, text: str) -> str:
+        ids = self._ids(text)
+        if len(ids) <= self.cfg.max_text_tokens:
+            return text
+        return self.tokenizer.decode(ids[: self.cfg.max_text_tokens])
+
+    def _pixels(self, images: Sequence, pad: bool = False) -> torch.Tensor:
+        size = self.size
+        ready = []
+        for image in images:
+            if image.size != (size, size):
+                image = pad_to_square(image).resize((size, size)) if pad else center_crop_resize(image, size, size)
+            ready.append(image)
+        return images_to_tensor(ready, torch.device("cpu"))
+
+    def _pad(self, sequences: list[list[int]], labels: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+        """Right-pad (ids with eos, labels with -100, mask 0), as upstream's collate functions."""
+        length = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        out = {"input_ids": ids, "attention_mask": mask}
+        if labels is not None:
+            out["labels"] = torch.full((len(sequences), length), -100, dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+            if labels is not None:
+                out["labels"][row, : len(seq)] = torch.tensor(labels[row])
+        return out
+
+    def _prompt(self, text: str) -> str:
+        return format_instruction(self.config.prompt_template, text)
+
+    # --- tasks --------------------------------------------------------------------------------
+
+    def _t2i(self, examples: Sequence[dict], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        sampling = self.config.sampling
+        texts = []
+        for ex in examples:
+            if rng.random() < self.cfg.unconditional_prob:
+                texts.append(self._prompt(sampling.cfg_prompt))
+            else:
+                texts.append(self._prompt(sampling.t2i_prompt.format(prompt=self._truncate(ex["text"].strip()))))
+        batch = self._pad([self._ids(t) for t in texts])
+        batch["pixels"] = self._pixels([ex["image"] for ex in examples])
+        return batch
+
+    def _i2t(self, examples: Sequence[dict], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        image_token = self.config.image_token
+        count = self.model.num_understanding_tokens(self.size)
+        suffix = self.config.prompt_template["SUFFIX"]
+        sequences, labels = [], []
+        for ex in examples:
+            prompt = self._prompt(f"{image_token}\n{self._truncate(ex['question'].strip())}")
+            prompt_ids = self._ids(expand_image_placeholder(prompt, image_token, count))
+            answer_ids = self._ids(self._truncate(ex["answer"].strip()) + suffix)
+            sequences.append(prompt_ids + answer_ids)
+            labels.append([-100] * len(prompt_ids) + answer_ids)
+        batch = self._pad(sequences, labels)
+        batch["pixels"] = self._pixels([ex["image"] for ex in examples], pad=True)
+        return batch
+
+    def _edit(self, examples: Sequence[dict], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        image_token = self.config.image_token
+        count = self.model.num_image_tokens(self.model.grid_for(self.size, self.size))
+        texts, sources, targets = [], [], []
+        for ex in examples:
+            instruction, target = self._truncate(ex["instruction"].strip()), ex["target"]
+            if rng.random() < self.cfg.edit_repeat_prob:
+                instruction, target = self.config.sampling.edit_cfg_prompt, ex["source"]
+            texts.append(expand_image_placeholder(self._prompt(f"{image_token}\n{instruction}"), image_token, count))
+            sources.append(ex["source"])
+            targets.append(target)
+        batch = self._pad([self._ids(t) for t in texts])
+        batch["source"] = self._pixels(sources)
+        batch["target"] = self._pixels(targets)
+        return batch
+
+
+def vae_pixels(examples: Sequence[dict], task: str, size: int) -> torch.Tensor:
+    """Every image of a list of examples (edit: sources and targets) as (N, 3, size, size) in [-1, 1]."""
+    images = [center_crop_resize(ex[key], size, size) if ex[key].size != (size, size) else ex[key]
+              for ex in examples for key in IMAGE_KEYS[task]]
+    return images_to_tensor(images, torch.device("cpu"))

@@ -1,0 +1,240 @@
+"""What each kind of stage trains: the UniPic model (pretrain/align/joint/sft) or the VAE (vae).
+
+A job owns the trainable `module` (an `nn.Module` whose `forward` returns the loss, so that DDP
+sees every parameter use inside one forward call), turns examples into batches, writes its
+weights into checkpoints and the final output, and draws samples / quick scores for monitoring.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from unipic.training.build import (
+    VAE_FILE,
+    apply_freezing,
+    init_model,
+    init_vae,
+    load_vae_file,
+    parameter_summary,
+    save_vae_file,
+)
+from unipic.training.config import TrainConfig
+from unipic.training.data import BatchBuilder, vae_pixels
+from unipic.training.losses import edit_loss, image_to_text_loss, text_to_image_loss
+from unipic.training.monitor import quick_eval, save_samples, unipic_samples, vae_eval
+
+logger = logging.getLogger(__name__)
+
+MODEL_DIR = "model"  # a checkpoint's model folder (loadable with `unipic generate --model`)
+FINAL_DIR = "final"
+
+
+# ---------------------------------------------------------------------------------------------
+# UniPic model stages
+# ---------------------------------------------------------------------------------------------
+
+
+class UniPicLoss(nn.Module):
+    """Weighted loss of one task's batch; returns {"loss": weighted, "loss_<task>": raw (detached)}."""
+
+    def __init__(self, model, weights: dict[str, float]) -> None:
+        super().__init__()
+        self.model = model
+        self.weights = dict(weights)
+
+    def forward(self, task: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict:
+        m = self.model
+        if task == "t2i":
+            raw = text_to_image_loss(m, batch["pixels"], batch["input_ids"], batch["attention_mask"],
+                                     generator=generator)
+        elif task == "i2t":
+            raw = image_to_text_loss(m, batch["pixels"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+        elif task == "edit":
+            raw = edit_loss(m, batch["source"], batch["target"], batch["input_ids"], batch["attention_mask"],
+                            generator=generator)
+        else:
+            raise ValueError(f"unknown task {task!r}")
+        return {"loss": raw * self.weights[task], f"loss_{task}": raw.detach().float()}
+
+
+class UniPicJob:
+    """Trains a UniPic model with a frozen VAE on the tasks of `data.tasks`."""
+
+    def __init__(self, config: TrainConfig, resume_dir: Path | None) -> None:
+        from unipic.checkpoint import load_model_folder
+
+        self.config = config
+        if resume_dir is not None:
+            model, tokenizer = load_model_folder(resume_dir / MODEL_DIR)
+            model.float()
+        else:
+            model, tokenizer = init_model(config.model, config.seed)
+        # The run's settings travel with the model: the saved folder samples at the trained size.
+        model.config.grad_scale = config.loss.grad_scale
+        model.config.sampling.image_size = config.data.image_size
+        model.config.sampling.understanding_image_size = config.data.image_size
+        apply_freezing(model, config.model)
+        self.model, self.tokenizer = model.train(), tokenizer
+        self.module = UniPicLoss(model, config.loss.weights)
+        self.builder = BatchBuilder(model, tokenizer, config.data)
+        self.metric_names = [f"loss_{t}" for t in config.active_tasks]
+        self.eval_names = [f"eval_{t}" for t in config.active_tasks]
+        logger.info("model: %s", parameter_summary(model))
+
+    def describe(self) -> str:
+        return parameter_summary(self.model)
+
+    def make_batch(self, task: str, examples: list[dict], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        return self.builder(task, examples, rng)
+
+    def save_weights(self, folder: Path) -> None:
+        from unipic.checkpoint import save_model_folder
+
+        save_model_folder(self.model, self.tokenizer, folder / MODEL_DIR)
+
+    def export_final(self, out_dir: Path) -> Path:
+        """`out_dir/final`: a unipic model folder (weights as they are now; the trainer swaps EMA in)."""
+        from unipic.checkpoint import save_model_folder
+
+        return save_model_folder(self.model, self.tokenizer, out_dir / FINAL_DIR)
+
+    def _pipeline(self):
+        from unipic.pipeline import UniPicPipeline
+
+        pipeline = UniPicPipeline(self.model, self.tokenizer)  # switches the model to eval mode
+        return pipeline
+
+    def sample(self, path: Path) -> None:
+        log = self.config.log
+        try:
+            rows, captions = unipic_samples(self._pipeline(), log.sample_prompts, self.config.active_tasks,
+                                            self.config.data.image_size, num_iter=log.sample_steps,
+                                            head_steps=log.sample_head_steps, cfg=log.sample_cfg, seed=self.config.seed)
+        finally:
+            self.model.train()
+        save_samples(path, rows, captions)
+
+    def evaluate(self) -> dict[str, float]:
+        log = self.config.log
+        try:
+            return quick_eval(self._pipeline(), self.config.active_tasks, self.config.data.image_size,
+                              log.eval_per_kind, num_iter=log.sample_steps, head_steps=log.sample_head_steps,
+                              cfg=log.sample_cfg)
+        finally:
+            self.model.train()
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE stage
+# ---------------------------------------------------------------------------------------------
+
+
+class VAELoss(nn.Module):
+    """Reconstruction (L1 + L2 per pixel) of a posterior sample plus a small KL term.
+
+    The KL is summed over latent elements and divided by the number of pixel values, the same
+    balance as LDM's (per-image sums with weight 1e-6), expressed per pixel like the L1/L2 terms.
+    No perceptual or adversarial loss: flat-colour worlds do not need one, and neither has a
+    pretrained network to lean on here.
+    """
+
+    def __init__(self, vae, l1: float, l2: float, kl: float) -> None:
+        super().__init__()
+        self.vae = vae
+        self.l1, self.l2, self.kl = l1, l2, kl
+
+    def forward(self, task: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict:
+        pixels = batch["pixels"]
+        mean, logvar = self.vae.encode_moments(pixels)  # unscaled posterior
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        z = mean + torch.exp(0.5 * logvar) * noise
+        recon = self.vae.decoder(self.vae.post_quant_conv(z)).float()
+        target = pixels.float()
+        l1 = (recon - target).abs().mean()
+        l2 = ((recon - target) ** 2).mean()
+        kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1.0 - logvar.float()).sum() / target.numel()
+        loss = self.l1 * l1 + self.l2 * l2 + self.kl * kl
+        return {"loss": loss, "loss_l1": l1.detach(), "loss_l2": l2.detach(), "loss_kl": kl.detach()}
+
+
+class VAEJob:
+    """Trains the KL autoencoder on the data's images; the output is `out_dir/vae.safetensors`."""
+
+    def __init__(self, config: TrainConfig, resume_dir: Path | None) -> None:
+        self.config = config
+        if resume_dir is not None:
+            from unipic.checkpoint import load_state_dict_strict
+            from unipic.models.vae import AutoencoderKL
+
+            vae_config, state = load_vae_file(resume_dir / VAE_FILE)
+            vae = AutoencoderKL(vae_config)
+            load_state_dict_strict(vae, state)
+        else:
+            vae = init_vae(config.model, config.seed)
+        self.vae = vae.float().train().requires_grad_(True)
+        loss = config.loss
+        self.module = VAELoss(self.vae, loss.vae_l1, loss.vae_l2, loss.vae_kl)
+        self.metric_names = ["loss_l1", "loss_l2", "loss_kl"]
+        self.eval_names = ["eval_psnr", "eval_judge"]
+
+    def describe(self) -> str:
+        total = sum(p.numel() for p in self.vae.parameters())
+        return f"VAE {total / 1e6:.2f}M parameters, all trained"
+
+    def make_batch(self, task: str, examples: list[dict], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        return {"pixels": vae_pixels(examples, task, self.config.data.image_size)}
+
+    def save_weights(self, folder: Path) -> None:
+        save_vae_file(self.vae, folder / VAE_FILE)
+
+    @torch.no_grad()
+    def export_final(self, out_dir: Path) -> Path:
+        """`out_dir/vae.safetensors` with the latent scale re-estimated (1 / std of posterior means),
+        so that the MAR's diffusion targets have unit variance as the released 0.2325 intends."""
+        from unipic.data.datasets import render_example
+        from unipic.sampling.prompts import images_to_tensor
+        from unipic.world.examples import make_example
+
+        self.vae.eval()
+        size = self.config.data.image_size
+        device = next(self.vae.parameters()).device
+        images = [render_example("t2i", make_example("t2i", self.config.data.world_seed, i, train=False), i, size)["image"]
+                  for i in range(64)] if self.config.data.source == "world" else None
+        if images is None:
+            from unipic.training.data import TaskData
+
+            data = TaskData(self.config.data, 0, 1)
+            task = self.config.active_tasks[0]
+            images = [ex[key] for ex in data.next_examples(task) for key in ("image", "source") if key in ex]
+        means = torch.cat([self.vae.encode_moments(images_to_tensor(images[i:i + 16], device))[0].float()
+                           for i in range(0, len(images), 16)])
+        self.vae.config.scale = float(1.0 / means.std().clamp_min(1e-6))
+        logger.info("VAE latent scale re-estimated: %.4f", self.vae.config.scale)
+        self.vae.train()
+        return save_vae_file(self.vae, out_dir / VAE_FILE)
+
+    def sample(self, path: Path) -> None:
+        self.vae.eval()
+        try:
+            _, rows = vae_eval(self.vae, self.config.data.image_size, 8, seed=self.config.seed)
+        finally:
+            self.vae.train()
+        save_samples(path, rows, {"row 1": "originals", "row 2": "reconstructions"})
+
+    def evaluate(self) -> dict[str, float]:
+        self.vae.eval()
+        try:
+            scores, _ = vae_eval(self.vae, self.config.data.image_size, 8 * self.config.log.eval_per_kind)
+        finally:
+            self.vae.train()
+        return scores
+
+
+def make_job(config: TrainConfig, resume_dir: Path | None):
+    """The job for the config's stage."""
+    return VAEJob(config, resume_dir) if config.stage == "vae" else UniPicJob(config, resume_dir)
