@@ -119,10 +119,10 @@ def test_skip_layer_guidance_keeps_the_reference(kontext_pipe, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(kontext_pipe.transformer, "forward", spy)
-    kontext_pipe(prompt="x", image=random_image(W, H), num_inference_steps=10, skip_guidance_layers=[0],
+    kontext_pipe(prompt="x", image=random_image(W, H), num_inference_steps=6, skip_guidance_layers=[0],
                  generator=_gen(0), output_type="latent")
     slg = [c for c in calls if c.get("skip_layers")]
-    assert len(slg) == 1  # step i=1 is inside (0.01 * 10, 0.2 * 10)
+    assert len(slg) == 1  # only step i=1 lies inside (0.01 * 6, 0.2 * 6)
     assert slg[0]["ref_latents"].shape == slg[0]["hidden_states"].shape
     assert all("ref_latents" in c for c in calls)
 
@@ -132,3 +132,18 @@ def test_several_prompts_and_images_per_prompt(kontext_pipe):
     out = kontext_pipe(prompt=["a", "b"], image=images, num_images_per_prompt=2, num_inference_steps=1,
                        generator=_gen(0), output_type="np").images
     assert out.shape == (4, H, W, 3)
+
+
+def test_models_are_offloaded_before_the_reference_encode(kontext_pipe, monkeypatch):
+    """Under model CPU offload the T5 would otherwise stay on the GPU while the VAE encodes."""
+    events = []
+
+    class FakeHook:  # stands in for accelerate's UserCpuOffloadHook
+        def offload(self):
+            events.append("offload")
+
+    original = kontext_pipe.vae.encode
+    monkeypatch.setattr(kontext_pipe, "_all_hooks", [FakeHook(), FakeHook()], raising=False)
+    monkeypatch.setattr(kontext_pipe.vae, "encode", lambda *a, **k: events.append("encode") or original(*a, **k))
+    kontext_pipe.prepare_reference_latents([random_image(W, H)], 1, H, W, torch.float32, torch.device("cpu"), _gen(0))
+    assert events == ["offload", "offload", "encode"]

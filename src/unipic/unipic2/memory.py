@@ -18,7 +18,8 @@ Model (all sizes in bytes, `b` = bytes per element of the compute dtype, bf16 ->
     VAE tiling replaces H*W by min(H, T) * min(W, T) (T = 512-px tiles).
 
     peak (no offload)  = sum_c weights(c) + max_stage act(stage)
-    peak (CPU offload) = max_stage [weights(stage's model) + act(stage)]   (one model on the GPU)
+    peak (CPU offload) = max_stage [weights(stage's model) + act(stage)]   (one model on the GPU;
+                         while editing, the VAE also stays resident during denoising)
 
 Attention is assumed to run in a fused SDPA kernel (flash / memory-efficient on CUDA), so no
 L^2 term appears; the CUDA context and allocator slack (~0.5-1 GB in `nvidia-smi`) are not
@@ -191,6 +192,7 @@ class Stage:
     component: str
     activation_bytes: int
     label: str = ""  # what runs, when it is not obvious from the component (VAE encode/decode)
+    also_resident: tuple[str, ...] = ()  # other models still on the GPU under CPU offload
 
 
 def kontext_weight_bytes(b: int) -> dict[str, int]:
@@ -241,8 +243,9 @@ def stages(model: str, height: int, width: int, edit: bool, b: int, tile: int | 
             Stage("text_encoder_2 (CLIP-G)", _llm_act(2, 77, 1280, 5120, b)),
             Stage("text_encoder_3 (T5-XXL)", _llm_act(2, T5_TOKENS, 4096, 10240, b)),
         ]
-        dit = Stage("transformer", _dit_act(height, width, KONTEXT_TEXT_TOKENS, edit, b))
-        return text + [dit] + vae_stages
+        # After the reference encode the VAE stays on the GPU (the DiT's hook evicts only its predecessor).
+        dit = Stage("transformer", _dit_act(height, width, KONTEXT_TEXT_TOKENS, edit, b), also_resident=("vae",) if edit else ())
+        return text + vae_stages[:-1] + [dit] + vae_stages[-1:]
     t = QWEN25_VL_7B["text_config"]
     image_tokens = (height // 32) * (width // 32) if edit else 0
     llm_tokens = QWEN_PROMPT_TOKENS + image_tokens + METAQUERY_CONDITIONER["num_queries"]
@@ -254,8 +257,11 @@ def stages(model: str, height: int, width: int, edit: bool, b: int, tile: int | 
     return [
         Stage("mllm (Qwen2.5-VL-7B)", llm),
         Stage("conditioner", _llm_act(2, METAQUERY_CONDITIONER["num_queries"], c["hidden_size"], c["intermediate_size"], b)),
-        Stage("transformer", _dit_act(height, width, METAQUERY_CONDITIONER["num_queries"], edit, b)),
-    ] + vae_stages
+        *vae_stages[:-1],
+        Stage("transformer", _dit_act(height, width, METAQUERY_CONDITIONER["num_queries"], edit, b),
+              also_resident=("vae",) if edit else ()),
+        vae_stages[-1],
+    ]
 
 
 def peak_bytes(model: str, height: int, width: int, edit: bool, *, b: int = 2, cpu_offload: bool = False,
@@ -264,14 +270,18 @@ def peak_bytes(model: str, height: int, width: int, edit: bool, *, b: int = 2, c
     weights = kontext_weight_bytes(b) if model == "kontext" else metaquery_weight_bytes(b)
     plan = stages(model, height, width, edit, b, tile)
     if cpu_offload:
-        return max(weights[s.component] + s.activation_bytes for s in plan)
+        return max(_resident(weights, s) + s.activation_bytes for s in plan)
     return sum(weights.values()) + max(s.activation_bytes for s in plan)
+
+
+def _resident(weights: dict[str, int], stage: Stage) -> int:
+    return weights[stage.component] + sum(weights[name] for name in stage.also_resident)
 
 
 def stage_peaks(model: str, height: int, width: int, edit: bool, *, b: int = 2, tile: int | None = None) -> list[tuple[str, int]]:
     """(component, weights + activations) per stage: the GPU footprint of each stage under CPU offload."""
     weights = kontext_weight_bytes(b) if model == "kontext" else metaquery_weight_bytes(b)
-    return [(s.label or s.component, weights[s.component] + s.activation_bytes)
+    return [(s.label or s.component, _resident(weights, s) + s.activation_bytes)
             for s in stages(model, height, width, edit, b, tile)]
 
 

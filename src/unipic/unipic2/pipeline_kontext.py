@@ -82,6 +82,16 @@ class KontextSamplingMixin:
         # Upstream fed RGBA/greyscale straight into ToTensor and crashed (spec §10.3).
         return [to_rgb(im) for im in images]
 
+    def offload_resident_models(self) -> None:
+        """Under model CPU offload, move every model back to the CPU.
+
+        The offload hooks only evict a model's predecessor in `model_cpu_offload_seq`; the VAE
+        encode of an edit runs out of that order (after the text encoders, before the DiT), so
+        without this the 9 GB T5-XXL would stay on the GPU while the VAE encodes. No-op otherwise.
+        """
+        for hook in getattr(self, "_all_hooks", None) or []:
+            hook.offload()
+
     # ------------------------------------------------------------------ latents
 
     def prepare_reference_latents(
@@ -102,6 +112,7 @@ class KontextSamplingMixin:
         """
         if sample_mode not in REFERENCE_SAMPLE_MODES:
             raise ValueError(f"reference_sample_mode must be one of {REFERENCE_SAMPLE_MODES}, got {sample_mode!r}")
+        self.offload_resident_models()
         pixels = self.image_processor.preprocess(images, height=height, width=width)  # (B, 3, H, W) in [-1, 1]
         pixels = pixels.to(device=device, dtype=self.vae.dtype)
         if isinstance(generator, list):  # one generator per output image: use the first of each prompt's group
