@@ -80,7 +80,7 @@ def _sampling_options(args: argparse.Namespace) -> dict:
 def _load(args: argparse.Namespace):
     from unipic.loading import load_pipeline
 
-    return load_pipeline(args.model, device=args.device, dtype=args.dtype,
+    return load_pipeline(args.model, device=args.device, dtype=args.dtype, qwen_path=getattr(args, "qwen", None),
                          cpu_offload=getattr(args, "cpu_offload", False), vae_tiling=getattr(args, "vae_tiling", False))
 
 
@@ -377,6 +377,20 @@ def _optional_register(module_name: str, function: str):
     return getattr(module, function, None)
 
 
+def _quiet_library_progress_bars() -> None:
+    """Hide the libraries' weight-loading bars; unipic's own progress bars stay."""
+    import importlib
+
+    for name in ("transformers.utils.logging", "diffusers.utils.logging", "huggingface_hub.utils"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        disable = getattr(module, "disable_progress_bar", None) or getattr(module, "disable_progress_bars", None)
+        if disable is not None:
+            disable()
+
+
 def _version() -> str:
     from unipic import __version__
 
@@ -389,9 +403,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="unipic: %(message)s")
     if not args.verbose:
-        # transformers/diffusers chatter is not for end users.
+        # transformers/diffusers chatter is not for end users. They reset their loggers when first
+        # imported (after this point), so their own environment switches are the reliable way.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         for name in ("transformers", "diffusers", "accelerate"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        _quiet_library_progress_bars()
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2

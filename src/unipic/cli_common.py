@@ -30,10 +30,17 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         choices=DTYPE_CHOICES,
         help="compute precision: 'auto' = bfloat16 on cuda, float32 elsewhere (default: auto)",
     )
+    parser.add_argument(
+        "--qwen",
+        default=None,
+        metavar="PATH",
+        help="UniPic-2 MetaQuery only: the Qwen2.5-VL-7B-Instruct folder, when the model folder has no mllm/ "
+        "sub-folder or _qwen_path entry",
+    )
 
 
 def pipeline_from_args(args: argparse.Namespace):
     """Load the pipeline named by --model/--device/--dtype (raises UserError on bad input)."""
     from unipic.loading import load_pipeline
 
-    return load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    return load_pipeline(args.model, device=args.device, dtype=args.dtype, qwen_path=getattr(args, "qwen", None))

@@ -97,7 +97,7 @@ def _download_from_hub(repo_id: str) -> Path:
 
 def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None = "auto",
                   dtype: str | torch.dtype | None = "auto", cpu_offload: bool = False,
-                  vae_tiling: bool = False) -> UnifiedPipeline:
+                  vae_tiling: bool = False, qwen_path: str | None = None) -> UnifiedPipeline:
     """Load the pipeline for a `--model` value (see the module docstring) on a device and dtype."""
     name = "default" if model in (None, "") else str(model)
     if name == "shapes-oracle":
@@ -126,12 +126,12 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None 
         if not is_unipic2_folder(folder):
             raise UserError(f"--model {name}: model_index.json does not describe a UniPic-2 model")
         return load_unipic2_pipeline(folder, device=str(torch_device), dtype=torch_dtype, cpu_offload=cpu_offload,
-                                     vae_tiling=vae_tiling)
+                                     vae_tiling=vae_tiling, qwen_path=qwen_path)
     if (folder / "config.json").is_file():
         from unipic.checkpoint import load_model_folder
 
-        if cpu_offload or vae_tiling:
-            raise UserError("--cpu-offload and --vae-tiling apply to UniPic-2 models only")
+        if cpu_offload or vae_tiling or qwen_path:
+            raise UserError("--cpu-offload, --vae-tiling and --qwen apply to UniPic-2 models only")
         net, tokenizer = load_model_folder(folder, device=torch_device, dtype=torch_dtype)
         return _unipic1_pipeline(net, tokenizer)
     raise UserError(f"--model {name}: the folder has neither config.json (UniPic-1) nor model_index.json (UniPic-2)")

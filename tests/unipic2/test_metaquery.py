@@ -117,3 +117,19 @@ def test_without_qwen_the_error_says_how_to_provide_it(mq_pipe):
         pipe(prompt="a cat", height=S, width=S, num_inference_steps=1)
     with pytest.raises(UserError, match="Qwen2.5-VL"):
         pipe.image_to_text(random_image(S, S))
+
+
+@pytest.mark.parametrize("builder", ["build_tiny_kontext_pipeline", "build_tiny_metaquery_pipeline"])
+def test_model_cpu_offload_hooks_give_the_same_result(builder):
+    """diffusers' model offload, pointed at the CPU, exercises the hook plumbing without a GPU
+    (the MetaQuery query encoder calls Qwen submodules directly and must trigger the hook itself)."""
+    from unipic.unipic2 import tiny
+
+    pipe = getattr(tiny, builder)(seed=0)
+    kwargs = {"prompt": "make it red", "image": random_image(S, S), "num_inference_steps": 2, "output_type": "np"}
+    expected = pipe(**kwargs, generator=_gen(0)).images
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert pipe._all_hooks
+    assert np.array_equal(pipe(**kwargs, generator=_gen(0)).images, expected)
+    if isinstance(pipe, UniPic2MetaQueryPipeline):
+        assert isinstance(pipe.image_to_text(random_image(S, S), "?", max_new_tokens=2)[0], str)

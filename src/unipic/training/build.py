@@ -20,7 +20,6 @@ from unipic.checkpoint import (
     CONFIG_NAME,
     build_model,
     load_model_folder,
-    load_state_dict_strict,
     read_model_folder_tensors,
 )
 from unipic.config import PRESETS, UniPicConfig
@@ -150,7 +149,15 @@ def swap_vae(model, vae_config: VAEConfig, state: dict[str, torch.Tensor]) -> No
         raise UserError("model.init_vae_from: the VAE does not fit the model's VAE config (" +
                         ", ".join(f"{k}: file {theirs[k]} vs model {mine[k]}" for k in differ) + ")")
     model.config.vae.scale = vae_config.scale  # the VAE module shares this config object
-    load_state_dict_strict(model.vae, state)
+    load_vae_state(model.vae, state)
+
+
+def load_vae_state(vae: AutoencoderKL, state: dict[str, torch.Tensor]) -> None:
+    """Strict load: a missing, unexpected or mis-shaped tensor is a UserError naming it."""
+    try:
+        vae.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise UserError(f"VAE weights do not match the VAE config: {str(error).strip()[:500]}") from None
 
 
 def init_vae(cfg: ModelConfig, seed: int) -> AutoencoderKL:
@@ -158,7 +165,7 @@ def init_vae(cfg: ModelConfig, seed: int) -> AutoencoderKL:
     if cfg.init_vae_from:
         config, state = load_vae_file(cfg.init_vae_from)
         vae = AutoencoderKL(config)
-        load_state_dict_strict(vae, state)
+        load_vae_state(vae, state)
         return vae.float()
     name = cfg.init_from
     if name in MODEL_PRESETS:
@@ -172,7 +179,7 @@ def init_vae(cfg: ModelConfig, seed: int) -> AutoencoderKL:
     config = UniPicConfig.load(folder / CONFIG_NAME).vae
     vae = AutoencoderKL(config)
     state = {k[len("vae."):]: v for k, v in read_model_folder_tensors(folder).items() if k.startswith("vae.")}
-    load_state_dict_strict(vae, state)
+    load_vae_state(vae, state)
     return vae.float()
 
 

@@ -20,6 +20,7 @@ from unipic.training.build import (
     init_model,
     init_vae,
     load_vae_file,
+    load_vae_state,
     parameter_summary,
     save_vae_file,
 )
@@ -168,12 +169,11 @@ class VAEJob:
     def __init__(self, config: TrainConfig, resume_dir: Path | None) -> None:
         self.config = config
         if resume_dir is not None:
-            from unipic.checkpoint import load_state_dict_strict
             from unipic.models.vae import AutoencoderKL
 
             vae_config, state = load_vae_file(resume_dir / VAE_FILE)
             vae = AutoencoderKL(vae_config)
-            load_state_dict_strict(vae, state)
+            load_vae_state(vae, state)
         else:
             vae = init_vae(config.model, config.seed)
         self.vae = vae.float().train().requires_grad_(True)

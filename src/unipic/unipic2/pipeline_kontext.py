@@ -339,6 +339,8 @@ class StableDiffusion3KontextPipeline(KontextSamplingMixin, StableDiffusion3Pipe
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
             max_sequence_length=max_sequence_length,
         )
+        if num_images_per_prompt < 1:
+            raise UserError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         if isinstance(prompt, str):
             batch_size = 1
         elif prompt is not None:

@@ -78,7 +78,8 @@ def _onload(module: torch.nn.Module) -> None:
     """Move a model-CPU-offloaded module to the accelerator before calling its submodules directly.
 
     diffusers' model offload hooks fire on the top-level `forward` only; the query encoder calls
-    `mllm.model.language_model` and the vision tower directly, so it triggers the hook itself.
+    `mllm.model.language_model` and the vision tower directly, so it triggers the hook itself
+    (as diffusers' `apply_forward_hook` does for `AutoencoderKL.encode`/`decode`).
     """
     hook = getattr(module, "_hf_hook", None)
     if hook is not None and hasattr(hook, "pre_forward"):
@@ -239,6 +240,7 @@ class UniPic2MetaQueryPipeline(KontextSamplingMixin, DiffusionPipeline):
         else:  # editing: [image, instruction]; the negative sees the same image (spec §4.5)
             texts = [chat_prompt(p, with_image=True) for p in prompts]
             neg_texts = [chat_prompt(n, with_image=True) for n in negatives]
+            width, height = (width or image[0].size[0]), (height or image[0].size[1])
             _onload(self.mllm)
             pixel_values, grid = self._vision_inputs(image, self.qwen_pixels(height, width))
             features = self._image_features(pixel_values, grid)  # computed once, reused for the negatives
