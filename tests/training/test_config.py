@@ -9,7 +9,6 @@ import pytest
 from unipic.api import UserError
 from unipic.training.config import TrainConfig, load_config
 
-
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RUN_FILES = sorted(CONFIGS.rglob("*.yaml"))
 

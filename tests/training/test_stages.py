@@ -57,8 +57,7 @@ def runs(tmp_path_factory):
 
 
 def _config(runs: Path, name: str, *overrides: str):
-    from conftest import TINY
-
+    from tiny_overrides import TINY
     from unipic.training.config import load_config
 
     return load_config(CONFIGS / f"{name}.yaml", [*TINY, f"out_dir={runs / name}", *overrides])
@@ -67,7 +66,8 @@ def _config(runs: Path, name: str, *overrides: str):
 def test_vae_stage_trains_the_autoencoder_and_rescales_latents(runs):
     from unipic.training.build import init_vae
 
-    config = _config(runs, "vae", "optim.ema_decay=0", "data.tasks={t2i: 1, edit: 1}")
+    config = _config(runs, "vae", "optim.ema_decay=0", "data.tasks={t2i: 1, edit: 1}", "train.max_steps=2",
+                     "data.vae_crop=32", "loss.vae_foreground=10")
     before = {k: v.clone() for k, v in init_vae(config.model, config.seed).state_dict().items()}
     result = train(config)
     assert result.finished and result.output == runs / "vae" / "vae.safetensors"
@@ -145,8 +145,7 @@ def test_sft_stage_output_loads_for_generation(runs, tmp_path):
 
 
 def test_freeze_mar_decoder_and_freeze_mar(tmp_path):
-    from conftest import TINY
-
+    from tiny_overrides import TINY
     from unipic.training.build import MAR_DECODER_PARTS
     from unipic.training.config import load_config
 
@@ -167,3 +166,16 @@ def test_freeze_mar_decoder_and_freeze_mar(tmp_path):
     after = _checkpoint_weights(tmp_path / "b")
     assert _changed(before, after, "mar.")[1]
     assert _changed(before, after, "llm.model.layers")[0] and _changed(before, after, "proj_in")[0]
+
+
+def test_bf16_mixed_precision_and_accumulation(tmp_path):
+    from tiny_overrides import TINY
+    from unipic.training.config import load_config
+
+    config = load_config(CONFIGS / "joint.yaml", [*TINY, f"out_dir={tmp_path}", "train.mixed_precision=bf16",
+                                                 "train.grad_accum=2", "train.max_steps=2"])
+    result = train(config)
+    assert result.finished
+    rows = _losses_finite(tmp_path)
+    assert float(rows[-1]["examples_per_s"]) > 0
+    assert all(v.dtype == torch.float32 for v in _final_weights(tmp_path).values())  # weights stay float32

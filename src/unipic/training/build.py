@@ -172,7 +172,15 @@ def init_vae(cfg: ModelConfig, seed: int) -> AutoencoderKL:
         config = shapes_embedded_config().vae if name == SHAPES_EMBEDDED else PRESETS[name]().vae
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return AutoencoderKL(config)
+            vae = AutoencoderKL(config)
+        if cfg.vae_init_logvar is not None:
+            # A fresh VAE samples its latents with std exp(logvar / 2) ≈ 1, which drowns the small
+            # initial posterior means: the decoder first learns an average image and the encoder
+            # needs many steps to push the variance down (the KL weight barely resists). Starting
+            # the log-variance low skips that phase; quant_conv's second half is the log-variance.
+            with torch.no_grad():
+                vae.quant_conv.bias[config.embed_dim:].fill_(cfg.vae_init_logvar)
+        return vae
     folder = resolve_model_folder(name)
     if folder is None:
         raise UserError(f"model.init_from={name!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a model folder")

@@ -59,6 +59,7 @@ class ModelConfig:
     freeze_mar: bool = False  # the whole MAR incl. the diffusion head
     freeze_mar_decoder: bool = False  # decoder_embed/blocks/norm, mask token, decoder + diffusion position tables
     grad_checkpointing: bool = False  # MAR blocks and LLM layers recompute activations in backward
+    vae_init_logvar: float | None = -6.0  # stage vae from a preset: start the posterior log-variance here
 
 
 @dataclass
@@ -74,6 +75,7 @@ class DataConfig:
     unconditional_prob: float = 0.1  # t2i prompt dropout to the CFG prompt (spec §12.2)
     edit_repeat_prob: float = 0.0  # edit examples replaced by (source, "Repeat this image.", source)
     max_text_tokens: int = 256  # longer captions/questions/answers/instructions are truncated
+    vae_crop: int = 0  # stage vae: train on random crops of this side (multiple of 16; 0 = whole images)
 
 
 @dataclass
@@ -85,6 +87,7 @@ class LossConfig:
     vae_l1: float = 1.0  # stage vae: per-pixel L1
     vae_l2: float = 1.0  # stage vae: per-pixel squared error
     vae_kl: float = 1e-6  # stage vae: KL (summed over latents, divided by pixel count: LDM's balance)
+    vae_foreground: float = 0.0  # stage vae: extra L1/L2 weight on pixels unlike the image's median colour
 
 
 @dataclass
@@ -165,6 +168,9 @@ class TrainConfig:
                 raise UserError(f"data.source=folder uses task {task!r}; give its folder as data.folders.{task}=DIR")
         if self.data.image_size <= 0 or self.data.image_size % 16:
             raise UserError(f"data.image_size={self.data.image_size} must be a positive multiple of 16")
+        crop = self.data.vae_crop
+        if crop and (crop < 0 or crop % 16 or crop > self.data.image_size):
+            raise UserError(f"data.vae_crop={crop} must be 0 or a multiple of 16 up to data.image_size")
         for key in ("data.batch_size", "train.max_steps", "train.grad_accum", "train.keep_checkpoints", "log.every"):
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 1:

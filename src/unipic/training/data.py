@@ -62,7 +62,7 @@ class TaskSource:
         n = len(self._folder)
         epoch, offset = divmod(index, n)
         if self._perm is None or self._perm[0] != epoch:
-            generator = torch.Generator().manual_seed(_mix(self.seed, TASKS.index(self.task), epoch))
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, TASKS.index(self.task), epoch))
             self._perm = (epoch, torch.randperm(n, generator=generator))
         return self._folder.load(int(self._perm[1][offset]))
 
@@ -73,7 +73,7 @@ class TaskData:
     def __init__(self, cfg: DataConfig, rank: int, world_size: int) -> None:
         self.schedule = [t for t in TASKS for _ in range(cfg.tasks.get(t, 0))]
         self.sources = {t: TaskSource(t, cfg, rank, world_size) for t in dict.fromkeys(self.schedule)}
-        self.positions = {t: 0 for t in self.sources}
+        self.positions = dict.fromkeys(self.sources, 0)
         self.batch_size = cfg.batch_size
 
     def task_for(self, micro_step: int) -> str:
@@ -94,7 +94,7 @@ class TaskData:
             self.positions[task] = int(state.get(task, 0))
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """A 63-bit seed from several integers (numpy's SeedSequence hashing; stable across platforms)."""
     return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(2, np.uint32)
                .astype(np.uint64).dot(np.array([1, 2**31], dtype=np.uint64)))
@@ -216,8 +216,15 @@ class BatchBuilder:
         return batch
 
 
-def vae_pixels(examples: Sequence[dict], task: str, size: int) -> torch.Tensor:
-    """Every image of a list of examples (edit: sources and targets) as (N, 3, size, size) in [-1, 1]."""
+def vae_pixels(examples: Sequence[dict], task: str, size: int, crop: int = 0,
+               rng: np.random.Generator | None = None) -> torch.Tensor:
+    """Every image of a list of examples (edit: sources and targets) as (N, 3, S, S) in [-1, 1];
+    with `crop`, a random crop × crop window of each (the VAE is convolutional, so it trains on
+    crops and runs on whole images, as LDM's autoencoders do)."""
     images = [center_crop_resize(ex[key], size, size) if ex[key].size != (size, size) else ex[key]
               for ex in examples for key in IMAGE_KEYS[task]]
-    return images_to_tensor(images, torch.device("cpu"))
+    pixels = images_to_tensor(images, torch.device("cpu"))
+    if not crop or crop >= size:
+        return pixels
+    corners = rng.integers(0, size - crop + 1, size=(len(images), 2))
+    return torch.stack([p[:, y:y + crop, x:x + crop] for p, (y, x) in zip(pixels, corners.tolist())])

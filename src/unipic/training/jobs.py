@@ -7,6 +7,7 @@ weights into checkpoints and the final output, and draws samples / quick scores 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -93,22 +94,31 @@ class UniPicJob:
     def make_batch(self, task: str, examples: list[dict], rng: np.random.Generator) -> dict[str, torch.Tensor]:
         return self.builder(task, examples, rng)
 
-    def save_weights(self, folder: Path) -> None:
+    def _plain(self, state: dict[str, torch.Tensor] | None):
+        """The model itself, or (sharded training) a CPU model built from the gathered `state`."""
+        if state is None:
+            return self.model
+        from unipic.checkpoint import build_model, load_state_dict_strict
+
+        copy = build_model(self.model.config, empty=True)
+        load_state_dict_strict(copy, _strip(state, "model."), assign=True)
+        return copy
+
+    def save_weights(self, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
         from unipic.checkpoint import save_model_folder
 
-        save_model_folder(self.model, self.tokenizer, folder / MODEL_DIR)
+        save_model_folder(self._plain(state), self.tokenizer, folder / MODEL_DIR)
 
-    def export_final(self, out_dir: Path) -> Path:
+    def export_final(self, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         """`out_dir/final`: a unipic model folder (weights as they are now; the trainer swaps EMA in)."""
         from unipic.checkpoint import save_model_folder
 
-        return save_model_folder(self.model, self.tokenizer, out_dir / FINAL_DIR)
+        return save_model_folder(self._plain(state), self.tokenizer, out_dir / FINAL_DIR)
 
     def _pipeline(self):
         from unipic.pipeline import UniPicPipeline
 
-        pipeline = UniPicPipeline(self.model, self.tokenizer)  # switches the model to eval mode
-        return pipeline
+        return UniPicPipeline(self.model, self.tokenizer)  # switches the model to eval mode
 
     def sample(self, path: Path) -> None:
         log = self.config.log
@@ -144,10 +154,10 @@ class VAELoss(nn.Module):
     pretrained network to lean on here.
     """
 
-    def __init__(self, vae, l1: float, l2: float, kl: float) -> None:
+    def __init__(self, vae, l1: float, l2: float, kl: float, foreground: float = 0.0) -> None:
         super().__init__()
         self.vae = vae
-        self.l1, self.l2, self.kl = l1, l2, kl
+        self.l1, self.l2, self.kl, self.foreground = l1, l2, kl, foreground
 
     def forward(self, task: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict:
         pixels = batch["pixels"]
@@ -156,8 +166,17 @@ class VAELoss(nn.Module):
         z = mean + torch.exp(0.5 * logvar) * noise
         recon = self.vae.decoder(self.vae.post_quant_conv(z)).float()
         target = pixels.float()
-        l1 = (recon - target).abs().mean()
-        l2 = ((recon - target) ** 2).mean()
+        weight = 1.0
+        if self.foreground > 0:
+            # Sparse images (a few shapes on a flat background) first settle on "background
+            # everywhere", which is already a low loss; extra weight on pixels unlike the image's
+            # median colour makes the objects matter from the start. Mean weight 1 per batch.
+            median = target.flatten(2).median(dim=2).values[:, :, None, None]
+            away = ((target - median).abs().sum(dim=1, keepdim=True) > 0.1).float()
+            weight = 1.0 + self.foreground * away
+            weight = weight / weight.mean()
+        l1 = ((recon - target).abs() * weight).mean()
+        l2 = (((recon - target) ** 2) * weight).mean()
         kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1.0 - logvar.float()).sum() / target.numel()
         loss = self.l1 * l1 + self.l2 * l2 + self.kl * kl
         return {"loss": loss, "loss_l1": l1.detach(), "loss_l2": l2.detach(), "loss_kl": kl.detach()}
@@ -178,7 +197,7 @@ class VAEJob:
             vae = init_vae(config.model, config.seed)
         self.vae = vae.float().train().requires_grad_(True)
         loss = config.loss
-        self.module = VAELoss(self.vae, loss.vae_l1, loss.vae_l2, loss.vae_kl)
+        self.module = VAELoss(self.vae, loss.vae_l1, loss.vae_l2, loss.vae_kl, loss.vae_foreground)
         self.metric_names = ["loss_l1", "loss_l2", "loss_kl"]
         self.eval_names = ["eval_psnr", "eval_judge"]
 
@@ -187,36 +206,36 @@ class VAEJob:
         return f"VAE {total / 1e6:.2f}M parameters, all trained"
 
     def make_batch(self, task: str, examples: list[dict], rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        return {"pixels": vae_pixels(examples, task, self.config.data.image_size)}
+        data = self.config.data
+        return {"pixels": vae_pixels(examples, task, data.image_size, data.vae_crop, rng)}
 
-    def save_weights(self, folder: Path) -> None:
-        save_vae_file(self.vae, folder / VAE_FILE)
+    def save_weights(self, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        save_vae_file(self.vae, folder / VAE_FILE, None if state is None else _strip(state, "vae."))
 
     @torch.no_grad()
-    def export_final(self, out_dir: Path) -> Path:
+    def export_final(self, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         """`out_dir/vae.safetensors` with the latent scale re-estimated (1 / std of posterior means),
         so that the MAR's diffusion targets have unit variance as the released 0.2325 intends."""
-        from unipic.data.datasets import render_example
-        from unipic.sampling.prompts import images_to_tensor
-        from unipic.world.examples import make_example
+        from unipic.training.data import TaskData
 
-        self.vae.eval()
-        size = self.config.data.image_size
-        device = next(self.vae.parameters()).device
-        images = [render_example("t2i", make_example("t2i", self.config.data.world_seed, i, train=False), i, size)["image"]
-                  for i in range(64)] if self.config.data.source == "world" else None
-        if images is None:
-            from unipic.training.data import TaskData
+        vae = self.vae
+        if state is not None:  # sharded training: a CPU copy from the gathered weights
+            from unipic.models.vae import AutoencoderKL
 
-            data = TaskData(self.config.data, 0, 1)
-            task = self.config.active_tasks[0]
-            images = [ex[key] for ex in data.next_examples(task) for key in ("image", "source") if key in ex]
-        means = torch.cat([self.vae.encode_moments(images_to_tensor(images[i:i + 16], device))[0].float()
-                           for i in range(0, len(images), 16)])
-        self.vae.config.scale = float(1.0 / means.std().clamp_min(1e-6))
-        logger.info("VAE latent scale re-estimated: %.4f", self.vae.config.scale)
+            vae = AutoencoderKL(self.vae.config)
+            load_vae_state(vae, _strip(state, "vae."))
+        vae.eval()
+        # Images of the run's own data (whole, not cropped), from a separate reader.
+        data = TaskData(dataclasses.replace(self.config.data, batch_size=64, vae_crop=0), 0, 1)
+        task = self.config.active_tasks[0]
+        pixels = vae_pixels(data.next_examples(task), task, self.config.data.image_size)
+        device = next(vae.parameters()).device
+        means = torch.cat([vae.encode_moments(pixels[i:i + 16].to(device))[0].float()
+                           for i in range(0, len(pixels), 16)])
+        vae.config.scale = float(1.0 / means.std().clamp_min(1e-6))  # shared with self.vae's config
+        logger.info("VAE latent scale re-estimated: %.4f", vae.config.scale)
         self.vae.train()
-        return save_vae_file(self.vae, out_dir / VAE_FILE)
+        return save_vae_file(vae, out_dir / VAE_FILE)
 
     def sample(self, path: Path) -> None:
         self.vae.eval()
@@ -233,6 +252,11 @@ class VAEJob:
         finally:
             self.vae.train()
         return scores
+
+
+def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A gathered state dict of the loss module without its `model.` / `vae.` prefix, on the CPU."""
+    return {k[len(prefix):]: v.detach().cpu() for k, v in state.items() if k.startswith(prefix)}
 
 
 def make_job(config: TrainConfig, resume_dir: Path | None):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -144,7 +143,7 @@ def unipic_samples(pipeline, prompts: Sequence[str], tasks: Sequence[str], size:
     from unipic.data.datasets import render_example
     from unipic.world.examples import make_example
 
-    options = dict(num_iter=num_iter, head_steps=head_steps, cfg=cfg)
+    options = {"num_iter": num_iter, "head_steps": head_steps, "cfg": cfg}
     images = [im[0] for im in pipeline.text_to_image(list(prompts), height=size, width=size, seed=seed, **options)]
     rows, captions = [images], {"row 1 (text to image)": list(prompts)}
     if "edit" in tasks:
@@ -180,7 +179,7 @@ def quick_eval(pipeline, tasks: Sequence[str], size: int, per_kind: int, *, num_
     from unipic.world import score_answer as score
     from unipic.world.geneval import shapes_eval_metadata
 
-    options = dict(num_iter=num_iter, head_steps=head_steps, cfg=cfg)
+    options = {"num_iter": num_iter, "head_steps": head_steps, "cfg": cfg}
     scores: dict[str, float] = {}
     if "t2i" in tasks:
         records = shapes_eval_metadata(per_kind, seed)

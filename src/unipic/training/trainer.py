@@ -41,7 +41,7 @@ import torch
 from unipic.api import UserError
 from unipic.io_utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 from unipic.training.config import TrainConfig
-from unipic.training.data import TaskData, _mix
+from unipic.training.data import TaskData, mix_seed
 from unipic.training.jobs import make_job
 from unipic.training.monitor import METRICS_FILE, PLOT_FILE, MetricsLog, plot_losses
 from unipic.training.optim import EMA, build_optimizer, lr_at
@@ -90,6 +90,9 @@ def train(config: TrainConfig, *, resume: bool = False, stop_at: int | None = No
         UserError: `out_dir` already holds checkpoints and `resume` is False, or a bad setting.
     """
     config.validate()
+    threads = torch.get_num_threads()
+    if config.train.num_threads > 0:
+        torch.set_num_threads(config.train.num_threads)
     accelerator = _make_accelerator(config)
     try:
         return _Trainer(config, accelerator, resume, stop_at).run()
@@ -97,14 +100,13 @@ def train(config: TrainConfig, *, resume: bool = False, stop_at: int | None = No
         accelerator.end_training()
         if accelerator.num_processes == 1:
             _reset_accelerate_state()
+        torch.set_num_threads(threads)  # leave the caller's process as it was
 
 
 def _make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    if config.train.num_threads > 0:
-        torch.set_num_threads(config.train.num_threads)
     # Tasks use different parts of the model (i2t never reaches the diffusion head), hence
     # find_unused_parameters; accumulation is counted by accelerate (loss / grad_accum in backward).
     # `accelerate launch --multi_gpu` on a machine without GPUs starts plain processes; accelerate
@@ -165,6 +167,12 @@ class _Trainer:
         self.out_dir = Path(config.out_dir)
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.main = accelerator.is_main_process
+        # FSDP / DeepSpeed shard the weights: checkpoints gather them, but EMA, sampling, scores and
+        # resuming (optimizer state) assume full replicas and are not supported there.
+        self.sharded = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+        if self.sharded and (resume or config.optim.ema_decay > 0):
+            raise UserError(f"{accelerator.distributed_type.name} runs support neither --resume nor EMA yet; "
+                            "use DDP (accelerate launch --multi_gpu) or set optim.ema_decay=0")
         found = latest_checkpoint(self.out_dir)
         if found is not None and not resume:
             raise UserError(f"{self.out_dir} already holds checkpoints (newest {found.name}); pass --resume to "
@@ -203,7 +211,7 @@ class _Trainer:
         logger.info(message)
 
     def _seed_micro_step(self, micro: int) -> tuple[torch.Generator, np.random.Generator]:
-        seed = _mix(self.config.seed, self.rank, micro)
+        seed = mix_seed(self.config.seed, self.rank, micro)
         torch.manual_seed(seed)  # dropout and anything else that draws from the global RNG
         generator = torch.Generator(device=self.accelerator.device).manual_seed(seed ^ 0x5DEECE66D)
         return generator, np.random.default_rng([self.config.seed & 0xFFFFFFFF, self.rank, micro])
@@ -248,12 +256,14 @@ class _Trainer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         atomic_write_bytes(tmp / f"rng-rank{self.rank}.pt", _torch_bytes(rng))
+        gathered = acc.get_state_dict(self.model) if self.sharded else None  # every process takes part
         acc.wait_for_everyone()
         if self.main:
             from safetensors.torch import save
 
-            self.job.save_weights(tmp)
-            atomic_write_bytes(tmp / OPTIMIZER_FILE, _torch_bytes(self.optimizer.state_dict()))
+            self.job.save_weights(tmp, gathered)
+            if not self.sharded:  # a sharded optimizer state is not gathered (no resume there)
+                atomic_write_bytes(tmp / OPTIMIZER_FILE, _torch_bytes(self.optimizer.state_dict()))
             if self.ema is not None:
                 atomic_write_bytes(tmp / EMA_FILE, save({k: v.contiguous() for k, v in self.ema.state_dict().items()}))
             atomic_write_text(tmp / "config.yaml", self.config.to_yaml())
@@ -307,19 +317,25 @@ class _Trainer:
                         param.copy_(backup[name])
 
     def _monitor(self, final: bool = False) -> None:
-        """Samples and quick scores on the main process (others wait)."""
+        """Samples and quick scores on the main process (others wait); the final ones use the EMA."""
         log, acc = self.config.log, self.accelerator
-        due = (lambda every: every > 0 and (final or self.step % every == 0))
+
+        def due(every: int) -> bool:
+            return every > 0 and (final or self.step % every == 0)
+
         want_samples, want_eval = due(log.sample_every), due(log.eval_every)
-        if not (want_samples or want_eval):
+        if not (want_samples or want_eval) or self.sharded:
             return
         if self.main:
+            def run(action):
+                return self._with_ema(action) if final else action()
+
             with acc.autocast(), torch.no_grad():
                 if want_samples:
                     path = self.out_dir / "samples" / f"step-{self.step:07d}.png"
-                    (self._with_ema if final else (lambda f: f()))(lambda: self.job.sample(path))
+                    run(lambda: self.job.sample(path))
                 if want_eval:
-                    scores = (self._with_ema if final else (lambda f: f()))(self.job.evaluate)
+                    scores = run(self.job.evaluate)
                     self.metrics.append({"step": self.step, "elapsed_s": self._elapsed(), **scores})
                     self._say(f"step {self.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         acc.wait_for_everyone()
@@ -419,8 +435,9 @@ class _Trainer:
         if checkpoint is None or checkpoint.name != checkpoint_path(self.out_dir, self.step).name:
             checkpoint = self._save_checkpoint()
         output = None
+        gathered = acc.get_state_dict(self.model) if self.sharded else None
         if self.main:
-            output = self._with_ema(lambda: self.job.export_final(self.out_dir))
+            output = self._with_ema(lambda: self.job.export_final(self.out_dir, gathered))
             plot_losses(self.out_dir / METRICS_FILE, self.out_dir / PLOT_FILE, f"{cfg.stage}: {self.out_dir}")
         self._monitor(final=True)
         if self.main:

@@ -1,0 +1,127 @@
+"""Batches from examples, round-robin task schedule, folder data, parameter groups, LR and EMA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from unipic.training.config import DataConfig, OptimConfig
+from unipic.training.data import BatchBuilder, TaskData
+from unipic.training.optim import EMA, lr_at, param_groups
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from unipic.loading import tiny_random_model
+
+    return tiny_random_model(seed=0)
+
+
+def test_round_robin_schedule_and_positions():
+    data = TaskData(DataConfig(tasks={"t2i": 2, "i2t": 0, "edit": 1}, batch_size=3, image_size=64), rank=1,
+                    world_size=2)
+    assert [data.task_for(m) for m in range(6)] == ["t2i", "t2i", "edit"] * 2
+    first = data.next_examples("t2i")
+    assert [ex["index"] for ex in first] == [1, 3, 5]  # this process's share: k * world + rank
+    assert data.state_dict() == {"t2i": 3, "edit": 0}
+    again = TaskData(DataConfig(tasks={"t2i": 2, "edit": 1}, batch_size=3, image_size=64), rank=1, world_size=2)
+    again.load_state_dict({"t2i": 3})
+    assert [ex["index"] for ex in again.next_examples("t2i")] == [7, 9, 11]
+
+
+def test_batches_match_the_inference_layout(tiny):
+    model, tokenizer = tiny
+    cfg = DataConfig(tasks={"t2i": 1, "i2t": 1, "edit": 1}, batch_size=2, image_size=64, unconditional_prob=0.0,
+                     edit_repeat_prob=0.0)
+    data, builder = TaskData(cfg, 0, 1), BatchBuilder(model, tokenizer, cfg)
+    rng = np.random.default_rng(0)
+    t2i = builder("t2i", data.next_examples("t2i"), rng)
+    assert t2i["pixels"].shape == (2, 3, 64, 64) and t2i["pixels"].min() >= -1 and t2i["pixels"].max() <= 1
+    text = tokenizer.decode(t2i["input_ids"][0][t2i["attention_mask"][0].bool()])
+    assert text.startswith("<|im_start|>user\nGenerate an image: ") and text.endswith("<|im_start|>assistant\n")
+
+    examples = data.next_examples("i2t")
+    i2t = builder("i2t", examples, rng)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert int((i2t["input_ids"][0] == image_id).sum()) == model.num_understanding_tokens(64)
+    supervised = i2t["labels"][0][i2t["labels"][0] >= 0]
+    assert tokenizer.decode(supervised) == examples[0]["answer"] + "<|im_end|>"  # only the answer is learned
+
+    edit = builder("edit", data.next_examples("edit"), rng)
+    assert int((edit["input_ids"][1] == image_id).sum()) == model.num_image_tokens((4, 4))
+    assert edit["source"].shape == edit["target"].shape == (2, 3, 64, 64)
+
+
+def test_prompt_dropout_and_repeat_examples(tiny):
+    model, tokenizer = tiny
+    cfg = DataConfig(tasks={"t2i": 1, "edit": 1}, batch_size=4, image_size=64, unconditional_prob=1.0,
+                     edit_repeat_prob=1.0)
+    data, builder = TaskData(cfg, 0, 1), BatchBuilder(model, tokenizer, cfg)
+    t2i = builder("t2i", data.next_examples("t2i"), np.random.default_rng(0))
+    assert "Generate an image.<|im_end|>" in tokenizer.decode(t2i["input_ids"][0])
+    edit = builder("edit", data.next_examples("edit"), np.random.default_rng(0))
+    assert torch.equal(edit["source"], edit["target"])
+    assert "Repeat this image." in tokenizer.decode(edit["input_ids"][0])
+
+
+def test_training_on_an_exported_folder(tmp_path):
+    """Users train on their own images through the on-disk layout of `unipic data export`."""
+    from tiny_overrides import TINY
+    from unipic.data.disk import export
+    from unipic.training.config import load_config
+    from unipic.training.trainer import train
+
+    export("t2i", 5, tmp_path / "t2i", seed=3, size=64, progress=False)
+    export("edit", 3, tmp_path / "edit", seed=3, size=64, progress=False)
+    config = load_config(None, [*TINY, f"out_dir={tmp_path / 'run'}", "stage=joint", "data.source=folder",
+                                f"data.folders.t2i={tmp_path / 't2i'}", f"data.folders.edit={tmp_path / 'edit'}",
+                                "data.tasks={t2i: 1, edit: 1}", "train.max_steps=4", "data.batch_size=3"])
+    result = train(config)
+    assert result.finished
+    # 2 t2i batches of 3 from 5 examples: the second epoch is reshuffled, every example still used.
+    import json
+
+    positions = json.loads((result.checkpoint / "data-rank0.json").read_text())["positions"]
+    assert positions == {"t2i": 6, "edit": 6}
+
+
+def test_parameter_groups_follow_upstream(tiny):
+    model, _ = tiny
+    groups = param_groups(model, weight_decay=0.02)
+    assert [g["weight_decay"] for g in groups] == [0.02, 0.0]
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for p in groups[0]["params"]}
+    no_decay = {names[id(p)] for p in groups[1]["params"]}
+    head = {n for n, p in model.named_parameters() if "diffloss" in n}
+    assert head and head <= no_decay  # every diffusion-head tensor, matrices included
+    assert all(n.endswith(".bias") or "diffloss" in n or model.get_parameter(n).ndim <= 1 for n in no_decay)
+    assert "mar.encoder_blocks.0.attn.qkv.weight" in decay and "mar.encoder_norm.weight" in no_decay
+    assert not any(n.startswith("vae.") for n in decay | no_decay), "frozen parameters are left out"
+
+
+def test_lr_schedule():
+    cfg = OptimConfig(lr=1.0, warmup_ratio=0.1, schedule="cosine", min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # 10 warm-up steps
+    assert lrs[10] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    constant = OptimConfig(lr=2.0, warmup_ratio=0.0, schedule="constant")
+    assert {lr_at(s, constant, 50) for s in range(50)} == {2.0}
+
+
+def test_ema_warms_up_then_tracks():
+    layer = torch.nn.Linear(2, 2)
+    start = layer.weight.detach().clone()
+    ema = EMA(layer, decay=0.99)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    ema.update(layer)  # first update: decay min(0.99, 2/11), so mostly the new weights
+    decay = 2 / 11
+    assert torch.allclose(ema.shadow["weight"], decay * start + (1 - decay) * 1.0)
+    for _ in range(2000):
+        ema.update(layer)
+    assert torch.allclose(ema.shadow["weight"], torch.ones(2, 2))
+    target = torch.nn.Linear(2, 2)
+    ema.copy_to(target)
+    assert torch.equal(target.weight, ema.shadow["weight"])
