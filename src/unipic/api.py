@@ -21,6 +21,21 @@ class UnsupportedTaskError(UserError):
     """The loaded model family cannot do the requested job (e.g. captioning with SD3.5M-Kontext)."""
 
 
+def check_texts(texts: Sequence[str], name: str, *, allow_blank: bool = False) -> list[str]:
+    """Validate a list of prompts/instructions/questions (a UserError names the bad entry)."""
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise UserError(f"{name} must be a list of strings, got {type(texts).__name__}; wrap a single one in a list")
+    texts = list(texts)
+    if not texts:
+        raise UserError(f"{name} is empty; pass at least one")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise UserError(f"{name}[{index}] must be a string, got {type(text).__name__}")
+        if not allow_blank and not text.strip():
+            raise UserError(f"{name}[{index}] is empty; give a non-empty text")
+    return texts
+
+
 @runtime_checkable
 class UnifiedPipeline(Protocol):
     """Text-to-image, editing and image-to-text behind one interface.

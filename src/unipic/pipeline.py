@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from unipic.api import UserError
+from unipic.api import UserError, check_texts
 from unipic.sampling.edit import edit_images
 from unipic.sampling.image_to_text import answer_questions
 from unipic.sampling.prompts import center_crop_resize, images_to_tensor, pad_to_square, tensor_to_images
@@ -27,18 +27,6 @@ def _check_options(options: dict, allowed: set[str], job: str) -> None:
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise UserError(f"unknown {job} option(s) {unknown}; valid: {sorted(allowed)}")
-
-
-def _check_texts(texts: Sequence[str], name: str) -> list[str]:
-    if isinstance(texts, str):
-        raise UserError(f"{name} must be a list of strings, not a single string")
-    texts = list(texts)
-    if not texts:
-        raise UserError(f"{name} is empty; give at least one")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
-            raise UserError(f"{name}[{i}] is empty; give a non-empty text")
-    return texts
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -108,7 +96,7 @@ class UniPicPipeline:
                       **options: object) -> list[list[Image.Image]]:
         """Generate `images_per_prompt` images per prompt (one list per prompt)."""
         _check_options(options, _T2I_OPTIONS, "text-to-image")
-        prompts = _check_texts(prompts, "prompts")
+        prompts = check_texts(prompts, "prompts")
         if images_per_prompt < 1:
             raise UserError(f"images_per_prompt={images_per_prompt} must be at least 1")
         height, width = self._size(height, width)
@@ -133,7 +121,7 @@ class UniPicPipeline:
                    progress: bool = False, **options: object) -> list[Image.Image]:
         """Edit image i by instruction i; sources are centre-cropped to the output aspect and resized."""
         _check_options(options, _T2I_OPTIONS, "edit")
-        instructions = _check_texts(instructions, "instructions")
+        instructions = check_texts(instructions, "instructions")
         images = list(images)
         if len(images) != len(instructions):
             raise UserError(f"got {len(images)} images but {len(instructions)} instructions; give one each")
@@ -158,7 +146,7 @@ class UniPicPipeline:
                       max_new_tokens: int | None = None, seed: int | None = None, **options: object) -> list[str]:
         """Answer question i about image i (greedy by default; `do_sample=True` samples)."""
         _check_options(options, _I2T_OPTIONS, "image-to-text")
-        questions = _check_texts(questions, "questions")
+        questions = check_texts(questions, "questions")
         images = list(images)
         if len(images) != len(questions):
             raise UserError(f"got {len(images)} images but {len(questions)} questions; give one each")

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from unipic.api import UnsupportedTaskError, UserError
+from unipic.api import UnsupportedTaskError, UserError, check_texts
 from unipic.unipic2.images import (
     EDIT_NEGATIVE_PROMPT,
     check_size,
@@ -70,17 +70,6 @@ def _parse_options(options: dict, allowed: Sequence[str], task: str) -> dict:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
             raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return parsed
-
-
-def _check_texts(texts: Sequence[str], name: str) -> list[str]:
-    if isinstance(texts, str) or not isinstance(texts, Sequence):
-        raise UserError(f"{name} must be a list of strings, got {type(texts).__name__}; wrap a single one in a list")
-    if not texts:
-        raise UserError(f"{name} is empty; pass at least one")
-    for text in texts:
-        if not isinstance(text, str):
-            raise UserError(f"every entry of {name} must be a string, got {type(text).__name__}")
-    return list(texts)
 
 
 def _check_images(images: Sequence[Image.Image], count: int, what: str) -> list[Image.Image]:
@@ -145,7 +134,7 @@ class _UniPic2Adapter:
         **options: object,
     ) -> list[list[Image.Image]]:
         """Generate `images_per_prompt` images per prompt (default 512x512; one given side makes a square)."""
-        prompts = _check_texts(prompts, "prompts")
+        prompts = check_texts(prompts, "prompts", allow_blank=True)
         opts = _parse_options(options, _GENERATION_OPTIONS, "text-to-image")
         if isinstance(images_per_prompt, bool) or not isinstance(images_per_prompt, int) or images_per_prompt < 1:
             raise UserError(f"images_per_prompt must be a positive integer, got {images_per_prompt!r}")
@@ -202,7 +191,7 @@ class _UniPic2Adapter:
         depend only on the inputs and the seed. Images of any mode are converted to RGB
         (transparency composited on white); a forced output size centre-crops to its aspect ratio.
         """
-        instructions = _check_texts(instructions, "instructions")
+        instructions = check_texts(instructions, "instructions")
         images = _check_images(images, len(instructions), "instructions")
         opts = _parse_options(options, _EDIT_OPTIONS, "edit")
         generator = self._generator(seed)
@@ -276,7 +265,7 @@ class MetaQueryUnifiedPipeline(_UniPic2Adapter):
         """
         from unipic.unipic2.pipeline_metaquery import DEFAULT_QUESTION
 
-        questions = _check_texts(questions, "questions")
+        questions = check_texts(questions, "questions")
         images = _check_images(images, len(questions), "questions")
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
