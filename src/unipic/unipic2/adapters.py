@@ -265,7 +265,7 @@ class MetaQueryUnifiedPipeline(_UniPic2Adapter):
         """
         from unipic.unipic2.pipeline_metaquery import DEFAULT_QUESTION
 
-        questions = check_texts(questions, "questions")
+        questions = check_texts(questions, "questions", allow_blank=True)  # "" = the default question
         images = _check_images(images, len(questions), "questions")
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
