@@ -160,7 +160,7 @@ def save_model_folder(model, tokenizer, folder: str | os.PathLike, *, max_shard_
         for i, shard in enumerate(shards, start=1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
             atomic_write_bytes(folder / name, save(shard, metadata={"format": "pt"}))
-            weight_map.update({tensor_name: name for tensor_name in shard})
+            weight_map.update(dict.fromkeys(shard, name))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         atomic_write_json(folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
     tokenizer.save_pretrained(str(folder))

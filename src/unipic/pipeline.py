@@ -81,8 +81,8 @@ class UniPicPipeline:
             raise UserError(f"temperature={temperature} must be >= 0")
         if head_steps is not None and int(head_steps) < 1:
             raise UserError(f"head_steps={head_steps} must be at least 1")
-        return dict(num_iter=num_iter, cfg=cfg, cfg_schedule=schedule, temperature=temperature,
-                    head_steps=None if head_steps is None else int(head_steps))
+        return {"num_iter": num_iter, "cfg": cfg, "cfg_schedule": schedule, "temperature": temperature,
+                    "head_steps": None if head_steps is None else int(head_steps)}
 
     def _check_grid(self, height: int, width: int, num_iter: int) -> None:
         tokens = (height // self.config.pixel_stride) * (width // self.config.pixel_stride)

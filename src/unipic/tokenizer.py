@@ -38,6 +38,11 @@ def build_byte_tokenizer(image_token: str = "<image>") -> PreTrainedTokenizerFas
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
+    return _with_chatml_specials(backend, image_token)
+
+
+def _with_chatml_specials(backend, image_token: str) -> PreTrainedTokenizerFast:
+    """Wrap a `tokenizers` backend and append the ChatML specials, then `image_token` (Qwen's order)."""
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, padding_side="right")
     # Added in id order first, then named: eos/pad must not claim ids of their own.
     tokenizer.add_special_tokens({"additional_special_tokens": [*CHATML_SPECIALS]})
@@ -93,10 +98,5 @@ def build_world_tokenizer(corpus: Iterable[str], vocab_size: int = 512,
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials), min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     backend.train_from_iterator(list(corpus), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, padding_side="right")
     # Specials after the learned symbols, in Qwen's order; `<image>` last (as UniPic appends it).
-    tokenizer.add_special_tokens({"additional_special_tokens": [*CHATML_SPECIALS]})
-    tokenizer.eos_token = "<|im_end|>"
-    tokenizer.pad_token = "<|endoftext|>"
-    add_image_token(tokenizer, image_token)
-    return tokenizer
+    return _with_chatml_specials(backend, image_token)

@@ -68,6 +68,7 @@ def test_prompt_dropout_and_repeat_examples(tiny):
 def test_training_on_an_exported_folder(tmp_path):
     """Users train on their own images through the on-disk layout of `unipic data export`."""
     from tiny_overrides import TINY
+
     from unipic.data.disk import export
     from unipic.training.config import load_config
     from unipic.training.trainer import train

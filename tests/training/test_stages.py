@@ -58,6 +58,7 @@ def runs(tmp_path_factory):
 
 def _config(runs: Path, name: str, *overrides: str):
     from tiny_overrides import TINY
+
     from unipic.training.config import load_config
 
     return load_config(CONFIGS / f"{name}.yaml", [*TINY, f"out_dir={runs / name}", *overrides])
@@ -146,6 +147,7 @@ def test_sft_stage_output_loads_for_generation(runs, tmp_path):
 
 def test_freeze_mar_decoder_and_freeze_mar(tmp_path):
     from tiny_overrides import TINY
+
     from unipic.training.build import MAR_DECODER_PARTS
     from unipic.training.config import load_config
 
@@ -170,6 +172,7 @@ def test_freeze_mar_decoder_and_freeze_mar(tmp_path):
 
 def test_bf16_mixed_precision_and_accumulation(tmp_path):
     from tiny_overrides import TINY
+
     from unipic.training.config import load_config
 
     config = load_config(CONFIGS / "joint.yaml", [*TINY, f"out_dir={tmp_path}", "train.mixed_precision=bf16",

@@ -15,7 +15,13 @@ from pathlib import Path
 import torch
 
 from unipic.api import UserError
-from unipic.checkpoint import CheckpointError, build_model, load_state_dict_strict, read_tensor_file, save_model_folder
+from unipic.checkpoint import (
+    CheckpointError,
+    build_model,
+    load_state_dict_strict,
+    read_tensor_file,
+    save_model_folder,
+)
 from unipic.config import get_preset
 
 logger = logging.getLogger(__name__)

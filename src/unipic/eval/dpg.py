@@ -17,6 +17,7 @@ from PIL import Image
 
 from unipic.api import UserError
 from unipic.distributed import process_shard
+from unipic.eval.report import check_image_size, output_folder
 from unipic.io_utils import save_image_atomic
 
 
@@ -49,12 +50,8 @@ def generate_dpg(pipeline, out_dir: str | Path, size: int | None = None, seed: i
 
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise UserError(f"--limit must be a positive integer, got {limit!r}")
-    if size is not None and (not isinstance(size, int) or size < 16):
-        raise UserError(f"--size must be an integer >= 16, got {size!r}")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    check_image_size(size)
+    out = output_folder(out_dir)
     prompts = load_dpg_prompts()[:limit]
     generated = skipped = 0
     for index in tqdm(process_shard(list(range(len(prompts)))), desc="dpg prompts", unit="prompt",

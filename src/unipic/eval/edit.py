@@ -17,7 +17,7 @@ from pathlib import Path
 
 from unipic.api import UserError
 from unipic.eval.contact_sheet import Tile, contact_sheet
-from unipic.eval.report import by_group, format_table, mean_of, score
+from unipic.eval.report import by_group, format_table, mean_of, output_folder, score
 from unipic.io_utils import atomic_write_json, atomic_write_jsonl, save_image_atomic
 from unipic.world.edits import edit_has_held_out, edit_succeeded
 from unipic.world.examples import edit_eval_set
@@ -36,9 +36,7 @@ def run_edit_eval(pipeline, out_dir: str | Path, n_per_kind: int = 20, size: int
     for value, name, minimum in ((n_per_kind, "--n-per-kind", 1), (size, "--size", 16), (batch_size, "--batch-size", 1)):
         if not isinstance(value, int) or value < minimum:
             raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
+    out = output_folder(out_dir)
     if size < MIN_EVAL_SIZE:
         logger.warning("--size %d < %d: the Shapes judge is only exact at S >= %d", size, MIN_EVAL_SIZE, MIN_EVAL_SIZE)
     edits = edit_eval_set(n_per_kind, seed)

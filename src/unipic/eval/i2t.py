@@ -18,7 +18,7 @@ from pathlib import Path
 
 from unipic.api import UserError
 from unipic.eval.contact_sheet import Tile, contact_sheet
-from unipic.eval.report import by_group, format_table, mean_of, score
+from unipic.eval.report import by_group, format_table, mean_of, output_folder, score
 from unipic.io_utils import atomic_write_json, atomic_write_jsonl, save_image_atomic
 from unipic.world.examples import i2t_eval_set
 from unipic.world.questions import QUESTION_KINDS, score_answer
@@ -38,9 +38,7 @@ def run_i2t_eval(pipeline, out_dir: str | Path, n_per_kind: int = 50, size: int 
     _check(n_per_kind, "--n-per-kind")
     _check(size, "--size", 16)
     _check(batch_size, "--batch-size")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
+    out = output_folder(out_dir)
     examples = i2t_eval_set(n_per_kind, seed)
     images = [render(e.scene, size) for e in examples]
     predictions: list[str] = []

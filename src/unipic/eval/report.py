@@ -3,8 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
+from unipic.api import UserError
 from unipic.distributed import process_rank_and_world
+
+
+def output_folder(out_dir: str | Path) -> Path:
+    """Create the evaluation's output folder (UserError when the path is a file)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def check_image_size(size: int | None) -> None:
+    """`--size`, when given, must be an integer of at least 16 pixels."""
+    if size is not None and (not isinstance(size, int) or size < 16):
+        raise UserError(f"--size must be an integer >= 16, got {size!r}")
 
 
 def score(rows: Sequence[dict], key: str = "correct") -> dict:

@@ -29,7 +29,15 @@ from PIL import Image, UnidentifiedImageError
 from unipic.api import UserError
 from unipic.distributed import process_shard
 from unipic.eval.contact_sheet import Tile, contact_sheet
-from unipic.eval.report import by_group, format_table, mean_of, score, wait_for_all_processes
+from unipic.eval.report import (
+    by_group,
+    check_image_size,
+    format_table,
+    mean_of,
+    output_folder,
+    score,
+    wait_for_all_processes,
+)
 from unipic.io_utils import atomic_write_json, atomic_write_jsonl, save_image_atomic
 from unipic.world.geneval import evaluate_record, is_shapes_record, load_metadata_lines, names_held_out
 from unipic.world.geneval import shapes_eval_metadata as _shapes_eval_metadata
@@ -116,12 +124,8 @@ def generate_geneval(pipeline, metadata: Sequence[dict], out_dir: str | Path, im
 
     if not isinstance(images_per_prompt, int) or images_per_prompt < 1:
         raise UserError(f"--images-per-prompt must be a positive integer, got {images_per_prompt!r}")
-    if size is not None and (not isinstance(size, int) or size < 16):
-        raise UserError(f"--size must be an integer >= 16, got {size!r}")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    check_image_size(size)
+    out = output_folder(out_dir)
     mine = process_shard(list(range(len(metadata))))
     generated = skipped = 0
     settings = json.dumps(pipeline.sampling_defaults(), sort_keys=True, default=str)

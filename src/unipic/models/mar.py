@@ -74,8 +74,8 @@ class MAR(nn.Module):
         self.class_emb = nn.Embedding(config.class_num, enc)
         self.z_proj = nn.Linear(config.token_dim, enc)
         self.z_proj_ln = nn.LayerNorm(enc, eps=config.norm_eps)
-        block = dict(mlp_ratio=config.mlp_ratio, eps=config.norm_eps, attn_drop=config.attn_dropout,
-                     proj_drop=config.proj_dropout)
+        block = {"mlp_ratio": config.mlp_ratio, "eps": config.norm_eps, "attn_drop": config.attn_dropout,
+                     "proj_drop": config.proj_dropout}
         self.encoder_blocks = nn.ModuleList(Block(enc, config.encoder_num_heads, **block)
                                             for _ in range(config.encoder_depth))
         self.encoder_norm = nn.LayerNorm(enc, eps=config.norm_eps)

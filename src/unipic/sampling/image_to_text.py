@@ -36,7 +36,7 @@ def answer_questions(
     embeds = model.fill_image_rows(input_ids, features)
     stop_ids = [i for i in tokenizer.convert_tokens_to_ids(list(config.prompt_template["STOP_WORDS"]))
                 if i is not None and i != tokenizer.unk_token_id]
-    options = dict(do_sample=do_sample)
+    options = {"do_sample": do_sample}
     if do_sample:
         options.update(temperature=temperature, top_p=top_p)
     output = model.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
