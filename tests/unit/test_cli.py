@@ -132,3 +132,15 @@ def test_every_subcommand_has_help(capsys):
             main([command, "--help"])
         assert raised.value.code == 0
         assert "usage:" in capsys.readouterr().out
+
+
+def test_outputs_get_ordinary_file_permissions(tmp_path):
+    import stat
+
+    from unipic.io_utils import atomic_write_text
+
+    path = atomic_write_text(tmp_path / "x.txt", "hi")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
