@@ -251,6 +251,14 @@ class KontextSamplingMixin:
                 progress_bar.update()
         return latents
 
+    def finish(self, latents: torch.Tensor, output_type: str, return_dict: bool):
+        """Decode, release offloaded models and wrap the images as diffusers' SD3 pipelines do."""
+        images = self.decode_latents(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return StableDiffusion3PipelineOutput(images=images)
+
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
         """Undo the SD3 latent normalisation and decode; `output_type="latent"` returns the latents."""
         if output_type == "latent":
@@ -415,8 +423,4 @@ class StableDiffusion3KontextPipeline(KontextSamplingMixin, StableDiffusion3Pipe
         )
 
         # 7. Decode
-        images = self.decode_latents(latents, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return StableDiffusion3PipelineOutput(images=images)
+        return self.finish(latents, output_type, return_dict)

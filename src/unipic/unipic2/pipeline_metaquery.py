@@ -355,11 +355,7 @@ class UniPic2MetaQueryPipeline(KontextSamplingMixin, DiffusionPipeline):
         )
 
         # 7. Decode
-        images = self.decode_latents(latents, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return StableDiffusion3PipelineOutput(images=images)
+        return self.finish(latents, output_type, return_dict)
 
     # ------------------------------------------------------------------ understanding
 
