@@ -173,6 +173,8 @@ class UniPicConfig:
             raise ValueError("understanding_encoder='siglip2' needs a siglip config")
         if self.sampling.cfg_schedule not in ("constant", "linear"):
             raise ValueError(f"sampling.cfg_schedule must be 'constant' or 'linear', got {self.sampling.cfg_schedule!r}")
+        if self.vae.stride != self.mar.vae_stride:
+            raise ValueError(f"the VAE's stride ({self.vae.stride}) must equal mar.vae_stride ({self.mar.vae_stride})")
         for key in ("image_size", "understanding_image_size"):
             value = getattr(self.sampling, key)
             if value % self.pixel_stride:

@@ -106,9 +106,10 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None 
         return ShapesOracle()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    if name == "tiny-random" or (name == "default" and default_model_folder() is None):
-        if name == "default":
-            logger.warning("the embedded default model is not installed; using the untrained tiny preset")
+    if name == "default" and default_model_folder() is None:
+        raise UserError("the embedded default model is missing from this installation (unipic/assets/default_model); "
+                        "reinstall unipic, or pass --model PATH")
+    if name == "tiny-random":
         net, tokenizer = tiny_random_model()
         return _unipic1_pipeline(net.to(device=torch_device, dtype=torch_dtype), tokenizer)
     folder = default_model_folder() if name == "default" else Path(name).expanduser()

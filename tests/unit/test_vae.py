@@ -148,3 +148,44 @@ def test_downsample_pads_right_bottom() -> None:
     # windows start at 0 and 2; bottom-right tap of the last window falls in the zero padding
     assert y.shape == (1, 1, 2, 2)
     assert y[0, 0].tolist() == [[10.0, 0.0], [0.0, 0.0]]
+
+
+def test_patch_size_folds_pixels_into_channels() -> None:
+    """patch_size=4 with three levels keeps stride 16; a pixel only reaches its own latent cell's patch first."""
+    cfg = VAEConfig(ch=32, ch_mult=(2, 3, 4), num_res_blocks=1, patch_size=4)
+    assert cfg.stride == 16
+    torch.manual_seed(0)
+    vae = AutoencoderKL(cfg).eval()
+    assert vae.encoder.conv_in.in_channels == 3 * 16 and vae.decoder.conv_out.out_channels == 3 * 16
+    x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(x)
+        y = vae.decode(z)
+    assert z.shape == (2, 16, 4, 6) and y.shape == (2, 3, 64, 96)
+    # The released layout is untouched by the option's default.
+    assert VAEConfig().patch_size == 1 and VAEConfig().stride == 16
+    with pytest.raises(ValueError, match="patch_size"):
+        VAEConfig(patch_size=0)
+
+
+def test_patch_size_decoder_output_is_pixel_shuffled() -> None:
+    """Output channel c·p² + (i·p + j) of the last conv lands on pixel (i, j) of its p×p patch."""
+    cfg = VAEConfig(ch=32, ch_mult=(2, 3, 4), num_res_blocks=1, patch_size=4)
+    vae = AutoencoderKL(cfg).eval()
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.zero_()
+        vae.decoder.conv_out.bias.zero_()
+        vae.decoder.conv_out.bias[1 * 16 + 2 * 4 + 3] = 1.0  # green, row 2, column 3 of every patch
+        y = vae.decode(torch.zeros(1, 16, 2, 2))
+    expected = torch.zeros(1, 3, 32, 32)
+    expected[0, 1, 2::4, 3::4] = 1.0
+    torch.testing.assert_close(y, expected)
+
+
+def test_model_config_refuses_a_vae_stride_the_mar_does_not_expect() -> None:
+    from unipic.config import UniPicConfig, get_preset
+
+    data = get_preset("unipic1-tiny").to_dict()
+    data["vae"]["patch_size"] = 2  # stride 32 with five levels
+    with pytest.raises(ValueError, match="stride"):
+        UniPicConfig.from_dict(data)
