@@ -18,7 +18,7 @@ from unipic.checkpoint import load_model_folder
 from unipic.io_utils import atomic_write_bytes
 
 TARGET = Path(__file__).resolve().parents[1] / "src" / "unipic" / "assets" / "default_model"
-BUDGET_BYTES = 40 * 1024**2
+BUDGET_BYTES = 40_000_000  # "40 MB at most", in decimal megabytes (the stricter reading)
 KEEP = {"MODEL.md"}
 
 
@@ -30,7 +30,7 @@ def main() -> int:
     load_model_folder(source)  # strict: refuses anything that does not load
     weights = sum(p.stat().st_size for p in source.glob("model*.safetensors"))
     if weights > BUDGET_BYTES:
-        print(f"weights are {weights / 2**20:.1f} MiB, over the 40 MB budget", file=sys.stderr)
+        print(f"weights are {weights / 1e6:.1f} MB, over the 40 MB budget", file=sys.stderr)
         return 1
     TARGET.mkdir(parents=True, exist_ok=True)
     for stale in TARGET.iterdir():
@@ -39,7 +39,7 @@ def main() -> int:
     for file in sorted(source.iterdir()):
         if file.is_file():
             atomic_write_bytes(TARGET / file.name, file.read_bytes())
-    print(f"packaged {source} into {TARGET} ({weights / 2**20:.1f} MiB of weights)")
+    print(f"packaged {source} into {TARGET} ({weights / 1e6:.1f} MB of weights)")
     return 0
 
 

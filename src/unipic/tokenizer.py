@@ -61,7 +61,17 @@ def add_image_token(tokenizer: PreTrainedTokenizerBase, image_token: str = "<ima
 
 def load_tokenizer(folder: str | Path, image_token: str = "<image>") -> PreTrainedTokenizerBase:
     """Load a tokenizer saved in a model folder (Qwen2.5 or ours) and make sure `image_token` exists."""
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), padding_side="right")
+    from transformers.utils import logging as hf_logging
+
+    # AutoTokenizer also reads the folder's config.json, whose model_type ("unipic1") transformers
+    # does not know, and warns about it; the tokenizer files alone decide the tokenizer here.
+    config_logger = hf_logging.get_logger("transformers.configuration_utils")
+    level = config_logger.level
+    config_logger.setLevel(hf_logging.ERROR)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), padding_side="right")
+    finally:
+        config_logger.setLevel(level)
     add_image_token(tokenizer, image_token)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

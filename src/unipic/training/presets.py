@@ -46,8 +46,9 @@ def shapes_embedded_config(vocab_size: int = WORLD_VOCAB_SIZE) -> UniPicConfig:
                       num_key_value_heads=2, vocab_size=rows, rope_theta=10_000.0, max_position_embeddings=1024,
                       bos_token_id=None, eos_token_id=None),  # eos set from the tokenizer by `build.py`
         siglip=None,
+        # `unipic caption` asks the world's own caption question, the one the model is trained on.
         sampling=SamplingConfig(image_size=128, understanding_image_size=128, num_iter=16, cfg=3.0,
-                                max_new_tokens=48),
+                                max_new_tokens=48, caption_prompt="Describe the image."),
     )
 
 
