@@ -53,3 +53,15 @@ def test_default_model_verdicts_stay_as_recorded(default_pipeline) -> None:
     assert [r["answer"] for r in got["i2t"]] == [r["answer"] for r in expected["i2t"]]
     assert [r["objects"] for r in got["t2i"]] == [r["objects"] for r in expected["t2i"]]
     assert [r["objects"] for r in got["edit"]] == [r["objects"] for r in expected["edit"]]
+
+
+def test_generate_without_model_uses_the_embedded_model(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from unipic.cli import main
+
+    out = tmp_path / "out.png"
+    assert main(["generate", "a photo of a red circle left of a blue star", "-o", str(out), "--seed", "0"]) == 0
+    image = Image.open(out)
+    assert image.size == (128, 128)  # the embedded model's own default size
+    assert image.text.get("model") == "default"
