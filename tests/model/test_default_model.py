@@ -65,3 +65,12 @@ def test_generate_without_model_uses_the_embedded_model(tmp_path: Path) -> None:
     image = Image.open(out)
     assert image.size == (128, 128)  # the embedded model's own default size
     assert image.text.get("model") == "default"
+
+
+def test_missing_embedded_model_is_a_clear_user_error(monkeypatch) -> None:
+    import unipic.loading as loading
+    from unipic.api import UserError
+
+    monkeypatch.setattr(loading, "default_model_folder", lambda: None)
+    with pytest.raises(UserError, match="embedded default model is missing"):
+        loading.load_pipeline("default", device="cpu")

@@ -10,8 +10,6 @@ edits is seen.
 
 from __future__ import annotations
 
-from collections import Counter
-
 from unipic.world.edits import edit_succeeded
 from unipic.world.examples import edit_eval_set, i2t_eval_set
 from unipic.world.geneval import evaluate_record, shapes_eval_metadata
@@ -22,7 +20,7 @@ from unipic.world.render import render
 
 def _pairs(found) -> list[list[str]]:
     """The judge's objects as a sorted list of [color, shape] (positions left out: they are checked by the verdict)."""
-    return sorted([list(pair) for pair in Counter(d.pair for d in found).elements()])
+    return sorted(list(d.pair) for d in found)
 
 
 def probe_verdicts(pipeline, per_kind: int = 1, size: int = 128, seed: int = 0) -> dict[str, list[dict]]:
