@@ -8,7 +8,6 @@ tests) and `shapes-oracle` (renders template prompts exactly; checks the evaluat
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from importlib import resources
@@ -17,8 +16,6 @@ from pathlib import Path
 import torch
 
 from unipic.api import UnifiedPipeline, UserError
-
-logger = logging.getLogger(__name__)
 
 BUILTIN_MODELS = ("default", "tiny-random", "shapes-oracle")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
