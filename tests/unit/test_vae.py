@@ -151,7 +151,7 @@ def test_downsample_pads_right_bottom() -> None:
 
 
 def test_patch_size_folds_pixels_into_channels() -> None:
-    """patch_size=4 with three levels keeps stride 16; a pixel only reaches its own latent cell's patch first."""
+    """patch_size=4 with three levels keeps stride 16 and any multiple-of-16 size round-trips in shape."""
     cfg = VAEConfig(ch=32, ch_mult=(2, 3, 4), num_res_blocks=1, patch_size=4)
     assert cfg.stride == 16
     torch.manual_seed(0)

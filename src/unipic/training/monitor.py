@@ -175,25 +175,10 @@ def quick_eval(pipeline, tasks: Sequence[str], size: int, per_kind: int, *, num_
     - edit: `per_kind` edits of each of the five kinds, judged as `edit_succeeded`.
     The judge is exact for S >= 128; at smaller sizes the numbers are only indicative.
     """
-    from unipic.world import edit_eval_set, edit_succeeded, evaluate_record, i2t_eval_set, judge, render
-    from unipic.world import score_answer as score
-    from unipic.world.geneval import shapes_eval_metadata
+    from unipic.eval.probe import probe_verdicts
 
-    options = {"num_iter": num_iter, "head_steps": head_steps, "cfg": cfg}
-    scores: dict[str, float] = {}
-    if "t2i" in tasks:
-        records = shapes_eval_metadata(per_kind, seed)
-        images = pipeline.text_to_image([r["prompt"] for r in records], height=size, width=size, seed=seed, **options)
-        scores["eval_t2i"] = float(np.mean([evaluate_record(r, judge(im[0]))[0] for r, im in zip(records, images)]))
-    if "i2t" in tasks:
-        items = i2t_eval_set(per_kind, seed)
-        answers = pipeline.image_to_text([render(x.scene, size) for x in items], [x.question.question for x in items])
-        scores["eval_i2t"] = float(np.mean([score(x.question, a)["correct"] for x, a in zip(items, answers)]))
-    if "edit" in tasks:
-        edits = edit_eval_set(per_kind, seed)
-        outputs = pipeline.edit_image([render(e.source, size) for e in edits], [e.instruction for e in edits],
-                                      height=size, width=size, seed=seed, **options)
-        scores["eval_edit"] = float(np.mean([edit_succeeded(e, judge(o))[0] for e, o in zip(edits, outputs)]))
+    verdicts = probe_verdicts(pipeline, per_kind, size, seed, tasks, num_iter=num_iter, head_steps=head_steps, cfg=cfg)
+    scores = {f"eval_{task}": float(np.mean([row["correct"] for row in rows])) for task, rows in verdicts.items()}
     return scores
 
 
