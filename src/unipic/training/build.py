@@ -25,7 +25,7 @@ from unipic.checkpoint import (
 from unipic.config import PRESETS, UniPicConfig
 from unipic.models.vae import AutoencoderKL, VAEConfig
 from unipic.training.config import ModelConfig
-from unipic.training.presets import SHAPES_EMBEDDED, build_shapes_tokenizer, shapes_embedded_config
+from unipic.training.presets import SHAPES_EMBEDDED, WORLD_VOCAB_SIZE, build_shapes_tokenizer, shapes_embedded_config
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +48,34 @@ def resolve_model_folder(path: str | Path) -> Path | None:
     return None
 
 
-def preset_config(name: str, tokenizer) -> UniPicConfig:
-    """The UniPicConfig of a model preset (the embedded preset sizes its embedding from the tokenizer)."""
+def preset_config(name: str, tokenizer, architecture: dict | None = None) -> UniPicConfig:
+    """The UniPicConfig of a model preset (the embedded preset sizes its embedding from the tokenizer),
+    with `architecture` (nested keys, as `model.architecture`) applied on top."""
     if name == SHAPES_EMBEDDED:
-        config = shapes_embedded_config(len(tokenizer))
-        config.llm.eos_token_id = tokenizer.eos_token_id
+        config = shapes_embedded_config(len(tokenizer) if tokenizer is not None else WORLD_VOCAB_SIZE)
+        if tokenizer is not None:
+            config.llm.eos_token_id = tokenizer.eos_token_id
+    else:
+        config = PRESETS[name]()
+    if not architecture:
         return config
-    return PRESETS[name]()
+    try:
+        return UniPicConfig.from_dict(_merged(config.to_dict(), architecture, "model.architecture"))
+    except (TypeError, ValueError) as error:
+        raise UserError(f"model.architecture: {error}") from None
+
+
+def _merged(base: dict, changes: dict, where: str) -> dict:
+    """`base` with `changes` written over it, nested dicts merged key by key; unknown keys are an error."""
+    out = dict(base)
+    for key, value in changes.items():
+        if key not in base:
+            raise UserError(f"unknown key {key!r} in {where}; valid keys: {sorted(base)}")
+        if isinstance(value, dict) and isinstance(base[key], dict):
+            out[key] = _merged(base[key], value, f"{where}.{key}")
+        else:
+            out[key] = value
+    return out
 
 
 def build_tokenizer(choice: str, preset: str | None, world_vocab_size: int):
@@ -79,7 +100,7 @@ def init_model(cfg: ModelConfig, seed: int):
     name = cfg.init_from
     if name in MODEL_PRESETS:
         tokenizer = build_tokenizer(cfg.tokenizer, name, cfg.world_vocab_size)
-        config = preset_config(name, tokenizer)
+        config = preset_config(name, tokenizer, cfg.architecture)
         if len(tokenizer) > config.llm.vocab_size:
             raise UserError(f"the tokenizer has {len(tokenizer)} entries but preset {name} has only "
                             f"{config.llm.vocab_size} embedding rows; use model.tokenizer=byte or a bigger preset")
@@ -169,7 +190,7 @@ def init_vae(cfg: ModelConfig, seed: int) -> AutoencoderKL:
         return vae.float()
     name = cfg.init_from
     if name in MODEL_PRESETS:
-        config = shapes_embedded_config().vae if name == SHAPES_EMBEDDED else PRESETS[name]().vae
+        config = preset_config(name, None, cfg.architecture).vae
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             vae = AutoencoderKL(config)
