@@ -64,7 +64,9 @@ def test_metaquery_pixels_match_torchvision_processor(mq_pipe, width, height, pi
 @pytest.mark.parametrize(("width", "height", "pixels"), [case[:3] for case in CASES])
 def test_metaquery_pixels_equal_fast_processor(mq_pipe, width, height, pixels):
     try:  # transformers 4.x names the torchvision class "...Fast"; 5.x made it the default class
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl_fast import Qwen2VLImageProcessorFast as fast_class
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl_fast import (
+            Qwen2VLImageProcessorFast as fast_class,
+        )
     except ImportError:
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor as fast_class
     processor = mq_pipe.mllm_image_processor
