@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from unipic.api import UserError
+from unipic.loading import load_pipeline
 from unipic.unipic2 import detect_unipic2_family, is_unipic2_folder, load_unipic2_pipeline
-from unipic.unipic2.adapters import KontextUnifiedPipeline
+from unipic.unipic2.adapters import KontextUnifiedPipeline, MetaQueryUnifiedPipeline
 from unipic.unipic2.loading import load_kontext_pipeline, load_metaquery_pipeline, resolve_qwen_folders
 from unipic.unipic2.pipeline_kontext import StableDiffusion3KontextPipeline
 from unipic.unipic2.pipeline_metaquery import UniPic2MetaQueryPipeline
@@ -105,7 +106,7 @@ def test_kontext_release_layout_without_model_index(kontext_folder, tmp_path):
     shutil.copytree(kontext_folder, bare, ignore=shutil.ignore_patterns("model_index.json"))
     assert not (bare / "model_index.json").exists()
     assert detect_unipic2_family(bare) == "kontext"
-    pipe = load_unipic2_pipeline(bare, device="cpu", dtype=torch.float32)
+    pipe = load_pipeline(str(bare), device="cpu", dtype="float32")  # the CLI's --model dispatch
     assert isinstance(pipe, KontextUnifiedPipeline)
     _assert_same_weights(load_kontext_pipeline(kontext_folder), pipe.pipeline)
     # Without the text encoders it is neither Kontext nor MetaQuery.
@@ -126,6 +127,8 @@ def test_folder_detection(kontext_folder, mq_folder, mq_split_folders, tmp_path)
     for sub in ("transformer", "conditioner", "vae", "scheduler"):
         shutil.copytree(mq_folder / sub, bare / sub)
     assert detect_unipic2_family(bare) == "metaquery"
+    assert isinstance(load_pipeline(str(bare), device="cpu", dtype="float32", qwen_path=str(mq_split_folders[1])),
+                      MetaQueryUnifiedPipeline)
     # Any other diffusers pipeline is not.
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "model_index.json").write_text(json.dumps(
