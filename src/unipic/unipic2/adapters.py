@@ -263,15 +263,15 @@ class MetaQueryUnifiedPipeline(_UniPic2Adapter):
         images: Sequence[Image.Image],
         questions: Sequence[str],
         *,
-        max_new_tokens: int | None = 256,
+        max_new_tokens: int | None = None,
         seed: int | None = None,
         **options: object,
     ) -> list[str]:
         """Answer question i about image i with Qwen2.5-VL; an empty question asks for a detailed description.
 
         Options: `do_sample`, `temperature` (0 = greedy), `top_p`, `top_k`; otherwise the
-        checkpoint's generation config decides. `max_new_tokens=None` means 512 (upstream's
-        default). `seed` makes sampling reproducible.
+        checkpoint's generation config decides. `max_new_tokens=None` (the default) means 512,
+        upstream's i2t default. `seed` makes sampling reproducible.
         """
         from unipic.unipic2.pipeline_metaquery import DEFAULT_QUESTION
 
