@@ -18,6 +18,8 @@ EDIT_NEGATIVE_PROMPT = (
     "artifacts, glitch, noise, pixelated, grainy, compression artifacts, bad composition, wrong proportion, "
     "incomplete editing, unfinished, unedited areas."
 )
+# How an edit source reaches the output size: upstream's straight resize, or centre-crop first.
+INPUT_RESIZE_MODES = ("stretch", "crop")
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -71,9 +73,6 @@ def longer_edge_size(width: int, height: int, longer_edge: int, multiple: int = 
     return round_to_multiple(width * scale, multiple), round_to_multiple(height * scale, multiple)
 
 
-INPUT_RESIZE_MODES = ("stretch", "crop")
-
-
 def fit(image: Image.Image, width: int, height: int) -> Image.Image:
     """Centre-crop `image` to the aspect ratio of (width, height), then resize to it (bicubic).
 
@@ -95,7 +94,7 @@ def resize_input(image: Image.Image, width: int, height: int, mode: str = "stret
     """Bring an edit source to (width, height): "stretch" (upstream) or "crop" (centre-crop first).
 
     Upstream's editing scripts resize straight to the rounded size, so rounding stretches the
-    image slightly (500x333 -> 512x352); the model was tuned on what those scripts feed it.
+    image slightly (500x333 -> 512x352); doing the same keeps edits equal to upstream's.
     "crop" keeps the proportions by cutting the excess (about 3 % of the width for 3:2 inputs),
     which suits forced output sizes of another aspect ratio. Both use bicubic filtering (PIL's
     default for RGB, which upstream relied on).

@@ -106,7 +106,7 @@ def _has_kontext_components(folder: Path) -> bool:
     encoders = [_read_json(folder / name / "config.json") or {} for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
     model_types = [encoder.get("model_type") for encoder in encoders]
     # CLIP text towers save "clip_text_model" (transformers 4 and 5); T5's encoder saves "t5".
-    return model_types[0] == model_types[1] == "clip_text_model" and model_types[2] in ("t5", "umt5")
+    return model_types[0] == model_types[1] == "clip_text_model" and model_types[2] == "t5"
 
 
 def is_unipic2_folder(path: str | Path) -> bool:
