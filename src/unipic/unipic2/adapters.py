@@ -4,7 +4,8 @@ The diffusers-style pipelines are the implementation; these thin wrappers only t
 family-independent interface (prompt lists, seeds, keyword sampling options, `UserError`s) and
 apply the defaults of the upstream scripts:
 
-- text-to-image: 512x512, 50 steps, CFG 3.5, negative prompt "" (spec §3);
+- text-to-image: 512x512 (the pipeline class's default; the scripts use 512 high, 384 wide), 50
+  steps, CFG 3.5, negative prompt "" (spec §3);
 - editing: the output's longer edge is 512 (multiples of 32) unless height/width are given; the
   input is resized straight to it (a slight stretch when rounding changes the aspect ratio, as in
   the scripts) or, with `input_resize="crop"`, centre-cropped first; the negative prompt is the
