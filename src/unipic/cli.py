@@ -70,7 +70,7 @@ def _size_from_args(args: argparse.Namespace) -> tuple[int | None, int | None]:
 
 def _sampling_options(args: argparse.Namespace) -> dict:
     options = {}
-    for key in ("steps", "cfg", "cfg_schedule", "temperature", "head_steps", "batch_size"):
+    for key in ("steps", "cfg", "cfg_schedule", "temperature", "head_steps", "batch_size", "input_resize"):
         value = getattr(args, key, None)
         if value is not None:
             options[key] = value
@@ -314,13 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=cmd_generate)
 
     edit = sub.add_parser("edit", help="edit an image by an instruction",
-                          description="Edit IMAGE following INSTRUCTION. The source is centre-cropped to the output "
-                                      "aspect ratio and resized to the output size.")
+                          description="Edit IMAGE following INSTRUCTION. UniPic-1 centre-crops the source to the "
+                                      "output aspect ratio and resizes it to the output size; UniPic-2 resizes it "
+                                      "straight to the output size, as upstream does (see --input-resize).")
     edit.add_argument("image", help="source image file (any mode: RGBA, grayscale, ... are converted)")
     edit.add_argument("instruction", help="what to change, e.g. 'Change the color of the circle to blue.'")
     edit.add_argument("-o", "--output", default="edited.png", help="output PNG (default: edited.png)")
     add_model_options(edit)
     add_sampling_options(edit, edit=True)
+    edit.add_argument("--input-resize", choices=("stretch", "crop"), default=None,
+                      help="UniPic-2: bring the source to the output size by resizing straight to it ('stretch', "
+                           "upstream's behaviour, the default) or by centre-cropping to its aspect ratio first ('crop')")
     edit.set_defaults(handler=cmd_edit)
 
     cap = sub.add_parser("caption", help="image to text", description="Describe IMAGE or answer --prompt about it; "

@@ -4,14 +4,18 @@ The diffusers-style pipelines are the implementation; these thin wrappers only t
 family-independent interface (prompt lists, seeds, keyword sampling options, `UserError`s) and
 apply the defaults of the upstream scripts:
 
-- text-to-image: 512x512, 50 steps, CFG 3.5, negative prompt "" (spec §3);
-- editing: the input is resized so its longer edge is 512 (multiples of 32) unless height/width
-  are given, with the long quality-defect negative prompt of the editing scripts (spec §3, §4.5);
+- text-to-image: 512x512 (the pipeline class's default; the scripts use 512 high, 384 wide), 50
+  steps, CFG 3.5, negative prompt "" (spec §3);
+- editing: the output's longer edge is 512 (multiples of 32) unless height/width are given; the
+  input is resized straight to it (a slight stretch when rounding changes the aspect ratio, as in
+  the scripts) or, with `input_resize="crop"`, centre-cropped first; the negative prompt is the
+  long quality-defect list of the editing scripts (spec §3, §4.5);
 - captioning (MetaQuery only): Qwen2.5-VL generation with the checkpoint's decoding settings.
 
 Sampling options: `num_inference_steps` (alias `steps`), `cfg` (alias `guidance_scale`),
 `negative_prompt`, `batch_size` (images per forward pass, text-to-image), and for edits
-`image_size` (the longer edge). A value of None means "default"; anything else is a `UserError`.
+`image_size` (the longer edge) and `input_resize` ("stretch" or "crop"). A value of None means
+"default"; anything else is a `UserError`.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from PIL import Image
 from unipic.api import UnsupportedTaskError, UserError, check_texts
 from unipic.unipic2.images import (
     EDIT_NEGATIVE_PROMPT,
+    INPUT_RESIZE_MODES,
     check_size,
-    fit,
     longer_edge_size,
+    resize_input,
     round_to_multiple,
     to_rgb,
 )
@@ -37,7 +42,8 @@ EDIT_IMAGE_SIZE = 512  # longer edge of edited images (scripts; the upstream Gra
 EDIT_MULTIPLE = 32  # the longer-edge rule rounds to multiples of 32
 _ALIASES = {"steps": "num_inference_steps", "guidance_scale": "cfg"}
 _GENERATION_OPTIONS = ("num_inference_steps", "steps", "cfg", "guidance_scale", "negative_prompt", "batch_size")
-_EDIT_OPTIONS = _GENERATION_OPTIONS + ("image_size",)
+_EDIT_OPTIONS = _GENERATION_OPTIONS + ("image_size", "input_resize")
+EDIT_INPUT_RESIZE = "stretch"  # upstream's editing scripts resize straight to the rounded size
 _CAPTION_OPTIONS = ("do_sample", "temperature", "top_p", "top_k")
 DEFAULT_MAX_NEW_TOKENS = 512  # upstream i2t script
 
@@ -63,6 +69,8 @@ def _parse_options(options: dict, allowed: Sequence[str], task: str) -> dict:
         if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or cfg < 0:
             raise UserError(f"cfg must be a number >= 0 (<= 1 disables guidance), got {cfg!r}")
         parsed["cfg"] = float(cfg)
+    if "input_resize" in parsed and parsed["input_resize"] not in INPUT_RESIZE_MODES:
+        raise UserError(f"input_resize must be one of {', '.join(INPUT_RESIZE_MODES)}, got {parsed['input_resize']!r}")
     if "negative_prompt" in parsed and not isinstance(parsed["negative_prompt"], str):
         raise UserError(f"negative_prompt must be a string, got {type(parsed['negative_prompt']).__name__}")
     for name, minimum in (("image_size", EDIT_MULTIPLE), ("batch_size", 1)):
@@ -118,6 +126,7 @@ class _UniPic2Adapter:
             "negative_prompt": "",
             "edit_negative_prompt": EDIT_NEGATIVE_PROMPT,
             "edit_image_size": EDIT_IMAGE_SIZE,
+            "edit_input_resize": EDIT_INPUT_RESIZE,
             "scheduler": type(self.pipeline.scheduler).__name__,
             "scheduler_shift": self.pipeline.scheduler.config.get("shift"),
         }
@@ -189,7 +198,9 @@ class _UniPic2Adapter:
 
         Pairs run one after another with one generator (`batch_size` has no effect), so results
         depend only on the inputs and the seed. Images of any mode are converted to RGB
-        (transparency composited on white); a forced output size centre-crops to its aspect ratio.
+        (transparency composited on white). The source is resized straight to the output size
+        (upstream's behaviour); `input_resize="crop"` centre-crops it to the output's aspect ratio
+        first, which avoids distortion when a forced size has another aspect ratio.
         """
         instructions = check_texts(instructions, "instructions")
         images = _check_images(images, len(instructions), "instructions")
@@ -203,7 +214,7 @@ class _UniPic2Adapter:
                        what="edit output")
             result = self.pipeline(
                 prompt=instruction,
-                image=fit(image, out_w, out_h),
+                image=resize_input(image, out_w, out_h, opts.get("input_resize", EDIT_INPUT_RESIZE)),
                 height=out_h,
                 width=out_w,
                 num_inference_steps=opts.get("num_inference_steps", DEFAULT_STEPS),
@@ -253,15 +264,15 @@ class MetaQueryUnifiedPipeline(_UniPic2Adapter):
         images: Sequence[Image.Image],
         questions: Sequence[str],
         *,
-        max_new_tokens: int | None = 256,
+        max_new_tokens: int | None = None,
         seed: int | None = None,
         **options: object,
     ) -> list[str]:
         """Answer question i about image i with Qwen2.5-VL; an empty question asks for a detailed description.
 
         Options: `do_sample`, `temperature` (0 = greedy), `top_p`, `top_k`; otherwise the
-        checkpoint's generation config decides. `max_new_tokens=None` means 512 (upstream's
-        default). `seed` makes sampling reproducible.
+        checkpoint's generation config decides. `max_new_tokens=None` (the default) means 512,
+        upstream's i2t default. `seed` makes sampling reproducible.
         """
         from unipic.unipic2.pipeline_metaquery import DEFAULT_QUESTION
 

@@ -2,6 +2,8 @@
 
 Upstream crashes on RGBA or greyscale inputs, asserts bare on size mismatches, and its
 longer-edge resize can round the short side to 0 (spec §10.3, §10.10). These helpers fix that.
+Edit sources are resized straight to the output size by default, as upstream's editing scripts
+do; centre-cropping to the output's aspect ratio first is an option (`resize_input`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ EDIT_NEGATIVE_PROMPT = (
     "artifacts, glitch, noise, pixelated, grainy, compression artifacts, bad composition, wrong proportion, "
     "incomplete editing, unfinished, unedited areas."
 )
+# How an edit source reaches the output size: upstream's straight resize, or centre-crop first.
+INPUT_RESIZE_MODES = ("stretch", "crop")
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -84,3 +88,21 @@ def fit(image: Image.Image, width: int, height: int) -> Image.Image:
     left, top = (in_w - crop_w) // 2, (in_h - crop_h) // 2
     box = (left, top, left + crop_w, top + crop_h)
     return image.resize((width, height), Image.Resampling.BICUBIC, box=box)
+
+
+def resize_input(image: Image.Image, width: int, height: int, mode: str = "stretch") -> Image.Image:
+    """Bring an edit source to (width, height): "stretch" (upstream) or "crop" (centre-crop first).
+
+    Upstream's editing scripts resize straight to the rounded size, so rounding stretches the
+    image slightly (500x333 -> 512x352); doing the same keeps edits equal to upstream's.
+    "crop" keeps the proportions by cutting the excess (about 3 % of the width for 3:2 inputs),
+    which suits forced output sizes of another aspect ratio. Both use bicubic filtering (PIL's
+    default for RGB, which upstream relied on).
+    """
+    if mode not in INPUT_RESIZE_MODES:
+        raise UserError(f"input_resize must be one of {', '.join(INPUT_RESIZE_MODES)}, got {mode!r}")
+    if mode == "crop":
+        return fit(image, width, height)
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), Image.Resampling.BICUBIC)
