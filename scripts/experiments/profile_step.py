@@ -10,6 +10,7 @@ backward, and the AdamW step; prints examples/s per task.
 from __future__ import annotations
 
 import argparse
+import json
 import functools
 import statistics
 import time
@@ -53,8 +54,9 @@ def profile(task: str, steps: int, batch: int, init_from: str, vae_from: str | N
     loss_module = UniPicLoss(model, {"t2i": 1.0, "i2t": 1.0, "edit": 1.0})
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    data = TaskData(DataConfig(batch_size=batch, tasks={task: 1}, world_seed=0), 0, 1)
-    builder = BatchBuilder(model, tokenizer, data.cfg)
+    data_config = DataConfig(batch_size=batch, tasks={task: 1}, world_seed=0)
+    data = TaskData(data_config, 0, 1)
+    builder = BatchBuilder(model, tokenizer, data_config)
     rng = np.random.default_rng(0)
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -86,10 +88,11 @@ def main() -> None:
     parser.add_argument("--tasks", default="t2i,i2t,edit", help="comma-separated tasks")
     parser.add_argument("--init-from", default="shapes-embedded", help="preset or model folder")
     parser.add_argument("--vae-from", default=None, help="a vae.safetensors")
+    parser.add_argument("--architecture", default="{}", help="JSON, as the run file's model.architecture")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for task in args.tasks.split(","):
-        t = profile(task, args.steps, args.batch, args.init_from, args.vae_from)
+        t = profile(task, args.steps, args.batch, args.init_from, args.vae_from, json.loads(args.architecture))
         # The LLM runs inside the MAR-encoder wrapper's caller only for t2i/edit (forward_mae_encoder);
         # forward_encoder itself does not include it, so the parts are disjoint.
         shares = " ".join(f"{k} {t[k] / t['total']:.0%}" for k in PARTS)

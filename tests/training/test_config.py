@@ -88,3 +88,16 @@ def test_yaml_dump_reloads_to_the_same_config(tmp_path):
     path = tmp_path / "dump.yaml"
     path.write_text(config.to_yaml())
     assert load_config(path) == config
+
+
+def test_architecture_overrides_change_the_preset():
+    from unipic.api import UserError
+    from unipic.training.build import preset_config
+
+    config = preset_config("shapes-embedded", None, {"vae": {"embed_dim": 4, "ch_mult": [2, 4]},
+                                                     "mar": {"vae_stride": 8, "patch_size": 2}})
+    assert (config.vae.stride, config.token_dim, config.pixel_stride) == (8, 16, 16)
+    with pytest.raises(UserError, match="unknown key 'depth'"):
+        preset_config("shapes-embedded", None, {"vae": {"depth": 3}})
+    with pytest.raises(UserError, match="stride"):
+        preset_config("shapes-embedded", None, {"mar": {"vae_stride": 8}})  # VAE still 16

@@ -126,3 +126,31 @@ def test_ema_warms_up_then_tracks():
     target = torch.nn.Linear(2, 2)
     ema.copy_to(target)
     assert torch.equal(target.weight, ema.shadow["weight"])
+
+
+def test_world_pool_repeats_examples_and_caches_their_latents(tiny):
+    """A finite world pool cycles through the same examples; each image is VAE-encoded once and the
+    cached tokens equal a fresh encoding (a repeated edit's target is its source's tokens)."""
+    model, tokenizer = tiny
+    cfg = DataConfig(tasks={"t2i": 1, "i2t": 1, "edit": 1}, batch_size=4, image_size=64, world_pool=6,
+                     edit_repeat_prob=0.5)
+    data, builder = TaskData(cfg, 0, 1), BatchBuilder(model, tokenizer, cfg)
+    rng = np.random.default_rng(0)
+    seen = []
+    for _ in range(3):
+        for task in ("t2i", "i2t", "edit"):
+            examples = data.next_examples(task)
+            batch = builder(task, examples, rng)
+            if task == "t2i":
+                seen += [ex["example_id"] for ex in examples]
+            for key in ("pixels", "source", "target"):
+                if key in batch:
+                    assert torch.allclose(batch[f"{key}_tokens"], model.encode_images(batch[key]), atol=1e-5)
+    assert seen == [k % 6 for k in range(12)]
+    assert len(builder.latent_cache) == 6 * 4  # t2i, i2t, edit source and target: each example once
+
+
+def test_endless_stream_has_no_latent_cache(tiny):
+    model, tokenizer = tiny
+    builder = BatchBuilder(model, tokenizer, DataConfig(batch_size=2, image_size=64))
+    assert builder.latent_cache is None  # nothing repeats, so nothing is kept

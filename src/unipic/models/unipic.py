@@ -224,12 +224,14 @@ class UniPic(nn.Module):
         hidden = torch.cat([hidden[:, -buf:], hidden[:, :-buf]], dim=1)  # buffers first again
         return x_enc + self.proj_out(hidden.to(self.proj_out[0].weight.dtype))
 
-    def understanding_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Visual features for the `<image>` rows of an understanding prompt: (B, N, hidden)."""
+    def understanding_features(self, pixels: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Visual features for the `<image>` rows of an understanding prompt: (B, N, hidden);
+        `tokens`: the VAE tokens of `pixels` when already known (MAR understanding only)."""
         if self.config.understanding_encoder == "siglip2":
             feats = self.siglip2(pixels.to(self.siglip2_proj[0].weight.dtype))
             return self.siglip2_proj(feats)
-        tokens = self.encode_images(pixels)
+        if tokens is None:
+            tokens = self.encode_images(pixels)
         grid = self.grid_for(pixels.shape[-2], pixels.shape[-1])
         return self.extract_visual_feature(tokens, None, grid)[1]
 

@@ -78,6 +78,8 @@ class DataConfig:
     edit_repeat_prob: float = 0.0  # edit examples replaced by (source, "Repeat this image.", source)
     max_text_tokens: int = 256  # longer captions/questions/answers/instructions are truncated
     vae_crop: int = 0  # stage vae: train on random crops of this side (multiple of 16; 0 = whole images)
+    world_pool: int = 0  # source world: 0 = endless stream; N = examples 0..N-1 of each task, repeated
+    cache_latents: bool = True  # finite data (a world pool or folders): VAE-encode each image once
 
 
 @dataclass

@@ -39,6 +39,7 @@ class TaskSource:
     def __init__(self, task: str, cfg: DataConfig, rank: int, world_size: int) -> None:
         self.task, self.rank, self.world_size = task, rank, world_size
         self.seed = cfg.world_seed
+        self.pool = cfg.world_pool
         if cfg.source == "world":
             from unipic.data.datasets import ShapesStream
 
@@ -53,18 +54,24 @@ class TaskSource:
             self._perm: tuple[int, torch.Tensor] | None = None
 
     def __len__(self) -> int:
-        return len(self._folder) if self._folder is not None else 2**62
+        if self._folder is not None:
+            return len(self._folder)
+        return self.pool or 2**62
 
     def get(self, k: int) -> dict:
+        """This process's k-th example, with `example_id`: which underlying example it is (a world
+        example index or a folder row), the key under which its images' latents may be cached."""
         index = k * self.world_size + self.rank  # global example index
         if self._stream is not None:
-            return self._stream.example(index)
+            example_id = index % self.pool if self.pool else index
+            return {**self._stream.example(example_id), "example_id": example_id}
         n = len(self._folder)
         epoch, offset = divmod(index, n)
         if self._perm is None or self._perm[0] != epoch:
             generator = torch.Generator().manual_seed(mix_seed(self.seed, TASKS.index(self.task), epoch))
             self._perm = (epoch, torch.randperm(n, generator=generator))
-        return self._folder.load(int(self._perm[1][offset]))
+        row = int(self._perm[1][offset])
+        return {**self._folder.load(row), "example_id": row}
 
 
 class TaskData:
@@ -128,9 +135,20 @@ class BatchBuilder:
         self.cfg = cfg
         self.size = cfg.image_size
         self.pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+        # A finite data set (a world pool or folders) repeats its images, and the VAE is frozen.
+        finite = cfg.source == "folder" or cfg.world_pool > 0
+        self.latent_cache = LatentCache(model) if cfg.cache_latents and finite else None
 
     def __call__(self, task: str, examples: Sequence[dict], rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        return getattr(self, f"_{task}")(examples, rng)
+        batch = getattr(self, f"_{task}")(examples, rng)
+        if self.latent_cache is not None:
+            for key in ("pixels", "source", "target"):
+                if key in batch:
+                    roles = [key] * len(examples)
+                    if key == "target":  # a "repeat this image" example's target is its source
+                        roles = ["source" if r else "target" for r in batch["target_is_source"].tolist()]
+                    batch[f"{key}_tokens"] = self.latent_cache.tokens(task, roles, examples, batch[key])
+        return batch
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -202,18 +220,50 @@ class BatchBuilder:
     def _edit(self, examples: Sequence[dict], rng: np.random.Generator) -> dict[str, torch.Tensor]:
         image_token = self.config.image_token
         count = self.model.num_image_tokens(self.model.grid_for(self.size, self.size))
-        texts, sources, targets = [], [], []
+        texts, sources, targets, repeats = [], [], [], []
         for ex in examples:
             instruction, target = self._truncate(ex["instruction"].strip()), ex["target"]
-            if rng.random() < self.cfg.edit_repeat_prob:
+            repeat = rng.random() < self.cfg.edit_repeat_prob
+            if repeat:
                 instruction, target = self.config.sampling.edit_cfg_prompt, ex["source"]
             texts.append(expand_image_placeholder(self._prompt(f"{image_token}\n{instruction}"), image_token, count))
             sources.append(ex["source"])
             targets.append(target)
+            repeats.append(repeat)
         batch = self._pad([self._ids(t) for t in texts])
         batch["source"] = self._pixels(sources)
         batch["target"] = self._pixels(targets)
+        batch["target_is_source"] = torch.tensor(repeats, dtype=torch.bool)
         return batch
+
+
+class LatentCache:
+    """The frozen VAE's tokens of each training image, encoded once and reused on every later epoch.
+
+    Keyed by (task, image role, example id). Each image is encoded on its own, so its tokens do not
+    depend on which batch first met it (a resumed run gets bit-identical tokens).
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self._tokens: dict[tuple[str, str, int], torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def tokens(self, task: str, roles: Sequence[str], examples: Sequence[dict], pixels: torch.Tensor) -> torch.Tensor:
+        """(B, L, token_dim) tokens of `pixels` (B, 3, H, W), from the cache where present; `roles`
+        name which image of each example a row is (image / source / target)."""
+        rows = []
+        for role, example, image in zip(roles, examples, pixels):
+            key = (task, role, int(example["example_id"]))
+            cached = self._tokens.get(key)
+            if cached is None:
+                device = next(self.model.vae.parameters()).device
+                cached = self.model.encode_images(image[None].to(device))[0].cpu()
+                self._tokens[key] = cached
+            rows.append(cached)
+        return torch.stack(rows)
 
 
 def vae_pixels(examples: Sequence[dict], task: str, size: int, crop: int = 0,

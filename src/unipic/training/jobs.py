@@ -51,14 +51,17 @@ class UniPicLoss(nn.Module):
 
     def forward(self, task: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict:
         m = self.model
+        # Cached VAE tokens (finite data) stand in for encoding the pixels again.
         if task == "t2i":
             raw = text_to_image_loss(m, batch["pixels"], batch["input_ids"], batch["attention_mask"],
-                                     generator=generator)
+                                     generator=generator, tokens=batch.get("pixels_tokens"))
         elif task == "i2t":
-            raw = image_to_text_loss(m, batch["pixels"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+            raw = image_to_text_loss(m, batch["pixels"], batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                     tokens=batch.get("pixels_tokens"))
         elif task == "edit":
             raw = edit_loss(m, batch["source"], batch["target"], batch["input_ids"], batch["attention_mask"],
-                            generator=generator)
+                            generator=generator, source_tokens=batch.get("source_tokens"),
+                            target_tokens=batch.get("target_tokens"))
         else:
             raise ValueError(f"unknown task {task!r}")
         return {"loss": raw * self.weights[task], f"loss_{task}": raw.detach().float()}

@@ -30,6 +30,13 @@ def _cpu_generator(generator: torch.Generator | None) -> torch.Generator | None:
                                                            generator=generator).item()))
 
 
+def _tokens_of(model, pixels: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+    """The frozen VAE's (B, L, token_dim) tokens of `pixels`: `tokens` when given (cached), else encoded."""
+    if tokens is None:
+        return model.encode_images(pixels)
+    return tokens.to(device=pixels.device)
+
+
 def _diffusion_loss(model, tokens: torch.Tensor, z: torch.Tensor, mask: torch.Tensor,
                     generator: torch.Generator | None) -> torch.Tensor:
     return model.mar.diffloss(tokens.reshape(-1, tokens.shape[-1]), z.reshape(-1, z.shape[-1]),
@@ -37,10 +44,11 @@ def _diffusion_loss(model, tokens: torch.Tensor, z: torch.Tensor, mask: torch.Te
 
 
 def text_to_image_loss(model, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """Diffusion loss for generating `pixels` (B, 3, H, W) from prompts (right-padded ids and mask)."""
+                       generator: torch.Generator | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Diffusion loss for generating `pixels` (B, 3, H, W) from prompts (right-padded ids and mask);
+    `tokens`: the frozen VAE's tokens of `pixels`, when already known."""
     grid = model.grid_for(pixels.shape[-2], pixels.shape[-1])
-    tokens = model.encode_images(pixels)  # (B, L, token_dim), frozen VAE
+    tokens = _tokens_of(model, pixels, tokens)  # (B, L, token_dim)
     mask = _masked_targets(model, tokens, generator)
     x_enc = model.forward_mae_encoder(tokens, mask, grid, attention_mask, prefix_embeds=model.embed_text(input_ids))
     z = model.mar.forward_decoder(x_enc, mask, grid)
@@ -48,14 +56,15 @@ def text_to_image_loss(model, pixels: torch.Tensor, input_ids: torch.Tensor, att
 
 
 def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, input_ids: torch.Tensor,
-              attention_mask: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+              attention_mask: torch.Tensor, *, generator: torch.Generator | None = None,
+              source_tokens: torch.Tensor | None = None, target_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Diffusion loss for producing `target_pixels` from `source_pixels` and an instruction prompt.
 
     `input_ids` must contain h·w + buffer `<image>` ids for the source (see `UniPic.num_image_tokens`).
     """
     grid = model.grid_for(target_pixels.shape[-2], target_pixels.shape[-1])
-    source = model.encode_images(source_pixels)
-    target = model.encode_images(target_pixels)
+    source = _tokens_of(model, source_pixels, source_tokens)
+    target = _tokens_of(model, target_pixels, target_tokens)
     x_con, z_src = model.extract_visual_feature(source, None, grid)
     scale = model.config.grad_scale
     x_con, z_src = scale_gradient(x_con, scale), scale_gradient(z_src, scale)
@@ -67,9 +76,9 @@ def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, i
 
 
 def image_to_text_loss(model, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       labels: torch.Tensor) -> torch.Tensor:
+                       labels: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token cross-entropy on positions whose label is ≥ 0 (-100 = ignore), image rows filled."""
-    features = scale_gradient(model.understanding_features(pixels), model.config.grad_scale)
+    features = scale_gradient(model.understanding_features(pixels, tokens=tokens), model.config.grad_scale)
     embeds = model.fill_image_rows(input_ids, features)
     hidden = model.llm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
     # Predict token t+1 from position t; only supervised positions go through the output matrix.
