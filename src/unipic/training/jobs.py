@@ -27,13 +27,14 @@ from unipic.training.build import (
 )
 from unipic.training.config import TrainConfig
 from unipic.training.data import BatchBuilder, vae_pixels
-from unipic.training.losses import edit_loss, image_to_text_loss, text_to_image_loss
+from unipic.training.losses import TokenProbe, edit_loss, image_to_text_loss, text_to_image_loss
 from unipic.training.monitor import quick_eval, save_samples, unipic_samples, vae_eval
 
 logger = logging.getLogger(__name__)
 
 MODEL_DIR = "model"  # a checkpoint's model folder (loadable with `unipic generate --model`)
 FINAL_DIR = "final"
+PROBE_FILE = "token_probe.safetensors"  # a checkpoint's training-only token probe (loss.token_probe)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,24 +45,26 @@ FINAL_DIR = "final"
 class UniPicLoss(nn.Module):
     """Weighted loss of one task's batch; returns {"loss": weighted, "loss_<task>": raw (detached)}."""
 
-    def __init__(self, model, weights: dict[str, float]) -> None:
+    def __init__(self, model, weights: dict[str, float], token_probe: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.weights = dict(weights)
+        config = model.config
+        self.probe = TokenProbe(config.mar.decoder_embed_dim, config.token_dim, token_probe) if token_probe > 0 else None
 
     def forward(self, task: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict:
         m = self.model
         # Cached VAE tokens (finite data) stand in for encoding the pixels again.
         if task == "t2i":
             raw = text_to_image_loss(m, batch["pixels"], batch["input_ids"], batch["attention_mask"],
-                                     generator=generator, tokens=batch.get("pixels_tokens"))
+                                     generator=generator, tokens=batch.get("pixels_tokens"), probe=self.probe)
         elif task == "i2t":
             raw = image_to_text_loss(m, batch["pixels"], batch["input_ids"], batch["attention_mask"], batch["labels"],
                                      tokens=batch.get("pixels_tokens"))
         elif task == "edit":
             raw = edit_loss(m, batch["source"], batch["target"], batch["input_ids"], batch["attention_mask"],
                             generator=generator, source_tokens=batch.get("source_tokens"),
-                            target_tokens=batch.get("target_tokens"))
+                            target_tokens=batch.get("target_tokens"), probe=self.probe)
         else:
             raise ValueError(f"unknown task {task!r}")
         return {"loss": raw * self.weights[task], f"loss_{task}": raw.detach().float()}
@@ -85,7 +88,11 @@ class UniPicJob:
         model.config.sampling.understanding_image_size = config.data.image_size
         apply_freezing(model, config.model)
         self.model, self.tokenizer = model.train(), tokenizer
-        self.module = UniPicLoss(model, config.loss.weights)
+        self.module = UniPicLoss(model, config.loss.weights, config.loss.token_probe)
+        if self.module.probe is not None and resume_dir is not None and (resume_dir / PROBE_FILE).is_file():
+            from safetensors.torch import load_file
+
+            self.module.probe.load_state_dict(load_file(str(resume_dir / PROBE_FILE)))
         self.builder = BatchBuilder(model, tokenizer, config.data)
         self.metric_names = [f"loss_{t}" for t in config.active_tasks]
         self.eval_names = [f"eval_{t}" for t in config.active_tasks]
@@ -111,6 +118,13 @@ class UniPicJob:
         from unipic.checkpoint import save_model_folder
 
         save_model_folder(self._plain(state), self.tokenizer, folder / MODEL_DIR)
+        if self.module.probe is not None:  # training-only, kept beside the model for --resume
+            from safetensors.torch import save
+
+            from unipic.io_utils import atomic_write_bytes
+
+            probe = {k: v.detach().float().cpu().contiguous() for k, v in self.module.probe.state_dict().items()}
+            atomic_write_bytes(folder / PROBE_FILE, save(probe))
 
     def export_final(self, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         """`out_dir/final`: a unipic model folder (weights as they are now; the trainer swaps EMA in)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from unipic.models.layers import scale_gradient
 from unipic.sampling.schedules import random_masking, sample_mask_ratio, sample_orders
@@ -38,13 +39,37 @@ def _tokens_of(model, pixels: torch.Tensor, tokens: torch.Tensor | None) -> torc
 
 
 def _diffusion_loss(model, tokens: torch.Tensor, z: torch.Tensor, mask: torch.Tensor,
-                    generator: torch.Generator | None) -> torch.Tensor:
-    return model.mar.diffloss(tokens.reshape(-1, tokens.shape[-1]), z.reshape(-1, z.shape[-1]),
+                    generator: torch.Generator | None, probe: TokenProbe | None = None) -> torch.Tensor:
+    loss = model.mar.diffloss(tokens.reshape(-1, tokens.shape[-1]), z.reshape(-1, z.shape[-1]),
                               mask.reshape(-1), generator=generator)
+    if probe is not None:
+        loss = loss + probe.weight * probe.loss(z, tokens, mask)
+    return loss
+
+
+class TokenProbe(nn.Module):
+    """Training-only linear read-out of each hidden token from its MAR decoder feature `z`.
+
+    The diffusion loss reaches `z` only through the head's zero-initialised adaLN modulation, so
+    early on the MAR and LLM learn slowly; a direct regression of the clean token from `z` gives
+    them a strong signal from the first step. The probe is not part of the model (inference never
+    uses it); the trainer keeps its weights beside the model in checkpoints.
+    """
+
+    def __init__(self, cond_dim: int, token_dim: int, weight: float) -> None:
+        super().__init__()
+        self.linear = nn.Linear(cond_dim, token_dim)
+        self.weight = weight
+
+    def loss(self, z: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error over hidden tokens: z (B, L, D), tokens (B, L, C), mask (B, L)."""
+        error = ((self.linear(z).float() - tokens.float()) ** 2).mean(dim=-1)
+        return (error * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 def text_to_image_loss(model, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                       generator: torch.Generator | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None, tokens: torch.Tensor | None = None,
+                       probe: TokenProbe | None = None) -> torch.Tensor:
     """Diffusion loss for generating `pixels` (B, 3, H, W) from prompts (right-padded ids and mask);
     `tokens`: the frozen VAE's tokens of `pixels`, when already known."""
     grid = model.grid_for(pixels.shape[-2], pixels.shape[-1])
@@ -52,12 +77,13 @@ def text_to_image_loss(model, pixels: torch.Tensor, input_ids: torch.Tensor, att
     mask = _masked_targets(model, tokens, generator)
     x_enc = model.forward_mae_encoder(tokens, mask, grid, attention_mask, prefix_embeds=model.embed_text(input_ids))
     z = model.mar.forward_decoder(x_enc, mask, grid)
-    return _diffusion_loss(model, tokens, z, mask, generator)
+    return _diffusion_loss(model, tokens, z, mask, generator, probe)
 
 
 def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, input_ids: torch.Tensor,
               attention_mask: torch.Tensor, *, generator: torch.Generator | None = None,
-              source_tokens: torch.Tensor | None = None, target_tokens: torch.Tensor | None = None) -> torch.Tensor:
+              source_tokens: torch.Tensor | None = None, target_tokens: torch.Tensor | None = None,
+              probe: TokenProbe | None = None) -> torch.Tensor:
     """Diffusion loss for producing `target_pixels` from `source_pixels` and an instruction prompt.
 
     `input_ids` must contain h·w + buffer `<image>` ids for the source (see `UniPic.num_image_tokens`).
@@ -72,7 +98,7 @@ def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, i
     mask = _masked_targets(model, target, generator)
     x_enc = model.forward_mae_encoder(target, mask, grid, attention_mask, prefix_embeds=prefix)
     z = model.mar.forward_decoder(x_enc, mask, grid, x_con=x_con)
-    return _diffusion_loss(model, target, z, mask, generator)
+    return _diffusion_loss(model, target, z, mask, generator, probe)
 
 
 def image_to_text_loss(model, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
