@@ -63,9 +63,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7, help="the export seed of the fixed set")
     parser.add_argument("--steps", type=int, default=None, help="MAR steps (default: the model's)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance (default: the model's)")
+    parser.add_argument("--temperature", type=float, default=None, help="head temperature (default: the model's)")
     args = parser.parse_args()
     pipe = load_pipeline(args.model, device="cpu")
-    options = {k: v for k, v in (("num_iter", args.steps), ("cfg", args.cfg)) if v is not None}
+    options = {k: v for k, v in (("num_iter", args.steps), ("cfg", args.cfg), ("temperature", args.temperature)) if v is not None}
     print(overfit_scores(pipe, args.tasks.split(","), args.n, args.seed, **options))
 
 
