@@ -9,6 +9,7 @@ from __future__ import annotations
 from PIL import Image
 
 from unipic.api import UserError
+from unipic.images import to_rgb  # noqa: F401  (re-exported: the UniPic-2 pipelines composite onto white)
 
 # Negative prompt of the upstream editing scripts (spec §3), used as the default for edits.
 EDIT_NEGATIVE_PROMPT = (
@@ -16,27 +17,6 @@ EDIT_NEGATIVE_PROMPT = (
     "artifacts, glitch, noise, pixelated, grainy, compression artifacts, bad composition, wrong proportion, "
     "incomplete editing, unfinished, unedited areas."
 )
-
-
-def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Return `image` as RGB; transparent pixels are composited onto `background` (white).
-
-    Dropping alpha with a plain `convert("RGB")` would expose whatever colour hides under
-    transparent pixels (often black), so images with transparency are alpha-composited instead.
-    """
-    if not isinstance(image, Image.Image):
-        raise UserError(f"expected a PIL.Image.Image, got {type(image).__name__}; open the file with PIL first")
-    if image.mode == "RGB":
-        return image
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, background + (255,))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    try:
-        return image.convert("RGB")
-    except (ValueError, OSError) as error:
-        raise UserError(f"cannot convert an image of mode {image.mode!r} to RGB ({error}); save it as PNG or JPEG") from error
 
 
 def check_size(height: int, width: int, *, multiple: int, max_side: int, what: str = "image") -> None:
