@@ -117,7 +117,8 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None 
             raise UserError(f"--model {name}: no such folder, and not a built-in name ({', '.join(BUILTIN_MODELS)}) "
                             f"or a hub id (org/name)")
     if not folder.is_dir():
-        raise UserError(f"--model {name}: not a folder")
+        raise UserError(f"--model {name} is a file; give the model folder that holds it (config.json, weights and "
+                        "tokenizer files)")
     if (folder / "model_index.json").is_file():
         from unipic.unipic2 import is_unipic2_folder, load_unipic2_pipeline
 

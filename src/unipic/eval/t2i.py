@@ -64,9 +64,14 @@ def load_metadata(path: str | Path | None = None) -> list[dict]:
         source = "packaged GenEval metadata"
     else:
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"--metadata {path} is a folder; give the GenEval-style metadata JSONL file")
         if not path.is_file():
             raise UserError(f"--metadata {path}: file not found (expected GenEval-style metadata JSONL)")
-        text, source = path.read_text(encoding="utf-8"), str(path)
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as error:
+            raise UserError(f"--metadata {path} is not UTF-8 text (offset {error.start}); save it as UTF-8") from None
     try:
         return load_metadata_lines(text.splitlines(), source)
     except ValueError as err:
