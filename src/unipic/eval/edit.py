@@ -2,7 +2,7 @@
 
 `n_per_kind` edits of each kind (recolor, remove, add, replace, move) on evaluation scenes (all
 60 color–shape pairs). The model edits the rendered source; the Shapes judge reads its output
-and WORLD.md's success rule decides (`unipic.world.edits.edit_succeeded`). Writes:
+and docs/world.md's success rule decides (`unipic.world.edits.edit_succeeded`). Writes:
 
     DIR/images/<i:05d>_source.png, <i:05d>_output.png, <i:05d>_expected.png
     DIR/results.jsonl        one line per edit: kind, instruction, correct, reason, objects found
