@@ -277,11 +277,9 @@ def _generate_batch(args: argparse.Namespace) -> int:
         if path not in wanted:
             stale[path] = "not part of this request"
             continue
-        found = read_image_metadata(path)
-        expected = record(*wanted[path])
-        differs = sorted(key for key in expected if found.get(key) != expected[key])
-        if differs:
-            stale[path] = "different " + ", ".join(differs)
+        difference = _difference(read_image_metadata(path), record(*wanted[path]))
+        if difference:
+            stale[path] = difference
     if stale and not args.overwrite:
         first = next(iter(stale))
         raise UserError(f"-o {out_dir} holds {len(stale)} image(s) made by a different request (e.g. {first.name}: "
@@ -306,6 +304,32 @@ def _generate_batch(args: argparse.Namespace) -> int:
             save_image_atomic(image, path, record(index, k))
     print(f"process {rank + 1}/{world}: wrote {len(todo)} prompt(s) to {out_dir}")
     return 0
+
+
+def _difference(found: dict[str, str], expected: dict[str, str]) -> str:
+    """'' when an output's record equals this request's, else what differs, e.g. "cfg 3.0 -> 5.0"."""
+    if not found:
+        return "no unipic record in the file"
+
+    def short(value: object) -> str:
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "...'"
+
+    parts = []
+    for key in sorted(expected):
+        if found.get(key) == expected[key]:
+            continue
+        if key == "settings":
+            try:
+                old = json.loads(found.get(key) or "{}")
+            except json.JSONDecodeError:
+                old = {}
+            new = json.loads(expected[key])
+            parts += [f"{name} {short(old.get(name))} -> {short(new.get(name))}"
+                      for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+        else:
+            parts.append(f"{key} {short(found.get(key))} -> {short(expected[key])}")
+    return ", ".join(parts)
 
 
 def cmd_edit(args: argparse.Namespace) -> int:

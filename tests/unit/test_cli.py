@@ -11,13 +11,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import unipic
 from unipic.cli import main
 
 TINY = ["--model", "tiny-random", "--steps", "2", "--head-steps", "3", "--quiet"]
 
 
 def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # The subprocess imports the code under test, whatever unipic the environment has installed.
+    source = str(Path(unipic.__file__).resolve().parents[1])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=source + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "unipic", *args], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=300)
 
@@ -26,6 +29,7 @@ def test_generate_subprocess_writes_png_with_metadata(tmp_path):
     out = tmp_path / "out.png"
     result = _run("generate", "a photo of a red circle", "-o", str(out), "--seed", "4", "--size", "64", *TINY)
     assert result.returncode == 0, result.stderr
+    assert result.stderr == "", "no warnings (e.g. transformers' past_key_values FutureWarning)"
     assert result.stdout.strip() == str(out)
     with Image.open(out) as image:
         assert image.size == (64, 64)
