@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from unipic.api import UserError
 
@@ -82,6 +84,22 @@ def check_image_list(images: object, name: str, count: int, what: str) -> list:
     if len(images) != count:
         raise UserError(f"got {len(images)} {name} but {count} {what}; give one image per {what.rstrip('s')}")
     return images
+
+
+def check_writable(folder: Path, flag: str, shown: str) -> None:
+    """Fail now, not after the compute, when nothing can be written in `folder` (created later if missing)."""
+    existing = folder if str(folder) else Path(".")
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {shown}: {existing} is a file, so no folder can be made there")
+    try:
+        # A real probe: permissions, read-only file systems and full quotas all show up here.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UserError(f"{flag} {shown}: cannot write in {existing} ({error.strerror or type(error).__name__}); "
+                        "choose another place") from None
 
 
 def available_memory(device: object) -> int | None:

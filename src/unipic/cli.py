@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from unipic.api import UserError
-from unipic.checks import MAX_CFG, MAX_TEMPERATURE, check_int, check_number, check_seed
+from unipic.checks import MAX_CFG, MAX_TEMPERATURE, check_int, check_number, check_seed, check_writable
 from unipic.cli_common import add_model_options
 
 logger = logging.getLogger("unipic")
@@ -129,24 +129,6 @@ def _check_output_file(path: str, *, overwrite: bool, flag: str = "-o") -> Path:
         raise UserError(f"{flag} {path} already exists; pass --overwrite to replace it, or choose another name")
     check_writable(out.parent, flag, path)
     return out
-
-
-def check_writable(folder: Path, flag: str, shown: str) -> None:
-    """Fail now, not after the compute, when nothing can be written in `folder` (created later if missing)."""
-    import tempfile
-
-    existing = folder if str(folder) else Path(".")
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"{flag} {shown}: {existing} is a file, so no folder can be made there")
-    try:
-        # A real probe: permissions, read-only file systems and full quotas all show up here.
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise UserError(f"{flag} {shown}: cannot write in {existing} ({error.strerror or type(error).__name__}); "
-                        "choose another place") from None
 
 
 def _metadata(args: argparse.Namespace, request, seed: int | None, **extra: object) -> dict:

@@ -194,6 +194,16 @@ CLI_CASES = [
      "--prompt-file"),
     ("metadata-is-a-folder", lambda t, m: ["eval", "geneval", "--metadata", str(t / "in"), "--out", str(t / "out"),
                                            "--model", "shapes-oracle"], "is a folder"),
+    ("eval-size-zero", lambda t, m: ["eval", "t2i", "--size", "0", "--out", str(t / "out"), *_missing_model(t)],
+     "--size 0"),
+    ("eval-batch-size-zero", lambda t, m: ["eval", "i2t", "--batch-size", "0", "--out", str(t / "out"),
+                                           *_missing_model(t)], "--batch-size 0"),
+    ("eval-limit-zero", lambda t, m: ["eval", "dpg", "--limit", "0", "--out", str(t / "out"), *_missing_model(t)],
+     "--limit 0"),
+    ("eval-out-is-a-file", lambda t, m: ["eval", "edit", "--out", str(_file(t)), *_missing_model(t)],
+     "is a file; give a folder"),
+    ("eval-seed-negative", lambda t, m: ["eval", "geneval", "--seed", "-3", "--out", str(t / "out"),
+                                         *_missing_model(t)], "--seed -3"),
     ("prompt-too-long", lambda t, m: ["generate", "a" * 5000, "-o", str(t / "out" / "o.png"), *TINY],
      "prompts[0] is too long"),
     ("batch-prompt-too-long", lambda t, m: ["generate", "--prompt-file", _prompts(t, "ok", "b" * 5000), "-o",
@@ -301,6 +311,15 @@ def test_non_finite_samples_are_an_error_not_a_black_image(tiny_pipeline, monkey
         tiny_pipeline.text_to_image(["a"], height=32, width=32)
 
 
+def test_sizes_beyond_memory_are_refused_before_allocating(tiny_pipeline, monkeypatch):
+    import unipic.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "available_memory", lambda device: 4 * 1024**2)
+    with pytest.raises(UserError, match=r"height=256, width=256: decoding 1 image\(s\) of 256x256 needs at least .* "
+                                        r"4 MiB free; the largest square size that fits is about 128"):
+        tiny_pipeline.text_to_image(["a"], height=256, width=256)
+
+
 def test_settings_are_resolved_once_each(tiny_pipeline):
     request = tiny_pipeline.check_inputs("text_to_image", ["a red circle"], height=64, width=32, num_iter=2)
     assert request.settings == {"height": 64, "width": 32, "steps": 2, "cfg": 3.0, "cfg_schedule": "constant",
@@ -344,6 +363,7 @@ MODE_CASES = [
     ("P-transparent", lambda: _palette(True), GREY),
     ("PA-transparent", lambda: _with_alpha(_palette(False).convert("PA"), 0), GREY),
     ("PA-opaque", lambda: _with_alpha(_palette(False).convert("PA"), 255), (200, 30, 30)),
+    ("La-premultiplied", lambda: Image.new("LA", (4, 4), (90, 255)).convert("La"), (90, 90, 90)),
     ("LA-opaque", lambda: Image.new("LA", (4, 4), (90, 255)), (90, 90, 90)),
     ("LA-transparent", lambda: Image.new("LA", (4, 4), (90, 0)), GREY),
     ("RGBA-transparent", lambda: Image.new("RGBA", (4, 4), (255, 0, 0, 0)), GREY),
