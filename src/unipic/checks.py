@@ -19,8 +19,8 @@ from unipic.api import UserError
 
 # torch.Generator.manual_seed takes 0 .. 2**64 - 1.
 MAX_SEED = 2**64 - 1
-# Guidance multiplies the gap between two predictions; far beyond the useful 1..15 it only
-# amplifies noise into overflow (an all-black image), so larger values are refused.
+# Guidance multiplies the gap between the conditional and unconditional predictions. Useful
+# values lie around 1 to 15; far larger ones are typos that saturate or overflow the sample.
 MAX_CFG = 100.0
 # Temperature scales the sampler's per-step noise; above a few the output is pure noise.
 MAX_TEMPERATURE = 10.0

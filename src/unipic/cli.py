@@ -15,10 +15,14 @@ import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from unipic.api import UserError
+from unipic.api import CheckedInputs, UserError
 from unipic.checks import MAX_CFG, MAX_TEMPERATURE, check_int, check_number, check_seed, check_writable
 from unipic.cli_common import add_model_options
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 logger = logging.getLogger("unipic")
 
@@ -111,7 +115,7 @@ def _load(args: argparse.Namespace):
                          cpu_offload=getattr(args, "cpu_offload", False), vae_tiling=getattr(args, "vae_tiling", False))
 
 
-def open_image(path: str | os.PathLike):
+def open_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file (first frame, decoded), with a one-line UserError for anything unreadable."""
     from unipic.images import open_image as _open
 
@@ -131,7 +135,7 @@ def _check_output_file(path: str, *, overwrite: bool, flag: str = "-o") -> Path:
     return out
 
 
-def _metadata(args: argparse.Namespace, request, seed: int | None, **extra: object) -> dict:
+def _metadata(args: argparse.Namespace, request: CheckedInputs, seed: int | None, **extra: object) -> dict[str, str]:
     """What an output was made from, once each: model, seed, the settings sampling used, the text."""
     return {"software": "unipic", "model": str(args.model or "default"), "seed": str(seed),
             "settings": json.dumps(request.settings, sort_keys=True, allow_nan=False),
