@@ -24,6 +24,10 @@ MAX_SEED = 2**64 - 1
 MAX_CFG = 100.0
 # Temperature scales the sampler's per-step noise; above a few the output is pure noise.
 MAX_TEMPERATURE = 10.0
+# How UniPic-2 brings an edit source to the output size (`input_resize`, `--input-resize`):
+# "stretch" resizes straight to it, as upstream's editing scripts do; "crop" centre-crops to the
+# output's aspect ratio first (unipic.unipic2.images.resize_input).
+INPUT_RESIZE_MODES = ("stretch", "crop")
 
 
 def show(name: str, value: object) -> str:

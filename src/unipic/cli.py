@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from unipic.api import CheckedInputs, UserError
-from unipic.checks import MAX_CFG, MAX_TEMPERATURE, check_int, check_number, check_seed, check_writable
+from unipic.checks import (
+    INPUT_RESIZE_MODES,
+    MAX_CFG,
+    MAX_TEMPERATURE,
+    check_choice,
+    check_int,
+    check_number,
+    check_seed,
+    check_writable,
+)
 from unipic.cli_common import add_model_options
 
 if TYPE_CHECKING:
@@ -81,7 +90,7 @@ def _size_from_args(args: argparse.Namespace) -> tuple[int | None, int | None]:
 
 def _sampling_options(args: argparse.Namespace) -> dict:
     options = {}
-    for key in ("steps", "cfg", "cfg_schedule", "temperature", "head_steps", "batch_size"):
+    for key in ("steps", "cfg", "cfg_schedule", "temperature", "head_steps", "batch_size", "input_resize"):
         value = getattr(args, key, None)
         if value is not None:
             options[key] = value
@@ -106,6 +115,8 @@ def _check_sampling_args(args: argparse.Namespace, *, seeds: int = 1) -> None:
         check_number(args.cfg, "--cfg", minimum=0.0, maximum=MAX_CFG, hint=" (1 = no guidance)")
     if args.temperature is not None:
         check_number(args.temperature, "--temperature", minimum=0.0, maximum=MAX_TEMPERATURE)
+    if getattr(args, "input_resize", None) is not None:  # edit only
+        check_choice(args.input_resize, "--input-resize", INPUT_RESIZE_MODES)
 
 
 def _load(args: argparse.Namespace):
@@ -429,10 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=cmd_generate)
 
     edit = sub.add_parser("edit", help="edit an image by an instruction",
-                          description="Edit IMAGE following INSTRUCTION. The source is centre-cropped to the output "
-                                      "aspect ratio and resized to the output size.")
+                          description="Edit IMAGE following INSTRUCTION. UniPic-1 centre-crops the source to the "
+                                      "output aspect ratio and resizes it to the output size; UniPic-2 resizes it "
+                                      "straight to the output size, as upstream does (see --input-resize).")
     edit.add_argument("image", help="source image file (any mode: 16-bit and palette images are converted, "
-                      "transparency is composited onto grey, an animation gives its first frame)")
+                      "transparency is composited onto grey (UniPic-1) or white (UniPic-2), an animation gives its "
+                      "first frame)")
     edit.add_argument("instruction", help="what to change, e.g. 'Change the color of the circle to blue.'")
     edit.add_argument("-o", "--output", default="edited.png",
                       help="output image, recording its instruction, seed, model and settings (PNG text chunks; "
@@ -440,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--overwrite", action="store_true", help="replace -o if it exists (by default an error)")
     add_model_options(edit)
     add_sampling_options(edit, edit=True)
+    edit.add_argument("--input-resize", default=None, metavar="{" + ",".join(INPUT_RESIZE_MODES) + "}",
+                      help="UniPic-2: bring the source to the output size by resizing straight to it ('stretch', "
+                           "upstream's behaviour, the default) or by centre-cropping to its aspect ratio first ('crop')")
     edit.set_defaults(handler=cmd_edit)
 
     cap = sub.add_parser("caption", help="image to text", description="Describe IMAGE or answer --prompt about it; "

@@ -111,7 +111,7 @@ class SamplingConfig:
     """Default sampling settings of a model (the CLI and pipelines start from these)."""
 
     image_size: int = 1024  # generation/editing side in pixels (multiple of 16)
-    understanding_image_size: int = 512  # the paper's understanding resolution
+    understanding_image_size: int = 512  # the paper's understanding resolution (the 1.5B preset: 1024, upstream's)
     num_iter: int = 32  # MAR steps (upstream CLI: 32; paper evaluation: 64)
     head_steps: int | None = None  # diffusion-head steps; None = the head config's num_sampling_steps
     cfg: float = 3.0
@@ -271,7 +271,9 @@ def unipic1_1_5b() -> UniPicConfig:
         head=DiffusionHeadConfig(depth=12, width=1536, num_sampling_steps=100),
         llm=LLMConfig(),
         siglip=SiglipConfig(),
-        sampling=SamplingConfig(image_size=1024, understanding_image_size=512, num_iter=32),
+        # Upstream scripts: 1024 px for every task (image2text.py --image_size 1024) and answers of up
+        # to 1024 new tokens; the paper's 512 px understanding resolution is not what the release runs.
+        sampling=SamplingConfig(image_size=1024, understanding_image_size=1024, num_iter=32, max_new_tokens=1024),
     )
 
 

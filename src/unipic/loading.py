@@ -1,7 +1,8 @@
 """`load_pipeline`: turn a `--model` value into a ready `UnifiedPipeline`.
 
 Accepted values: a UniPic-1 model folder (`config.json`), a UniPic-2 diffusers folder
-(`model_index.json`), a Hugging Face hub id (downloaded when online), or a built-in name:
+(`model_index.json`, or a release's subfolders without it), a Hugging Face hub id (downloaded
+when online), or a built-in name:
 `default` (the embedded Shapes-world model), `tiny-random` (an untrained tiny preset, for smoke
 tests) and `shapes-oracle` (renders template prompts exactly; checks the evaluators).
 """
@@ -117,15 +118,18 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None 
             raise UserError(f"--model {name}: no such folder, and not a built-in name ({', '.join(BUILTIN_MODELS)}) "
                             f"or a hub id (org/name)")
     if not folder.is_dir():
-        raise UserError(f"--model {name} is a file; give the model folder that holds it (config.json, weights and "
-                        "tokenizer files)")
-    if (folder / "model_index.json").is_file():
-        from unipic.unipic2 import is_unipic2_folder, load_unipic2_pipeline
+        raise UserError(f"--model {name} is a file; give the model folder that holds it (UniPic-1: config.json, "
+                        "weights and tokenizer files; UniPic-2: the component subfolders)")
+    has_index = (folder / "model_index.json").is_file()
+    # UniPic-2 release folders may lack model_index.json; their subfolder configs identify them.
+    if has_index or not (folder / "config.json").is_file():
+        from unipic.unipic2 import is_unipic2_folder, load_unipic2_pipeline  # detection reads JSON only
 
-        if not is_unipic2_folder(folder):
+        if is_unipic2_folder(folder):
+            return load_unipic2_pipeline(folder, device=str(torch_device), dtype=torch_dtype,
+                                         cpu_offload=cpu_offload, vae_tiling=vae_tiling, qwen_path=qwen_path)
+        if has_index:
             raise UserError(f"--model {name}: model_index.json does not describe a UniPic-2 model")
-        return load_unipic2_pipeline(folder, device=str(torch_device), dtype=torch_dtype, cpu_offload=cpu_offload,
-                                     vae_tiling=vae_tiling, qwen_path=qwen_path)
     if (folder / "config.json").is_file():
         from unipic.checkpoint import load_model_folder
 
@@ -133,7 +137,8 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None 
             raise UserError("--cpu-offload, --vae-tiling and --qwen apply to UniPic-2 models only")
         net, tokenizer = load_model_folder(folder, device=torch_device, dtype=torch_dtype)
         return _unipic1_pipeline(net, tokenizer)
-    raise UserError(f"--model {name}: the folder has neither config.json (UniPic-1) nor model_index.json (UniPic-2)")
+    raise UserError(f"--model {name}: the folder has neither config.json (UniPic-1) nor model_index.json or the "
+                    "component subfolders of a UniPic-2 release")
 
 
 def _unipic1_pipeline(model, tokenizer) -> UnifiedPipeline:

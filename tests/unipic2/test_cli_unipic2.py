@@ -46,10 +46,11 @@ def test_generate_with_kontext(kontext_folder, tmp_path):
 def test_edit_with_kontext(kontext_folder, source_png, tmp_path):
     out = tmp_path / "red.png"
     result = _run("edit", str(source_png), "make it red", "--model", str(kontext_folder), "-o", str(out),
-                  "--steps", "2", "--size", "64", "--seed", "0", "--quiet", cwd=tmp_path)
+                  "--steps", "2", "--size", "64", "--seed", "0", "--input-resize", "crop", "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     with Image.open(out) as image:
         assert image.size == (64, 64)
+        assert '"input_resize": "crop"' in image.text["settings"]
 
 
 def test_caption_with_metaquery(mq_folder, source_png, tmp_path):

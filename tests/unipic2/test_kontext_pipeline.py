@@ -147,3 +147,34 @@ def test_models_are_offloaded_before_the_reference_encode(kontext_pipe, monkeypa
     monkeypatch.setattr(kontext_pipe.vae, "encode", lambda *a, **k: events.append("encode") or original(*a, **k))
     kontext_pipe.prepare_reference_latents([random_image(W, H)], 1, H, W, torch.float32, torch.device("cpu"), _gen(0))
     assert events == ["offload", "offload", "encode"]
+
+
+def test_pooled_embeddings_stay_with_their_prompt(kontext_pipe, monkeypatch):
+    """2 prompts x 2 images: every row equals that prompt encoded alone, whatever diffusers tiles.
+
+    diffusers <= 0.35.2 tiled the pooled CLIP rows in prompt order 0,1,0,1 (fixed in 0.36, PR
+    #12306); the test runs once with the installed parent method and once with that behaviour.
+    """
+    parent = StableDiffusion3Pipeline._get_clip_prompt_embeds
+
+    def tiled_like_diffusers_0_35(self, prompt, num_images_per_prompt=1, **kwargs):
+        embeds, pooled = parent(self, prompt, num_images_per_prompt=1, **kwargs)
+        return embeds.repeat_interleave(num_images_per_prompt, 0), pooled.repeat(num_images_per_prompt, 1)
+
+    prompts, negatives = ["a red cat", "a blue dog on grass"], ["blurry", "dark and noisy"]
+
+    def encode(prompt, negative, n):
+        return kontext_pipe.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None, negative_prompt=negative,
+                                          num_images_per_prompt=n, do_classifier_free_guidance=True,
+                                          device=torch.device("cpu"))
+
+    singles = [encode(p, n, 1) for p, n in zip(prompts, negatives)]
+    assert not torch.allclose(singles[0][2], singles[1][2])  # the two prompts' pooled vectors differ
+    for method in (parent, tiled_like_diffusers_0_35):
+        monkeypatch.setattr(StableDiffusion3Pipeline, "_get_clip_prompt_embeds", method)
+        batch = encode(prompts, negatives, 2)  # (embeds, negative embeds, pooled, negative pooled)
+        for row in range(4):
+            single = singles[row // 2]  # rows 0, 1 -> prompt 0; rows 2, 3 -> prompt 1
+            for got, expected in zip(batch, single):
+                torch.testing.assert_close(got[row], expected[0], rtol=0, atol=1e-5,
+                                           msg=lambda m, row=row: f"row {row} ({method.__name__}): {m}")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from PIL import Image
 
 from unipic.api import UnifiedPipeline, UnsupportedTaskError, UserError
 from unipic.unipic2 import load_unipic2_pipeline
+from unipic.unipic2.adapters import KontextUnifiedPipeline
+from unipic.unipic2.images import fit
 from unipic.unipic2.tiny import random_image
 
 FAST = {"steps": 2}
@@ -55,11 +59,45 @@ def test_edit_image_sizes_and_reproducibility(which, request):
     assert edited.size == (64, 32) and edited.mode == "RGB"
     [again] = pipe.edit_image([source], ["make it red"], seed=3, image_size=64, **FAST)
     assert edited.tobytes() == again.tobytes()
-    # Both sides given: centre-crop to the aspect ratio, then resize.
+    # Both sides given: the source is resized to them.
     [forced] = pipe.edit_image([source], ["make it red"], height=64, width=64, seed=3, **FAST)
     assert forced.size == (64, 64)
     two = pipe.edit_image([source, random_image(64, 64)], ["a", "b"], height=64, width=64, seed=0, steps=1)
     assert len(two) == 2
+
+
+class _RecordingPipeline:
+    """Stands in for a diffusers pipeline: records the reference image and returns it unchanged."""
+
+    def __init__(self, pipeline):
+        self._pipeline, self.references = pipeline, []
+
+    def __getattr__(self, name):
+        return getattr(self._pipeline, name)
+
+    def __call__(self, *, image, **kwargs):
+        self.references.append(image)
+        return SimpleNamespace(images=[image])
+
+
+def test_edit_input_resize_defaults_to_upstream_stretch(kontext):
+    # 500x333 rounds to 512x352 (longer edge 512, multiples of 32): upstream's scripts resize
+    # straight to it with PIL's default bicubic filter, without cropping.
+    recorder = _RecordingPipeline(kontext.pipeline)
+    adapter = KontextUnifiedPipeline(recorder)
+    source = random_image(500, 333, seed=4)
+    [stretched] = adapter.edit_image([source], ["make it red"], seed=0)
+    assert stretched.size == (512, 352)
+    assert stretched.tobytes() == source.resize((512, 352), Image.Resampling.BICUBIC).tobytes()
+    # Cropping stays available: it cuts the 16 px (3 %) of width the rounded aspect ratio drops.
+    [cropped] = adapter.edit_image([source], ["make it red"], seed=0, input_resize="crop")
+    assert cropped.tobytes() == fit(source, 512, 352).tobytes() != stretched.tobytes()
+    assert adapter.sampling_defaults()["edit_input_resize"] == "stretch"
+    with pytest.raises(UserError, match="input_resize='pad': must be one of 'stretch', 'crop'"):
+        adapter.edit_image([source], ["make it red"], input_resize="pad")
+    # The resolved mode is part of the request's settings (what the CLI records in the output).
+    assert adapter.check_inputs("edit_image", ["x"], [source]).settings["input_resize"] == "stretch"
+    assert adapter.check_inputs("edit_image", ["x"], [source], input_resize="crop").settings["input_resize"] == "crop"
 
 
 def test_captioning(kontext, metaquery):

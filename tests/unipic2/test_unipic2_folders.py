@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from unipic.api import UserError
-from unipic.unipic2 import detect_unipic2_family, is_unipic2_folder
+from unipic.loading import load_pipeline
+from unipic.unipic2 import detect_unipic2_family, is_unipic2_folder, load_unipic2_pipeline
+from unipic.unipic2.adapters import KontextUnifiedPipeline, MetaQueryUnifiedPipeline
 from unipic.unipic2.loading import load_kontext_pipeline, load_metaquery_pipeline, resolve_qwen_folders
 from unipic.unipic2.pipeline_kontext import StableDiffusion3KontextPipeline
 from unipic.unipic2.pipeline_metaquery import UniPic2MetaQueryPipeline
@@ -98,6 +100,22 @@ def test_metaquery_with_separate_qwen_folder(mq_split_folders, tmp_path):
         resolve_qwen_folders(linked, qwen_path=tmp_path)
 
 
+def test_kontext_release_layout_without_model_index(kontext_folder, tmp_path):
+    # The release folder as snapshot from the hub: component subfolders, no model_index.json.
+    bare = tmp_path / "UniPic2-SD3.5M-Kontext-2B"
+    shutil.copytree(kontext_folder, bare, ignore=shutil.ignore_patterns("model_index.json"))
+    assert not (bare / "model_index.json").exists()
+    assert detect_unipic2_family(bare) == "kontext"
+    pipe = load_pipeline(str(bare), device="cpu", dtype="float32")  # the CLI's --model dispatch
+    assert isinstance(pipe, KontextUnifiedPipeline)
+    _assert_same_weights(load_kontext_pipeline(kontext_folder), pipe.pipeline)
+    # Without the text encoders it is neither Kontext nor MetaQuery.
+    shutil.rmtree(bare / "text_encoder_3")
+    assert detect_unipic2_family(bare) is None
+    with pytest.raises(UserError, match="text_encoder"):
+        load_unipic2_pipeline(bare, device="cpu", dtype=torch.float32)
+
+
 def test_folder_detection(kontext_folder, mq_folder, mq_split_folders, tmp_path):
     assert detect_unipic2_family(kontext_folder) == "kontext"
     assert detect_unipic2_family(mq_folder) == "metaquery"
@@ -109,6 +127,8 @@ def test_folder_detection(kontext_folder, mq_folder, mq_split_folders, tmp_path)
     for sub in ("transformer", "conditioner", "vae", "scheduler"):
         shutil.copytree(mq_folder / sub, bare / sub)
     assert detect_unipic2_family(bare) == "metaquery"
+    assert isinstance(load_pipeline(str(bare), device="cpu", dtype="float32", qwen_path=str(mq_split_folders[1])),
+                      MetaQueryUnifiedPipeline)
     # Any other diffusers pipeline is not.
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "model_index.json").write_text(json.dumps(

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import unipic
 from unipic.checkpoint import (
     CheckpointError,
     build_model,
@@ -20,7 +21,7 @@ from unipic.checkpoint import (
     save_model_folder,
 )
 from unipic.cli import main
-from unipic.config import unipic1_tiny
+from unipic.config import get_preset, unipic1_tiny
 
 DATA = Path(__file__).parent / "data"
 
@@ -128,13 +129,26 @@ def test_convert_official_layout(tmp_path, tiny_pipeline, capsys):
     code = main(["convert", "--checkpoint", str(checkpoint), "--llm", str(llm), "--vae", str(vae), "--out", str(out),
                  "--preset", "unipic1-tiny", "--save-dtype", "float32"])
     assert code == 0
-    assert json.loads((out / "config.json").read_text())["model_type"] == "unipic1"
+    written = json.loads((out / "config.json").read_text())
+    assert written["model_type"] == "unipic1"
+    assert written["sampling"] == get_preset("unipic1-tiny").to_dict()["sampling"]  # the preset's defaults
     converted, converted_tok = load_model_folder(out)
     assert np.array_equal(_outputs(tiny_pipeline)[0], _outputs(UniPicPipeline(converted, converted_tok))[0])
     # Without the VAE file the converter says what to pass.
     assert main(["convert", "--checkpoint", str(checkpoint), "--llm", str(llm), "--out", str(tmp_path / "x"),
                  "--preset", "unipic1-tiny"]) == 2
     assert "--vae" in capsys.readouterr().err
+
+
+def test_official_preset_carries_upstream_defaults():
+    # Upstream's scripts answer at 1024 px with up to 1024 new tokens; `unipic convert` writes the
+    # preset's sampling block (checked above), so converted official folders carry these too.
+    sampling = get_preset("unipic1-1.5b").sampling
+    assert (sampling.understanding_image_size, sampling.max_new_tokens) == (1024, 1024)
+    assert (sampling.image_size, sampling.num_iter, sampling.cfg) == (1024, 32, 3.0)
+    # The embedded model keeps its own settings.
+    embedded = json.loads((Path(unipic.__file__).parent / "assets/default_model/config.json").read_text())
+    assert (embedded["sampling"]["understanding_image_size"], embedded["sampling"]["max_new_tokens"]) == (128, 48)
 
 
 def test_folder_files_are_safetensors_only(tiny_model_folder):

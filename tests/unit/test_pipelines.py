@@ -97,3 +97,16 @@ def test_reduced_precision_on_cpu(tiny_model_and_tokenizer):
     [edited] = pipeline.edit_image([image], ["Remove the circle."], seed=0, steps=2, head_steps=2)
     assert edited.size == (128, 128)
     assert isinstance(pipeline.image_to_text([image], ["Describe the image."], max_new_tokens=2)[0], str)
+
+
+def test_understanding_pixels_are_contiguous():
+    """Pixels reach the VAE contiguous: a channels-last view takes another CPU GroupNorm kernel."""
+    import torch
+
+    from unipic.sampling.prompts import images_to_tensor
+
+    image = Image.fromarray(np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3))
+    pixels = images_to_tensor([image, image], torch.device("cpu"))
+    assert pixels.shape == (2, 3, 4, 6) and pixels.is_contiguous()
+    expected = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255.0 * 2.0 - 1.0
+    assert torch.equal(pixels[1], expected)

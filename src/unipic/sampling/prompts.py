@@ -67,7 +67,9 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int] = (127, 127, 12
 def images_to_tensor(images: Sequence[Image.Image], device: torch.device) -> torch.Tensor:
     """RGB PIL images of one size → (B, 3, H, W) float32 in [-1, 1]."""
     arrays = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
-    tensor = torch.from_numpy(arrays).permute(0, 3, 1, 2)
+    # contiguous(): the permuted view is channels-last, which sends the VAE's CPU GroupNorm down
+    # another float32 kernel (an upstream comparison measured 1.5e-3 off, against 7e-7 contiguous).
+    tensor = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
     return (tensor / 255.0 * 2.0 - 1.0).to(device)
 
 

@@ -90,6 +90,8 @@ class LossConfig:
     vae_l2: float = 1.0  # stage vae: per-pixel squared error
     vae_kl: float = 1e-6  # stage vae: KL (summed over latents, divided by pixel count: LDM's balance)
     vae_foreground: float = 0.0  # stage vae: extra L1/L2 weight on pixels unlike the image's median colour
+    vae_palette: float = 0.0  # stage vae: cross-entropy of each pixel's nearest world colour (Shapes world)
+    vae_latent_noise: float = 0.0  # stage vae: extra Gaussian noise on the decoder's latents, × their std
 
 
 @dataclass

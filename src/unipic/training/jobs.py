@@ -154,16 +154,28 @@ class VAELoss(nn.Module):
     pretrained network to lean on here.
     """
 
-    def __init__(self, vae, l1: float, l2: float, kl: float, foreground: float = 0.0) -> None:
+    def __init__(self, vae, l1: float, l2: float, kl: float, foreground: float = 0.0, palette: float = 0.0,
+                 latent_noise: float = 0.0) -> None:
         super().__init__()
         self.vae = vae
         self.l1, self.l2, self.kl, self.foreground = l1, l2, kl, foreground
+        self.palette, self.latent_noise = palette, latent_noise
+        if palette > 0:
+            from unipic.world.spec import BACKGROUND, COLORS
+
+            colors = torch.tensor([BACKGROUND, *COLORS.values()], dtype=torch.float32) / 127.5 - 1.0
+            self.register_buffer("colors", colors, persistent=False)  # (11, 3) in [-1, 1]
 
     def forward(self, task: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict:
         pixels = batch["pixels"]
         mean, logvar = self.vae.encode_moments(pixels)  # unscaled posterior
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + torch.exp(0.5 * logvar) * noise
+        if self.latent_noise > 0:
+            # A generator's latents carry errors the posterior noise (exp(-3) at init) never shows
+            # the decoder; noise relative to the latents' spread teaches it to decode them cleanly.
+            extra = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            z = z + self.latent_noise * mean.detach().std() * extra
         recon = self.vae.decoder(self.vae.post_quant_conv(z)).float()
         target = pixels.float()
         weight = 1.0
@@ -179,7 +191,22 @@ class VAELoss(nn.Module):
         l2 = (((recon - target) ** 2) * weight).mean()
         kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1.0 - logvar.float()).sum() / target.numel()
         loss = self.l1 * l1 + self.l2 * l2 + self.kl * kl
-        return {"loss": loss, "loss_l1": l1.detach(), "loss_l2": l2.detach(), "loss_kl": kl.detach()}
+        out = {"loss_l1": l1.detach(), "loss_l2": l2.detach(), "loss_kl": kl.detach()}
+        if self.palette > 0:
+            palette = self.palette_loss(recon, target)
+            loss = loss + self.palette * palette
+            out["loss_palette"] = palette.detach()
+        out["loss"] = loss
+        return out
+
+    def palette_loss(self, recon: torch.Tensor, target: torch.Tensor, temperature: float = 0.02) -> torch.Tensor:
+        """Cross-entropy of each pixel's nearest world colour (background + palette), read softly from
+        the reconstruction, against the one the target's pixel is nearest to: the judge reads colours
+        this way, so a pixel that is close in L1/L2 but nearer to the wrong colour costs much more."""
+        # (B, 3, H, W) and (K, 3) → (B, K, H, W) squared distances
+        recon_d2 = ((recon[:, None] - self.colors[None, :, :, None, None]) ** 2).sum(dim=2)
+        target_d2 = ((target[:, None] - self.colors[None, :, :, None, None]) ** 2).sum(dim=2)
+        return torch.nn.functional.cross_entropy(-recon_d2 / temperature, target_d2.argmin(dim=1))
 
 
 class VAEJob:
@@ -197,8 +224,9 @@ class VAEJob:
             vae = init_vae(config.model, config.seed)
         self.vae = vae.float().train().requires_grad_(True)
         loss = config.loss
-        self.module = VAELoss(self.vae, loss.vae_l1, loss.vae_l2, loss.vae_kl, loss.vae_foreground)
-        self.metric_names = ["loss_l1", "loss_l2", "loss_kl"]
+        self.module = VAELoss(self.vae, loss.vae_l1, loss.vae_l2, loss.vae_kl, loss.vae_foreground,
+                              loss.vae_palette, loss.vae_latent_noise)
+        self.metric_names = ["loss_l1", "loss_l2", "loss_kl"] + (["loss_palette"] if loss.vae_palette > 0 else [])
         self.eval_names = ["eval_psnr", "eval_judge"]
 
     def describe(self) -> str:

@@ -4,14 +4,18 @@ The diffusers-style pipelines are the implementation; these thin wrappers only t
 family-independent interface (prompt lists, seeds, keyword sampling options, `UserError`s) and
 apply the defaults of the upstream scripts:
 
-- text-to-image: 512x512, 50 steps, CFG 3.5, negative prompt "" (spec §3);
-- editing: the input is resized so its longer edge is 512 (multiples of 32) unless height/width
-  are given, with the long quality-defect negative prompt of the editing scripts (spec §3, §4.5);
+- text-to-image: 512x512 (the pipeline class's default; the scripts use 512 high, 384 wide), 50
+  steps, CFG 3.5, negative prompt "" (spec §3);
+- editing: the output's longer edge is 512 (multiples of 32) unless height/width are given; the
+  input is resized straight to it (a slight stretch when rounding changes the aspect ratio, as in
+  the scripts) or, with `input_resize="crop"`, centre-cropped first; the negative prompt is the
+  long quality-defect list of the editing scripts (spec §3, §4.5);
 - captioning (MetaQuery only): Qwen2.5-VL generation with the checkpoint's decoding settings.
 
 Sampling options: `num_inference_steps` (alias `steps`), `cfg` (alias `guidance_scale`),
 `negative_prompt`, `batch_size` (images per forward pass, text-to-image), and for edits
-`image_size` (the longer edge). A value of None means "default"; anything else is a `UserError`.
+`image_size` (the longer edge) and `input_resize` ("stretch" or "crop"). A value of None means
+"default"; anything else is a `UserError`.
 """
 
 from __future__ import annotations
@@ -23,12 +27,21 @@ import torch
 from PIL import Image
 
 from unipic.api import CheckedInputs, Job, UnsupportedTaskError, UserError, check_texts
-from unipic.checks import MAX_CFG, MAX_TEMPERATURE, check_image_list, check_int, check_number, check_seed
+from unipic.checks import (
+    MAX_CFG,
+    MAX_TEMPERATURE,
+    check_choice,
+    check_image_list,
+    check_int,
+    check_number,
+    check_seed,
+)
 from unipic.unipic2.images import (
     EDIT_NEGATIVE_PROMPT,
+    INPUT_RESIZE_MODES,
     check_size,
-    fit,
     longer_edge_size,
+    resize_input,
     round_to_multiple,
     to_rgb,
 )
@@ -38,7 +51,8 @@ EDIT_IMAGE_SIZE = 512  # longer edge of edited images (scripts; the upstream Gra
 EDIT_MULTIPLE = 32  # the longer-edge rule rounds to multiples of 32
 _ALIASES = {"steps": "num_inference_steps", "guidance_scale": "cfg"}
 _GENERATION_OPTIONS = ("num_inference_steps", "steps", "cfg", "guidance_scale", "negative_prompt", "batch_size")
-_EDIT_OPTIONS = _GENERATION_OPTIONS + ("image_size",)
+_EDIT_OPTIONS = _GENERATION_OPTIONS + ("image_size", "input_resize")
+EDIT_INPUT_RESIZE = "stretch"  # upstream's editing scripts resize straight to the rounded size
 _CAPTION_OPTIONS = ("do_sample", "temperature", "top_p", "top_k")
 DEFAULT_MAX_NEW_TOKENS = 512  # upstream i2t script
 
@@ -60,6 +74,8 @@ def _parse_options(options: dict, allowed: Sequence[str], task: str) -> dict:
     if "cfg" in parsed:
         parsed["cfg"] = check_number(parsed["cfg"], "cfg", minimum=0.0, maximum=MAX_CFG,
                                      hint=" (<= 1 disables guidance)")
+    if "input_resize" in parsed:
+        parsed["input_resize"] = check_choice(parsed["input_resize"], "input_resize", INPUT_RESIZE_MODES)
     if "negative_prompt" in parsed and not isinstance(parsed["negative_prompt"], str):
         raise UserError(f"negative_prompt must be a string, got {type(parsed['negative_prompt']).__name__}")
     for name, minimum in (("image_size", EDIT_MULTIPLE), ("batch_size", 1)):
@@ -104,6 +120,7 @@ class _UniPic2Adapter:
             "negative_prompt": "",
             "edit_negative_prompt": EDIT_NEGATIVE_PROMPT,
             "edit_image_size": EDIT_IMAGE_SIZE,
+            "edit_input_resize": EDIT_INPUT_RESIZE,
             "scheduler": type(self.pipeline.scheduler).__name__,
             "scheduler_shift": self.pipeline.scheduler.config.get("shift"),
         }
@@ -143,7 +160,8 @@ class _UniPic2Adapter:
             texts = check_texts(texts, "instructions")
             rgb = _check_images(images, len(texts), "instructions")
             opts = _parse_options(options, _EDIT_OPTIONS, "edit")
-            settings = {"negative_prompt": opts.get("negative_prompt", EDIT_NEGATIVE_PROMPT)}
+            settings = {"negative_prompt": opts.get("negative_prompt", EDIT_NEGATIVE_PROMPT),
+                        "input_resize": opts.get("input_resize", EDIT_INPUT_RESIZE)}
             if height or width:
                 settings.update(height=height, width=width)
             else:
@@ -227,7 +245,9 @@ class _UniPic2Adapter:
 
         Pairs run one after another with one generator (`batch_size` has no effect), so results
         depend only on the inputs and the seed. Images of any mode are converted to RGB
-        (transparency composited on white); a forced output size centre-crops to its aspect ratio.
+        (transparency composited on white). The source is resized straight to the output size
+        (upstream's behaviour); `input_resize="crop"` centre-crops it to the output's aspect ratio
+        first, which avoids distortion when a forced size has another aspect ratio.
         """
         request = self.check_inputs("edit_image", instructions, images, height=height, width=width, seed=seed,
                                     **options)
@@ -239,7 +259,7 @@ class _UniPic2Adapter:
             out_w, out_h = self._edit_size(image.size, height, width, settings.get("image_size", EDIT_IMAGE_SIZE))
             result = self.pipeline(
                 prompt=instruction,
-                image=fit(image, out_w, out_h),
+                image=resize_input(image, out_w, out_h, settings["input_resize"]),
                 height=out_h,
                 width=out_w,
                 num_inference_steps=settings["num_inference_steps"],
@@ -286,15 +306,15 @@ class MetaQueryUnifiedPipeline(_UniPic2Adapter):
         images: Sequence[Image.Image],
         questions: Sequence[str],
         *,
-        max_new_tokens: int | None = 256,
+        max_new_tokens: int | None = None,
         seed: int | None = None,
         **options: object,
     ) -> list[str]:
         """Answer question i about image i with Qwen2.5-VL; an empty question asks for a detailed description.
 
         Options: `do_sample`, `temperature` (0 = greedy), `top_p`, `top_k`; otherwise the
-        checkpoint's generation config decides. `max_new_tokens=None` means 512 (upstream's
-        default). `seed` makes sampling reproducible.
+        checkpoint's generation config decides. `max_new_tokens=None` (the default) means 512,
+        upstream's i2t default. `seed` makes sampling reproducible.
         """
         request = self.check_inputs("image_to_text", questions, images, seed=seed, max_new_tokens=max_new_tokens,
                                     **options)

@@ -2,6 +2,8 @@
 
 Upstream crashes on RGBA or greyscale inputs, asserts bare on size mismatches, and its
 longer-edge resize can round the short side to 0 (spec §10.3, §10.10). These helpers fix that.
+Edit sources are resized straight to the output size by default, as upstream's editing scripts
+do; centre-cropping to the output's aspect ratio first is an option (`resize_input`).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from PIL import Image
 
 from unipic.api import UserError
+from unipic.checks import INPUT_RESIZE_MODES, check_choice
 from unipic.images import to_rgb  # noqa: F401  (re-exported: the UniPic-2 pipelines composite onto white)
 
 # Negative prompt of the upstream editing scripts (spec §3), used as the default for edits.
@@ -64,3 +67,19 @@ def fit(image: Image.Image, width: int, height: int) -> Image.Image:
     left, top = (in_w - crop_w) // 2, (in_h - crop_h) // 2
     box = (left, top, left + crop_w, top + crop_h)
     return image.resize((width, height), Image.Resampling.BICUBIC, box=box)
+
+
+def resize_input(image: Image.Image, width: int, height: int, mode: str = "stretch") -> Image.Image:
+    """Bring an edit source to (width, height): "stretch" (upstream) or "crop" (centre-crop first).
+
+    Upstream's editing scripts resize straight to the rounded size, so rounding stretches the
+    image slightly (500x333 -> 512x352); doing the same keeps edits equal to upstream's.
+    "crop" keeps the proportions by cutting the excess (about 3 % of the width for 3:2 inputs),
+    which suits forced output sizes of another aspect ratio. Both use bicubic filtering (PIL's
+    default for RGB, which upstream relied on).
+    """
+    if check_choice(mode, "input_resize", INPUT_RESIZE_MODES) == "crop":
+        return fit(image, width, height)
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), Image.Resampling.BICUBIC)

@@ -1,4 +1,4 @@
-"""Recognise, load and save UniPic-2 model folders (diffusers `model_index.json` layout).
+"""Recognise, load and save UniPic-2 model folders (diffusers layout, `model_index.json` optional).
 
 Layouts (spec §1):
 
@@ -50,10 +50,12 @@ VAE_TILE_SIZE = 512  # pixels; the SD3 VAE's own tile (config.sample_size = 1024
 
 
 def _read_json(path: Path) -> dict | None:
+    """The JSON object in `path`; None when it is missing, a folder, unreadable, not JSON or not an object."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def _component_class(index: dict, name: str) -> str | None:
@@ -68,8 +70,10 @@ def detect_unipic2_family(path: str | Path) -> str | None:
     """Return "kontext", "metaquery" or None for a folder (reads only small JSON files).
 
     Recognised: a `model_index.json` of our pipelines or upstream's; any SD3 pipeline layout with
-    all three text encoders (a stock SD3.5 folder runs as text-to-image); and upstream's bare
-    MetaQuery layout without `model_index.json` (transformer/ + conditioner/ configs).
+    all three text encoders (a stock SD3.5 folder runs as text-to-image); and, without
+    `model_index.json`, the release layouts by their component configs: MetaQuery by transformer/
+    + conditioner/, Kontext by transformer/ + vae/ + scheduler/ + the three text encoders
+    (`load_kontext_pipeline` reads components by subfolder, so it never needed the index).
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -87,9 +91,24 @@ def detect_unipic2_family(path: str | Path) -> str | None:
         return None
     conditioner = _read_json(folder / "conditioner" / "config.json") or {}
     transformer = _read_json(folder / "transformer" / "config.json") or {}
-    if conditioner.get("_class_name") == "StableDiffusion3Conditioner" and transformer.get("_class_name") in SD3_TRANSFORMERS:
+    if transformer.get("_class_name") not in SD3_TRANSFORMERS:
+        return None
+    if conditioner.get("_class_name") == "StableDiffusion3Conditioner":
         return METAQUERY
+    if _has_kontext_components(folder):
+        return KONTEXT
     return None
+
+
+def _has_kontext_components(folder: Path) -> bool:
+    """True when the Kontext subfolders other than transformer/ carry the configs their loaders read."""
+    vae = _read_json(folder / "vae" / "config.json") or {}
+    if vae.get("_class_name") != "AutoencoderKL" or not (folder / "scheduler" / "scheduler_config.json").is_file():
+        return False
+    encoders = [_read_json(folder / name / "config.json") or {} for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+    model_types = [encoder.get("model_type") for encoder in encoders]
+    # CLIP text towers save "clip_text_model" (transformers 4 and 5); T5's encoder saves "t5".
+    return model_types[0] == model_types[1] == "clip_text_model" and model_types[2] == "t5"
 
 
 def is_unipic2_folder(path: str | Path) -> bool:
@@ -281,7 +300,9 @@ def load_unipic2_pipeline(
     if family is None:
         raise UserError(
             f"{folder} is not a UniPic-2 folder: expected a diffusers model_index.json of "
-            "StableDiffusion3KontextPipeline / UniPic2MetaQueryPipeline (or transformer/ + conditioner/)"
+            "StableDiffusion3KontextPipeline / UniPic2MetaQueryPipeline, or the release's subfolders "
+            "(transformer/ + conditioner/ for MetaQuery; transformer/, vae/, scheduler/, text_encoder{,_2,_3}/ "
+            "and tokenizer{,_2,_3}/ for Kontext)"
         )
     if family == KONTEXT:
         if qwen_path is not None:

@@ -276,6 +276,30 @@ class StableDiffusion3KontextPipeline(KontextSamplingMixin, StableDiffusion3Pipe
     text-to-image only).
     """
 
+    def _get_clip_prompt_embeds(
+        self,
+        prompt: str | list[str],
+        num_images_per_prompt: int = 1,
+        device: torch.device | None = None,
+        clip_skip: int | None = None,
+        clip_model_index: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parent's CLIP embeddings for one image per prompt, repeated per image here.
+
+        diffusers <= 0.35.2 tiled the pooled rows in prompt order 0,1,0,1 (instead of 0,0,1,1)
+        when several prompts each ask for several images (fixed in 0.36 by diffusers PR #12306),
+        pairing images with another prompt's pooled vector. pyproject requires a fixed release;
+        repeating here as well keeps the pairing right whatever the installed parent does, at no
+        cost (the values equal the fixed parent's).
+        """
+        prompt_embeds, pooled_prompt_embeds = super()._get_clip_prompt_embeds(
+            prompt, num_images_per_prompt=1, device=device, clip_skip=clip_skip, clip_model_index=clip_model_index
+        )
+        return (
+            prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0),  # (B * n, 77, D)
+            pooled_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0),  # (B * n, P)
+        )
+
     @torch.no_grad()
     def __call__(
         self,

@@ -18,7 +18,9 @@ in three scripts, spec §10.9); `UniPic2MetaQueryPipeline` collects them:
 
 The tokenizer and the Qwen image processor are separate components rather than a
 `Qwen2_5_VLProcessor`: the processor insists on a video processor (torchvision), which the
-image-only MetaQuery path never uses.
+image-only MetaQuery path never uses. The image processor only supplies settings: pixel values
+are computed with torch ops exactly as transformers' torchvision processor computes them, which
+is what upstream ran (`qwen_pixels`; the PIL backend resizes differently).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from unipic.unipic2.pipeline_kontext import (
     DEFAULT_STEPS,
     KontextSamplingMixin,
 )
+from unipic.unipic2.qwen_pixels import qwen_pixel_values
 from unipic.unipic2.transformer_sd3_kontext import SD3Transformer2DKontextModel
 
 logger = logging.getLogger(__name__)
@@ -134,10 +137,12 @@ class UniPic2MetaQueryPipeline(KontextSamplingMixin, DiffusionPipeline):
             raise UserError(MISSING_MLLM_HELP)
 
     def _vision_inputs(self, images: list[Image.Image], pixels: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Qwen pixel patches and (t, h, w) grids; `pixels` pins the resized area (min = max)."""
-        kwargs = {} if pixels is None else {"size": {"shortest_edge": pixels, "longest_edge": pixels}}
-        out = self.mllm_image_processor(images=images, return_tensors="pt", **kwargs)
-        return out["pixel_values"], out["image_grid_thw"]
+        """Qwen pixel patches and (t, h, w) grids; `pixels` pins the resized area (min = max).
+
+        Computed as transformers' torchvision processor does (upstream's), whatever backend the
+        loaded processor is: only its settings are used (see `qwen_pixels`).
+        """
+        return qwen_pixel_values(images, self.mllm_image_processor, pixels)
 
     def _image_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
         """Merged vision-tower features, one (n_i, hidden) tensor per image."""
