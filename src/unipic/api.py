@@ -8,7 +8,8 @@ interchangeable. A job a family cannot do raises `UnsupportedTaskError`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -34,6 +35,25 @@ def check_texts(texts: Sequence[str], name: str, *, allow_blank: bool = False) -
         if not allow_blank and not text.strip():
             raise UserError(f"{name}[{index}] is empty; give a non-empty text")
     return texts
+
+
+Job = Literal["text_to_image", "edit_image", "image_to_text"]
+
+
+@dataclass
+class CheckedInputs:
+    """One request after `check_inputs`: validated texts, RGB images, seed and the exact settings.
+
+    `settings` holds every value sampling will use (defaults filled in, aliases resolved), once
+    each, as plain JSON-safe values; the CLI records it with each output.
+    """
+
+    job: str
+    texts: list[str]
+    images: list[Image.Image] | None = None
+    seed: int | None = None
+    images_per_prompt: int = 1
+    settings: dict[str, object] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -87,6 +107,22 @@ class UnifiedPipeline(Protocol):
         """Answer question i about image i (a caption when the question asks for one)."""
         ...
 
+    def check_inputs(
+        self,
+        job: Job,
+        texts: Sequence[str],
+        images: Sequence[Image.Image] | None = None,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        images_per_prompt: int = 1,
+        seed: int | None = None,
+        max_new_tokens: int | None = None,
+        **options: object,
+    ) -> CheckedInputs:
+        """Validate a request without running it (each method calls this first); raises `UserError`."""
+        ...
+
     def sampling_defaults(self) -> dict[str, object]:
-        """The default settings this pipeline samples with (written into PNG metadata)."""
+        """The default settings this pipeline samples with."""
         ...

@@ -77,8 +77,10 @@ def mar_generate_tokens(
     # 2. The prefix never changes: run it through the LLM once and reuse its keys/values.
     cache = _new_cache()
     prefix_len = prefix_embeds.shape[1]
+    from unipic.models.unipic import cache_argument
+
     model.llm.model(inputs_embeds=prefix_embeds.to(model.dtype), attention_mask=attention_mask.long(),
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **{cache_argument(type(model.llm.model)): cache})
 
     # 3. Reveal loop.
     for step in tqdm(range(num_iter), disable=not progress, desc="MAR steps", leave=False):
