@@ -36,6 +36,21 @@ def check_texts(texts: Sequence[str], name: str, *, allow_blank: bool = False) -
     return texts
 
 
+def check_seeds(seed: int | Sequence[int] | None, count: int, what: str) -> list[int] | None:
+    """A list of seeds (one per prompt/pair) validated against `count`; an int or None gives None."""
+    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool)):
+        return None
+    if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence):
+        raise UserError(f"seed must be an integer, a list of integers (one per {what}) or None, got {seed!r}")
+    seeds = list(seed)
+    if len(seeds) != count:
+        raise UserError(f"got {len(seeds)} seeds for {count} {what}s; give one seed per {what}")
+    for value in seeds:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"seeds must be integers, got {value!r}")
+    return seeds
+
+
 @runtime_checkable
 class UnifiedPipeline(Protocol):
     """Text-to-image, editing and image-to-text behind one interface.
@@ -43,6 +58,9 @@ class UnifiedPipeline(Protocol):
     Images go in and come out as RGB `PIL.Image.Image`. Every method validates its inputs and
     raises `UserError` (with the argument name, the bad value and the fix) for bad ones.
     `seed=None` means nondeterministic; the same seed on the same device gives the same output.
+    For generation and editing `seed` may also be a list, one seed per prompt (or pair): each
+    prompt's images are then drawn from its own generator, so they do not depend on what else
+    shares the call (the server batches unrelated requests this way).
     Extra keyword options (`cfg`, `temperature`, `num_iter`, `num_inference_steps`, ...) are
     family-specific sampling settings; unknown ones raise `UserError`.
     """
@@ -54,7 +72,7 @@ class UnifiedPipeline(Protocol):
         height: int | None = None,
         width: int | None = None,
         images_per_prompt: int = 1,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         progress: bool = False,
         **options: object,
     ) -> list[list[Image.Image]]:
@@ -68,7 +86,7 @@ class UnifiedPipeline(Protocol):
         *,
         height: int | None = None,
         width: int | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         progress: bool = False,
         **options: object,
     ) -> list[Image.Image]:

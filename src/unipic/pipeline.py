@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from unipic.api import UserError, check_texts
+from unipic.api import UserError, check_seeds, check_texts
 from unipic.sampling.edit import edit_images
 from unipic.sampling.image_to_text import answer_questions
 from unipic.sampling.prompts import center_crop_resize, images_to_tensor, pad_to_square, tensor_to_images
+from unipic.sampling.rng import GeneratorGroups
 from unipic.sampling.text_to_image import generate_images
 
 _T2I_OPTIONS = {"num_iter", "steps", "cfg", "cfg_schedule", "temperature", "head_steps", "batch_size"}
@@ -37,6 +38,22 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     else:
         generator.manual_seed(int(seed))
     return generator
+
+
+def _row_generators(seeds: list[int], owners: list[int], device: torch.device,
+                    cache: dict[int, torch.Generator]) -> GeneratorGroups:
+    """Groups for a slice of rows: consecutive rows of one prompt share that prompt's generator."""
+    generators: list[torch.Generator] = []
+    rows: list[int] = []
+    for index, owner in enumerate(owners):
+        if index and owner == owners[index - 1]:
+            rows[-1] += 1
+            continue
+        if owner not in cache:
+            cache[owner] = make_generator(seeds[owner], device)
+        generators.append(cache[owner])
+        rows.append(1)
+    return GeneratorGroups(generators, rows)
 
 
 class UniPicPipeline:
@@ -92,11 +109,17 @@ class UniPicPipeline:
     # --- text to image ----------------------------------------------------------------------
 
     def text_to_image(self, prompts: Sequence[str], *, height: int | None = None, width: int | None = None,
-                      images_per_prompt: int = 1, seed: int | None = None, progress: bool = False,
+                      images_per_prompt: int = 1, seed: int | Sequence[int] | None = None, progress: bool = False,
                       **options: object) -> list[list[Image.Image]]:
-        """Generate `images_per_prompt` images per prompt (one list per prompt)."""
+        """Generate `images_per_prompt` images per prompt (one list per prompt).
+
+        `seed` may be a list with one seed per prompt: each prompt's images then come from its own
+        generator, so they equal the same prompt generated alone with that seed, whatever else
+        shares the batch (up to floating-point rounding of the batched arithmetic).
+        """
         _check_options(options, _T2I_OPTIONS, "text-to-image")
         prompts = check_texts(prompts, "prompts")
+        seeds = check_seeds(seed, len(prompts), "prompt")
         if images_per_prompt < 1:
             raise UserError(f"images_per_prompt={images_per_prompt} must be at least 1")
         height, width = self._size(height, width)
@@ -105,10 +128,14 @@ class UniPicPipeline:
         self._check_grid(height, width, settings["num_iter"])
         batch_size = int(options.get("batch_size", 8))
         expanded = [p for p in prompts for _ in range(images_per_prompt)]
-        generator = make_generator(seed, self.model.device)
+        owners = [i for i in range(len(prompts)) for _ in range(images_per_prompt)]
+        generator = None if seeds is not None else make_generator(seed, self.model.device)
+        per_prompt: dict[int, torch.Generator] = {}
         images: list[Image.Image] = []
         batches = range(0, len(expanded), batch_size)
         for start in tqdm(batches, disable=not progress or len(batches) == 1, desc="batches"):
+            if seeds is not None:
+                generator = _row_generators(seeds, owners[start:start + batch_size], self.model.device, per_prompt)
             pixels = generate_images(self.model, self.tokenizer, expanded[start:start + batch_size], height=height,
                                      width=width, generator=generator, progress=progress, **settings)
             images.extend(tensor_to_images(pixels))
@@ -117,11 +144,16 @@ class UniPicPipeline:
     # --- editing ----------------------------------------------------------------------------
 
     def edit_image(self, images: Sequence[Image.Image], instructions: Sequence[str], *,
-                   height: int | None = None, width: int | None = None, seed: int | None = None,
+                   height: int | None = None, width: int | None = None, seed: int | Sequence[int] | None = None,
                    progress: bool = False, **options: object) -> list[Image.Image]:
-        """Edit image i by instruction i; sources are centre-cropped to the output aspect and resized."""
+        """Edit image i by instruction i; sources are centre-cropped to the output aspect and resized.
+
+        `seed` may be a list with one seed per pair, which makes each edit independent of the others
+        in the batch (see `text_to_image`).
+        """
         _check_options(options, _T2I_OPTIONS, "edit")
         instructions = check_texts(instructions, "instructions")
+        seeds = check_seeds(seed, len(instructions), "instruction")
         images = list(images)
         if len(images) != len(instructions):
             raise UserError(f"got {len(images)} images but {len(instructions)} instructions; give one each")
@@ -130,9 +162,13 @@ class UniPicPipeline:
         settings = self._mar_options(options, cfg_default=s.edit_cfg, temperature_default=s.edit_temperature)
         self._check_grid(height, width, settings["num_iter"])
         batch_size = int(options.get("batch_size", 8))
-        generator = make_generator(seed, self.model.device)
+        generator = None if seeds is not None else make_generator(seed, self.model.device)
+        per_pair: dict[int, torch.Generator] = {}
         outputs: list[Image.Image] = []
         for start in range(0, len(images), batch_size):
+            if seeds is not None:
+                owners = list(range(start, min(start + batch_size, len(images))))
+                generator = _row_generators(seeds, owners, self.model.device, per_pair)
             sources = [center_crop_resize(im, height, width) for im in images[start:start + batch_size]]
             pixels = edit_images(self.model, self.tokenizer, images_to_tensor(sources, self.model.device),
                                  instructions[start:start + batch_size], generator=generator, progress=progress,

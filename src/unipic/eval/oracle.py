@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from unipic.api import UserError
+from unipic.api import UserError, check_seeds
 from unipic.world.edits import apply_instruction
 from unipic.world.geneval import record_for_prompt, scene_for_record
 from unipic.world.judge import judge, judge_scene
@@ -74,6 +74,14 @@ class ShapesOracle:
     def _seed(seed: int | None) -> int:
         return int(np.random.SeedSequence().entropy % (2**63)) if seed is None else int(seed)
 
+    def _seed_keys(self, seed: int | Sequence[int] | None, count: int) -> list[tuple[int, int]]:
+        """(seed, index) per item: one seed for all (item i is index i), or a list (each item index 0)."""
+        seeds = check_seeds(seed, count, "prompt")
+        if seeds is not None:
+            return [(s, 0) for s in seeds]
+        base = self._seed(seed)
+        return [(base, i) for i in range(count)]
+
     def _corrupt(self, scene: Scene, rng: np.random.Generator) -> Scene:
         objects = list(scene.objects)
         if self.wrong_colors:
@@ -99,35 +107,36 @@ class ShapesOracle:
     # -- UnifiedPipeline ---------------------------------------------------------------------------
 
     def text_to_image(self, prompts: Sequence[str], *, height: int | None = None, width: int | None = None,
-                      images_per_prompt: int = 1, seed: int | None = None, progress: bool = False,
+                      images_per_prompt: int = 1, seed: int | Sequence[int] | None = None, progress: bool = False,
                       **options: object) -> list[list[Image.Image]]:
         self._check_options(options)
         if isinstance(prompts, str):
             raise UserError("prompts must be a list of strings, not a single string")
         if images_per_prompt < 1:
             raise UserError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
-        size, base = self._size(height, width), self._seed(seed)
+        size = self._size(height, width)
+        keys = self._seed_keys(seed, len(prompts))
         out = []
         for i, prompt in enumerate(prompts):
             images = []
             for k in range(images_per_prompt):
-                rng = rng_for(base, 31, i, k)
+                rng = rng_for(keys[i][0], 31, keys[i][1], k)
                 images.append(render(self._corrupt(self.scene_for_prompt(prompt, rng), rng), size))
             out.append(images)
         return out
 
     def edit_image(self, images: Sequence[Image.Image], instructions: Sequence[str], *, height: int | None = None,
-                   width: int | None = None, seed: int | None = None, progress: bool = False,
+                   width: int | None = None, seed: int | Sequence[int] | None = None, progress: bool = False,
                    **options: object) -> list[Image.Image]:
         self._check_options(options)
         if len(images) != len(instructions):
             raise UserError(f"got {len(images)} images but {len(instructions)} instructions; pass one per image")
-        base = self._seed(seed)
+        keys = self._seed_keys(seed, len(instructions))
         out = []
         for i, (image, instruction) in enumerate(zip(images, instructions)):
             size = self._size(height or image.height, width or image.width)
             source = Scene(tuple(_snap(o) for o in judge_scene(image.convert("RGB")).objects))
-            rng = rng_for(base, 32, i)
+            rng = rng_for(keys[i][0], 32, keys[i][1])
             edit = apply_instruction(rng, source, instruction)
             target = source if edit is None else edit.target
             out.append(render(self._corrupt(target, rng), size))

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from unipic.api import UnsupportedTaskError, UserError, check_texts
+from unipic.api import UnsupportedTaskError, UserError, check_seeds, check_texts
 from unipic.unipic2.images import (
     EDIT_NEGATIVE_PROMPT,
     check_size,
@@ -102,6 +102,13 @@ class _UniPic2Adapter:
             return None
         return torch.Generator(device=self.pipeline._execution_device).manual_seed(seed)
 
+    def _generators(self, seed: int | Sequence[int] | None, count: int, what: str) -> list:
+        """One generator per prompt/pair: a seed list gives each its own, otherwise all share one."""
+        seeds = check_seeds(seed, count, what)
+        if seeds is None:
+            return [self._generator(seed)] * count
+        return [self._generator(s) for s in seeds]
+
     def _check_output_size(self, height: int, width: int) -> None:
         check_size(height, width, multiple=self.pipeline.vae_scale_factor * self.pipeline.patch_size,
                    max_side=self.pipeline.max_image_side(), what="output")
@@ -129,7 +136,7 @@ class _UniPic2Adapter:
         height: int | None = None,
         width: int | None = None,
         images_per_prompt: int = 1,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         progress: bool = False,
         **options: object,
     ) -> list[list[Image.Image]]:
@@ -141,13 +148,18 @@ class _UniPic2Adapter:
         height = height or width or DEFAULT_SIZE
         width = width or height
         self._check_output_size(height, width)
-        generator = self._generator(seed)
+        shared = check_seeds(seed, len(prompts), "prompt") is None
+        generators = self._generators(seed, len(prompts), "prompt")
         self.pipeline.set_progress_bar_config(disable=not progress)
         # batch_size caps the images per forward pass: whole prompts are grouped (at least one).
         per_call = max(1, opts.get("batch_size", len(prompts) * images_per_prompt) // images_per_prompt)
         results: list[list[Image.Image]] = []
         for start in range(0, len(prompts), per_call):
             chunk = prompts[start : start + per_call]
+            # A seed list: diffusers draws image j from generator j, so each prompt's images come
+            # from its own generator (repeated, it advances from one image to the next).
+            generator = generators[0] if shared else [g for g in generators[start : start + per_call]
+                                                      for _ in range(images_per_prompt)]
             images = self.pipeline(
                 prompt=chunk,
                 height=height,
@@ -181,23 +193,23 @@ class _UniPic2Adapter:
         *,
         height: int | None = None,
         width: int | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         progress: bool = False,
         **options: object,
     ) -> list[Image.Image]:
         """Apply instruction i to image i; outputs have the (resized) input size.
 
-        Pairs run one after another with one generator (`batch_size` has no effect), so results
-        depend only on the inputs and the seed. Images of any mode are converted to RGB
+        Pairs run one after another with one generator, or with a seed list one generator each
+        (`batch_size` has no effect), so results depend only on the inputs and the seed. Images of any mode are converted to RGB
         (transparency composited on white); a forced output size centre-crops to its aspect ratio.
         """
         instructions = check_texts(instructions, "instructions")
         images = _check_images(images, len(instructions), "instructions")
         opts = _parse_options(options, _EDIT_OPTIONS, "edit")
-        generator = self._generator(seed)
+        generators = self._generators(seed, len(instructions), "instruction")
         self.pipeline.set_progress_bar_config(disable=not progress)
         edited = []
-        for image, instruction in zip(images, instructions):
+        for image, instruction, generator in zip(images, instructions, generators):
             out_w, out_h = self._edit_size(image.size, height, width, opts.get("image_size", EDIT_IMAGE_SIZE))
             check_size(out_h, out_w, multiple=self.edit_size_multiple, max_side=self.pipeline.max_image_side(),
                        what="edit output")
