@@ -1,4 +1,4 @@
-"""The `unipic` command line: generate, edit, caption, state-dict, convert, eval, data, train.
+"""The `unipic` command line: generate, edit, caption, state-dict, convert, eval, data, train, serve.
 
 Each handler only parses arguments, builds settings and calls library functions. A user mistake
 (missing file, bad size, unknown model, ...) raises `UserError`, printed as one line with exit code 2.
@@ -358,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(handler=cmd_convert)
 
     for module, function in (("unipic.eval.cli", "register_eval_commands"), ("unipic.eval.cli", "register_data_commands"),
-                             ("unipic.training.cli", "register_train_commands")):
+                             ("unipic.training.cli", "register_train_commands"),
+                             ("unipic.serve.cli", "register_serve_commands")):
         register = _optional_register(module, function)
         if register is not None:
             register(sub)
