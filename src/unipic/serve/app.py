@@ -204,6 +204,8 @@ class _Guard:
                                                        code="invalid_request"))
                 return
             if declared > self.limit:
+                if b"100-continue" not in headers.get(b"expect", b"").lower():
+                    await self._drain(receive, 0)
                 await _send_json(send, 413, error_body(413, f"the request body is {declared:,} bytes; the limit is "
                                                             f"{self.limit:,} bytes", code="request_too_large"),
                                  {"Connection": "close"})
@@ -216,11 +218,30 @@ class _Guard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:  # a chunked body without Content-Length
+                    if message.get("more_body"):
+                        await self._drain(receive, received)
                     raise too_large(f"the request body is over the limit of {self.limit:,} bytes", None,
                                     "request_too_large")
             return message
 
         await self.app(scope, counted_receive, send)
+
+
+    async def _drain(self, receive, received: int) -> None:
+        """Read and drop the rest of a refused body, up to a few times the limit.
+
+        A server that answers and closes while the client is still sending makes the client's
+        kernel reset the connection, and the client then sees a broken pipe instead of the 413.
+        Draining a bounded amount first lets ordinary clients read the answer.
+        """
+        cap = 4 * self.limit
+        while received < cap:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            received += len(message.get("body", b""))
+            if not message.get("more_body"):
+                return
 
 
 async def _send_json(send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
