@@ -144,9 +144,10 @@ def create_app(load: Callable[[], UnifiedPipeline], *, model_name: str, limits: 
                 state.pipeline = await batcher.run_sync(load)
             except Exception as error:  # reported, and the CLI stops the server
                 state.status, state.error = "failed", str(error) or type(error).__name__
-                logger.error("loading the model failed: %s", state.error)
                 if on_failed is not None:
                     on_failed(state.error)
+                else:
+                    logger.error("loading the model failed: %s", state.error)
                 return
             batcher.start()
             state.status = "ready"
@@ -292,11 +293,11 @@ def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
 
 
 def _ready(state: ServerState) -> tuple[UnifiedPipeline, Batcher]:
-    if state.status == "loading" or state.pipeline is None or state.batcher is None:
-        raise APIError(503, "the model is still loading; retry in a few seconds", code="model_loading",
-                       headers={"Retry-After": "5"})
     if state.status == "failed":
         raise APIError(503, f"the model failed to load: {state.error}", code="model_failed")
+    if state.status != "ready" or state.pipeline is None or state.batcher is None:
+        raise APIError(503, "the model is still loading; retry in a few seconds", code="model_loading",
+                       headers={"Retry-After": "5"})
     return state.pipeline, state.batcher
 
 

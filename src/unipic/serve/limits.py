@@ -22,11 +22,11 @@ class ServeLimits:
 
     def __post_init__(self) -> None:
         for name in ("max_upload_bytes", "max_image_pixels", "max_side", "max_n", "max_steps", "max_prompt_chars",
-                     "max_tokens", "max_batch"):
+                     "max_tokens", "max_batch", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_queue < 0 or self.batch_wait_ms < 0:
-            raise ValueError("max_queue and batch_wait_ms must be >= 0")
+        if self.batch_wait_ms < 0:
+            raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
 
     @property
     def max_body_bytes(self) -> int:
