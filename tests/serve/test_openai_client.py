@@ -117,32 +117,35 @@ def test_chat_image_only_message_asks_for_a_description(client):
 
 
 def test_health_answers_while_the_model_works(tiny_server, client):
-    """Generation runs off the event loop: /health answers quickly during a request of several seconds."""
+    """Generation runs off the event loop: /health answers at once, again and again, during a long request."""
     finished = threading.Event()
 
     def long_request():
         try:
-            client.images.generate(prompt="many shapes", n=4, size="256x256", extra_body={"seed": 0,
-                                                                                          "num_inference_steps": 32})
+            client.images.generate(prompt="many shapes", n=4, size="256x256",
+                                   extra_body={"seed": 0, "num_inference_steps": 64})
         finally:
             finished.set()
 
     thread = threading.Thread(target=long_request)
     thread.start()
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while tiny_server.metrics()["running"] == 0 and not finished.is_set() and time.monotonic() < deadline:
             time.sleep(0.02)
-        latencies = []
-        while not finished.is_set() and len(latencies) < 5:
+        during = []  # latencies of the answers that came back while the long request still ran
+        while not finished.is_set() and len(during) < 5:
             started = time.monotonic()
             reply = tiny_server.request("GET", "/health")
-            latencies.append(time.monotonic() - started)
+            latency = time.monotonic() - started
             assert reply.status == 200 and reply.json()["status"] == "ready"
-        assert latencies, "the long request finished before /health could be asked"
-        assert max(latencies) < 1.0, latencies
+            if not finished.is_set():
+                during.append(latency)
+        # A blocked event loop would answer once, after the request: here several answers come during it.
+        assert len(during) >= 3, f"only {len(during)} health answers came back during the long request"
+        assert max(during) < 1.5, during
     finally:
-        thread.join(timeout=120)
+        thread.join(timeout=300)
 
 
 def test_b64_json_is_plain_base64_png(client):

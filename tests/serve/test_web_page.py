@@ -18,7 +18,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-WAIT = 120  # seconds; the CI machine is small and may be busy
+WAIT = 180  # seconds; the CI machine is small and may be busy
 
 
 def _browser_paths() -> tuple[str, str]:
@@ -61,7 +61,18 @@ def browser(tmp_path_factory):
 
 
 def _wait(driver, condition, timeout: float = WAIT):
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+    """Wait for `condition`; a timeout reports what the page showed (status, error, progress, answer)."""
+    from selenium.common.exceptions import TimeoutException
+
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+    except TimeoutException:
+        shown = driver.execute_script(
+            "const t = (id) => { const e = document.getElementById(id); return e ? e.textContent.trim() : null; };"
+            "return {status: t('status'), error: t('error'), progress: t('progress-text'), answer: t('answer'),"
+            "        generated: document.querySelectorAll('#gen-results img').length,"
+            "        edited: document.querySelectorAll('#edit-results img').length};")
+        raise AssertionError(f"the page did not reach the expected state in {timeout} s; it showed {shown}") from None
 
 
 def _set(driver, element_id: str, value: str) -> None:
