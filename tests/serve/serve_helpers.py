@@ -39,8 +39,9 @@ class Reply:
 class ServerProcess:
     """`python -m unipic serve ... --port 0`, read until it prints its URL; stopped by `stop()`."""
 
-    def __init__(self, *args: str, api_key: str | None = API_KEY, startup_timeout: float = 180.0) -> None:
-        env = dict(os.environ)
+    def __init__(self, *args: str, api_key: str | None = API_KEY, startup_timeout: float = 180.0,
+                 cwd: Path | None = None, extra_env: dict[str, str] | None = None) -> None:
+        env = dict(os.environ, **(extra_env or {}))
         # The worktree's code, also in the child; one thread keeps the 2-core CI machine responsive.
         env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
         env.setdefault("OMP_NUM_THREADS", "1")
@@ -50,7 +51,8 @@ class ServerProcess:
         if api_key:
             command += ["--api-key", api_key]
         self.api_key = api_key
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                        cwd=cwd)
         self.stderr_lines: list[str] = []
         lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, args=(self.process.stdout, lines), daemon=True).start()
@@ -96,6 +98,13 @@ class ServerProcess:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
         raise RuntimeError(f"{field} not in /proc/{self.pid}/status")
+
+    def written_bytes(self) -> int:
+        """Bytes the server has sent to storage (/proc/PID/io write_bytes; anonymous temp files count too)."""
+        for line in Path(f"/proc/{self.pid}/io").read_text().splitlines():
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+        raise RuntimeError(f"write_bytes not in /proc/{self.pid}/io")
 
     def auth(self) -> dict[str, str]:
         """The Authorization header for this server's key."""

@@ -25,10 +25,19 @@ STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def load_server():
+def server_dirs(tmp_path_factory):
+    """An empty working folder and temp folder for the server: they must stay empty."""
+    root = tmp_path_factory.mktemp("server-cwd")
+    (root / "tmp").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def load_server(server_dirs):
     """The tiny model with a small queue (4) and batch (4), so 16 clients overrun it."""
     server = ServerProcess("--model", "tiny-random", "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE),
-                           "--batch-wait-ms", "30", api_key=None)
+                           "--batch-wait-ms", "30", api_key=None, cwd=server_dirs,
+                           extra_env={"TMPDIR": str(server_dirs / "tmp")})
     yield server
     server.stop()
 
@@ -208,3 +217,33 @@ def test_edits_and_chat_batch_too(load_server, reference_pipeline):
         if status == 200:
             [expected] = reference_pipeline.image_to_text([sources[color]], [f"Is this {color}?"], max_new_tokens=6)
             assert body["choices"][0]["message"]["content"] == expected
+
+
+def test_nothing_is_written_to_disk(load_server, server_dirs):
+    """A 3 MB upload (Starlette's form parser would spool it to a temp file) and the answers write nothing.
+
+    Checked two ways: no file appears in the server's working or temp folder, and the kernel's count
+    of bytes the server process sent to storage does not grow (an unlinked temp file counts there).
+    """
+    from PIL import Image
+
+    def edit(data: bytes) -> None:
+        body, ctype = multipart({"prompt": "make it calm", "size": "32x32", "seed": "1", "num_inference_steps": "2"},
+                                {"image": ("big.png", data, "image/png")})
+        reply = load_server.request("POST", "/v1/images/edits", body, {"Content-Type": ctype})
+        assert reply.status == 200, reply.body[:300]
+
+    edit(png_bytes(Image.new("RGB", (64, 64), "red")))  # warm-up: lazy imports are done before measuring
+    # Loading the model may leave torch's empty cache folder (torchinductor_<user>) in TMPDIR: that
+    # is the library at start-up, not the server answering, so the folders are compared from here.
+    existing = {str(p.relative_to(server_dirs)) for p in server_dirs.rglob("*")}
+    big = png_bytes(Image.fromarray(np.random.default_rng(1).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)))
+    assert len(big) > 2_000_000
+    written = load_server.written_bytes()
+    edit(big)
+    assert load_server.post_json("/v1/images/generations", {"prompt": "a circle", "size": "32x32",
+                                                            "seed": 2}).status == 200
+    assert load_server.written_bytes() - written < 64 * 1024, "the server wrote to storage while answering"
+    new_files = sorted({str(p.relative_to(server_dirs)) for p in server_dirs.rglob("*")} - existing)
+    assert new_files == [], new_files
+    assert not [p for p in existing if p.startswith("tmp/") and (server_dirs / p).is_file()], existing
