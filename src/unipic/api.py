@@ -44,14 +44,15 @@ Job = Literal["text_to_image", "edit_image", "image_to_text"]
 class CheckedInputs:
     """One request after `check_inputs`: validated texts, RGB images, seed and the exact settings.
 
+    `seed` is None, one seed, or (generation and editing) a list with one seed per text.
     `settings` holds every value sampling will use (defaults filled in, aliases resolved), once
-    each, as plain JSON-safe values; the CLI records it with each output.
+    each, as plain JSON-safe values; the CLI and the server record it with each output.
     """
 
     job: str
     texts: list[str]
     images: list[Image.Image] | None = None
-    seed: int | None = None
+    seed: int | list[int] | None = None
     images_per_prompt: int = 1
     settings: dict[str, object] = field(default_factory=dict)
 
@@ -63,6 +64,9 @@ class UnifiedPipeline(Protocol):
     Images go in and come out as RGB `PIL.Image.Image`. Every method validates its inputs and
     raises `UserError` (with the argument name, the bad value and the fix) for bad ones.
     `seed=None` means nondeterministic; the same seed on the same device gives the same output.
+    For generation and editing `seed` may also be a list, one seed per prompt (or pair): each
+    prompt's images are then drawn from its own generator, so they do not depend on what else
+    shares the call (the server batches unrelated requests this way).
     Extra keyword options (`cfg`, `temperature`, `num_iter`, `num_inference_steps`, ...) are
     family-specific sampling settings; unknown ones raise `UserError`.
     """
@@ -74,7 +78,7 @@ class UnifiedPipeline(Protocol):
         height: int | None = None,
         width: int | None = None,
         images_per_prompt: int = 1,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         progress: bool = False,
         **options: object,
     ) -> list[list[Image.Image]]:
@@ -88,7 +92,7 @@ class UnifiedPipeline(Protocol):
         *,
         height: int | None = None,
         width: int | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         progress: bool = False,
         **options: object,
     ) -> list[Image.Image]:
@@ -116,11 +120,14 @@ class UnifiedPipeline(Protocol):
         height: int | None = None,
         width: int | None = None,
         images_per_prompt: int = 1,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         max_new_tokens: int | None = None,
         **options: object,
     ) -> CheckedInputs:
-        """Validate a request without running it (each method calls this first); raises `UserError`."""
+        """Validate a request without running it (each method calls this first); raises `UserError`.
+
+        A seed list (generation and editing only) needs one valid seed per text.
+        """
         ...
 
     def sampling_defaults(self) -> dict[str, object]:

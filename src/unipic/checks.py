@@ -70,6 +70,23 @@ def check_seed(seed: object, name: str = "seed", *, count: int = 1) -> int | Non
                      f" (the {count} prompts use seed .. seed+{count - 1})")
 
 
+def check_seeds(seed: object, count: int, what: str, name: str = "seed") -> int | list[int] | None:
+    """None, one seed, or a list of `count` seeds, one per prompt/instruction (`what`, singular).
+
+    A list gives each prompt its own generator (the server batches unrelated requests this way);
+    every element must be a valid seed on its own.
+    """
+    if seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)):
+        return check_seed(seed, name)
+    if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence):
+        raise UserError(f"{show(name, seed)}: must be an integer, a list of integers (one per {what}) or None")
+    seeds = list(seed)
+    if len(seeds) != count:
+        raise UserError(f"{name}: got {len(seeds)} seeds for {count} {what}s; give one seed per {what}")
+    return [check_int(value, f"{name}[{index}]", minimum=0, maximum=MAX_SEED, hint=f" (one seed per {what})")
+            for index, value in enumerate(seeds)]
+
+
 def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
     """One of `choices`."""
     if value not in choices:

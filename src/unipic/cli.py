@@ -1,4 +1,4 @@
-"""The `unipic` command line: generate, edit, caption, state-dict, convert, eval, data, train.
+"""The `unipic` command line: generate, edit, caption, state-dict, convert, eval, data, train, serve.
 
 Each handler only parses arguments, builds settings and calls library functions. A user mistake
 (missing file, bad size, unknown model, ...) raises `UserError`, printed as one line with exit code 2.
@@ -260,11 +260,13 @@ def _generate_batch(args: argparse.Namespace) -> int:
 
     pipeline = _load(args)
     height, width = _size_from_args(args)
-    request = pipeline.check_inputs("text_to_image", prompts, height=height, width=width,
-                                    images_per_prompt=k_max, seed=base_seed, **_sampling_options(args))
+    # Prompt i uses seed base + i, so results do not depend on sharding or resuming.
+    request = pipeline.check_inputs("text_to_image", prompts, height=height, width=width, images_per_prompt=k_max,
+                                    seed=[base_seed + i for i in range(len(prompts))], **_sampling_options(args))
+    seeds = request.seed
 
     def record(index: int, k: int) -> dict:
-        return _metadata(args, request, base_seed + index, prompt=prompts[index], index=k, prompt_index=index)
+        return _metadata(args, request, seeds[index], prompt=prompts[index], index=k, prompt_index=index)
 
     # What is on disk now, compared with what this request would write there.
     wanted = {path: (index, k) for index in range(len(prompts)) for k, path in enumerate(paths_for(index))}
@@ -293,10 +295,8 @@ def _generate_batch(args: argparse.Namespace) -> int:
     if stale:
         print(f"process {rank + 1}/{world}: replacing {len(stale)} image(s) made by a different request (--overwrite)")
     for index in tqdm(todo, desc=f"prompts (process {rank + 1}/{world})", disable=args.quiet):
-        # Seed per prompt index, so results do not depend on sharding or resuming.
-        seed = base_seed + index
         images = pipeline.text_to_image([prompts[index]], height=height, width=width, images_per_prompt=k_max,
-                                        seed=seed, **_sampling_options(args))[0]
+                                        seed=seeds[index], **_sampling_options(args))[0]
         for k, (image, path) in enumerate(zip(images, paths_for(index))):
             save_image_atomic(image, path, record(index, k))
     print(f"process {rank + 1}/{world}: wrote {len(todo)} prompt(s) to {out_dir}")
@@ -497,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(handler=cmd_convert)
 
     for module, function in (("unipic.eval.cli", "register_eval_commands"), ("unipic.eval.cli", "register_data_commands"),
-                             ("unipic.training.cli", "register_train_commands")):
+                             ("unipic.training.cli", "register_train_commands"),
+                             ("unipic.serve.cli", "register_serve_commands")):
         register = _optional_register(module, function)
         if register is not None:
             register(sub)

@@ -1,7 +1,7 @@
 """`UniPicPipeline`: UniPic-1's three jobs behind the `unipic.api.UnifiedPipeline` interface.
 
 Validates inputs (raising `UserError` with the fix), turns PIL images into tensors and back, seeds a
-`torch.Generator` on the model's device, and batches prompts. The numerical work lives in
+`torch.Generator` on the model's device (one per prompt for a seed list), and batches prompts. The numerical work lives in
 `unipic.sampling.{text_to_image, edit, image_to_text}`.
 """
 
@@ -24,6 +24,7 @@ from unipic.checks import (
     check_int,
     check_number,
     check_seed,
+    check_seeds,
     gib,
 )
 from unipic.images import to_rgb
@@ -36,6 +37,7 @@ from unipic.sampling.prompts import (
     pad_to_square,
     tensor_to_images,
 )
+from unipic.sampling.rng import GeneratorGroups
 from unipic.sampling.text_to_image import generate_images
 
 _T2I_OPTIONS = {"num_iter", "steps", "cfg", "cfg_schedule", "temperature", "head_steps", "batch_size"}
@@ -64,6 +66,22 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return generator
 
 
+def _row_generators(seeds: list[int], owners: list[int], device: torch.device,
+                    cache: dict[int, torch.Generator]) -> GeneratorGroups:
+    """Groups for a slice of rows: consecutive rows of one prompt share that prompt's generator."""
+    generators: list[torch.Generator] = []
+    rows: list[int] = []
+    for index, owner in enumerate(owners):
+        if index and owner == owners[index - 1]:
+            rows[-1] += 1
+            continue
+        if owner not in cache:
+            cache[owner] = make_generator(seeds[owner], device)
+        generators.append(cache[owner])
+        rows.append(1)
+    return GeneratorGroups(generators, rows)
+
+
 class UniPicPipeline:
     """Text-to-image, editing and image-to-text for a loaded `UniPic` model and its tokenizer."""
 
@@ -83,7 +101,7 @@ class UniPicPipeline:
 
     def check_inputs(self, job: Job, texts: Sequence[str], images: Sequence[Image.Image] | None = None, *,
                      height: int | None = None, width: int | None = None, images_per_prompt: int = 1,
-                     seed: int | None = None, max_new_tokens: int | None = None,
+                     seed: int | Sequence[int] | None = None, max_new_tokens: int | None = None,
                      **options: object) -> CheckedInputs:
         """Validate one request and resolve its settings; every public method calls this first.
 
@@ -94,7 +112,8 @@ class UniPicPipeline:
         if what is None:
             raise UserError(f"job={job!r}: must be 'text_to_image', 'edit_image' or 'image_to_text'")
         texts = check_texts(texts, what)
-        seed = check_seed(seed)
+        # Generation and editing take one seed per text too; answering forks one RNG per call.
+        seed = check_seed(seed) if job == "image_to_text" else check_seeds(seed, len(texts), what[:-1])
         rgb = None
         if job != "text_to_image":
             rgb = [to_rgb(im, ALPHA_BACKGROUND, name=f"images[{i}]")
@@ -247,18 +266,28 @@ class UniPicPipeline:
                 "temperature": settings["temperature"], "head_steps": settings["head_steps"]}
 
     def text_to_image(self, prompts: Sequence[str], *, height: int | None = None, width: int | None = None,
-                      images_per_prompt: int = 1, seed: int | None = None, progress: bool = False,
+                      images_per_prompt: int = 1, seed: int | Sequence[int] | None = None, progress: bool = False,
                       **options: object) -> list[list[Image.Image]]:
-        """Generate `images_per_prompt` images per prompt (one list per prompt)."""
+        """Generate `images_per_prompt` images per prompt (one list per prompt).
+
+        `seed` may be a list with one seed per prompt: each prompt's images then come from its own
+        generator, so they equal the same prompt generated alone with that seed, whatever else
+        shares the batch (up to floating-point rounding of the batched arithmetic).
+        """
         request = self.check_inputs("text_to_image", prompts, height=height, width=width,
                                     images_per_prompt=images_per_prompt, seed=seed, **options)
         settings, per_prompt = request.settings, request.images_per_prompt
         batch_size = settings["batch_size"]
         expanded = [p for p in request.texts for _ in range(per_prompt)]
-        generator = make_generator(request.seed, self.model.device)
+        owners = [i for i in range(len(request.texts)) for _ in range(per_prompt)]
+        seeds = request.seed if isinstance(request.seed, list) else None
+        generator = None if seeds is not None else make_generator(request.seed, self.model.device)
+        generators: dict[int, torch.Generator] = {}
         images: list[Image.Image] = []
         batches = range(0, len(expanded), batch_size)
         for start in tqdm(batches, disable=not progress or len(batches) == 1, desc="batches"):
+            if seeds is not None:
+                generator = _row_generators(seeds, owners[start:start + batch_size], self.model.device, generators)
             pixels = generate_images(self.model, self.tokenizer, expanded[start:start + batch_size],
                                      height=settings["height"], width=settings["width"], generator=generator,
                                      progress=progress, **self._sampler_kwargs(settings))
@@ -269,16 +298,25 @@ class UniPicPipeline:
     # --- editing ----------------------------------------------------------------------------
 
     def edit_image(self, images: Sequence[Image.Image], instructions: Sequence[str], *,
-                   height: int | None = None, width: int | None = None, seed: int | None = None,
+                   height: int | None = None, width: int | None = None, seed: int | Sequence[int] | None = None,
                    progress: bool = False, **options: object) -> list[Image.Image]:
-        """Edit image i by instruction i; sources are centre-cropped to the output aspect and resized."""
+        """Edit image i by instruction i; sources are centre-cropped to the output aspect and resized.
+
+        `seed` may be a list with one seed per pair, which makes each edit independent of the others
+        in the batch (see `text_to_image`).
+        """
         request = self.check_inputs("edit_image", instructions, images, height=height, width=width, seed=seed,
                                     **options)
         settings = request.settings
         height, width, batch_size = settings["height"], settings["width"], settings["batch_size"]
-        generator = make_generator(request.seed, self.model.device)
+        seeds = request.seed if isinstance(request.seed, list) else None
+        generator = None if seeds is not None else make_generator(request.seed, self.model.device)
+        generators: dict[int, torch.Generator] = {}
         outputs: list[Image.Image] = []
         for start in range(0, len(request.images), batch_size):
+            if seeds is not None:
+                owners = list(range(start, min(start + batch_size, len(request.images))))
+                generator = _row_generators(seeds, owners, self.model.device, generators)
             sources = [center_crop_resize(im, height, width) for im in request.images[start:start + batch_size]]
             pixels = edit_images(self.model, self.tokenizer, images_to_tensor(sources, self.model.device),
                                  request.texts[start:start + batch_size], generator=generator, progress=progress,

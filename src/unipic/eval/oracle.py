@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from unipic.api import CheckedInputs, Job, UserError, check_texts
-from unipic.checks import check_image_list, check_int, check_seed
+from unipic.checks import check_image_list, check_int, check_seed, check_seeds
 from unipic.images import to_rgb
 from unipic.world.edits import apply_instruction
 from unipic.world.geneval import record_for_prompt, scene_for_record
@@ -59,14 +59,14 @@ class ShapesOracle:
 
     def check_inputs(self, job: Job, texts: Sequence[str], images: Sequence[Image.Image] | None = None, *,
                      height: int | None = None, width: int | None = None, images_per_prompt: int = 1,
-                     seed: int | None = None, max_new_tokens: int | None = None,
+                     seed: int | Sequence[int] | None = None, max_new_tokens: int | None = None,
                      **options: object) -> CheckedInputs:
         """Validate a request (`UserError` naming the argument); edits take their size from each source."""
         if options:
             raise UserError(f"the Shapes oracle takes no sampling options; got {', '.join(sorted(options))}")
         what = {"text_to_image": "prompts", "edit_image": "instructions", "image_to_text": "questions"}[job]
         texts = check_texts(texts, what, allow_blank=job == "text_to_image")
-        seed = check_seed(seed)
+        seed = check_seed(seed) if job == "image_to_text" else check_seeds(seed, len(texts), what[:-1])
         settings: dict[str, object] = {"wrong_colors": self.wrong_colors, "drop_object": self.drop_object,
                                        "mirror_positions": self.mirror_positions}
         rgb = None
@@ -95,6 +95,14 @@ class ShapesOracle:
     def _seed(seed: int | None) -> int:
         return int(np.random.SeedSequence().entropy % (2**63)) if seed is None else int(seed)
 
+    def _seed_keys(self, seed: int | list[int] | None, count: int) -> list[tuple[int, int]]:
+        """(seed, index) per item of a checked request: one seed for all (item i is index i), or a
+        seed list (each item index 0, so an item does not depend on the others)."""
+        if isinstance(seed, list):
+            return [(s, 0) for s in seed]
+        base = self._seed(seed)
+        return [(base, i) for i in range(count)]
+
     def _corrupt(self, scene: Scene, rng: np.random.Generator) -> Scene:
         objects = list(scene.objects)
         if self.wrong_colors:
@@ -120,33 +128,33 @@ class ShapesOracle:
     # -- UnifiedPipeline ---------------------------------------------------------------------------
 
     def text_to_image(self, prompts: Sequence[str], *, height: int | None = None, width: int | None = None,
-                      images_per_prompt: int = 1, seed: int | None = None, progress: bool = False,
+                      images_per_prompt: int = 1, seed: int | Sequence[int] | None = None, progress: bool = False,
                       **options: object) -> list[list[Image.Image]]:
         """Render each prompt's scene `images_per_prompt` times (an unparseable prompt: empty canvas)."""
         request = self.check_inputs("text_to_image", prompts, height=height, width=width,
                                     images_per_prompt=images_per_prompt, seed=seed, **options)
-        size, base = request.settings["size"], self._seed(request.seed)
+        size, keys = request.settings["size"], self._seed_keys(request.seed, len(request.texts))
         out = []
         for i, prompt in enumerate(request.texts):
             images = []
             for k in range(request.images_per_prompt):
-                rng = rng_for(base, 31, i, k)
+                rng = rng_for(keys[i][0], 31, keys[i][1], k)
                 images.append(render(self._corrupt(self.scene_for_prompt(prompt, rng), rng), size))
             out.append(images)
         return out
 
     def edit_image(self, images: Sequence[Image.Image], instructions: Sequence[str], *, height: int | None = None,
-                   width: int | None = None, seed: int | None = None, progress: bool = False,
+                   width: int | None = None, seed: int | Sequence[int] | None = None, progress: bool = False,
                    **options: object) -> list[Image.Image]:
         """Read each source with the judge, apply its instruction and render the result."""
         request = self.check_inputs("edit_image", instructions, images, height=height, width=width, seed=seed,
                                     **options)
-        base = self._seed(request.seed)
+        keys = self._seed_keys(request.seed, len(request.texts))
         out = []
         for i, (image, instruction) in enumerate(zip(request.images, request.texts)):
             size = self._size(height or image.height, width or image.width)
             source = Scene(tuple(_snap(o) for o in judge_scene(image).objects))
-            rng = rng_for(base, 32, i)
+            rng = rng_for(keys[i][0], 32, keys[i][1])
             edit = apply_instruction(rng, source, instruction)
             target = source if edit is None else edit.target
             out.append(render(self._corrupt(target, rng), size))

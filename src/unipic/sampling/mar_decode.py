@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from unipic.sampling.rng import Randomness
 from unipic.sampling.schedules import cfg_at_step, mask_by_order, reveal_mask_len, sample_orders
 
 
@@ -38,7 +39,7 @@ def mar_generate_tokens(
     temperature: float = 1.0,
     head_steps: int | None = None,
     x_con: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Randomness = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Sample image tokens after a text (or text + source image) prefix.

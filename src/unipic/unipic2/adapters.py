@@ -35,6 +35,7 @@ from unipic.checks import (
     check_int,
     check_number,
     check_seed,
+    check_seeds,
 )
 from unipic.unipic2.images import (
     EDIT_NEGATIVE_PROMPT,
@@ -104,6 +105,13 @@ class _UniPic2Adapter:
             return None
         return torch.Generator(device=self.pipeline._execution_device).manual_seed(seed)
 
+    def _generators(self, seed: int | list[int] | None, count: int) -> list[torch.Generator | None]:
+        """One generator per prompt/pair of a checked request: a seed list gives each its own,
+        otherwise all share one (the same object, advancing from one to the next)."""
+        if isinstance(seed, list):
+            return [self._generator(s) for s in seed]
+        return [self._generator(seed)] * count
+
     def _check_output_size(self, height: int, width: int) -> None:
         check_size(height, width, multiple=self.pipeline.vae_scale_factor * self.pipeline.patch_size,
                    max_side=self.pipeline.max_image_side(), what="output")
@@ -134,7 +142,7 @@ class _UniPic2Adapter:
         height: int | None = None,
         width: int | None = None,
         images_per_prompt: int = 1,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         max_new_tokens: int | None = None,
         **options: object,
     ) -> CheckedInputs:
@@ -142,12 +150,13 @@ class _UniPic2Adapter:
 
         An edit's output size depends on each source image, so for edits without an explicit
         size the settings carry the longer-edge rule (`image_size`) instead of height/width.
+        Generation and editing take a seed list too, one seed per prompt or pair.
         """
-        seed = check_seed(seed)
         if job == "image_to_text":
-            return self._check_caption(texts, images, seed, max_new_tokens, options)
+            return self._check_caption(texts, images, check_seed(seed), max_new_tokens, options)
         if job == "text_to_image":
             texts = check_texts(texts, "prompts", allow_blank=True)
+            seed = check_seeds(seed, len(texts), "prompt")
             opts = _parse_options(options, _GENERATION_OPTIONS, "text-to-image")
             images_per_prompt = check_int(images_per_prompt, "images_per_prompt", minimum=1)
             height = height or width or DEFAULT_SIZE
@@ -158,6 +167,7 @@ class _UniPic2Adapter:
             rgb = None
         elif job == "edit_image":
             texts = check_texts(texts, "instructions")
+            seed = check_seeds(seed, len(texts), "instruction")
             rgb = _check_images(images, len(texts), "instructions")
             opts = _parse_options(options, _EDIT_OPTIONS, "edit")
             settings = {"negative_prompt": opts.get("negative_prompt", EDIT_NEGATIVE_PROMPT),
@@ -189,7 +199,7 @@ class _UniPic2Adapter:
         height: int | None = None,
         width: int | None = None,
         images_per_prompt: int = 1,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         progress: bool = False,
         **options: object,
     ) -> list[list[Image.Image]]:
@@ -197,13 +207,18 @@ class _UniPic2Adapter:
         request = self.check_inputs("text_to_image", prompts, height=height, width=width,
                                     images_per_prompt=images_per_prompt, seed=seed, **options)
         prompts, settings = request.texts, request.settings
-        generator = self._generator(request.seed)
+        shared = not isinstance(request.seed, list)
+        generators = self._generators(request.seed, len(prompts))
         self.pipeline.set_progress_bar_config(disable=not progress)
         # batch_size caps the images per forward pass: whole prompts are grouped (at least one).
         per_call = max(1, settings["batch_size"] // images_per_prompt)
         results: list[list[Image.Image]] = []
         for start in range(0, len(prompts), per_call):
             chunk = prompts[start : start + per_call]
+            # A seed list: diffusers draws image j from generator j, so each prompt's images come
+            # from its own generator (repeated, it advances from one image to the next).
+            generator = generators[0] if shared else [g for g in generators[start : start + per_call]
+                                                      for _ in range(images_per_prompt)]
             images = self.pipeline(
                 prompt=chunk,
                 height=settings["height"],
@@ -237,25 +252,26 @@ class _UniPic2Adapter:
         *,
         height: int | None = None,
         width: int | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         progress: bool = False,
         **options: object,
     ) -> list[Image.Image]:
         """Apply instruction i to image i; outputs have the (resized) input size.
 
-        Pairs run one after another with one generator (`batch_size` has no effect), so results
-        depend only on the inputs and the seed. Images of any mode are converted to RGB
-        (transparency composited on white). The source is resized straight to the output size
-        (upstream's behaviour); `input_resize="crop"` centre-crops it to the output's aspect ratio
-        first, which avoids distortion when a forced size has another aspect ratio.
+        Pairs run one after another with one generator, or with a seed list one generator each
+        (`batch_size` has no effect), so results depend only on the inputs and the seed. Images of
+        any mode are converted to RGB (transparency composited on white). The source is resized
+        straight to the output size (upstream's behaviour); `input_resize="crop"` centre-crops it to
+        the output's aspect ratio first, which avoids distortion when a forced size has another
+        aspect ratio.
         """
         request = self.check_inputs("edit_image", instructions, images, height=height, width=width, seed=seed,
                                     **options)
         settings = request.settings
-        generator = self._generator(request.seed)
+        generators = self._generators(request.seed, len(request.texts))
         self.pipeline.set_progress_bar_config(disable=not progress)
         edited = []
-        for image, instruction in zip(request.images, request.texts):
+        for image, instruction, generator in zip(request.images, request.texts, generators):
             out_w, out_h = self._edit_size(image.size, height, width, settings.get("image_size", EDIT_IMAGE_SIZE))
             result = self.pipeline(
                 prompt=instruction,
