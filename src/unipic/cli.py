@@ -148,9 +148,9 @@ def _check_output_file(path: str, *, overwrite: bool, flag: str = "-o") -> Path:
 
 def _metadata(args: argparse.Namespace, request: CheckedInputs, seed: int | None, **extra: object) -> dict[str, str]:
     """What an output was made from, once each: model, seed, the settings sampling used, the text."""
-    return {"software": "unipic", "model": str(args.model or "default"), "seed": str(seed),
-            "settings": json.dumps(request.settings, sort_keys=True, allow_nan=False),
-            **{key: str(value) for key, value in extra.items()}}
+    from unipic.io_utils import output_record
+
+    return output_record(str(args.model or "default"), seed, request.settings, **extra)
 
 
 # ---------------------------------------------------------------------------------------------

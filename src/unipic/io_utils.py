@@ -66,6 +66,17 @@ def _chunk_text(value: object) -> str:
     return value if isinstance(value, str) else json.dumps(value, allow_nan=False)
 
 
+def output_record(model: str, seed: int | None, settings: Mapping[str, object], **extra: object) -> dict[str, str]:
+    """What an output image was made from, once each: model, seed, the exact settings sampling used
+    (a `CheckedInputs.settings`, as JSON; NaN is refused) and the texts (`prompt`, `index`, ...).
+
+    The CLI writes this into its files and `unipic serve` into the PNGs it returns, so both read the same.
+    """
+    return {"software": "unipic", "model": model, "seed": str(seed),
+            "settings": json.dumps(dict(settings), sort_keys=True, allow_nan=False),
+            **{key: str(value) for key, value in extra.items()}}
+
+
 def save_image_atomic(
     image: Image.Image, path: str | os.PathLike, text_chunks: Mapping[str, object] | None = None
 ) -> Path:
@@ -79,6 +90,11 @@ def save_image_atomic(
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"cannot tell the image format from the file name {str(path)!r}; use .png or .jpg")
+    return atomic_write_bytes(path, encode_image(image, fmt, text_chunks))
+
+
+def encode_image(image: Image.Image, fmt: str, text_chunks: Mapping[str, object] | None = None) -> bytes:
+    """The bytes `save_image_atomic` writes: `fmt` ("PNG", "JPEG", "WEBP", ...) with `text_chunks`."""
     chunks = {key: _chunk_text(value) for key, value in (text_chunks or {}).items()}
     buffer = io.BytesIO()
     if fmt == "PNG":
@@ -92,7 +108,7 @@ def save_image_atomic(
         image.save(buffer, format=fmt, exif=exif.tobytes())
     else:
         image.save(buffer, format=fmt)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def read_image_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -45,6 +45,23 @@ def test_generations_decode_match_size_and_carry_their_settings(client):
     assert not np.array_equal(_pixels(images[0]), _pixels(images[1])), "the two images of a request must differ"
 
 
+def test_png_records_are_the_clis_with_the_settings_the_pipeline_resolved(client, reference_pipeline):
+    """One record per image, as the CLI writes it: the image's own seed and each setting once (steps, not num_iter)."""
+    import json
+
+    from unipic.io_utils import output_record
+
+    result = client.images.generate(prompt="a red circle", n=2, size="48x32",
+                                    extra_body={"seed": 7, "guidance_scale": 2.5, **FAST})
+    expected = reference_pipeline.check_inputs("text_to_image", ["a red circle"] * 2, height=32, width=48,
+                                               seed=[7, 8], steps=2, cfg=2.5)
+    for k, item in enumerate(result.data):
+        record = decode_b64_png(item.b64_json).text
+        assert record == output_record("tiny-random", 7 + k, expected.settings, prompt="a red circle", index=k)
+        settings = json.loads(record["settings"])
+        assert settings["steps"] == 2 and settings["cfg"] == 2.5 and "num_iter" not in settings
+
+
 def test_same_seed_same_image_and_image_k_is_seed_plus_k(client):
     def one(seed: int, n: int = 1):
         result = client.images.generate(prompt="two blue stars", n=n, size="32x32", extra_body={"seed": seed, **FAST})

@@ -69,6 +69,23 @@ def test_seed_list_must_match_the_prompts(tiny_pipeline):
         tiny_pipeline.edit_image([Image.new("RGB", (8, 8))], ["x"], seed=[1.5])
 
 
+def test_check_inputs_validates_and_returns_seed_lists(tiny_pipeline):
+    from unipic.eval.oracle import ShapesOracle
+
+    request = tiny_pipeline.check_inputs("text_to_image", ["a", "b"], seed=(3, 4), height=32, width=32)
+    assert request.seed == [3, 4]
+    assert tiny_pipeline.check_inputs("text_to_image", ["a"], seed=3, height=32, width=32).seed == 3
+    with pytest.raises(UserError, match=r"seed\[0\]=18446744073709551616: must be an integer from 0"):
+        tiny_pipeline.check_inputs("text_to_image", ["a"], seed=[2**64])
+    with pytest.raises(UserError, match=r"seed\[0\]=True: must be an integer"):
+        tiny_pipeline.check_inputs("edit_image", ["x"], [Image.new("RGB", (8, 8))], seed=[True])
+    with pytest.raises(UserError, match=r"seed=\[1, 2\]: must be an integer"):  # answering takes one seed
+        tiny_pipeline.check_inputs("image_to_text", ["q", "r"], [Image.new("RGB", (8, 8))] * 2, seed=[1, 2])
+    source = Image.new("RGB", (64, 64), (128, 128, 128))
+    with pytest.raises(UserError, match="got 1 seeds for 2 instructions; give one seed per instruction"):
+        ShapesOracle().edit_image([source, source], ["x", "y"], seed=[1])
+
+
 def test_oracle_seed_list_is_independent_of_the_batch():
     from unipic.eval.oracle import ShapesOracle
 

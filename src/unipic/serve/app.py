@@ -34,9 +34,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from unipic.api import UnifiedPipeline
+from unipic.api import CheckedInputs, UnifiedPipeline
+from unipic.checks import MAX_CFG, MAX_SEED, MAX_TEMPERATURE, check_int, check_number, check_seed
+from unipic.io_utils import output_record
 from unipic.serve.batching import Batcher, Job
-from unipic.serve.errors import APIError, bad_request, error_body, too_large
+from unipic.serve.errors import APIError, bad_request, error_body, too_large, user_errors
 from unipic.serve.images import decode_data_url, decode_image, png_b64
 from unipic.serve.jobs import ChatSettings, ChatWork, EditWork, GenerateWork, ImageSettings, run_jobs
 from unipic.serve.limits import ServeLimits
@@ -44,7 +46,7 @@ from unipic.serve.multipart import parse_multipart
 
 logger = logging.getLogger("unipic.serve")
 PUBLIC_PATHS = frozenset({"/", "/favicon.ico"})  # the page holds no data; it asks for the key itself
-MAX_SEED = 2**63 - 1
+MAX_CHAT_TEMPERATURE = 2.0  # OpenAI's range for chat completions
 KEEPALIVE_SECONDS = 5.0  # SSE comment while the answer is computed; also notices a gone client
 
 
@@ -348,32 +350,51 @@ def parse_size(size: str | None, limits: ServeLimits) -> tuple[int | None, int |
     return height, width
 
 
-def _image_settings(req: ImageRequest, limits: ServeLimits) -> tuple[int, int, ImageSettings]:
-    """(n, seed, settings) from an image request, every bound checked."""
-    n = 1 if req.n is None else req.n
-    if not 1 <= n <= limits.max_n:
-        raise bad_request(f"n={n}: this server makes 1 to {limits.max_n} images per request", "n", "invalid_value")
+def _image_settings(req: ImageRequest, limits: ServeLimits) -> tuple[list[int], ImageSettings]:
+    """(one seed per image, settings) from an image request, every server bound checked (`unipic.checks`)."""
+    with user_errors("n"):
+        n = check_int(1 if req.n is None else req.n, "n", minimum=1, maximum=limits.max_n,
+                      hint=" (images per request on this server)")
     if req.response_format not in (None, "b64_json"):
         raise bad_request(f"response_format {req.response_format!r} is not supported: the server keeps no image "
                           f"files to link to; use 'b64_json'", "response_format", "unsupported_response_format")
     if req.output_format not in (None, "png"):
         raise bad_request(f"output_format {req.output_format!r} is not supported; images come back as PNG",
                           "output_format", "invalid_value")
-    if req.seed is not None and not 0 <= req.seed <= MAX_SEED - limits.max_n:
-        raise bad_request(f"seed={req.seed} must be between 0 and {MAX_SEED - limits.max_n}", "seed",
-                          "invalid_value")
+    if req.seed is not None:
+        with user_errors("seed"):  # image k uses seed + k, so seed + max_n - 1 must be a valid seed too
+            check_int(req.seed, "seed", minimum=0, maximum=MAX_SEED - (limits.max_n - 1),
+                      hint=" (image k of a request uses seed + k)")
     steps = req.num_inference_steps
-    if steps is not None and not 1 <= steps <= limits.max_steps:
-        raise bad_request(f"num_inference_steps={steps} must be between 1 and {limits.max_steps}",
-                          "num_inference_steps", "invalid_value")
-    for name, value, top in (("guidance_scale", req.guidance_scale, 100.0), ("temperature", req.temperature, 10.0)):
-        if value is not None and not (math.isfinite(value) and 0 <= value <= top):
-            raise bad_request(f"{name}={value} must be a number between 0 and {top:g}", name, "invalid_value")
+    if steps is not None:
+        with user_errors("num_inference_steps"):
+            check_int(steps, "num_inference_steps", minimum=1, maximum=limits.max_steps)
+    for name, value, top in (("guidance_scale", req.guidance_scale, MAX_CFG),
+                             ("temperature", req.temperature, MAX_TEMPERATURE)):
+        if value is not None:
+            with user_errors(name):
+                check_number(value, name, minimum=0.0, maximum=top)
     height, width = parse_size(req.size, limits)
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     settings = ImageSettings(height=height, width=width, steps=steps, guidance_scale=req.guidance_scale,
                              temperature=req.temperature)
-    return n, seed, settings
+    return [seed + k for k in range(n)], settings
+
+
+def _check_request(pipeline: UnifiedPipeline, job: str, texts: list[str], images: list | None, *,
+                   seed: list[int] | int | None = None, height: int | None = None, width: int | None = None,
+                   max_new_tokens: int | None = None, options: dict[str, object]) -> CheckedInputs:
+    """The pipeline's own `check_inputs` for exactly what the batch will run for this request.
+
+    A mistake only the model can see (steps beyond the image's tokens, a prompt beyond its positions,
+    an option the family does not take, an image mode without an RGB conversion) is answered 400 at
+    once instead of taking a queue slot. The result holds the RGB images and the settings each output
+    records. Runs off the event loop (tokenising and image conversion are CPU work).
+    """
+    with user_errors():
+        if job == "image_to_text":
+            return pipeline.check_inputs(job, texts, images, seed=seed, max_new_tokens=max_new_tokens, **options)
+        return pipeline.check_inputs(job, texts, images, height=height, width=width, seed=seed, **options)
 
 
 async def _disconnected(request: Request) -> None:
@@ -404,22 +425,12 @@ async def _await_job(request: Request, batcher: Batcher, job: Job) -> Any:
         watcher.cancel()
 
 
-def _png_text(state: ServerState, pipeline: UnifiedPipeline, settings: ImageSettings, seed: int, index: int,
-              **extra: str) -> dict[str, object]:
-    """PNG text chunks like the CLI's: software, model, seed and settings, plus the prompt."""
-    values = dict(pipeline.sampling_defaults())
-    values.update(settings.options())
-    if settings.height is not None:
-        values.update(height=settings.height, width=settings.width)
-    return {"software": "unipic", "model": state.model_name, "seed": str(seed),
-            "settings": json.dumps(values, sort_keys=True, default=str), **extra, "index": str(index)}
-
-
-async def _images_response(state: ServerState, pipeline: UnifiedPipeline, images: list, seed: int,
-                           settings: ImageSettings, **text: str) -> dict[str, Any]:
+async def _images_response(state: ServerState, images: list, request: CheckedInputs, **text: str) -> dict[str, Any]:
+    """OpenAI's images response; each PNG records what the CLI records (`unipic.io_utils.output_record`):
+    the model, the image's own seed and the settings the pipeline resolved for this request."""
     def encode() -> list[dict[str, Any]]:
-        return [{"b64_json": png_b64(image, _png_text(state, pipeline, settings, seed + k, k, **text)),
-                 "revised_prompt": None, "seed": seed + k} for k, image in enumerate(images)]
+        return [{"b64_json": png_b64(image, output_record(state.model_name, seed, request.settings, **text, index=k)),
+                 "revised_prompt": None, "seed": seed} for k, (image, seed) in enumerate(zip(images, request.seed))]
 
     data = await run_in_threadpool(encode)  # PNG compression is CPU work: keep it off the event loop
     width, height = images[0].size
@@ -597,20 +608,29 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         _check_model(state, model_id)
         return JSONResponse(model_card())
 
+    async def images_job(request: Request, batcher: Batcher, kind: str, settings: ImageSettings, work: Any,
+                         checked: CheckedInputs, **text: str) -> Response:
+        """Queue a checked images request; answer its PNGs (499 when the client left first)."""
+        job = batcher.submit(kind, settings, len(checked.seed), work)
+        try:
+            images = await _await_job(request, batcher, job)
+        except ClientGone:
+            return Response(status_code=499)
+        return JSONResponse(await _images_response(state, images, checked, **text))
+
     @app.post("/v1/images/generations")
     async def generations(request: Request) -> Response:
         count("images.generations")
         req = _validate(ImageRequest, await _json_body(request), strict=True)
         _check_model(state, req.model)
         prompt = _check_text(req.prompt, "prompt", limits)
-        n, seed, settings = _image_settings(req, limits)
+        seeds, settings = _image_settings(req, limits)
         pipeline, batcher = _ready(state)
-        job = batcher.submit("generate", settings, n, GenerateWork(prompt, n, seed, settings))
-        try:
-            images = await _await_job(request, batcher, job)
-        except ClientGone:
-            return Response(status_code=499)
-        return JSONResponse(await _images_response(state, pipeline, images, seed, settings, prompt=prompt))
+        checked = await run_in_threadpool(_check_request, pipeline, "text_to_image", [prompt] * len(seeds), None,
+                                          seed=seeds, height=settings.height, width=settings.width,
+                                          options=settings.options())
+        return await images_job(request, batcher, "generate", settings, GenerateWork(prompt, seeds, settings),
+                                checked, prompt=prompt)
 
     @app.post("/v1/images/edits")
     async def edits(request: Request) -> Response:
@@ -639,18 +659,19 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if len(images) > 1:
             raise bad_request(f"got {len(images)} images; send one image per edit", "image", "too_many_images")
         instruction = _check_text(req.prompt, "prompt", limits)
-        n, seed, settings = _image_settings(req, limits)
+        seeds, settings = _image_settings(req, limits)
         pipeline, batcher = _ready(state)
         source = await run_in_threadpool(decode_image, images[0].data, limits)
         if settings.height is None:
             height, width = _edit_size(pipeline, source, limits)
             settings = ImageSettings(height, width, settings.steps, settings.guidance_scale, settings.temperature)
-        job = batcher.submit("edit", settings, n, EditWork(source, instruction, n, seed, settings))
-        try:
-            edited = await _await_job(request, batcher, job)
-        except ClientGone:
-            return Response(status_code=499)
-        return JSONResponse(await _images_response(state, pipeline, edited, seed, settings, instruction=instruction))
+        n = len(seeds)
+        checked = await run_in_threadpool(_check_request, pipeline, "edit_image", [instruction] * n, [source] * n,
+                                          seed=seeds, height=settings.height, width=settings.width,
+                                          options=settings.options())
+        source = checked.images[0]  # RGB, converted by the pipeline's rule (as for the CLI)
+        return await images_job(request, batcher, "edit", settings, EditWork(source, instruction, seeds, settings),
+                                checked, instruction=instruction)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -660,19 +681,24 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if req.n not in (None, 1):
             raise bad_request(f"n={req.n}: this server gives one answer per request", "n", "invalid_value")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        if max_tokens is not None and not 1 <= max_tokens <= limits.max_tokens:
-            raise bad_request(f"max_tokens={max_tokens} must be between 1 and {limits.max_tokens}", "max_tokens",
-                              "invalid_value")
-        if req.temperature is not None and not (math.isfinite(req.temperature) and 0 <= req.temperature <= 2):
-            raise bad_request(f"temperature={req.temperature} must be between 0 and 2", "temperature",
-                              "invalid_value")
-        if req.top_p is not None and not (math.isfinite(req.top_p) and 0 < req.top_p <= 1):
-            raise bad_request(f"top_p={req.top_p} must be in (0, 1]", "top_p", "invalid_value")
+        if max_tokens is not None:
+            with user_errors("max_tokens"):
+                check_int(max_tokens, "max_tokens", minimum=1, maximum=limits.max_tokens)
+        if req.temperature is not None:
+            with user_errors("temperature"):
+                check_number(req.temperature, "temperature", minimum=0.0, maximum=MAX_CHAT_TEMPERATURE)
+        if req.top_p is not None:
+            with user_errors("top_p"):
+                check_number(req.top_p, "top_p", minimum=0.0, above_minimum=True, maximum=1.0)
+        with user_errors("seed"):
+            check_seed(req.seed)
         pipeline, batcher = _ready(state)
         question, image = await run_in_threadpool(_parse_messages, req.messages, limits)
         question = question if question.strip() else _default_question(pipeline)
         settings = ChatSettings(max_tokens, req.temperature, req.top_p)
-        work = ChatWork(image, question, settings, req.seed)
+        checked = await run_in_threadpool(_check_request, pipeline, "image_to_text", [question], [image],
+                                          seed=req.seed, max_new_tokens=max_tokens, options=settings.options())
+        work = ChatWork(checked.images[0], question, settings, checked.seed)
         # Sampled answers with a seed run alone: their randomness is one RNG per pipeline call.
         key = (settings, uuid.uuid4().hex) if settings.sampling and req.seed is not None else settings
         job = batcher.submit("chat", key, 1, work)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from unipic.api import UserError
+from unipic.checks import check_int
 from unipic.cli_common import add_model_options
 
 
@@ -105,8 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         f"pip install 'unipic[serve]'") from None
     from unipic.loading import load_pipeline
 
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port {args.port} must be between 0 and 65535")
+    check_int(args.port, "--port", minimum=0, maximum=65535, hint=" (0 picks a free one)")
     limits = _limits(args)
     api_key = args.api_key or os.environ.get("UNIPIC_API_KEY") or None
     name = _model_name(args)

@@ -3,8 +3,10 @@
 Decoding refuses what would cost more than the limits allow *before* pixels are decompressed:
 the header gives the size, so a small file that would expand to gigabytes (a decompression bomb)
 is refused with 413 without being decoded. Only common still-image formats are opened (no TIFF,
-EPS or other rarely used decoders), truncated files are errors (PIL's global
-`LOAD_TRUNCATED_IMAGES` stays off), and every mode PIL can produce is turned into RGB.
+EPS or other rarely used decoders), and truncated files are errors (PIL's global
+`LOAD_TRUNCATED_IMAGES` stays off). The decoded image keeps its mode: the pipeline's
+`check_inputs` turns every mode into RGB (`unipic.images.to_rgb`, with the model's own background
+for transparency), exactly as for the CLI.
 """
 
 from __future__ import annotations
@@ -12,14 +14,13 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import re
 import warnings
 from collections.abc import Mapping
 
-import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from unipic.io_utils import encode_image
 from unipic.serve.errors import APIError, bad_request, too_large
 from unipic.serve.limits import ServeLimits
 
@@ -28,7 +29,8 @@ _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+
 
 
 def decode_image(data: bytes, limits: ServeLimits, *, param: str = "image") -> Image.Image:
-    """Decode untrusted image bytes into an RGB image, or raise a 400/413 `APIError` in plain words."""
+    """Decode untrusted image bytes (the first frame, upright by its EXIF orientation, in its own mode),
+    or raise a 400/413 `APIError` in plain words."""
     if not data:
         raise bad_request("the image is empty (0 bytes); upload a PNG, JPEG, WebP, GIF or BMP file", param,
                           "invalid_image")
@@ -56,8 +58,8 @@ def decode_image(data: bytes, limits: ServeLimits, *, param: str = "image") -> I
                 raise _too_many_pixels((width, height), limits, param)
             try:
                 image.load()  # the first frame of an animation
-                image = ImageOps.exif_transpose(image) or image  # phone photos: honour the orientation tag
-                return to_rgb(image)
+                # A copy detached from the file; phone photos: honour the orientation tag.
+                return ImageOps.exif_transpose(image)
             except Image.DecompressionBombError:
                 raise _too_many_pixels((width, height), limits, param) from None
             except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as error:
@@ -74,25 +76,6 @@ def _too_many_pixels(size: tuple[int, int] | None, limits: ServeLimits, param: s
     what = f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels" if size else "too many pixels"
     return too_large(f"the image has {what}; the limit is {limits.max_image_pixels:,} pixels (this also refuses "
                      f"decompression bombs); send a smaller image", param, "image_too_large")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode as 8-bit RGB: transparency composited on white, 16/32-bit and float scaled down."""
-    if image.mode == "RGB":
-        return image.copy()
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    if image.mode.startswith(("I", "F")):
-        # PIL's own I/F → RGB conversion clips at 255, which turns 16-bit images white.
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
-        if image.mode == "F" and values.max(initial=0) <= 1.0:
-            top = 1.0
-        grey = np.clip(values / top * 255.0, 0, 255).round().astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    return image.convert("RGB")
 
 
 def decode_data_url(url: object, limits: ServeLimits, *, param: str) -> Image.Image:
@@ -119,13 +102,8 @@ def decode_data_url(url: object, limits: ServeLimits, *, param: str) -> Image.Im
 
 
 def encode_png(image: Image.Image, text: Mapping[str, object] | None = None) -> bytes:
-    """PNG bytes with `text` in tEXt chunks (non-string values as JSON), like the CLI's files."""
-    info = PngImagePlugin.PngInfo()
-    for key, value in (text or {}).items():
-        info.add_text(key, value if isinstance(value, str) else json.dumps(value, sort_keys=True))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
+    """PNG bytes with `text` in text chunks (non-string values as JSON), written as the CLI writes its files."""
+    return encode_image(image, "PNG", text)
 
 
 def png_b64(image: Image.Image, text: Mapping[str, object] | None = None) -> str:

@@ -1,9 +1,10 @@
 """What the model thread does with a batch: one pipeline call for compatible requests.
 
-Every request brings its own seed, and image k of a request uses seed + k. The pipelines take one
-seed per prompt (`seed=[...]`), so an image does not depend on which other requests shared its
-batch: the same request gives the same image alone or batched, and image k can be redrawn alone
-with seed + k (up to floating-point rounding of batched arithmetic).
+Every request brings its own seed, and image k of a request uses seed + k (its `seeds`, as the
+pipeline's `check_inputs` accepted them when the request arrived). The pipelines take one seed per
+prompt (`seed=[...]`), so an image does not depend on which other requests shared its batch: the
+same request gives the same image alone or batched, and image k can be redrawn alone with seed + k
+(up to floating-point rounding of batched arithmetic).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from typing import Any
 
 from PIL import Image
 
-from unipic.api import UnsupportedTaskError, UserError
+from unipic.api import UserError
 from unipic.serve.batching import Job
-from unipic.serve.errors import APIError
+from unipic.serve.errors import APIError, from_user_error
 
 logger = logging.getLogger("unipic.serve")
 
@@ -46,22 +47,20 @@ class ImageSettings:
 
 @dataclass
 class GenerateWork:
-    """A text-to-image request: `n` images of `prompt`, image k with seed `seed + k`."""
+    """A text-to-image request: one image of `prompt` per seed (image k with `seeds[k]`)."""
 
     prompt: str
-    n: int
-    seed: int
+    seeds: list[int]
     settings: ImageSettings
 
 
 @dataclass
 class EditWork:
-    """An edit request: `n` edits of `image` by `instruction`, edit k with seed `seed + k`."""
+    """An edit request: one edit of `image` (RGB) by `instruction` per seed (edit k with `seeds[k]`)."""
 
     image: Image.Image
     instruction: str
-    n: int
-    seed: int
+    seeds: list[int]
     settings: ImageSettings
 
 
@@ -108,7 +107,7 @@ def run_jobs(pipeline, jobs: Sequence[Job]) -> list[Any]:
         return _run(pipeline, jobs)
     except UserError as error:
         if len(jobs) == 1:
-            return [_user_error(error)]
+            return [from_user_error(error)]
     except Exception as error:
         logger.exception("a batch of %d %s request(s) failed", len(jobs), jobs[0].kind)
         return [_internal_error(error)] * len(jobs)
@@ -117,16 +116,11 @@ def run_jobs(pipeline, jobs: Sequence[Job]) -> list[Any]:
         try:
             results.extend(_run(pipeline, [job]))
         except UserError as error:
-            results.append(_user_error(error))
+            results.append(from_user_error(error))
         except Exception as error:
             logger.exception("a %s request failed", job.kind)
             results.append(_internal_error(error))
     return results
-
-
-def _user_error(error: UserError) -> APIError:
-    code = "unsupported_task" if isinstance(error, UnsupportedTaskError) else "invalid_value"
-    return APIError(400, str(error), code=code)
 
 
 def _internal_error(error: Exception) -> APIError:
@@ -155,21 +149,21 @@ def _split(items: list, counts: Sequence[int]) -> list[list]:
 
 def _generate(pipeline, works: Sequence[GenerateWork]) -> list[list[Image.Image]]:
     settings = works[0].settings
-    prompts = [w.prompt for w in works for _ in range(w.n)]
-    seeds = [w.seed + k for w in works for k in range(w.n)]
+    prompts = [w.prompt for w in works for _ in w.seeds]
+    seeds = [seed for w in works for seed in w.seeds]
     rows = pipeline.text_to_image(prompts, height=settings.height, width=settings.width, images_per_prompt=1,
                                   seed=seeds, **settings.options())
-    return _split([row[0] for row in rows], [w.n for w in works])
+    return _split([row[0] for row in rows], [len(w.seeds) for w in works])
 
 
 def _edit(pipeline, works: Sequence[EditWork]) -> list[list[Image.Image]]:
     settings = works[0].settings
-    images = [w.image for w in works for _ in range(w.n)]
-    instructions = [w.instruction for w in works for _ in range(w.n)]
-    seeds = [w.seed + k for w in works for k in range(w.n)]
+    images = [w.image for w in works for _ in w.seeds]
+    instructions = [w.instruction for w in works for _ in w.seeds]
+    seeds = [seed for w in works for seed in w.seeds]
     edited = pipeline.edit_image(images, instructions, height=settings.height, width=settings.width, seed=seeds,
                                  **settings.options())
-    return _split(list(edited), [w.n for w in works])
+    return _split(list(edited), [len(w.seeds) for w in works])
 
 
 def _chat(pipeline, works: Sequence[ChatWork]) -> list[str]:
