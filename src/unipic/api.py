@@ -8,7 +8,8 @@ interchangeable. A job a family cannot do raises `UnsupportedTaskError`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -36,6 +37,26 @@ def check_texts(texts: Sequence[str], name: str, *, allow_blank: bool = False) -
     return texts
 
 
+Job = Literal["text_to_image", "edit_image", "image_to_text"]
+
+
+@dataclass
+class CheckedInputs:
+    """One request after `check_inputs`: validated texts, RGB images, seed and the exact settings.
+
+    `seed` is None, one seed, or (generation and editing) a list with one seed per text.
+    `settings` holds every value sampling will use (defaults filled in, aliases resolved), once
+    each, as plain JSON-safe values; the CLI and the server record it with each output.
+    """
+
+    job: str
+    texts: list[str]
+    images: list[Image.Image] | None = None
+    seed: int | list[int] | None = None
+    images_per_prompt: int = 1
+    settings: dict[str, object] = field(default_factory=dict)
+
+
 @runtime_checkable
 class UnifiedPipeline(Protocol):
     """Text-to-image, editing and image-to-text behind one interface.
@@ -43,6 +64,9 @@ class UnifiedPipeline(Protocol):
     Images go in and come out as RGB `PIL.Image.Image`. Every method validates its inputs and
     raises `UserError` (with the argument name, the bad value and the fix) for bad ones.
     `seed=None` means nondeterministic; the same seed on the same device gives the same output.
+    For generation and editing `seed` may also be a list, one seed per prompt (or pair): each
+    prompt's images are then drawn from its own generator, so they do not depend on what else
+    shares the call (the server batches unrelated requests this way).
     Extra keyword options (`cfg`, `temperature`, `num_iter`, `num_inference_steps`, ...) are
     family-specific sampling settings; unknown ones raise `UserError`.
     """
@@ -54,7 +78,7 @@ class UnifiedPipeline(Protocol):
         height: int | None = None,
         width: int | None = None,
         images_per_prompt: int = 1,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         progress: bool = False,
         **options: object,
     ) -> list[list[Image.Image]]:
@@ -68,7 +92,7 @@ class UnifiedPipeline(Protocol):
         *,
         height: int | None = None,
         width: int | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         progress: bool = False,
         **options: object,
     ) -> list[Image.Image]:
@@ -87,6 +111,25 @@ class UnifiedPipeline(Protocol):
         """Answer question i about image i (a caption when the question asks for one)."""
         ...
 
+    def check_inputs(
+        self,
+        job: Job,
+        texts: Sequence[str],
+        images: Sequence[Image.Image] | None = None,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        images_per_prompt: int = 1,
+        seed: int | Sequence[int] | None = None,
+        max_new_tokens: int | None = None,
+        **options: object,
+    ) -> CheckedInputs:
+        """Validate a request without running it (each method calls this first); raises `UserError`.
+
+        A seed list (generation and editing only) needs one valid seed per text.
+        """
+        ...
+
     def sampling_defaults(self) -> dict[str, object]:
-        """The default settings this pipeline samples with (written into PNG metadata)."""
+        """The default settings this pipeline samples with."""
         ...

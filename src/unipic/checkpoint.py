@@ -99,15 +99,30 @@ def load_state_dict_strict(model, state: Mapping[str, torch.Tensor], *, assign: 
         model.llm.lm_head.weight = model.llm.model.embed_tokens.weight
 
 
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Memory-map a safetensors file; a damaged one is a one-line CheckpointError, not a traceback."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a safetensors file")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"{path} is truncated or not a safetensors file ({first[:160]}); "
+                              "copy or download it again") from None
+
+
 def read_tensor_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a safetensors file (memory-mapped) or a pickled torch file with `weights_only=True`."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder; give the checkpoint file")
     if not path.is_file():
         raise UserError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return _load_safetensors(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError) as error:
@@ -171,17 +186,22 @@ def save_model_folder(model, tokenizer, folder: str | os.PathLike, *, max_shard_
 
 def read_model_folder_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a model folder (single file or shards), memory-mapped."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if (folder / INDEX_NAME).is_file():
-        weight_map = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
+        try:
+            weight_map = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(f"{folder / INDEX_NAME} is not a safetensors index "
+                                  f"({type(error).__name__}: {error})") from None
         state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            state.update(load_file(str(folder / shard)))
+        for shard in shards:
+            if not (folder / shard).is_file():
+                raise CheckpointError(f"{folder / INDEX_NAME} names {shard}, which is missing from {folder}")
+            state.update(_load_safetensors(folder / shard))
         return state
-    if (folder / WEIGHTS_NAME).is_file():
-        return load_file(str(folder / WEIGHTS_NAME))
+    if (folder / WEIGHTS_NAME).exists():
+        return _load_safetensors(folder / WEIGHTS_NAME)
     raise UserError(f"{folder} has no {WEIGHTS_NAME} or {INDEX_NAME}")
 
 
@@ -195,11 +215,12 @@ def load_model_folder(folder: str | os.PathLike, *, device: torch.device | str =
         raise UserError(f"{folder} is not a unipic model folder (no {CONFIG_NAME})")
     try:
         config = UniPicConfig.load(folder / CONFIG_NAME)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
         raise UserError(f"{folder / CONFIG_NAME}: {error}") from None
+    # The tokenizer is checked before the weights are read, so a broken folder fails fast.
+    tokenizer = load_tokenizer(folder, config.image_token)
     model = build_model(config, empty=True)
     load_state_dict_strict(model, read_model_folder_tensors(folder), assign=True)
     model.to(device=device, dtype=dtype)
-    tokenizer = load_tokenizer(folder, config.image_token)
     model.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
     return model.eval(), tokenizer

@@ -1,4 +1,4 @@
-"""The `unipic` command line: generate, edit, caption, state-dict, convert, eval, data, train.
+"""The `unipic` command line: generate, edit, caption, state-dict, convert, eval, data, train, serve.
 
 Each handler only parses arguments, builds settings and calls library functions. A user mistake
 (missing file, bad size, unknown model, ...) raises `UserError`, printed as one line with exit code 2.
@@ -10,13 +10,28 @@ import argparse
 import json
 import logging
 import os
+import re
 import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from unipic.api import UserError
+from unipic.api import CheckedInputs, UserError
+from unipic.checks import (
+    INPUT_RESIZE_MODES,
+    MAX_CFG,
+    MAX_TEMPERATURE,
+    check_choice,
+    check_int,
+    check_number,
+    check_seed,
+    check_writable,
+)
 from unipic.cli_common import add_model_options
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 logger = logging.getLogger("unipic")
 
@@ -36,23 +51,28 @@ class OneLineParser(argparse.ArgumentParser):
 def add_sampling_options(parser: argparse.ArgumentParser, *, edit: bool = False) -> None:
     """Options shared by generate and edit (defaults come from the model's config when omitted)."""
     group = parser.add_argument_group("sampling (defaults: the model's own settings)")
+    seed_default = ("a random seed, recorded in the output" if edit else
+                    "random for a single prompt, recorded in the PNG; 0 with --prompt-file, so a rerun resumes; "
+                    "prompt i of a file uses seed + i")
     group.add_argument("--seed", type=int, default=None,
-                       help="random seed; the same seed on the same device reproduces the output "
-                            "(default: a random seed, recorded in the PNG)")
+                       help=f"random seed, 0 to 2**64-1; the same seed on the same device reproduces the output "
+                            f"(default: {seed_default})")
     group.add_argument("--size", type=int, default=None,
                        help="square output side in pixels, a multiple of 16 (default: the model's, e.g. 128 "
-                            "for the embedded model, 1024 for UniPic-1.5B)")
+                            "for the embedded model, 1024 for UniPic-1.5B); sizes the model's positions or this "
+                            "machine's memory cannot hold are refused with the largest that fits")
     group.add_argument("--height", type=int, default=None, help="output height in pixels (overrides --size)")
     group.add_argument("--width", type=int, default=None, help="output width in pixels (overrides --size)")
     group.add_argument("--steps", type=int, default=None,
                        help="sampling steps: MAR reveal steps for UniPic-1, denoising steps for UniPic-2")
     group.add_argument("--cfg", type=float, default=None,
-                       help="classifier-free guidance scale (1 = no guidance)"
+                       help=f"classifier-free guidance scale, 0 to {MAX_CFG:g} (1 = no guidance)"
                             + (" against 'Repeat this image.'" if edit else " against the null prompt"))
     group.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None,
                        help="UniPic-1: guidance constant over steps, or growing linearly as tokens are revealed")
     group.add_argument("--temperature", type=float, default=None,
-                       help="UniPic-1: scale of the diffusion head's per-step noise (lower = more conservative)")
+                       help=f"UniPic-1: scale of the diffusion head's per-step noise, 0 to {MAX_TEMPERATURE:g} "
+                            "(lower = more conservative)")
     group.add_argument("--head-steps", type=int, default=None,
                        help="UniPic-1: denoising steps of the per-token diffusion head (released model: 100)")
     group.add_argument("--batch-size", type=int, default=None, help="images generated per forward pass (default 8)")
@@ -77,6 +97,28 @@ def _sampling_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _check_sampling_args(args: argparse.Namespace, *, seeds: int = 1) -> None:
+    """The option checks that need no model, run before loading one (names as typed on the command line)."""
+    for flag, key in (("--size", "size"), ("--height", "height"), ("--width", "width")):
+        value = getattr(args, key)
+        if value is None:
+            continue
+        check_int(value, flag, minimum=16, hint=" and a multiple of 16")
+        # The oracle renders any size; every model family needs a multiple of its 16-pixel stride.
+        if value % 16 and args.model != "shapes-oracle":
+            raise UserError(f"{flag} {value}: must be a multiple of 16; use {flag} {max(16, round(value / 16) * 16)}")
+    check_seed(args.seed, "--seed", count=seeds)
+    for flag, key in (("--steps", "steps"), ("--head-steps", "head_steps"), ("--batch-size", "batch_size")):
+        if getattr(args, key) is not None:
+            check_int(getattr(args, key), flag, minimum=1)
+    if args.cfg is not None:
+        check_number(args.cfg, "--cfg", minimum=0.0, maximum=MAX_CFG, hint=" (1 = no guidance)")
+    if args.temperature is not None:
+        check_number(args.temperature, "--temperature", minimum=0.0, maximum=MAX_TEMPERATURE)
+    if getattr(args, "input_resize", None) is not None:  # edit only
+        check_choice(args.input_resize, "--input-resize", INPUT_RESIZE_MODES)
+
+
 def _load(args: argparse.Namespace):
     from unipic.loading import load_pipeline
 
@@ -84,39 +126,31 @@ def _load(args: argparse.Namespace):
                          cpu_offload=getattr(args, "cpu_offload", False), vae_tiling=getattr(args, "vae_tiling", False))
 
 
-def open_image(path: str | os.PathLike):
-    """Open an image file as RGB, with a one-line UserError for a missing file or a non-image."""
-    from PIL import Image, UnidentifiedImageError
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file (first frame, decoded), with a one-line UserError for anything unreadable."""
+    from unipic.images import open_image as _open
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"image not found: {path}")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            # RGBA, palette and grayscale inputs are converted (upstream crashed on them).
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise UserError(f"{path} is not a readable image ({type(error).__name__})") from None
+    return _open(path)
 
 
-def _check_output_path(path: str) -> Path:
+def _check_output_file(path: str, *, overwrite: bool, flag: str = "-o") -> Path:
+    """An image file name we may write: known suffix, not a folder, a writable place, no silent overwrite."""
     out = Path(path)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise UserError(f"-o {path}: give an image file name ending in .png (or .jpg/.webp)")
-    if out.exists() and out.is_dir():
-        raise UserError(f"-o {path} is a folder; give a file name")
+        raise UserError(f"{flag} {path}: give an image file name ending in .png (or .jpg/.webp)")
+    if out.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    if out.exists() and not overwrite:
+        raise UserError(f"{flag} {path} already exists; pass --overwrite to replace it, or choose another name")
+    check_writable(out.parent, flag, path)
     return out
 
 
-def _metadata(args: argparse.Namespace, pipeline, seed: int, **extra) -> dict:
-    settings = dict(pipeline.sampling_defaults())
-    settings.update(_sampling_options(args))
-    height, width = _size_from_args(args)
-    if height is not None:
-        settings.update(height=height, width=width)
-    return {"software": "unipic", "model": str(args.model or "default"), "seed": seed,
-            "settings": json.dumps(settings, sort_keys=True), **extra}
+def _metadata(args: argparse.Namespace, request: CheckedInputs, seed: int | None, **extra: object) -> dict[str, str]:
+    """What an output was made from, once each: model, seed, the settings sampling used, the text."""
+    from unipic.io_utils import output_record
+
+    return output_record(str(args.model or "default"), seed, request.settings, **extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,9 +161,15 @@ def _metadata(args: argparse.Namespace, pipeline, seed: int, **extra) -> dict:
 def _read_prompt_file(path: str) -> list[str]:
     """Prompts from upstream's JSON list of {"prompt": ...}, a JSONL file of such objects, or plain lines."""
     file = Path(path)
+    if file.is_dir():
+        raise UserError(f"--prompt-file {file} is a folder; give a JSON or JSONL file")
     if not file.is_file():
         raise UserError(f"prompt file not found: {file}")
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"--prompt-file {file} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                        f"{error.start}); save it as UTF-8") from None
     try:
         data = json.loads(text)
         rows = data if isinstance(data, list) else None
@@ -155,6 +195,10 @@ def _read_prompt_file(path: str) -> list[str]:
     return prompts
 
 
+def _output_paths(out: Path, count: int) -> list[Path]:
+    return [out] if count == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(count)]
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """`unipic generate`: one prompt to -o FILE, or a prompt file to -o FOLDER (sharded under accelerate)."""
     from unipic.io_utils import save_image_atomic
@@ -163,36 +207,49 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError("give either a PROMPT or --prompt-file FILE")
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("the prompt is empty; describe the image to generate")
-    if args.images_per_prompt < 1:
-        raise UserError(f"--images-per-prompt {args.images_per_prompt} must be at least 1")
+    check_int(args.images_per_prompt, "--images-per-prompt", minimum=1)
+    if args.prompt_file is not None:
+        return _generate_batch(args)
+    _check_sampling_args(args)
+    out = _check_output_file(args.output, overwrite=args.overwrite or args.images_per_prompt > 1)
+    paths = _output_paths(out, args.images_per_prompt)
+    if len(paths) > 1:  # -o x.png with -n 2 writes x-0.png and x-1.png, not x.png
+        for path in paths:
+            _check_output_file(str(path), overwrite=args.overwrite)
+    pipeline = _load(args)
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     height, width = _size_from_args(args)
-    if args.prompt_file is None:
-        out = _check_output_path(args.output)
-        pipeline = _load(args)
-        seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-        images = pipeline.text_to_image([args.prompt], height=height, width=width,
-                                        images_per_prompt=args.images_per_prompt, seed=seed,
-                                        progress=not args.quiet, **_sampling_options(args))[0]
-        paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(len(images))]
-        for k, (image, path) in enumerate(zip(images, paths)):
-            save_image_atomic(image, path, _metadata(args, pipeline, seed, prompt=args.prompt, index=str(k)))
-            print(path)
-        return 0
-    return _generate_batch(args, height, width)
+    request = pipeline.check_inputs("text_to_image", [args.prompt], height=height, width=width,
+                                    images_per_prompt=args.images_per_prompt, seed=seed, **_sampling_options(args))
+    images = pipeline.text_to_image([args.prompt], height=height, width=width,
+                                    images_per_prompt=args.images_per_prompt, seed=seed,
+                                    progress=not args.quiet, **_sampling_options(args))[0]
+    for k, (image, path) in enumerate(zip(images, paths)):
+        save_image_atomic(image, path, _metadata(args, request, seed, prompt=args.prompt, index=k))
+        print(path)
+    return 0
 
 
-def _generate_batch(args: argparse.Namespace, height: int | None, width: int | None) -> int:
+_BATCH_NAME = re.compile(r"\d{5}(?:_\d+)?\.png")
+
+
+def _generate_batch(args: argparse.Namespace) -> int:
+    """Batch mode: every prompt of a file into -o FOLDER; resumes only outputs made by the same request."""
     from tqdm.auto import tqdm
 
     from unipic.distributed import process_rank_and_world, process_shard
-    from unipic.io_utils import save_image_atomic
+    from unipic.io_utils import read_image_metadata, save_image_atomic
 
     prompts = _read_prompt_file(args.prompt_file)
     out_dir = Path(args.output)
-    if out_dir.suffix.lower() in (".png", ".jpg", ".jpeg"):
+    if out_dir.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
         raise UserError(f"-o {args.output}: with --prompt-file, -o is an output folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"-o {args.output} is a file; with --prompt-file, -o names a folder")
+    check_writable(out_dir, "-o", args.output)
+    # A fixed default seed keeps a rerun of the same command a resume (seeds are recorded per image).
     base_seed = args.seed if args.seed is not None else 0
+    _check_sampling_args(args, seeds=len(prompts))
     rank, world = process_rank_and_world()
     k_max = args.images_per_prompt
 
@@ -201,22 +258,75 @@ def _generate_batch(args: argparse.Namespace, height: int | None, width: int | N
             return [out_dir / f"{index:05d}.png"]
         return [out_dir / f"{index:05d}_{k}.png" for k in range(k_max)]
 
-    mine = process_shard(list(range(len(prompts))), rank, world)
-    todo = [i for i in mine if not all(p.exists() for p in paths_for(i))]  # resumable
-    if not todo:
-        print(f"all {len(mine)} prompts of this process are already done in {out_dir}")
-        return 0
     pipeline = _load(args)
+    height, width = _size_from_args(args)
+    # Prompt i uses seed base + i, so results do not depend on sharding or resuming.
+    request = pipeline.check_inputs("text_to_image", prompts, height=height, width=width, images_per_prompt=k_max,
+                                    seed=[base_seed + i for i in range(len(prompts))], **_sampling_options(args))
+    seeds = request.seed
+
+    def record(index: int, k: int) -> dict:
+        return _metadata(args, request, seeds[index], prompt=prompts[index], index=k, prompt_index=index)
+
+    # What is on disk now, compared with what this request would write there.
+    wanted = {path: (index, k) for index in range(len(prompts)) for k, path in enumerate(paths_for(index))}
+    on_disk = sorted(p for p in out_dir.glob("*.png") if _BATCH_NAME.fullmatch(p.name)) if out_dir.is_dir() else []
+    stale: dict[Path, str] = {}
+    for path in on_disk:
+        if path not in wanted:
+            stale[path] = "not part of this request"
+            continue
+        difference = _difference(read_image_metadata(path), record(*wanted[path]))
+        if difference:
+            stale[path] = difference
+    if stale and not args.overwrite:
+        first = next(iter(stale))
+        raise UserError(f"-o {out_dir} holds {len(stale)} image(s) made by a different request (e.g. {first.name}: "
+                        f"{stale[first]}); pass --overwrite to replace them, or use a new folder")
+    if stale and rank == 0:
+        for path in stale:
+            if path not in wanted:
+                path.unlink(missing_ok=True)  # only our own NNNNN.png names, and only with --overwrite
+    mine = process_shard(list(range(len(prompts))), rank, world)
+    todo = [i for i in mine if not all(p.is_file() and p not in stale for p in paths_for(i))]
+    skipped = len(mine) - len(todo)
+    if skipped:
+        print(f"process {rank + 1}/{world}: skipped {skipped} prompt(s) already made by this request in {out_dir}")
+    if stale:
+        print(f"process {rank + 1}/{world}: replacing {len(stale)} image(s) made by a different request (--overwrite)")
     for index in tqdm(todo, desc=f"prompts (process {rank + 1}/{world})", disable=args.quiet):
-        # Seed per prompt index, so results do not depend on sharding or resuming.
-        seed = base_seed + index
         images = pipeline.text_to_image([prompts[index]], height=height, width=width, images_per_prompt=k_max,
-                                        seed=seed, **_sampling_options(args))[0]
+                                        seed=seeds[index], **_sampling_options(args))[0]
         for k, (image, path) in enumerate(zip(images, paths_for(index))):
-            save_image_atomic(image, path, _metadata(args, pipeline, seed, prompt=prompts[index], index=str(k),
-                                                     prompt_index=str(index)))
+            save_image_atomic(image, path, record(index, k))
     print(f"process {rank + 1}/{world}: wrote {len(todo)} prompt(s) to {out_dir}")
     return 0
+
+
+def _difference(found: dict[str, str], expected: dict[str, str]) -> str:
+    """'' when an output's record equals this request's, else what differs, e.g. "cfg 3.0 -> 5.0"."""
+    if not found:
+        return "no unipic record in the file"
+
+    def short(value: object) -> str:
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "...'"
+
+    parts = []
+    for key in sorted(expected):
+        if found.get(key) == expected[key]:
+            continue
+        if key == "settings":
+            try:
+                old = json.loads(found.get(key) or "{}")
+            except json.JSONDecodeError:
+                old = {}
+            new = json.loads(expected[key])
+            parts += [f"{name} {short(old.get(name))} -> {short(new.get(name))}"
+                      for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+        else:
+            parts.append(f"{key} {short(found.get(key))} -> {short(expected[key])}")
+    return ", ".join(parts)
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -225,14 +335,17 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     if not args.instruction.strip():
         raise UserError("the instruction is empty; say how to edit the image")
-    out = _check_output_path(args.output)
+    _check_sampling_args(args)
+    out = _check_output_file(args.output, overwrite=args.overwrite)
     source = open_image(args.image)
     height, width = _size_from_args(args)
     pipeline = _load(args)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    request = pipeline.check_inputs("edit_image", [args.instruction], [source], height=height, width=width,
+                                    seed=seed, **_sampling_options(args))
     [image] = pipeline.edit_image([source], [args.instruction], height=height, width=width, seed=seed,
                                   progress=not args.quiet, **_sampling_options(args))
-    save_image_atomic(image, out, _metadata(args, pipeline, seed, instruction=args.instruction,
+    save_image_atomic(image, out, _metadata(args, request, seed, instruction=args.instruction,
                                             source=str(args.image)))
     print(out)
     return 0
@@ -242,15 +355,23 @@ def cmd_caption(args: argparse.Namespace) -> int:
     """`unipic caption IMAGE [--prompt Q]`: print the answer alone on stdout."""
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("--prompt is empty; ask a question or leave it out for a description")
+    if args.max_new_tokens is not None:
+        check_int(args.max_new_tokens, "--max-new-tokens", minimum=1)
+    check_seed(args.seed, "--seed")
+    options: dict = {}
+    if args.sample:
+        temperature = 1.0 if args.temperature is None else args.temperature
+        options.update(do_sample=True, temperature=check_number(
+            temperature, "--temperature", minimum=0.0, above_minimum=True, maximum=MAX_TEMPERATURE,
+            hint=" with --sample (for greedy decoding leave out --sample)"))
+    elif args.temperature is not None:
+        raise UserError(f"--temperature {args.temperature} applies only with --sample; add --sample or leave it out")
     image = open_image(args.image)
     pipeline = _load(args)
     question = args.prompt
     if question is None:
         question = getattr(getattr(getattr(pipeline, "config", None), "sampling", None), "caption_prompt",
                            "Describe the image in detail.")
-    options = {}
-    if args.sample:
-        options.update(do_sample=True, temperature=args.temperature if args.temperature is not None else 1.0)
     [answer] = pipeline.image_to_text([image], [question], max_new_tokens=args.max_new_tokens, seed=args.seed,
                                       **options)
     print(answer)
@@ -306,8 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="?", default=None, help="what to draw")
     gen.add_argument("--prompt-file", default=None, help="batch mode: a JSON list or JSONL file of {\"prompt\": ...}")
     gen.add_argument("-o", "--output", default="output.png",
-                     help="output PNG (single prompt; several images get -0, -1, ... suffixes) or output folder "
-                          "(with --prompt-file; files NNNNN.png, resumable) (default: output.png)")
+                     help="output image (single prompt; several images get -0, -1, ... suffixes) or output folder "
+                          "(with --prompt-file: files NNNNN.png; a rerun of the same request resumes, and a folder "
+                          "holding images of a different request is refused) (default: output.png). Each PNG "
+                          "records its prompt, seed, model and settings in text chunks; .jpg/.webp in EXIF")
+    gen.add_argument("--overwrite", action="store_true",
+                     help="replace existing output files (by default an existing -o file is an error; in batch "
+                          "mode: replace images made by a different request)")
     gen.add_argument("-n", "--images-per-prompt", type=int, default=1, help="images per prompt (default 1)")
     add_model_options(gen)
     add_sampling_options(gen)
@@ -317,12 +443,17 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Edit IMAGE following INSTRUCTION. UniPic-1 centre-crops the source to the "
                                       "output aspect ratio and resizes it to the output size; UniPic-2 resizes it "
                                       "straight to the output size, as upstream does (see --input-resize).")
-    edit.add_argument("image", help="source image file (any mode: RGBA, grayscale, ... are converted)")
+    edit.add_argument("image", help="source image file (any mode: 16-bit and palette images are converted, "
+                      "transparency is composited onto grey (UniPic-1) or white (UniPic-2), an animation gives its "
+                      "first frame)")
     edit.add_argument("instruction", help="what to change, e.g. 'Change the color of the circle to blue.'")
-    edit.add_argument("-o", "--output", default="edited.png", help="output PNG (default: edited.png)")
+    edit.add_argument("-o", "--output", default="edited.png",
+                      help="output image, recording its instruction, seed, model and settings (PNG text chunks; "
+                           ".jpg/.webp: EXIF) (default: edited.png)")
+    edit.add_argument("--overwrite", action="store_true", help="replace -o if it exists (by default an error)")
     add_model_options(edit)
     add_sampling_options(edit, edit=True)
-    edit.add_argument("--input-resize", choices=("stretch", "crop"), default=None,
+    edit.add_argument("--input-resize", default=None, metavar="{" + ",".join(INPUT_RESIZE_MODES) + "}",
                       help="UniPic-2: bring the source to the output size by resizing straight to it ('stretch', "
                            "upstream's behaviour, the default) or by centre-cropping to its aspect ratio first ('crop')")
     edit.set_defaults(handler=cmd_edit)
@@ -331,10 +462,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "prints the answer alone on stdout.")
     cap.add_argument("image", help="image file")
     cap.add_argument("--prompt", default=None, help="question to ask (default: the model's description prompt)")
-    cap.add_argument("--max-new-tokens", type=int, default=None, help="longest answer in tokens (default: model's)")
+    cap.add_argument("--max-new-tokens", type=int, default=None,
+                     help="longest answer in tokens, at least 1 (default: model's)")
     cap.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    cap.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --sample)")
-    cap.add_argument("--seed", type=int, default=None, help="seed for --sample")
+    cap.add_argument("--temperature", type=float, default=None,
+                     help=f"sampling temperature, above 0 and at most {MAX_TEMPERATURE:g} (only with --sample; "
+                          "default 1)")
+    cap.add_argument("--seed", type=int, default=None, help="seed for --sample, 0 to 2**64-1")
+    cap.add_argument("--quiet", action="store_true", help="no progress output (only the answer is printed)")
     add_model_options(cap)
     cap.set_defaults(handler=cmd_caption)
 
@@ -362,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(handler=cmd_convert)
 
     for module, function in (("unipic.eval.cli", "register_eval_commands"), ("unipic.eval.cli", "register_data_commands"),
-                             ("unipic.training.cli", "register_train_commands")):
+                             ("unipic.training.cli", "register_train_commands"),
+                             ("unipic.serve.cli", "register_serve_commands")):
         register = _optional_register(module, function)
         if register is not None:
             register(sub)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,12 +204,56 @@ class UniPicConfig:
 
 
 def _from_dict(cls, data: dict[str, Any], where: str):
-    """Instantiate dataclass `cls` from `data`, rejecting unknown keys with the valid ones listed."""
+    """Instantiate dataclass `cls` from `data`, rejecting unknown keys and values of the wrong type."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(data).__name__}")
     valid = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - valid)
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(valid)}")
+    # A wrong type would otherwise surface later as a traceback deep inside model building.
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if not _matches(value, hints[key]):
+            raise ValueError(f"{where}.{key} = {value!r} should be {_type_name(hints[key])}, not {type(value).__name__}")
     return cls(**data)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a dataclass field annotation (ints count as floats; dicts as dataclasses)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list) or hint in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False
+        item = args[0] if args else Any
+        return all(_matches(v, item) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, (dict, hint))
+    return True  # annotations this loader does not know are left to the constructor
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
 
 
 # ---------------------------------------------------------------------------------------------

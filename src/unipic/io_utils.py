@@ -58,20 +58,70 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping]) -> Path
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+# EXIF ImageDescription: where JPEG and WebP outputs keep the settings that PNG keeps in text chunks.
+EXIF_DESCRIPTION = 0x010E
+
+
+def _chunk_text(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value, allow_nan=False)
+
+
+def output_record(model: str, seed: int | None, settings: Mapping[str, object], **extra: object) -> dict[str, str]:
+    """What an output image was made from, once each: model, seed, the exact settings sampling used
+    (a `CheckedInputs.settings`, as JSON; NaN is refused) and the texts (`prompt`, `index`, ...).
+
+    The CLI writes this into its files and `unipic serve` into the PNGs it returns, so both read the same.
+    """
+    return {"software": "unipic", "model": model, "seed": str(seed),
+            "settings": json.dumps(dict(settings), sort_keys=True, allow_nan=False),
+            **{key: str(value) for key, value in extra.items()}}
+
+
 def save_image_atomic(
     image: Image.Image, path: str | os.PathLike, text_chunks: Mapping[str, object] | None = None
 ) -> Path:
-    """Save an image atomically; for PNG, `text_chunks` go into tEXt chunks (non-str values as JSON)."""
+    """Save an image atomically with `text_chunks` (non-str values as JSON; NaN is refused).
+
+    PNG keeps each chunk as a tEXt/iTXt entry; JPEG and WebP keep them all as one JSON object in
+    the EXIF ImageDescription tag (escaped to ASCII, as EXIF requires). `read_image_metadata`
+    reads either back.
+    """
     path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"cannot tell the image format from the file name {str(path)!r}; use .png or .jpg")
+    return atomic_write_bytes(path, encode_image(image, fmt, text_chunks))
+
+
+def encode_image(image: Image.Image, fmt: str, text_chunks: Mapping[str, object] | None = None) -> bytes:
+    """The bytes `save_image_atomic` writes: `fmt` ("PNG", "JPEG", "WEBP", ...) with `text_chunks`."""
+    chunks = {key: _chunk_text(value) for key, value in (text_chunks or {}).items()}
     buffer = io.BytesIO()
     if fmt == "PNG":
         info = PngImagePlugin.PngInfo()
-        for key, value in (text_chunks or {}).items():
-            info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+        for key, value in chunks.items():
+            info.add_text(key, value)
         image.save(buffer, format="PNG", pnginfo=info)
+    elif chunks and fmt in ("JPEG", "WEBP"):
+        exif = Image.Exif()
+        exif[EXIF_DESCRIPTION] = json.dumps(chunks, sort_keys=True, ensure_ascii=True)
+        image.save(buffer, format=fmt, exif=exif.tobytes())
     else:
         image.save(buffer, format=fmt)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def read_image_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The text chunks `save_image_atomic` wrote ({} for an image without them or an unreadable file)."""
+    try:
+        with Image.open(path) as image:
+            if image.format == "PNG":
+                return dict(getattr(image, "text", {}))
+            description = image.getexif().get(EXIF_DESCRIPTION)
+    except (OSError, SyntaxError, ValueError):
+        return {}
+    try:
+        data = json.loads(description) if isinstance(description, str) else {}
+    except json.JSONDecodeError:
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}

@@ -118,7 +118,8 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None 
             raise UserError(f"--model {name}: no such folder, and not a built-in name ({', '.join(BUILTIN_MODELS)}) "
                             f"or a hub id (org/name)")
     if not folder.is_dir():
-        raise UserError(f"--model {name}: not a folder")
+        raise UserError(f"--model {name} is a file; give the model folder that holds it (UniPic-1: config.json, "
+                        "weights and tokenizer files; UniPic-2: the component subfolders)")
     has_index = (folder / "model_index.json").is_file()
     # UniPic-2 release folders may lack model_index.json; their subfolder configs identify them.
     if has_index or not (folder / "config.json").is_file():

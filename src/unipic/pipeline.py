@@ -1,32 +1,59 @@
 """`UniPicPipeline`: UniPic-1's three jobs behind the `unipic.api.UnifiedPipeline` interface.
 
 Validates inputs (raising `UserError` with the fix), turns PIL images into tensors and back, seeds a
-`torch.Generator` on the model's device, and batches prompts. The numerical work lives in
+`torch.Generator` on the model's device (one per prompt for a seed list), and batches prompts. The numerical work lives in
 `unipic.sampling.{text_to_image, edit, image_to_text}`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from unipic.api import UserError, check_texts
+from unipic.api import CheckedInputs, Job, UserError, check_texts
+from unipic.checks import (
+    MAX_CFG,
+    MAX_TEMPERATURE,
+    available_memory,
+    check_choice,
+    check_image_list,
+    check_int,
+    check_number,
+    check_seed,
+    check_seeds,
+    gib,
+)
+from unipic.images import to_rgb
 from unipic.sampling.edit import edit_images
 from unipic.sampling.image_to_text import answer_questions
-from unipic.sampling.prompts import center_crop_resize, images_to_tensor, pad_to_square, tensor_to_images
+from unipic.sampling.prompts import (
+    center_crop_resize,
+    format_instruction,
+    images_to_tensor,
+    pad_to_square,
+    tensor_to_images,
+)
+from unipic.sampling.rng import GeneratorGroups
 from unipic.sampling.text_to_image import generate_images
 
 _T2I_OPTIONS = {"num_iter", "steps", "cfg", "cfg_schedule", "temperature", "head_steps", "batch_size"}
 _I2T_OPTIONS = {"do_sample", "temperature", "top_p", "batch_size"}
+DEFAULT_BATCH_SIZE = 8
+# Transparent input pixels are composited onto the Shapes world's flat grey background
+# (docs/world.md), which is also the neutral grey the understanding path pads with.
+ALPHA_BACKGROUND = (128, 128, 128)
 
 
-def _check_options(options: dict, allowed: set[str], job: str) -> None:
+def _check_options(options: dict, allowed: set[str], job: str) -> dict:
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise UserError(f"unknown {job} option(s) {unknown}; valid: {sorted(allowed)}")
+    # None means "the default", as for the UniPic-2 adapters (callers pass optional settings through).
+    return {key: value for key, value in options.items() if value is not None}
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -37,6 +64,22 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     else:
         generator.manual_seed(int(seed))
     return generator
+
+
+def _row_generators(seeds: list[int], owners: list[int], device: torch.device,
+                    cache: dict[int, torch.Generator]) -> GeneratorGroups:
+    """Groups for a slice of rows: consecutive rows of one prompt share that prompt's generator."""
+    generators: list[torch.Generator] = []
+    rows: list[int] = []
+    for index, owner in enumerate(owners):
+        if index and owner == owners[index - 1]:
+            rows[-1] += 1
+            continue
+        if owner not in cache:
+            cache[owner] = make_generator(seeds[owner], device)
+        generators.append(cache[owner])
+        rows.append(1)
+    return GeneratorGroups(generators, rows)
 
 
 class UniPicPipeline:
@@ -56,87 +99,229 @@ class UniPicPipeline:
                 "temperature": s.temperature, "edit_cfg": s.edit_cfg, "edit_temperature": s.edit_temperature,
                 "head_steps": s.head_steps or self.config.head.num_sampling_steps}
 
-    def _size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        default = self.config.sampling.image_size
-        height = default if height is None else int(height)
-        width = default if width is None else int(width)
-        stride = self.config.pixel_stride
-        for name, value in (("height", height), ("width", width)):
-            if value <= 0 or value % stride:
-                raise UserError(f"{name}={value} must be a positive multiple of {stride} (e.g. {default})")
-        return height, width
+    def check_inputs(self, job: Job, texts: Sequence[str], images: Sequence[Image.Image] | None = None, *,
+                     height: int | None = None, width: int | None = None, images_per_prompt: int = 1,
+                     seed: int | Sequence[int] | None = None, max_new_tokens: int | None = None,
+                     **options: object) -> CheckedInputs:
+        """Validate one request and resolve its settings; every public method calls this first.
 
-    def _mar_options(self, options: dict, *, cfg_default: float, temperature_default: float) -> dict:
+        Raises `UserError` naming the argument, the bad value and the fix. The returned settings
+        are exactly what sampling uses (defaults filled in, `num_iter`/`steps` merged into `steps`).
+        """
+        what = {"text_to_image": "prompts", "edit_image": "instructions", "image_to_text": "questions"}.get(job)
+        if what is None:
+            raise UserError(f"job={job!r}: must be 'text_to_image', 'edit_image' or 'image_to_text'")
+        texts = check_texts(texts, what)
+        # Generation and editing take one seed per text too; answering forks one RNG per call.
+        seed = check_seed(seed) if job == "image_to_text" else check_seeds(seed, len(texts), what[:-1])
+        rgb = None
+        if job != "text_to_image":
+            rgb = [to_rgb(im, ALPHA_BACKGROUND, name=f"images[{i}]")
+                   for i, im in enumerate(check_image_list(images, "images", len(texts), what))]
+        if job == "image_to_text":
+            settings = self._i2t_settings(_check_options(options, _I2T_OPTIONS, "image-to-text"), max_new_tokens)
+            self._check_i2t_positions(texts, settings["max_new_tokens"])
+            return CheckedInputs(job, texts, rgb, seed, 1, settings)
+        images_per_prompt = check_int(images_per_prompt, "images_per_prompt", minimum=1)
+        settings = self._mar_settings(_check_options(options, _T2I_OPTIONS, job.replace("_", "-")), job,
+                                      height, width)
+        self._check_positions(job, texts, settings["height"], settings["width"])
+        rows = min(settings["batch_size"], len(texts) * images_per_prompt)
+        self._check_memory(settings["height"], settings["width"], rows)
+        return CheckedInputs(job, texts, rgb, seed, images_per_prompt, settings)
+
+    def _mar_settings(self, options: dict, job: str, height: object, width: object) -> dict:
         s = self.config.sampling
-        num_iter = int(options.get("num_iter", options.get("steps", s.num_iter)))
-        cfg = float(options.get("cfg", cfg_default))
-        schedule = options.get("cfg_schedule", s.cfg_schedule)
-        temperature = float(options.get("temperature", temperature_default))
-        head_steps = options.get("head_steps", s.head_steps)
-        if num_iter < 1:
-            raise UserError(f"steps={num_iter} must be at least 1")
-        if schedule not in ("constant", "linear"):
-            raise UserError(f"cfg_schedule={schedule!r} must be 'constant' or 'linear'")
-        if temperature < 0:
-            raise UserError(f"temperature={temperature} must be >= 0")
-        if head_steps is not None and int(head_steps) < 1:
-            raise UserError(f"head_steps={head_steps} must be at least 1")
-        return {"num_iter": num_iter, "cfg": cfg, "cfg_schedule": schedule, "temperature": temperature,
-                    "head_steps": None if head_steps is None else int(head_steps)}
+        editing = job == "edit_image"
+        stride = self.config.pixel_stride
+        size = {}
+        for name, value in (("height", height), ("width", width)):
+            value = s.image_size if value is None else value
+            size[name] = check_int(value, name, minimum=stride,
+                                   hint=f" and a multiple of {stride} (e.g. {s.image_size})")
+            if size[name] % stride:
+                fixed = max(stride, round(size[name] / stride) * stride)
+                raise UserError(f"{name}={size[name]}: must be a positive multiple of {stride}; use {name}={fixed}")
+        if "num_iter" in options and "steps" in options and options["num_iter"] != options["steps"]:
+            raise UserError(f"num_iter={options['num_iter']} and steps={options['steps']} are one setting; pass one")
+        tokens = (size["height"] // stride) * (size["width"] // stride)
+        steps = check_int(options.get("steps", options.get("num_iter", s.num_iter)), "steps", minimum=1,
+                          maximum=tokens, hint=f" (a {size['height']}x{size['width']} image has {tokens} tokens)")
+        cfg = check_number(options.get("cfg", s.edit_cfg if editing else s.cfg), "cfg", minimum=0.0,
+                           maximum=MAX_CFG, hint=" (1 = no guidance)")
+        temperature = check_number(options.get("temperature", s.edit_temperature if editing else s.temperature),
+                                   "temperature", minimum=0.0, maximum=MAX_TEMPERATURE)
+        head_steps = check_int(options.get("head_steps", s.head_steps or self.config.head.num_sampling_steps),
+                               "head_steps", minimum=1, maximum=self.config.head.train_steps,
+                               hint=" (the head's training steps)")
+        return {"height": size["height"], "width": size["width"], "steps": steps, "cfg": cfg,
+                "cfg_schedule": check_choice(options.get("cfg_schedule", s.cfg_schedule), "cfg_schedule",
+                                             ("constant", "linear")),
+                "temperature": temperature, "head_steps": head_steps,
+                "batch_size": check_int(options.get("batch_size", DEFAULT_BATCH_SIZE), "batch_size", minimum=1)}
 
-    def _check_grid(self, height: int, width: int, num_iter: int) -> None:
-        tokens = (height // self.config.pixel_stride) * (width // self.config.pixel_stride)
-        if num_iter > tokens:
-            raise UserError(f"steps={num_iter} exceeds the {tokens} image tokens of a {height}x{width} image")
+    def _i2t_settings(self, options: dict, max_new_tokens: object) -> dict:
+        limit = self.config.sampling.max_new_tokens if max_new_tokens is None else max_new_tokens
+        settings: dict[str, object] = {"max_new_tokens": check_int(limit, "max_new_tokens", minimum=1)}
+        do_sample = options.get("do_sample", False)
+        if not isinstance(do_sample, bool):
+            raise UserError(f"do_sample={do_sample!r}: must be True or False")
+        settings["do_sample"] = do_sample
+        if not do_sample:
+            given = sorted(k for k in ("temperature", "top_p") if k in options)
+            if given:
+                raise UserError(f"{given[0]}={options[given[0]]!r} applies only when sampling; "
+                                "pass do_sample=True or leave it out")
+        else:
+            settings["temperature"] = check_number(options.get("temperature", 1.0), "temperature", minimum=0.0,
+                                                   above_minimum=True, maximum=MAX_TEMPERATURE,
+                                                   hint=" when sampling (greedy decoding: do_sample=False)")
+            settings["top_p"] = check_number(options.get("top_p", 1.0), "top_p", minimum=0.0, above_minimum=True,
+                                             maximum=1.0)
+        settings["batch_size"] = check_int(options.get("batch_size", DEFAULT_BATCH_SIZE), "batch_size", minimum=1)
+        return settings
+
+    def _prompt_tokens(self, text: str) -> int:
+        formatted = format_instruction(self.config.prompt_template, text)
+        return len(self.tokenizer(formatted, add_special_tokens=False)["input_ids"])
+
+    def _check_positions(self, job: str, texts: list[str], height: int, width: int) -> None:
+        """The LLM sees prompt + (source image) + generated image rows; all must fit its positions."""
+        s = self.config.sampling
+        stride, buffers = self.config.pixel_stride, self.config.mar.buffer_size
+        limit = self.config.llm.max_position_embeddings
+        image_rows = (height // stride) * (width // stride) + buffers
+        editing = job == "edit_image"
+        per_image = 2 if editing else 1  # an edit also holds the source image's rows in its prompt
+        image_token = self.config.image_token
+
+        def text_tokens(text: str) -> int:
+            # Prompt tokens besides image rows (the single <image> placeholder is not counted).
+            if editing:
+                return self._prompt_tokens(f"{image_token}\n{text}") - 1
+            return self._prompt_tokens(s.t2i_prompt.format(prompt=text))
+
+        lengths = [text_tokens(t.strip()) for t in texts]
+        null_length = (self._prompt_tokens(f"{image_token}\n{s.edit_cfg_prompt}") - 1 if editing
+                       else self._prompt_tokens(s.cfg_prompt))
+        shortest = min(lengths + [null_length])
+        if shortest + per_image * image_rows > limit:
+            # Even the shortest prompt does not fit: the size is the problem, not the text.
+            side = math.isqrt(max((limit - shortest) // per_image - buffers, 0)) * stride
+            twice = " twice (source and output)" if editing else ""
+            raise UserError(f"height={height}, width={width}: a {height}x{width} image takes {image_rows} of the "
+                            f"model's {limit} positions{twice}; the largest square size it can draw is {side}")
+        what = "instructions" if editing else "prompts"
+        for index, length in enumerate(lengths):
+            if length + per_image * image_rows > limit:
+                own = len(self.tokenizer(texts[index].strip(), add_special_tokens=False)["input_ids"])
+                allowed = limit - per_image * image_rows - (length - own)
+                raise UserError(f"{what}[{index}] is too long: {own} tokens, but with a {height}x{width} image the "
+                                f"model's {limit} positions leave room for {allowed}; shorten it or use a smaller size")
+
+    def _check_i2t_positions(self, texts: list[str], max_new_tokens: int) -> None:
+        size = self.config.sampling.understanding_image_size
+        image_rows = self.model.num_understanding_tokens(size)
+        limit = self.config.llm.max_position_embeddings
+        for index, text in enumerate(texts):
+            length = self._prompt_tokens(f"{self.config.image_token}\n{text.strip()}") - 1 + image_rows
+            if length + max_new_tokens > limit:
+                room = limit - length
+                if room < 1:
+                    raise UserError(f"questions[{index}] is too long: with the image it needs {length} positions but "
+                                    f"the model has {limit}; shorten the question")
+                raise UserError(f"max_new_tokens={max_new_tokens}: with questions[{index}] and the image only {room} "
+                                f"new tokens fit in the model's {limit} positions; use max_new_tokens={room} or less")
+
+    def _check_memory(self, height: int, width: int, rows: int) -> None:
+        """Refuse before allocating when the VAE decoder's full-resolution activations cannot fit.
+
+        That tensor pair (input and output of one full-resolution convolution) is unavoidable, so
+        the estimate is a lower bound: a refusal means the request cannot run on this device.
+        """
+        vae = self.config.vae
+        channels = vae.ch * vae.ch_mult[0]
+        element = torch.finfo(self.model.vae_dtype).bits // 8
+        needed = 2 * rows * channels * height * width * element
+        free = available_memory(self.model.device)
+        if free is not None and needed > free:
+            side = math.isqrt(free // (2 * rows * channels * element))
+            side -= side % self.config.pixel_stride
+            raise UserError(f"height={height}, width={width}: decoding {rows} image(s) of {height}x{width} needs at "
+                            f"least {gib(needed)} but {self.model.device.type} has {gib(free)} free; the largest "
+                            f"square size that fits is about {side} (fewer at once: batch_size=1)")
+
+    @staticmethod
+    def _check_finite(pixels: torch.Tensor, settings: dict) -> None:
+        """A non-finite sample would be saved as a black image: report it instead."""
+        if not bool(torch.isfinite(pixels).all()):
+            raise UserError(f"sampling produced non-finite pixels with cfg={settings['cfg']}, "
+                            f"temperature={settings['temperature']}; lower cfg/temperature or use dtype float32")
 
     # --- text to image ----------------------------------------------------------------------
 
+    @staticmethod
+    def _sampler_kwargs(settings: dict) -> dict:
+        return {"num_iter": settings["steps"], "cfg": settings["cfg"], "cfg_schedule": settings["cfg_schedule"],
+                "temperature": settings["temperature"], "head_steps": settings["head_steps"]}
+
     def text_to_image(self, prompts: Sequence[str], *, height: int | None = None, width: int | None = None,
-                      images_per_prompt: int = 1, seed: int | None = None, progress: bool = False,
+                      images_per_prompt: int = 1, seed: int | Sequence[int] | None = None, progress: bool = False,
                       **options: object) -> list[list[Image.Image]]:
-        """Generate `images_per_prompt` images per prompt (one list per prompt)."""
-        _check_options(options, _T2I_OPTIONS, "text-to-image")
-        prompts = check_texts(prompts, "prompts")
-        if images_per_prompt < 1:
-            raise UserError(f"images_per_prompt={images_per_prompt} must be at least 1")
-        height, width = self._size(height, width)
-        settings = self._mar_options(options, cfg_default=self.config.sampling.cfg,
-                                     temperature_default=self.config.sampling.temperature)
-        self._check_grid(height, width, settings["num_iter"])
-        batch_size = int(options.get("batch_size", 8))
-        expanded = [p for p in prompts for _ in range(images_per_prompt)]
-        generator = make_generator(seed, self.model.device)
+        """Generate `images_per_prompt` images per prompt (one list per prompt).
+
+        `seed` may be a list with one seed per prompt: each prompt's images then come from its own
+        generator, so they equal the same prompt generated alone with that seed, whatever else
+        shares the batch (up to floating-point rounding of the batched arithmetic).
+        """
+        request = self.check_inputs("text_to_image", prompts, height=height, width=width,
+                                    images_per_prompt=images_per_prompt, seed=seed, **options)
+        settings, per_prompt = request.settings, request.images_per_prompt
+        batch_size = settings["batch_size"]
+        expanded = [p for p in request.texts for _ in range(per_prompt)]
+        owners = [i for i in range(len(request.texts)) for _ in range(per_prompt)]
+        seeds = request.seed if isinstance(request.seed, list) else None
+        generator = None if seeds is not None else make_generator(request.seed, self.model.device)
+        generators: dict[int, torch.Generator] = {}
         images: list[Image.Image] = []
         batches = range(0, len(expanded), batch_size)
         for start in tqdm(batches, disable=not progress or len(batches) == 1, desc="batches"):
-            pixels = generate_images(self.model, self.tokenizer, expanded[start:start + batch_size], height=height,
-                                     width=width, generator=generator, progress=progress, **settings)
+            if seeds is not None:
+                generator = _row_generators(seeds, owners[start:start + batch_size], self.model.device, generators)
+            pixels = generate_images(self.model, self.tokenizer, expanded[start:start + batch_size],
+                                     height=settings["height"], width=settings["width"], generator=generator,
+                                     progress=progress, **self._sampler_kwargs(settings))
+            self._check_finite(pixels, settings)
             images.extend(tensor_to_images(pixels))
-        return [images[i * images_per_prompt:(i + 1) * images_per_prompt] for i in range(len(prompts))]
+        return [images[i * per_prompt:(i + 1) * per_prompt] for i in range(len(request.texts))]
 
     # --- editing ----------------------------------------------------------------------------
 
     def edit_image(self, images: Sequence[Image.Image], instructions: Sequence[str], *,
-                   height: int | None = None, width: int | None = None, seed: int | None = None,
+                   height: int | None = None, width: int | None = None, seed: int | Sequence[int] | None = None,
                    progress: bool = False, **options: object) -> list[Image.Image]:
-        """Edit image i by instruction i; sources are centre-cropped to the output aspect and resized."""
-        _check_options(options, _T2I_OPTIONS, "edit")
-        instructions = check_texts(instructions, "instructions")
-        images = list(images)
-        if len(images) != len(instructions):
-            raise UserError(f"got {len(images)} images but {len(instructions)} instructions; give one each")
-        height, width = self._size(height, width)
-        s = self.config.sampling
-        settings = self._mar_options(options, cfg_default=s.edit_cfg, temperature_default=s.edit_temperature)
-        self._check_grid(height, width, settings["num_iter"])
-        batch_size = int(options.get("batch_size", 8))
-        generator = make_generator(seed, self.model.device)
+        """Edit image i by instruction i; sources are centre-cropped to the output aspect and resized.
+
+        `seed` may be a list with one seed per pair, which makes each edit independent of the others
+        in the batch (see `text_to_image`).
+        """
+        request = self.check_inputs("edit_image", instructions, images, height=height, width=width, seed=seed,
+                                    **options)
+        settings = request.settings
+        height, width, batch_size = settings["height"], settings["width"], settings["batch_size"]
+        seeds = request.seed if isinstance(request.seed, list) else None
+        generator = None if seeds is not None else make_generator(request.seed, self.model.device)
+        generators: dict[int, torch.Generator] = {}
         outputs: list[Image.Image] = []
-        for start in range(0, len(images), batch_size):
-            sources = [center_crop_resize(im, height, width) for im in images[start:start + batch_size]]
+        for start in range(0, len(request.images), batch_size):
+            if seeds is not None:
+                owners = list(range(start, min(start + batch_size, len(request.images))))
+                generator = _row_generators(seeds, owners, self.model.device, generators)
+            sources = [center_crop_resize(im, height, width) for im in request.images[start:start + batch_size]]
             pixels = edit_images(self.model, self.tokenizer, images_to_tensor(sources, self.model.device),
-                                 instructions[start:start + batch_size], generator=generator, progress=progress,
-                                 **settings)
+                                 request.texts[start:start + batch_size], generator=generator, progress=progress,
+                                 **self._sampler_kwargs(settings))
+            self._check_finite(pixels, settings)
             outputs.extend(tensor_to_images(pixels))
         return outputs
 
@@ -145,28 +330,20 @@ class UniPicPipeline:
     def image_to_text(self, images: Sequence[Image.Image], questions: Sequence[str], *,
                       max_new_tokens: int | None = None, seed: int | None = None, **options: object) -> list[str]:
         """Answer question i about image i (greedy by default; `do_sample=True` samples)."""
-        _check_options(options, _I2T_OPTIONS, "image-to-text")
-        questions = check_texts(questions, "questions")
-        images = list(images)
-        if len(images) != len(questions):
-            raise UserError(f"got {len(images)} images but {len(questions)} questions; give one each")
-        max_new_tokens = int(max_new_tokens or self.config.sampling.max_new_tokens)
-        if max_new_tokens < 1:
-            raise UserError(f"max_new_tokens={max_new_tokens} must be at least 1")
+        request = self.check_inputs("image_to_text", questions, images, seed=seed, max_new_tokens=max_new_tokens,
+                                    **options)
+        settings = dict(request.settings)
+        batch_size = settings.pop("batch_size")
         size = self.config.sampling.understanding_image_size
-        batch_size = int(options.pop("batch_size", 8))
         answers: list[str] = []
         # transformers' sampling draws from the global RNG; fork it so a seed does not leak out.
         with torch.random.fork_rng(devices=[self.model.device] if self.model.device.type == "cuda" else []):
-            if seed is not None:
-                torch.manual_seed(int(seed))
-            for start in range(0, len(images), batch_size):
+            if request.seed is not None:
+                torch.manual_seed(request.seed)
+            for start in range(0, len(request.images), batch_size):
                 batch = [pad_to_square(im).resize((size, size), Image.BICUBIC)
-                         for im in images[start:start + batch_size]]
+                         for im in request.images[start:start + batch_size]]
                 answers.extend(answer_questions(self.model, self.tokenizer,
                                                 images_to_tensor(batch, self.model.device),
-                                                questions[start:start + batch_size],
-                                                max_new_tokens=max_new_tokens, **options))
+                                                request.texts[start:start + batch_size], **settings))
         return answers
-
-

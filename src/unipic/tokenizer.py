@@ -13,6 +13,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from unipic.api import UserError
+
 CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
@@ -63,6 +65,12 @@ def load_tokenizer(folder: str | Path, image_token: str = "<image>") -> PreTrain
     """Load a tokenizer saved in a model folder (Qwen2.5 or ours) and make sure `image_token` exists."""
     from transformers.utils import logging as hf_logging
 
+    folder = Path(folder)
+    # Without these files transformers tries to convert a slow tokenizer and fails with a long traceback.
+    if not (folder / "tokenizer.json").is_file() and not ((folder / "vocab.json").is_file()
+                                                          and (folder / "merges.txt").is_file()):
+        raise UserError(f"{folder} has no tokenizer.json (nor vocab.json + merges.txt); copy the tokenizer files "
+                        "into the model folder")
     # AutoTokenizer also reads the folder's config.json, whose model_type ("unipic1") transformers
     # does not know, and warns about it; the tokenizer files alone decide the tokenizer here.
     config_logger = hf_logging.get_logger("transformers.configuration_utils")
@@ -70,6 +78,9 @@ def load_tokenizer(folder: str | Path, image_token: str = "<image>") -> PreTrain
     config_logger.setLevel(hf_logging.ERROR)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), padding_side="right")
+    except (OSError, ValueError, TypeError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"{folder}: the tokenizer files cannot be loaded ({first[:160]})") from None
     finally:
         config_logger.setLevel(level)
     add_image_token(tokenizer, image_token)

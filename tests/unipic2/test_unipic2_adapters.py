@@ -93,8 +93,11 @@ def test_edit_input_resize_defaults_to_upstream_stretch(kontext):
     [cropped] = adapter.edit_image([source], ["make it red"], seed=0, input_resize="crop")
     assert cropped.tobytes() == fit(source, 512, 352).tobytes() != stretched.tobytes()
     assert adapter.sampling_defaults()["edit_input_resize"] == "stretch"
-    with pytest.raises(UserError, match="input_resize"):
+    with pytest.raises(UserError, match="input_resize='pad': must be one of 'stretch', 'crop'"):
         adapter.edit_image([source], ["make it red"], input_resize="pad")
+    # The resolved mode is part of the request's settings (what the CLI records in the output).
+    assert adapter.check_inputs("edit_image", ["x"], [source]).settings["input_resize"] == "stretch"
+    assert adapter.check_inputs("edit_image", ["x"], [source], input_resize="crop").settings["input_resize"] == "crop"
 
 
 def test_captioning(kontext, metaquery):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from unipic.api import UserError
+from unipic.checks import check_int, check_seed, check_writable
 from unipic.cli_common import add_model_options, pipeline_from_args
 
 
@@ -31,6 +33,21 @@ def _model_name(args: argparse.Namespace) -> str:
     return str(args.model or "default")
 
 
+def _check_before_load(args: argparse.Namespace) -> None:
+    """Reject bad numbers and an unusable --out before spending time on loading a model."""
+    if getattr(args, "size", None) is not None:
+        check_int(args.size, "--size", minimum=16)
+    check_seed(getattr(args, "seed", None), "--seed")
+    for flag in ("images_per_prompt", "n_per_category", "n_per_kind", "batch_size", "limit"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            check_int(value, "--" + flag.replace("_", "-"), minimum=1)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
+    check_writable(out, "--out", str(out))
+
+
 # ---------------------------------------------------------------------------------------------
 # Handlers
 # ---------------------------------------------------------------------------------------------
@@ -39,6 +56,7 @@ def _model_name(args: argparse.Namespace) -> str:
 def cmd_eval_geneval(args: argparse.Namespace) -> int:
     from unipic.eval.t2i import generate_geneval, load_metadata
 
+    _check_before_load(args)
     metadata = load_metadata(args.metadata)
     pipeline = pipeline_from_args(args)
     result = generate_geneval(pipeline, metadata, args.out, args.images_per_prompt, args.size, args.seed,
@@ -60,6 +78,7 @@ def cmd_eval_judge(args: argparse.Namespace) -> int:
 def cmd_eval_t2i(args: argparse.Namespace) -> int:
     from unipic.eval.t2i import run_t2i_eval, summary_table
 
+    _check_before_load(args)
     pipeline = pipeline_from_args(args)
     summary = run_t2i_eval(pipeline, args.out, args.n_per_category, args.images_per_prompt, args.size, args.seed,
                            _model_name(args), progress=not args.quiet)
@@ -72,6 +91,7 @@ def cmd_eval_t2i(args: argparse.Namespace) -> int:
 def cmd_eval_i2t(args: argparse.Namespace) -> int:
     from unipic.eval.i2t import i2t_table, run_i2t_eval
 
+    _check_before_load(args)
     summary = run_i2t_eval(pipeline_from_args(args), args.out, args.n_per_kind, args.size, args.seed,
                            args.batch_size, progress=not args.quiet)
     print(i2t_table(summary))
@@ -82,6 +102,7 @@ def cmd_eval_i2t(args: argparse.Namespace) -> int:
 def cmd_eval_edit(args: argparse.Namespace) -> int:
     from unipic.eval.edit import edit_table, run_edit_eval
 
+    _check_before_load(args)
     summary = run_edit_eval(pipeline_from_args(args), args.out, args.n_per_kind, args.size, args.seed,
                             args.batch_size, progress=not args.quiet)
     print(edit_table(summary))
@@ -92,6 +113,7 @@ def cmd_eval_edit(args: argparse.Namespace) -> int:
 def cmd_eval_dpg(args: argparse.Namespace) -> int:
     from unipic.eval.dpg import generate_dpg
 
+    _check_before_load(args)
     result = generate_dpg(pipeline_from_args(args), args.out, args.size, args.seed, args.limit, _model_name(args),
                           progress=not args.quiet)
     print(f"{args.out}: wrote {result['generated']} DPG-Bench grids, {result['skipped']} already there")

@@ -17,7 +17,7 @@ from PIL import Image
 
 from unipic.api import UserError
 from unipic.distributed import process_shard
-from unipic.eval.report import check_image_size, output_folder
+from unipic.eval.report import announce_plan, check_image_size, output_folder
 from unipic.io_utils import save_image_atomic
 
 
@@ -53,17 +53,15 @@ def generate_dpg(pipeline, out_dir: str | Path, size: int | None = None, seed: i
     check_image_size(size)
     out = output_folder(out_dir)
     prompts = load_dpg_prompts()[:limit]
-    generated = skipped = 0
-    for index in tqdm(process_shard(list(range(len(prompts)))), desc="dpg prompts", unit="prompt",
-                      disable=not progress):
-        row = prompts[index]
-        path = out / f"{row['id']}.png"
-        if path.is_file():
-            skipped += 1
-            continue
-        images = pipeline.text_to_image([row["prompt"]], height=size, width=size, images_per_prompt=4,
-                                        seed=seed + index)[0]
-        save_image_atomic(grid_2x2(images), path, {"prompt": row["prompt"], "seed": seed + index,
-                                                   "model": model_name or ""})
-        generated += 1
-    return {"generated": generated, "skipped": skipped}
+    mine = process_shard(list(range(len(prompts))))
+    todo = [i for i in mine if not (out / f"{prompts[i]['id']}.png").is_file()]
+    announce_plan(f"dpg ({len(todo)} prompts x 4)", 4 * len(todo), done=len(mine) - len(todo), progress=progress)
+    with tqdm(total=4 * len(todo), desc="dpg", unit="image", disable=not progress) as bar:
+        for index in todo:
+            row = prompts[index]
+            images = pipeline.text_to_image([row["prompt"]], height=size, width=size, images_per_prompt=4,
+                                            seed=seed + index)[0]
+            save_image_atomic(grid_2x2(images), out / f"{row['id']}.png",
+                              {"prompt": row["prompt"], "seed": seed + index, "model": model_name or ""})
+            bar.update(4)
+    return {"generated": len(todo), "skipped": len(mine) - len(todo)}

@@ -2,7 +2,7 @@
 
 `n_per_kind` edits of each kind (recolor, remove, add, replace, move) on evaluation scenes (all
 60 color–shape pairs). The model edits the rendered source; the Shapes judge reads its output
-and WORLD.md's success rule decides (`unipic.world.edits.edit_succeeded`). Writes:
+and docs/world.md's success rule decides (`unipic.world.edits.edit_succeeded`). Writes:
 
     DIR/images/<i:05d>_source.png, <i:05d>_output.png, <i:05d>_expected.png
     DIR/results.jsonl        one line per edit: kind, instruction, correct, reason, objects found
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from unipic.api import UserError
 from unipic.eval.contact_sheet import Tile, contact_sheet
-from unipic.eval.report import by_group, format_table, mean_of, output_folder, score
+from unipic.eval.report import announce_plan, by_group, format_table, mean_of, output_folder, score
 from unipic.io_utils import atomic_write_json, atomic_write_jsonl, save_image_atomic
 from unipic.world.edits import edit_has_held_out, edit_succeeded
 from unipic.world.examples import edit_eval_set
@@ -42,10 +42,13 @@ def run_edit_eval(pipeline, out_dir: str | Path, n_per_kind: int = 20, size: int
     edits = edit_eval_set(n_per_kind, seed)
     sources = [render(e.source, size) for e in edits]
     outputs = []
-    for start in tqdm(range(0, len(edits), batch_size), desc="edits", unit="batch", disable=not progress):
-        batch = edits[start : start + batch_size]
-        outputs += pipeline.edit_image(sources[start : start + batch_size], [e.instruction for e in batch],
-                                       height=size, width=size, seed=seed)
+    announce_plan("edit eval", len(edits), noun="edited images to draw", progress=progress)
+    with tqdm(total=len(edits), desc="edits", unit="image", disable=not progress) as bar:
+        for start in range(0, len(edits), batch_size):
+            batch = edits[start : start + batch_size]
+            outputs += pipeline.edit_image(sources[start : start + batch_size], [e.instruction for e in batch],
+                                           height=size, width=size, seed=seed)
+            bar.update(len(batch))
     rows, tiles = [], []
     for i, (edit, source, output) in enumerate(zip(edits, sources, outputs)):
         output = output.convert("RGB")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from unipic.api import UserError
 from unipic.eval.contact_sheet import Tile, contact_sheet
-from unipic.eval.report import by_group, format_table, mean_of, output_folder, score
+from unipic.eval.report import announce_plan, by_group, format_table, mean_of, output_folder, score
 from unipic.io_utils import atomic_write_json, atomic_write_jsonl, save_image_atomic
 from unipic.world.examples import i2t_eval_set
 from unipic.world.questions import QUESTION_KINDS, score_answer
@@ -42,11 +42,14 @@ def run_i2t_eval(pipeline, out_dir: str | Path, n_per_kind: int = 50, size: int 
     examples = i2t_eval_set(n_per_kind, seed)
     images = [render(e.scene, size) for e in examples]
     predictions: list[str] = []
-    for start in tqdm(range(0, len(examples), batch_size), desc="questions", unit="batch", disable=not progress):
-        batch = examples[start : start + batch_size]
-        answers = pipeline.image_to_text(images[start : start + batch_size], [e.question.question for e in batch],
-                                         seed=seed)
-        predictions += [str(a) for a in answers]
+    announce_plan("i2t eval", len(examples), noun="questions to answer", progress=progress)
+    with tqdm(total=len(examples), desc="questions", unit="answer", disable=not progress) as bar:
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            answers = pipeline.image_to_text(images[start : start + batch_size],
+                                             [e.question.question for e in batch], seed=seed)
+            predictions += [str(a) for a in answers]
+            bar.update(len(batch))
     rows = []
     for i, (example, image, prediction) in enumerate(zip(examples, images, predictions)):
         name = f"images/{i:05d}.png"

@@ -20,7 +20,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from unipic.api import UserError
+from unipic.api import CheckedInputs, Job, UserError, check_texts
+from unipic.checks import check_image_list, check_int, check_seed, check_seeds
+from unipic.images import to_rgb
 from unipic.world.edits import apply_instruction
 from unipic.world.geneval import record_for_prompt, scene_for_record
 from unipic.world.judge import judge, judge_scene
@@ -51,8 +53,34 @@ class ShapesOracle:
         self.size = size
 
     def sampling_defaults(self) -> dict[str, object]:
+        """The oracle's settings: its default size and corruption switches."""
         return {"oracle": True, "size": self.size, "wrong_colors": self.wrong_colors,
                 "drop_object": self.drop_object, "mirror_positions": self.mirror_positions}
+
+    def check_inputs(self, job: Job, texts: Sequence[str], images: Sequence[Image.Image] | None = None, *,
+                     height: int | None = None, width: int | None = None, images_per_prompt: int = 1,
+                     seed: int | Sequence[int] | None = None, max_new_tokens: int | None = None,
+                     **options: object) -> CheckedInputs:
+        """Validate a request (`UserError` naming the argument); edits take their size from each source."""
+        if options:
+            raise UserError(f"the Shapes oracle takes no sampling options; got {', '.join(sorted(options))}")
+        what = {"text_to_image": "prompts", "edit_image": "instructions", "image_to_text": "questions"}[job]
+        texts = check_texts(texts, what, allow_blank=job == "text_to_image")
+        seed = check_seed(seed) if job == "image_to_text" else check_seeds(seed, len(texts), what[:-1])
+        settings: dict[str, object] = {"wrong_colors": self.wrong_colors, "drop_object": self.drop_object,
+                                       "mirror_positions": self.mirror_positions}
+        rgb = None
+        if job != "text_to_image":
+            rgb = [to_rgb(im, (128, 128, 128), name=f"images[{i}]")
+                   for i, im in enumerate(check_image_list(images, "images", len(texts), what))]
+        if job == "text_to_image":
+            images_per_prompt = check_int(images_per_prompt, "images_per_prompt", minimum=1)
+            settings["size"] = self._size(height, width)
+        elif height is not None or width is not None:
+            settings["size"] = self._size(height, width)
+        if max_new_tokens is not None:
+            check_int(max_new_tokens, "max_new_tokens", minimum=1)
+        return CheckedInputs(job, texts, rgb, seed, images_per_prompt, settings)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -61,18 +89,19 @@ class ShapesOracle:
         width = width or height
         if height != width:
             raise UserError(f"the Shapes oracle draws square images; got height={height}, width={width}")
-        if not isinstance(height, int) or height < 16:
-            raise UserError(f"image size must be an integer >= 16, got {height!r}")
-        return height
-
-    @staticmethod
-    def _check_options(options: dict) -> None:
-        if options:
-            raise UserError(f"the Shapes oracle takes no sampling options; got {', '.join(sorted(options))}")
+        return check_int(height, "height", minimum=16)
 
     @staticmethod
     def _seed(seed: int | None) -> int:
         return int(np.random.SeedSequence().entropy % (2**63)) if seed is None else int(seed)
+
+    def _seed_keys(self, seed: int | list[int] | None, count: int) -> list[tuple[int, int]]:
+        """(seed, index) per item of a checked request: one seed for all (item i is index i), or a
+        seed list (each item index 0, so an item does not depend on the others)."""
+        if isinstance(seed, list):
+            return [(s, 0) for s in seed]
+        base = self._seed(seed)
+        return [(base, i) for i in range(count)]
 
     def _corrupt(self, scene: Scene, rng: np.random.Generator) -> Scene:
         objects = list(scene.objects)
@@ -99,35 +128,33 @@ class ShapesOracle:
     # -- UnifiedPipeline ---------------------------------------------------------------------------
 
     def text_to_image(self, prompts: Sequence[str], *, height: int | None = None, width: int | None = None,
-                      images_per_prompt: int = 1, seed: int | None = None, progress: bool = False,
+                      images_per_prompt: int = 1, seed: int | Sequence[int] | None = None, progress: bool = False,
                       **options: object) -> list[list[Image.Image]]:
-        self._check_options(options)
-        if isinstance(prompts, str):
-            raise UserError("prompts must be a list of strings, not a single string")
-        if images_per_prompt < 1:
-            raise UserError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
-        size, base = self._size(height, width), self._seed(seed)
+        """Render each prompt's scene `images_per_prompt` times (an unparseable prompt: empty canvas)."""
+        request = self.check_inputs("text_to_image", prompts, height=height, width=width,
+                                    images_per_prompt=images_per_prompt, seed=seed, **options)
+        size, keys = request.settings["size"], self._seed_keys(request.seed, len(request.texts))
         out = []
-        for i, prompt in enumerate(prompts):
+        for i, prompt in enumerate(request.texts):
             images = []
-            for k in range(images_per_prompt):
-                rng = rng_for(base, 31, i, k)
+            for k in range(request.images_per_prompt):
+                rng = rng_for(keys[i][0], 31, keys[i][1], k)
                 images.append(render(self._corrupt(self.scene_for_prompt(prompt, rng), rng), size))
             out.append(images)
         return out
 
     def edit_image(self, images: Sequence[Image.Image], instructions: Sequence[str], *, height: int | None = None,
-                   width: int | None = None, seed: int | None = None, progress: bool = False,
+                   width: int | None = None, seed: int | Sequence[int] | None = None, progress: bool = False,
                    **options: object) -> list[Image.Image]:
-        self._check_options(options)
-        if len(images) != len(instructions):
-            raise UserError(f"got {len(images)} images but {len(instructions)} instructions; pass one per image")
-        base = self._seed(seed)
+        """Read each source with the judge, apply its instruction and render the result."""
+        request = self.check_inputs("edit_image", instructions, images, height=height, width=width, seed=seed,
+                                    **options)
+        keys = self._seed_keys(request.seed, len(request.texts))
         out = []
-        for i, (image, instruction) in enumerate(zip(images, instructions)):
+        for i, (image, instruction) in enumerate(zip(request.images, request.texts)):
             size = self._size(height or image.height, width or image.width)
-            source = Scene(tuple(_snap(o) for o in judge_scene(image.convert("RGB")).objects))
-            rng = rng_for(base, 32, i)
+            source = Scene(tuple(_snap(o) for o in judge_scene(image).objects))
+            rng = rng_for(keys[i][0], 32, keys[i][1])
             edit = apply_instruction(rng, source, instruction)
             target = source if edit is None else edit.target
             out.append(render(self._corrupt(target, rng), size))
@@ -135,14 +162,14 @@ class ShapesOracle:
 
     def image_to_text(self, images: Sequence[Image.Image], questions: Sequence[str], *, max_new_tokens: int = 256,
                       seed: int | None = None, **options: object) -> list[str]:
-        self._check_options(options)
-        if len(images) != len(questions):
-            raise UserError(f"got {len(images)} images but {len(questions)} questions; pass one per image")
+        """Read each image with the judge and answer its question."""
+        request = self.check_inputs("image_to_text", questions, images, seed=seed, max_new_tokens=max_new_tokens,
+                                    **options)
         answers = []
-        for i, (image, question) in enumerate(zip(images, questions)):
-            found = judge(image.convert("RGB"))
+        for i, (image, question) in enumerate(zip(request.images, request.texts)):
+            found = judge(image)
             if self.wrong_colors or self.drop_object or self.mirror_positions:
-                rng = rng_for(self._seed(seed), 33, i)
+                rng = rng_for(self._seed(request.seed), 33, i)
                 found = list(self._corrupt(Scene(tuple(d.to_object() for d in found)), rng).objects)
             answers.append(answer_question(found, question) or "")
         return answers

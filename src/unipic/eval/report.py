@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -22,6 +23,17 @@ def check_image_size(size: int | None) -> None:
     """`--size`, when given, must be an integer of at least 16 pixels."""
     if size is not None and (not isinstance(size, int) or size < 16):
         raise UserError(f"--size must be an integer >= 16, got {size!r}")
+
+
+def announce_plan(what: str, count: int, *, done: int = 0, noun: str = "images to draw",
+                  progress: bool = True) -> None:
+    """Say up front how much work a long evaluation has left (stderr, one line; silent with --quiet)."""
+    if not progress:
+        return
+    rank, world = process_rank_and_world()
+    who = f"process {rank + 1}/{world}: " if world > 1 else ""
+    skipped = f" ({done} already done, skipped)" if done else ""
+    print(f"{who}{what}: {count} {noun}{skipped}; the progress bar shows the time left", file=sys.stderr, flush=True)
 
 
 def score(rows: Sequence[dict], key: str = "correct") -> dict:

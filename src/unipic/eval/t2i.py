@@ -30,6 +30,7 @@ from unipic.api import UserError
 from unipic.distributed import process_shard
 from unipic.eval.contact_sheet import Tile, contact_sheet
 from unipic.eval.report import (
+    announce_plan,
     by_group,
     check_image_size,
     format_table,
@@ -64,9 +65,14 @@ def load_metadata(path: str | Path | None = None) -> list[dict]:
         source = "packaged GenEval metadata"
     else:
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"--metadata {path} is a folder; give the GenEval-style metadata JSONL file")
         if not path.is_file():
             raise UserError(f"--metadata {path}: file not found (expected GenEval-style metadata JSONL)")
-        text, source = path.read_text(encoding="utf-8"), str(path)
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as error:
+            raise UserError(f"--metadata {path} is not UTF-8 text (offset {error.start}); save it as UTF-8") from None
     try:
         return load_metadata_lines(text.splitlines(), source)
     except ValueError as err:
@@ -127,25 +133,40 @@ def generate_geneval(pipeline, metadata: Sequence[dict], out_dir: str | Path, im
     check_image_size(size)
     out = output_folder(out_dir)
     mine = process_shard(list(range(len(metadata))))
-    generated = skipped = 0
-    settings = json.dumps(pipeline.sampling_defaults(), sort_keys=True, default=str)
-    for index in tqdm(mine, desc="geneval prompts", unit="prompt", disable=not progress):
-        record = metadata[index]
-        folder = out / f"{index:05d}"
-        if _finished(folder, record, images_per_prompt):
-            skipped += 1
-            continue
-        images = pipeline.text_to_image([record["prompt"]], height=size, width=size,
-                                        images_per_prompt=images_per_prompt, seed=seed + index)[0]
-        if len(images) != images_per_prompt:
-            raise RuntimeError(f"the pipeline returned {len(images)} images for one prompt, expected {images_per_prompt}")
-        for k, image in enumerate(images):
-            chunks = {"prompt": record["prompt"], "seed": seed + index, "image_index": k,
-                      "model": model_name or "", "settings": settings}
-            save_image_atomic(image, _sample_path(folder, k), chunks)
-        atomic_write_jsonl(folder / METADATA_FILE, [record])  # last: marks the prompt finished
-        generated += 1
-    return {"generated": generated, "skipped": skipped}
+    # Decide what is left first, so the count up front and the time left cover only real work.
+    todo = [i for i in mine if not _finished(out / f"{i:05d}", metadata[i], images_per_prompt)]
+    skipped = len(mine) - len(todo)
+    announce_plan(f"geneval ({len(todo)} prompts x {images_per_prompt})", len(todo) * images_per_prompt,
+                  done=skipped, progress=progress)
+    settings = None
+    with tqdm(total=len(todo) * images_per_prompt, desc="geneval", unit="image", disable=not progress) as bar:
+        for index in todo:
+            record = metadata[index]
+            folder = out / f"{index:05d}"
+            if settings is None:  # the same for every prompt: record what sampling actually uses
+                settings = _settings_used(pipeline, record["prompt"], size, images_per_prompt, seed + index)
+            images = pipeline.text_to_image([record["prompt"]], height=size, width=size,
+                                            images_per_prompt=images_per_prompt, seed=seed + index)[0]
+            if len(images) != images_per_prompt:
+                raise RuntimeError(f"the pipeline returned {len(images)} images for one prompt, "
+                                   f"expected {images_per_prompt}")
+            for k, image in enumerate(images):
+                chunks = {"prompt": record["prompt"], "seed": seed + index, "image_index": k,
+                          "model": model_name or "", "settings": settings}
+                save_image_atomic(image, _sample_path(folder, k), chunks)
+            atomic_write_jsonl(folder / METADATA_FILE, [record])  # last: marks the prompt finished
+            bar.update(images_per_prompt)
+    return {"generated": len(todo), "skipped": skipped}
+
+
+def _settings_used(pipeline, prompt: str, size: int | None, images_per_prompt: int, seed: int) -> str:
+    """The pipeline's resolved settings as JSON (its defaults for pipelines without `check_inputs`)."""
+    check = getattr(pipeline, "check_inputs", None)
+    if check is None:
+        return json.dumps(pipeline.sampling_defaults(), sort_keys=True, default=str)
+    request = check("text_to_image", [prompt], height=size, width=size, images_per_prompt=images_per_prompt,
+                    seed=seed)
+    return json.dumps(request.settings, sort_keys=True, allow_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from unipic.sampling.diffusion import GaussianDiffusion, get_diffusion
+from unipic.sampling.rng import Randomness
 
 __all__ = [
     "DiffusionHead",
@@ -262,7 +263,7 @@ class DiffusionHead(nn.Module):
         *,
         temperature: float = 1.0,
         cfg: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: Randomness = None,
         noise: torch.Tensor | None = None,
         step_noise: torch.Tensor | None = None,
         num_steps: int | None = None,

@@ -13,6 +13,8 @@ are the official tensor names. This module holds no sampling loop (see `unipic.s
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Iterator
 
 import torch
@@ -45,6 +47,17 @@ class SiglipTower(nn.Module):
         out = self.vision_model(pixel_values=pixel_values,
                                 interpolate_pos_encoding=tuple(pixel_values.shape[-2:]) != (size, size))
         return out.last_hidden_state
+
+
+@functools.lru_cache(maxsize=None)
+def cache_argument(module_class: type) -> str:
+    """The keyword a transformers model's `forward` takes its KV cache by.
+
+    transformers 5.x renamed `past_key_values` to `cache` (the old name warns on every call);
+    earlier versions only know `past_key_values`.
+    """
+    parameters = inspect.signature(module_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 @contextlib.contextmanager
@@ -209,8 +222,9 @@ class UniPic(nn.Module):
             inputs = torch.cat([prefix_embeds.to(self.dtype), z_enc], dim=1)
         else:
             inputs, position_ids = z_enc, position_ids[:, -length:]
+        cache = {} if past_key_values is None else {cache_argument(type(self.llm.model)): past_key_values}
         out = self.llm.model(inputs_embeds=inputs, attention_mask=full_mask.long(), position_ids=position_ids,
-                             past_key_values=past_key_values, use_cache=past_key_values is not None)
+                             use_cache=past_key_values is not None, **cache)
         return out.last_hidden_state[:, -length:]
 
     def forward_mae_encoder(self, tokens: torch.Tensor, mask: torch.Tensor | None, grid: tuple[int, int],

@@ -25,6 +25,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from unipic.sampling import rng
+
 __all__ = [
     "GaussianDiffusion",
     "NetFn",
@@ -409,7 +411,7 @@ class GaussianDiffusion:
         channels: int | None = None,
         temperature: float = 1.0,
         cfg: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: rng.Randomness = None,
         noise: torch.Tensor | None = None,
         step_noise: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
@@ -424,7 +426,8 @@ class GaussianDiffusion:
             temperature: Multiplies the per-step noise only (not the initial noise).
             cfg: Guidance scale; ``1.0`` disables guidance (every row sampled independently).
             generator: Source of all randomness (initial noise first, then one ``(N', C)`` draw
-                per step with t > 0, N' = N/2 under CFG, N otherwise).
+                per step with t > 0, N' = N/2 under CFG, N otherwise); a
+                :class:`unipic.sampling.rng.GeneratorGroups` draws each image's rows from its own.
             noise: Optional initial noise ``(N', C)``.
             step_noise: Optional per-step noise ``(num_steps − 1, N', C)``, used in loop order
                 (entry 0 at the first, noisiest step); the final t = 0 step adds no noise.
@@ -447,7 +450,7 @@ class GaussianDiffusion:
         if noise is None:
             if channels is None:
                 raise ValueError("pass `channels` (token width) or an initial `noise` tensor")
-            noise = torch.randn((n_eff, channels), generator=generator, device=device, dtype=dtype)
+            noise = rng.randn((n_eff, channels), generator, device=device, dtype=dtype)
         elif noise.shape[0] != n_eff or noise.dim() != 2:
             raise ValueError(
                 f"noise must be ({n_eff}, C) for {n} cond rows (cfg={cfg}), got {tuple(noise.shape)}"
@@ -484,7 +487,7 @@ class GaussianDiffusion:
             if step_noise is not None:
                 z = step_noise[step].to(device=device, dtype=dtype)
             else:
-                z = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)
+                z = rng.randn(x.shape, generator, device=device, dtype=dtype)
             x = mean + (std * temperature) * z
         return torch.cat([x, x], dim=0) if guided else x
 

@@ -11,6 +11,7 @@ import torch
 
 from unipic.sampling.mar_decode import mar_generate_tokens
 from unipic.sampling.prompts import expand_image_placeholder, format_instruction, tokenize_padded
+from unipic.sampling.rng import Randomness
 
 
 def build_edit_prefix(model, tokenizer, instructions: Sequence[str], source_features: torch.Tensor, *,
@@ -43,7 +44,7 @@ def edit_images(
     cfg_schedule: str = "constant",
     temperature: float = 0.85,
     head_steps: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: Randomness = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Edit each source (B, 3, H, W) by its instruction; returns (B, 3, H, W) pixels at the same size."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from unipic.sampling.rng import Randomness
 from unipic.sampling.schedules import cfg_at_step, mask_by_order, reveal_mask_len, sample_orders
 
 
@@ -38,7 +39,7 @@ def mar_generate_tokens(
     temperature: float = 1.0,
     head_steps: int | None = None,
     x_con: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Randomness = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Sample image tokens after a text (or text + source image) prefix.
@@ -77,8 +78,10 @@ def mar_generate_tokens(
     # 2. The prefix never changes: run it through the LLM once and reuse its keys/values.
     cache = _new_cache()
     prefix_len = prefix_embeds.shape[1]
+    from unipic.models.unipic import cache_argument
+
     model.llm.model(inputs_embeds=prefix_embeds.to(model.dtype), attention_mask=attention_mask.long(),
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **{cache_argument(type(model.llm.model)): cache})
 
     # 3. Reveal loop.
     for step in tqdm(range(num_iter), disable=not progress, desc="MAR steps", leave=False):

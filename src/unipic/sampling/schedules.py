@@ -6,13 +6,15 @@ import math
 
 import torch
 
+from unipic.sampling import rng
+
 
 def sample_orders(batch: int, seq_len: int, *, device: torch.device | str = "cpu",
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: rng.Randomness = None) -> torch.Tensor:
     """One uniformly random permutation of range(seq_len) per row, shape (batch, seq_len), long."""
     # argsort of uniform noise is a uniform permutation and draws from the caller's generator
     # (upstream used numpy's global RNG, so results could not be seeded per call).
-    noise = torch.rand(batch, seq_len, device=device, generator=generator)
+    noise = rng.rand((batch, seq_len), generator, device=device)
     return noise.argsort(dim=1)
 
 

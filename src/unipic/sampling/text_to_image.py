@@ -8,6 +8,7 @@ import torch
 
 from unipic.sampling.mar_decode import mar_generate_tokens
 from unipic.sampling.prompts import format_instruction, tokenize_padded
+from unipic.sampling.rng import Randomness
 
 
 def build_t2i_prefix(model, tokenizer, prompts: Sequence[str], *, cfg: float,
@@ -40,7 +41,7 @@ def generate_images(
     cfg_schedule: str = "constant",
     temperature: float = 1.0,
     head_steps: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: Randomness = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Generate one image per prompt: (B, 3, height, width) pixels in about [-1, 1]."""

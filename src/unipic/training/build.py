@@ -25,7 +25,12 @@ from unipic.checkpoint import (
 from unipic.config import PRESETS, UniPicConfig
 from unipic.models.vae import AutoencoderKL, VAEConfig
 from unipic.training.config import ModelConfig
-from unipic.training.presets import SHAPES_EMBEDDED, WORLD_VOCAB_SIZE, build_shapes_tokenizer, shapes_embedded_config
+from unipic.training.presets import (
+    SHAPES_EMBEDDED,
+    WORLD_VOCAB_SIZE,
+    build_shapes_tokenizer,
+    shapes_embedded_config,
+)
 
 logger = logging.getLogger(__name__)
 

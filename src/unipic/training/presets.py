@@ -1,6 +1,6 @@
 """The embedded Shapes-world model: its size preset and its world-text tokenizer.
 
-The embedded model is trained from scratch on this project's Shapes world (WORLD.md) by the
+The embedded model is trained from scratch on this project's Shapes world (docs/world.md) by the
 recipe in `configs/shapes/` (VAE → MAR pre-training → alignment → joint → SFT). It keeps every
 part of UniPic-1 (KL-16 VAE, MAR encoder/decoder with a per-token diffusion head, Qwen2 LLM,
 projectors) at a size whose whole recipe trains on a 2-core CPU in a few hours and whose weights

@@ -26,7 +26,17 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from unipic.api import UnsupportedTaskError, UserError, check_texts
+from unipic.api import CheckedInputs, Job, UnsupportedTaskError, UserError, check_texts
+from unipic.checks import (
+    MAX_CFG,
+    MAX_TEMPERATURE,
+    check_choice,
+    check_image_list,
+    check_int,
+    check_number,
+    check_seed,
+    check_seeds,
+)
 from unipic.unipic2.images import (
     EDIT_NEGATIVE_PROMPT,
     INPUT_RESIZE_MODES,
@@ -61,36 +71,22 @@ def _parse_options(options: dict, allowed: Sequence[str], task: str) -> dict:
             raise UserError(f"option {key!r} conflicts with another spelling of {name!r}; pass it once")
         parsed[name] = value
     if "num_inference_steps" in parsed:
-        steps = parsed["num_inference_steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise UserError(f"num_inference_steps must be a positive integer, got {steps!r}")
+        parsed["num_inference_steps"] = check_int(parsed["num_inference_steps"], "num_inference_steps", minimum=1)
     if "cfg" in parsed:
-        cfg = parsed["cfg"]
-        if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or cfg < 0:
-            raise UserError(f"cfg must be a number >= 0 (<= 1 disables guidance), got {cfg!r}")
-        parsed["cfg"] = float(cfg)
-    if "input_resize" in parsed and parsed["input_resize"] not in INPUT_RESIZE_MODES:
-        raise UserError(f"input_resize must be one of {', '.join(INPUT_RESIZE_MODES)}, got {parsed['input_resize']!r}")
+        parsed["cfg"] = check_number(parsed["cfg"], "cfg", minimum=0.0, maximum=MAX_CFG,
+                                     hint=" (<= 1 disables guidance)")
+    if "input_resize" in parsed:
+        parsed["input_resize"] = check_choice(parsed["input_resize"], "input_resize", INPUT_RESIZE_MODES)
     if "negative_prompt" in parsed and not isinstance(parsed["negative_prompt"], str):
         raise UserError(f"negative_prompt must be a string, got {type(parsed['negative_prompt']).__name__}")
     for name, minimum in (("image_size", EDIT_MULTIPLE), ("batch_size", 1)):
-        value = parsed.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-            raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if name in parsed:
+            parsed[name] = check_int(parsed[name], name, minimum=minimum)
     return parsed
 
 
 def _check_images(images: Sequence[Image.Image], count: int, what: str) -> list[Image.Image]:
-    if isinstance(images, Image.Image) or not isinstance(images, Sequence):
-        raise UserError("images must be a list of PIL images; wrap a single one in a list")
-    if len(images) != count:
-        raise UserError(f"got {len(images)} images and {count} {what}; pass one {what[:-1]} per image")
-    return [to_rgb(im) for im in images]
-
-
-def _check_seed(seed: int | None) -> None:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise UserError(f"seed must be an integer or None, got {seed!r}")
+    return [to_rgb(im, name=f"images[{i}]") for i, im in enumerate(check_image_list(images, "images", count, what))]
 
 
 class _UniPic2Adapter:
@@ -105,10 +101,16 @@ class _UniPic2Adapter:
 
     def _generator(self, seed: int | None) -> torch.Generator | None:
         """A generator on the pipeline's execution device (the GPU under CPU offload)."""
-        _check_seed(seed)
         if seed is None:
             return None
         return torch.Generator(device=self.pipeline._execution_device).manual_seed(seed)
+
+    def _generators(self, seed: int | list[int] | None, count: int) -> list[torch.Generator | None]:
+        """One generator per prompt/pair of a checked request: a seed list gives each its own,
+        otherwise all share one (the same object, advancing from one to the next)."""
+        if isinstance(seed, list):
+            return [self._generator(s) for s in seed]
+        return [self._generator(seed)] * count
 
     def _check_output_size(self, height: int, width: int) -> None:
         check_size(height, width, multiple=self.pipeline.vae_scale_factor * self.pipeline.patch_size,
@@ -131,6 +133,65 @@ class _UniPic2Adapter:
             "scheduler_shift": self.pipeline.scheduler.config.get("shift"),
         }
 
+    def check_inputs(
+        self,
+        job: Job,
+        texts: Sequence[str],
+        images: Sequence[Image.Image] | None = None,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        images_per_prompt: int = 1,
+        seed: int | Sequence[int] | None = None,
+        max_new_tokens: int | None = None,
+        **options: object,
+    ) -> CheckedInputs:
+        """Validate a request and resolve its settings (`UserError` naming the argument and the fix).
+
+        An edit's output size depends on each source image, so for edits without an explicit
+        size the settings carry the longer-edge rule (`image_size`) instead of height/width.
+        Generation and editing take a seed list too, one seed per prompt or pair.
+        """
+        if job == "image_to_text":
+            return self._check_caption(texts, images, check_seed(seed), max_new_tokens, options)
+        if job == "text_to_image":
+            texts = check_texts(texts, "prompts", allow_blank=True)
+            seed = check_seeds(seed, len(texts), "prompt")
+            opts = _parse_options(options, _GENERATION_OPTIONS, "text-to-image")
+            images_per_prompt = check_int(images_per_prompt, "images_per_prompt", minimum=1)
+            height = height or width or DEFAULT_SIZE
+            width = width or height
+            self._check_output_size(height, width)
+            settings = {"height": height, "width": width, "negative_prompt": opts.get("negative_prompt", ""),
+                        "batch_size": opts.get("batch_size", len(texts) * images_per_prompt)}
+            rgb = None
+        elif job == "edit_image":
+            texts = check_texts(texts, "instructions")
+            seed = check_seeds(seed, len(texts), "instruction")
+            rgb = _check_images(images, len(texts), "instructions")
+            opts = _parse_options(options, _EDIT_OPTIONS, "edit")
+            settings = {"negative_prompt": opts.get("negative_prompt", EDIT_NEGATIVE_PROMPT),
+                        "input_resize": opts.get("input_resize", EDIT_INPUT_RESIZE)}
+            if height or width:
+                settings.update(height=height, width=width)
+            else:
+                settings["image_size"] = opts.get("image_size", EDIT_IMAGE_SIZE)
+            for i, image in enumerate(rgb):
+                out_w, out_h = self._edit_size(image.size, height, width, opts.get("image_size", EDIT_IMAGE_SIZE))
+                check_size(out_h, out_w, multiple=self.edit_size_multiple, max_side=self.pipeline.max_image_side(),
+                           what=f"edit output of images[{i}]")
+        else:
+            raise UserError(f"job={job!r}: must be 'text_to_image', 'edit_image' or 'image_to_text'")
+        settings.update(num_inference_steps=opts.get("num_inference_steps", DEFAULT_STEPS),
+                        cfg=opts.get("cfg", DEFAULT_GUIDANCE))
+        return CheckedInputs(job, texts, rgb, seed, images_per_prompt, settings)
+
+    def _check_caption(self, texts, images, seed, max_new_tokens, options) -> CheckedInputs:
+        raise UnsupportedTaskError(
+            "UniPic2-SD3.5M-Kontext only generates and edits images; for captions use a UniPic2-MetaQuery "
+            "folder (Qwen2.5-VL) or a UniPic-1 model"
+        )
+
     def text_to_image(
         self,
         prompts: Sequence[str],
@@ -138,32 +199,33 @@ class _UniPic2Adapter:
         height: int | None = None,
         width: int | None = None,
         images_per_prompt: int = 1,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         progress: bool = False,
         **options: object,
     ) -> list[list[Image.Image]]:
         """Generate `images_per_prompt` images per prompt (default 512x512; one given side makes a square)."""
-        prompts = check_texts(prompts, "prompts", allow_blank=True)
-        opts = _parse_options(options, _GENERATION_OPTIONS, "text-to-image")
-        if isinstance(images_per_prompt, bool) or not isinstance(images_per_prompt, int) or images_per_prompt < 1:
-            raise UserError(f"images_per_prompt must be a positive integer, got {images_per_prompt!r}")
-        height = height or width or DEFAULT_SIZE
-        width = width or height
-        self._check_output_size(height, width)
-        generator = self._generator(seed)
+        request = self.check_inputs("text_to_image", prompts, height=height, width=width,
+                                    images_per_prompt=images_per_prompt, seed=seed, **options)
+        prompts, settings = request.texts, request.settings
+        shared = not isinstance(request.seed, list)
+        generators = self._generators(request.seed, len(prompts))
         self.pipeline.set_progress_bar_config(disable=not progress)
         # batch_size caps the images per forward pass: whole prompts are grouped (at least one).
-        per_call = max(1, opts.get("batch_size", len(prompts) * images_per_prompt) // images_per_prompt)
+        per_call = max(1, settings["batch_size"] // images_per_prompt)
         results: list[list[Image.Image]] = []
         for start in range(0, len(prompts), per_call):
             chunk = prompts[start : start + per_call]
+            # A seed list: diffusers draws image j from generator j, so each prompt's images come
+            # from its own generator (repeated, it advances from one image to the next).
+            generator = generators[0] if shared else [g for g in generators[start : start + per_call]
+                                                      for _ in range(images_per_prompt)]
             images = self.pipeline(
                 prompt=chunk,
-                height=height,
-                width=width,
-                num_inference_steps=opts.get("num_inference_steps", DEFAULT_STEPS),
-                guidance_scale=opts.get("cfg", DEFAULT_GUIDANCE),
-                negative_prompt=opts.get("negative_prompt", ""),
+                height=settings["height"],
+                width=settings["width"],
+                num_inference_steps=settings["num_inference_steps"],
+                guidance_scale=settings["cfg"],
+                negative_prompt=settings["negative_prompt"],
                 num_images_per_prompt=images_per_prompt,
                 generator=generator,
             ).images
@@ -190,36 +252,35 @@ class _UniPic2Adapter:
         *,
         height: int | None = None,
         width: int | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         progress: bool = False,
         **options: object,
     ) -> list[Image.Image]:
         """Apply instruction i to image i; outputs have the (resized) input size.
 
-        Pairs run one after another with one generator (`batch_size` has no effect), so results
-        depend only on the inputs and the seed. Images of any mode are converted to RGB
-        (transparency composited on white). The source is resized straight to the output size
-        (upstream's behaviour); `input_resize="crop"` centre-crops it to the output's aspect ratio
-        first, which avoids distortion when a forced size has another aspect ratio.
+        Pairs run one after another with one generator, or with a seed list one generator each
+        (`batch_size` has no effect), so results depend only on the inputs and the seed. Images of
+        any mode are converted to RGB (transparency composited on white). The source is resized
+        straight to the output size (upstream's behaviour); `input_resize="crop"` centre-crops it to
+        the output's aspect ratio first, which avoids distortion when a forced size has another
+        aspect ratio.
         """
-        instructions = check_texts(instructions, "instructions")
-        images = _check_images(images, len(instructions), "instructions")
-        opts = _parse_options(options, _EDIT_OPTIONS, "edit")
-        generator = self._generator(seed)
+        request = self.check_inputs("edit_image", instructions, images, height=height, width=width, seed=seed,
+                                    **options)
+        settings = request.settings
+        generators = self._generators(request.seed, len(request.texts))
         self.pipeline.set_progress_bar_config(disable=not progress)
         edited = []
-        for image, instruction in zip(images, instructions):
-            out_w, out_h = self._edit_size(image.size, height, width, opts.get("image_size", EDIT_IMAGE_SIZE))
-            check_size(out_h, out_w, multiple=self.edit_size_multiple, max_side=self.pipeline.max_image_side(),
-                       what="edit output")
+        for image, instruction, generator in zip(request.images, request.texts, generators):
+            out_w, out_h = self._edit_size(image.size, height, width, settings.get("image_size", EDIT_IMAGE_SIZE))
             result = self.pipeline(
                 prompt=instruction,
-                image=resize_input(image, out_w, out_h, opts.get("input_resize", EDIT_INPUT_RESIZE)),
+                image=resize_input(image, out_w, out_h, settings["input_resize"]),
                 height=out_h,
                 width=out_w,
-                num_inference_steps=opts.get("num_inference_steps", DEFAULT_STEPS),
-                guidance_scale=opts.get("cfg", DEFAULT_GUIDANCE),
-                negative_prompt=opts.get("negative_prompt", EDIT_NEGATIVE_PROMPT),
+                num_inference_steps=settings["num_inference_steps"],
+                guidance_scale=settings["cfg"],
+                negative_prompt=settings["negative_prompt"],
                 generator=generator,
             ).images[0]
             edited.append(result)
@@ -241,10 +302,7 @@ class KontextUnifiedPipeline(_UniPic2Adapter):
         **options: object,
     ) -> list[str]:
         """Not available: the Kontext model has no language model."""
-        raise UnsupportedTaskError(
-            "UniPic2-SD3.5M-Kontext only generates and edits images; for captions use a UniPic2-MetaQuery "
-            "folder (Qwen2.5-VL) or a UniPic-1 model"
-        )
+        return self._check_caption(questions, images, seed, max_new_tokens, options)  # raises
 
 
 class MetaQueryUnifiedPipeline(_UniPic2Adapter):
@@ -274,34 +332,38 @@ class MetaQueryUnifiedPipeline(_UniPic2Adapter):
         checkpoint's generation config decides. `max_new_tokens=None` (the default) means 512,
         upstream's i2t default. `seed` makes sampling reproducible.
         """
+        request = self.check_inputs("image_to_text", questions, images, seed=seed, max_new_tokens=max_new_tokens,
+                                    **options)
+        generate_kwargs = dict(request.settings)
+        max_new_tokens = generate_kwargs.pop("max_new_tokens")
+        device = torch.device(self.pipeline._execution_device)
+        with contextlib.ExitStack() as stack:
+            if request.seed is not None:  # generate() samples with the global RNG: seed it inside a fork
+                devices = [device.index or 0] if device.type == "cuda" else []
+                stack.enter_context(torch.random.fork_rng(devices=devices))
+                torch.manual_seed(request.seed)
+            return self.pipeline.image_to_text(request.images, request.texts, max_new_tokens=max_new_tokens,
+                                               **generate_kwargs)
+
+    def _check_caption(self, texts, images, seed, max_new_tokens, options) -> CheckedInputs:
         from unipic.unipic2.pipeline_metaquery import DEFAULT_QUESTION
 
-        questions = check_texts(questions, "questions", allow_blank=True)  # "" = the default question
-        images = _check_images(images, len(questions), "questions")
+        texts = check_texts(texts, "questions", allow_blank=True)  # "" = the default question
+        rgb = _check_images(images, len(texts), "questions")
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        _check_seed(seed)
-        generate_kwargs: dict = {}
+        settings: dict = {"max_new_tokens": check_int(max_new_tokens, "max_new_tokens", minimum=1)}
         for key, value in options.items():
             if key not in _CAPTION_OPTIONS:
                 raise UserError(f"unknown caption option {key!r} for UniPic-2; valid options: {', '.join(_CAPTION_OPTIONS)}")
             if value is not None:
-                generate_kwargs[key] = value
-        temperature = generate_kwargs.get("temperature")
-        if temperature is not None:
-            if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-                raise UserError(f"temperature must be a number >= 0, got {temperature!r}")
+                settings[key] = value
+        if "temperature" in settings:
+            temperature = check_number(settings["temperature"], "temperature", minimum=0.0, maximum=MAX_TEMPERATURE,
+                                       hint=" (0 = greedy)")
             if temperature == 0:  # greedy decoding
-                generate_kwargs.pop("temperature")
-                generate_kwargs.update(do_sample=False, top_p=None, top_k=None)
+                settings.pop("temperature")
+                settings.update(do_sample=False, top_p=None, top_k=None)
             else:
-                generate_kwargs["do_sample"] = True
-        questions = [q.strip() or DEFAULT_QUESTION for q in questions]
-        device = torch.device(self.pipeline._execution_device)
-        with contextlib.ExitStack() as stack:
-            if seed is not None:  # generate() samples with the global RNG: seed it inside a fork
-                devices = [device.index or 0] if device.type == "cuda" else []
-                stack.enter_context(torch.random.fork_rng(devices=devices))
-                torch.manual_seed(seed)
-            return self.pipeline.image_to_text(images, questions, max_new_tokens=max_new_tokens, **generate_kwargs)
+                settings.update(temperature=temperature, do_sample=True)
+        texts = [q.strip() or DEFAULT_QUESTION for q in texts]
+        return CheckedInputs("image_to_text", texts, rgb, seed, 1, settings)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from PIL import Image
 
 from unipic.api import UserError
+from unipic.checks import INPUT_RESIZE_MODES, check_choice
+from unipic.images import to_rgb  # noqa: F401  (re-exported: the UniPic-2 pipelines composite onto white)
 
 # Negative prompt of the upstream editing scripts (spec §3), used as the default for edits.
 EDIT_NEGATIVE_PROMPT = (
@@ -18,29 +20,6 @@ EDIT_NEGATIVE_PROMPT = (
     "artifacts, glitch, noise, pixelated, grainy, compression artifacts, bad composition, wrong proportion, "
     "incomplete editing, unfinished, unedited areas."
 )
-# How an edit source reaches the output size: upstream's straight resize, or centre-crop first.
-INPUT_RESIZE_MODES = ("stretch", "crop")
-
-
-def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Return `image` as RGB; transparent pixels are composited onto `background` (white).
-
-    Dropping alpha with a plain `convert("RGB")` would expose whatever colour hides under
-    transparent pixels (often black), so images with transparency are alpha-composited instead.
-    """
-    if not isinstance(image, Image.Image):
-        raise UserError(f"expected a PIL.Image.Image, got {type(image).__name__}; open the file with PIL first")
-    if image.mode == "RGB":
-        return image
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, background + (255,))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    try:
-        return image.convert("RGB")
-    except (ValueError, OSError) as error:
-        raise UserError(f"cannot convert an image of mode {image.mode!r} to RGB ({error}); save it as PNG or JPEG") from error
 
 
 def check_size(height: int, width: int, *, multiple: int, max_side: int, what: str = "image") -> None:
@@ -99,9 +78,7 @@ def resize_input(image: Image.Image, width: int, height: int, mode: str = "stret
     which suits forced output sizes of another aspect ratio. Both use bicubic filtering (PIL's
     default for RGB, which upstream relied on).
     """
-    if mode not in INPUT_RESIZE_MODES:
-        raise UserError(f"input_resize must be one of {', '.join(INPUT_RESIZE_MODES)}, got {mode!r}")
-    if mode == "crop":
+    if check_choice(mode, "input_resize", INPUT_RESIZE_MODES) == "crop":
         return fit(image, width, height)
     if image.size == (width, height):
         return image

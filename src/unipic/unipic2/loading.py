@@ -50,10 +50,12 @@ VAE_TILE_SIZE = 512  # pixels; the SD3 VAE's own tile (config.sample_size = 1024
 
 
 def _read_json(path: Path) -> dict | None:
+    """The JSON object in `path`; None when it is missing, a folder, unreadable, not JSON or not an object."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def _component_class(index: dict, name: str) -> str | None:

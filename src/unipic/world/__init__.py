@@ -1,10 +1,10 @@
-"""The Shapes world (WORLD.md): an exactly specified image world for training and judging tiny
+"""The Shapes world (docs/world.md): an exactly specified image world for training and judging tiny
 UniPic models without a learned detector.
 
 - `spec`: the constants (palette, shapes, sizes, held-out pairs, thresholds).
 - `scene`: `Scene` / `WorldObject` and seeded sampling of valid layouts.
 - `render`: `render(scene, size)` to a PIL image at any size.
-- `judge`: `judge(image)` finds the objects exactly as WORLD.md says.
+- `judge`: `judge(image)` finds the objects exactly as docs/world.md says.
 - `text`: captions, the six GenEval-analogue templates, training descriptions, parsing.
 - `geneval`: GenEval-format metadata records and their rules.
 - `questions`, `edits`: understanding questions and instruction edits.

@@ -1,4 +1,4 @@
-"""Instruction-based edits of scenes (WORLD.md, "Editing"): generating source/target pairs,
+"""Instruction-based edits of scenes (docs/world.md §10): generating source/target pairs,
 parsing and applying instructions, and judging an edited image.
 
 | kind | instruction | expected result |
@@ -8,7 +8,7 @@ parsing and applying instructions, and judging an edited image.
 | replace | `Replace the {shape} with a {color} {shape2}.` | the new object, in the same box |
 | move | `Move the {shape} to the {left,right,top,bottom}.` | centre moves >= 0.15*S that way |
 
-The edited `the {shape}` occurs exactly once in the source. Choices WORLD.md leaves open, made
+The edited `the {shape}` occurs exactly once in the source. Choices docs/world.md leaves open, made
 here: a removal needs at least two source objects (a scene holds at least one), a replacement
 changes the shape (a same-shape replacement is a recolor), and a generated move keeps the
 perpendicular coordinate and goes at least MOVE_MIN + MOVE_SAFETY.
@@ -75,7 +75,7 @@ class Edit:
 
 
 def instruction_text(kind: str, **f: str) -> str:
-    """The instruction sentence for an edit kind (WORLD.md's wording)."""
+    """The instruction sentence for an edit kind (docs/world.md's wording)."""
     if kind == "recolor":
         return f"Change the color of the {f['shape']} to {f['color']}."
     if kind == "remove":
@@ -244,7 +244,7 @@ def visual_centre(obj: WorldObject) -> tuple[float, float]:
 
 
 def edit_succeeded(edit: Edit, found: Sequence) -> tuple[bool, str]:
-    """WORLD.md's success rule for the judge's objects `found` in the edited image.
+    """docs/world.md's success rule for the judge's objects `found` in the edited image.
 
     Same multiset of (color, shape) as the expected target; every untouched object within
     0.05*S of its old centre; recolored and replaced objects within 0.05*S of the old centre;

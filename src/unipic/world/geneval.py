@@ -2,7 +2,7 @@
 
 A metadata record is GenEval's: `{"tag", "include": [{"class", "count", "color"?,
 "position"?: [relation, index]}], "exclude"?: [{"class", "count"}], "prompt"}` with shape names
-as classes. WORLD.md's rules (GenEval's own):
+as classes. docs/world.md's rules (GenEval's own):
 
 - an `include` entry needs at least `count` objects of its class (and color, when given);
 - an `exclude` entry needs fewer than `count` objects of its class (any color, as GenEval);

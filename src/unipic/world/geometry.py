@@ -1,4 +1,4 @@
-"""The six shapes as point-membership tests in box coordinates (WORLD.md, "Shapes").
+"""The six shapes as point-membership tests in box coordinates (docs/world.md §3).
 
 Box coordinates run from (0, 0) at the box's top-left to (1, 1) at its bottom-right, y down.
 The renderer samples these tests on a supersampled grid and the judge samples them at pixel

@@ -1,5 +1,5 @@
-"""The Shapes judge: find the objects in an image exactly as WORLD.md ("How the judge finds
-objects") says, with no learned detector.
+"""The Shapes judge: find the objects in an image exactly as docs/world.md §8
+says, with no learned detector.
 
 1. A pixel within RGB distance 40 of the background is background; every other pixel takes the
    nearest palette color (Euclidean, ties to the earlier color in the table).
@@ -109,7 +109,7 @@ def color_classes(array: np.ndarray) -> np.ndarray:
 
 
 def shape_ious(component: np.ndarray, r0: int, c0: int, size: int) -> np.ndarray:
-    """IoU of a component with each of the six shapes (in `SHAPES` order), WORLD.md step 3.
+    """IoU of a component with each of the six shapes (in `SHAPES` order), docs/world.md step 3.
 
     Args:
         component: boolean crop of the component's bounding box.

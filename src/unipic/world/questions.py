@@ -1,4 +1,4 @@
-"""Understanding questions about scenes and how answers are scored (WORLD.md, "Understanding").
+"""Understanding questions about scenes and how answers are scored (docs/world.md §9).
 
 | kind | question | answer |
 | caption | `Describe the image.` | the canonical caption |
@@ -61,7 +61,7 @@ def shape_questions(scene: Scene) -> list[Question]:
 
 def relation_questions(scene: Scene, margin: float = REL_T + REL_SAFETY) -> list[Question]:
     """All valid relation questions: both shapes occur once and rel or its opposite holds with
-    `margin` (the generators add REL_SAFETY to WORLD.md's t so the judge agrees)."""
+    `margin` (the generators add REL_SAFETY to docs/world.md's t so the judge agrees)."""
     unique = [o for o in scene.objects if scene.count(o.shape) == 1]
     out = []
     for a in unique:

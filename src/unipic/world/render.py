@@ -6,7 +6,7 @@ filter after supersampling). Objects never overlap, so per-object blending is ex
 from `geometry.shape_mask`, the same tests the judge renders its templates with.
 
 The default is `supersample=1`: each pixel takes the object's color when its centre lies in the
-shape, which is exactly how the judge samples its shape templates. WORLD.md allows anti-aliased
+shape, which is exactly how the judge samples its shape templates. docs/world.md allows anti-aliased
 edges, but at S = 128 anti-aliasing erodes the thin star tips into fringe colors and leaves some
 small stars within 0.01 IoU of a diamond; hard edges on the 1/128 lattice keep every star at
 least 0.05 IoU clear (checked exhaustively in the tests). Pass `supersample=4` for smoother

@@ -34,7 +34,7 @@ from unipic.world.spec import (
 _EPS = 1e-9  # float slack when checking lattice layouts against the spec's inequalities
 
 # Sampled boxes snap to a 1/128 lattice (side and corner are whole pixels at S = 128 and at every
-# multiple of it). WORLD.md allows any box, but on the lattice a shape of a given side renders to
+# multiple of it). docs/world.md allows any box, but on the lattice a shape of a given side renders to
 # the same pixels wherever it stands, so every (shape, side, color) the generators can produce at
 # S = 128 is checked exhaustively by the tests (the judge reads each one exactly, stars included;
 # off the lattice, small stars at S = 128 sit within a few hundredths of IoU of diamonds).
@@ -132,7 +132,7 @@ class Scene:
         return cls(tuple(WorldObject.from_dict(o) for o in data["objects"]))
 
     def validate(self) -> None:
-        """Raise ValueError naming the first way this scene breaks WORLD.md's scene rules."""
+        """Raise ValueError naming the first way this scene breaks docs/world.md's scene rules."""
         if not MIN_OBJECTS <= len(self.objects) <= MAX_OBJECTS:
             raise ValueError(f"a scene holds {MIN_OBJECTS} to {MAX_OBJECTS} objects, got {len(self.objects)}")
         for i, o in enumerate(self.objects):
@@ -269,7 +269,7 @@ def rng_for(seed: int, *keys: int) -> np.random.Generator:
 
 
 def relation_holds(rel: str, a, b, margin: float = REL_T) -> bool:
-    """WORLD.md's relations between two objects with centres `cx`, `cy` (fractions of S).
+    """docs/world.md's relations between two objects with centres `cx`, `cy` (fractions of S).
 
     `a` is `left of` `b` when a.cx < b.cx - margin, `right of` when a.cx > b.cx + margin,
     `above` when a.cy < b.cy - margin and `below` when a.cy > b.cy + margin (y grows downward).

@@ -1,4 +1,4 @@
-"""Constants of the Shapes world, transcribed from WORLD.md (the normative spec).
+"""Constants of the Shapes world, transcribed from docs/world.md (the normative spec).
 
 Every length is a fraction of the canvas side `S`, so the world renders and is judged at any
 size. Nothing in this module depends on numpy or PIL; `geometry.py` holds the shape tests.
@@ -11,7 +11,7 @@ from __future__ import annotations
 # ---------------------------------------------------------------------------------------------
 
 DEFAULT_SIZE = 128  # the default canvas side S
-MIN_EVAL_SIZE = 128  # the judge is exact on ground-truth renders only for S >= 128 (WORLD.md)
+MIN_EVAL_SIZE = 128  # the judge is exact on ground-truth renders only for S >= 128 (docs/world.md)
 BACKGROUND = (128, 128, 128)
 
 # The ten GenEval colors, in the table's order (the order breaks nearest-color ties).
@@ -86,7 +86,7 @@ MOVE_MIN = 0.15  # a moved object's centre moves at least this far in the named 
 EDIT_TOL = 0.05  # untouched (and recolored / replaced) objects stay within this of their old centre
 
 # ---------------------------------------------------------------------------------------------
-# Generator safety margins (ours, not WORLD.md's)
+# Generator safety margins (ours, not docs/world.md's)
 # ---------------------------------------------------------------------------------------------
 # The judge measures a centre as the centre of the component's bounding box. For a star that is
 # up to 0.048*s (<= 0.0134*S) above its box centre, and pixel quantisation adds up to 0.5 px, so
@@ -98,5 +98,5 @@ CAPTION_SEP = 0.02  # scenes captioned left to right keep centres this far apart
 
 
 def is_held_out(color: str, shape: str) -> bool:
-    """True when the color–shape pair is one of WORLD.md's eight held-out pairs."""
+    """True when the color–shape pair is one of docs/world.md's eight held-out pairs."""
     return (color, shape) in HELD_OUT

@@ -62,12 +62,12 @@ def counted(n: int, color: str | None, shape: str) -> str:
 
 def canonical_caption(scene: Scene) -> str:
     """Objects left to right (by cx, ties by cy) as `a {color} {shape}`, joined by `, ` and a
-    final ` and ` (WORLD.md): e.g. `a red circle, a blue star and a white cross`."""
+    final ` and ` (docs/world.md): e.g. `a red circle, a blue star and a white cross`."""
     return join_list([noun_phrase(o.color, o.shape) for o in scene.left_to_right()])
 
 
 def normalize(text: str) -> str:
-    """Lower-case, trim, drop one final period (how WORLD.md compares answers)."""
+    """Lower-case, trim, drop one final period (how docs/world.md compares answers)."""
     text = text.strip().lower()
     if text.endswith("."):
         text = text[:-1].rstrip()
@@ -75,7 +75,7 @@ def normalize(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# GenEval-analogue templates (WORLD.md's table, verbatim)
+# GenEval-analogue templates (docs/world.md's table, verbatim)
 # ---------------------------------------------------------------------------------------------
 
 
