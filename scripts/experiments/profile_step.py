@@ -10,8 +10,8 @@ backward, and the AdamW step; prints examples/s per task.
 from __future__ import annotations
 
 import argparse
-import json
 import functools
+import json
 import statistics
 import time
 from collections import defaultdict
