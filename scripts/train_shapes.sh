@@ -2,17 +2,18 @@
 # Trains the embedded Shapes-world model from scratch, all five stages in order, on this machine.
 #   bash scripts/train_shapes.sh            # fresh run into runs/shapes/
 #   bash scripts/train_shapes.sh --resume   # continue after an interruption (each stage resumes or is skipped)
+#   bash scripts/train_shapes.sh --resume train.num_threads=1   # extra KEY=VALUE overrides go to every stage
 # The result is runs/shapes/sft/final; `python scripts/package_default_model.py` copies it into the package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 resume=()
-[ "${1:-}" = "--resume" ] && resume=(--resume)
+if [ "${1:-}" = "--resume" ]; then resume=(--resume); shift; fi
 for stage in vae pretrain align joint sft; do
   if [ -f "runs/shapes/$stage/final/config.json" ] || [ -f "runs/shapes/$stage/vae.safetensors" ]; then
     echo "== $stage: already finished, skipped"
     continue
   fi
   echo "== $stage: $(date -u +%H:%M:%S)"
-  "${PYTHON:-python}" -m unipic train "configs/shapes/$stage.yaml" "${resume[@]}" log.progress=false
+  "${PYTHON:-python}" -m unipic train "${resume[@]}" "configs/shapes/$stage.yaml" log.progress=false "$@"
 done
 echo "== done: $(date -u +%H:%M:%S)"
