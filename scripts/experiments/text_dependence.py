@@ -1,0 +1,55 @@
+"""Does the generator use the prompt? Text-to-image loss with true, shuffled and null prompts (issue 9).
+
+The same images, masks and diffusion noise are scored three ways; a model that ignores the prompt
+gives three equal losses.
+
+    python scripts/experiments/text_dependence.py runs/shapes/pretrain/final --n 64
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from unipic.checkpoint import load_model_folder
+from unipic.training.config import DataConfig
+from unipic.training.data import BatchBuilder, TaskSource
+from unipic.training.losses import text_to_image_loss
+
+
+def main() -> None:
+    """Print the mean t2i loss for true, shuffled and null prompts."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="unipic model folder")
+    parser.add_argument("--n", type=int, default=64, help="examples (default 64)")
+    parser.add_argument("--seed", type=int, default=11, help="world seed for the examples (default 11)")
+    parser.add_argument("--repeats", type=int, default=4, help="mask/noise draws per example (default 4)")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    model, tokenizer = load_model_folder(args.model)
+    cfg = DataConfig(world_seed=args.seed, image_size=model.config.sampling.image_size, batch_size=16,
+                     unconditional_prob=0.0, cache_latents=False)
+    source = TaskSource("t2i", cfg, 0, 1)
+    build = BatchBuilder(model, tokenizer, cfg)
+    examples = [source.get(k) for k in range(args.n)]
+    batch = build("t2i", examples, np.random.default_rng(0))
+    null_ids = tokenizer(build._prompt(model.config.sampling.cfg_prompt), add_special_tokens=False)["input_ids"]
+    null = build._pad([null_ids] * args.n)
+    shuffle = torch.roll(torch.arange(args.n), 1)
+    variants = {"true": (batch["input_ids"], batch["attention_mask"]),
+                "shuffled": (batch["input_ids"][shuffle], batch["attention_mask"][shuffle]),
+                "null": (null["input_ids"], null["attention_mask"])}
+    tokens = model.encode_images(batch["pixels"])
+    for name, (ids, mask) in variants.items():
+        losses = []
+        for r in range(args.repeats):
+            generator = torch.Generator().manual_seed(r)
+            losses.append(float(text_to_image_loss(model, batch["pixels"], ids, mask, generator=generator,
+                                                   tokens=tokens)))
+        print(f"{name:9s} loss {np.mean(losses):.5f}")
+
+
+if __name__ == "__main__":
+    main()
