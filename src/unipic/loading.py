@@ -99,7 +99,7 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None 
     """Load the pipeline for a `--model` value (see the module docstring) on a device and dtype."""
     name = "default" if model in (None, "") else str(model)
     if name == "shapes-oracle":
-        from unipic.eval.oracle import ShapesOracle
+        from unipic.oracle import ShapesOracle
 
         return ShapesOracle()
     torch_device = resolve_device(device)
