@@ -229,7 +229,7 @@ class UniPic(nn.Module):
 
     def forward_mae_encoder(self, tokens: torch.Tensor, mask: torch.Tensor | None, grid: tuple[int, int],
                             attention_mask: torch.Tensor, *, prefix_embeds: torch.Tensor | None = None,
-                            past_key_values=None, grad_scale: float | None = None) -> torch.Tensor:
+                            past_key_values=None) -> torch.Tensor:
         """MAR encoder → LLM → residual back into MAR space: (B, buf + L_vis, enc_dim)."""
         x_enc, z_enc = self.extract_visual_feature(tokens, mask, grid)
         hidden = self.llm_image_hidden(z_enc, attention_mask, prefix_embeds=prefix_embeds,
