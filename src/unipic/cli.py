@@ -385,7 +385,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def cmd_state_dict(args: argparse.Namespace) -> int:
     """`unipic state-dict --preset P`: the tensor names/shapes the loader accepts, from a meta build."""
     from unipic.checkpoint import expected_tensors
-    from unipic.config import get_preset
+    from unipic.models.presets import get_preset
 
     try:
         config = get_preset(args.preset)

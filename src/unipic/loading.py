@@ -64,7 +64,7 @@ def default_model_folder() -> Path | None:
 def tiny_random_model(seed: int = 0):
     """An untrained model of the tiny preset with the toy byte tokenizer (deterministic weights)."""
     from unipic.checkpoint import build_model
-    from unipic.config import unipic1_tiny
+    from unipic.models.presets import unipic1_tiny
     from unipic.tokenizer import build_byte_tokenizer
 
     config = unipic1_tiny()

@@ -97,9 +97,9 @@ def test_architecture_overrides_change_the_preset():
     assert (preset_config("shapes-embedded", None).vae.stride, preset_config("shapes-embedded", None).token_dim) == (8, 16)
     # Back to the released KL-16 layout (16 channels at stride 16, one latent per token).
     config = preset_config("shapes-embedded", None, {"vae": {"embed_dim": 16, "ch_mult": [2, 3, 4]},
-                                                     "mar": {"vae_stride": 16, "patch_size": 1}})
+                                                     "mar": {"patch_size": 1}})
     assert (config.vae.stride, config.token_dim, config.pixel_stride) == (16, 16, 16)
     with pytest.raises(UserError, match="unknown key 'depth'"):
         preset_config("shapes-embedded", None, {"vae": {"depth": 3}})
-    with pytest.raises(UserError, match="stride"):
-        preset_config("shapes-embedded", None, {"mar": {"vae_stride": 16}})  # the VAE's stride is still 8
+    with pytest.raises(UserError, match="unknown key 'vae_stride'"):
+        preset_config("shapes-embedded", None, {"mar": {"vae_stride": 16}})  # the stride follows from the VAE

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from unipic.config import UniPicConfig
+from unipic.models.config import UniPicConfig
 from unipic.models.layers import build_mlp
 from unipic.models.mar import MAR
 from unipic.models.vae import AutoencoderKL
@@ -94,7 +94,7 @@ class UniPic(nn.Module):
         enc = config.mar.encoder_embed_dim
         self.vae = AutoencoderKL(config.vae)
         self.llm = Qwen2ForCausalLM(config.llm.to_transformers())
-        self.mar = MAR(config.mar, config.head)
+        self.mar = MAR(config.mar, config.head, token_dim=config.token_dim, grid_size=config.trained_grid_size)
         self.proj_in = build_mlp(enc, hidden, hidden)
         self.proj_out = build_mlp(hidden, hidden, enc)
         if config.siglip is not None:
