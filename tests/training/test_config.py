@@ -103,3 +103,25 @@ def test_architecture_overrides_change_the_preset():
         preset_config("shapes-embedded", None, {"vae": {"depth": 3}})
     with pytest.raises(UserError, match="unknown key 'vae_stride'"):
         preset_config("shapes-embedded", None, {"mar": {"vae_stride": 16}})  # the stride follows from the VAE
+
+
+def test_the_saved_model_sampling_settings_are_explicit():
+    """Training no longer overwrites the model's sampling settings behind the run's back."""
+    config = load_config(None, ["stage=pretrain", "data.image_size=64", "model.sampling.num_iter=2"])
+    assert config.model.sampling == {"image_size": 64, "understanding_image_size": 64, "num_iter": 2}
+    assert "understanding_image_size: 64" in config.to_yaml()  # what --print-config shows and config.yaml keeps
+    assert load_config(None, ["model.sampling.image_size=256"]).model.sampling["image_size"] == 256
+    with pytest.raises(UserError, match="unknown key.*steps"):
+        load_config(None, ["model.sampling.steps=3"])
+
+
+def test_the_job_writes_the_run_sampling_settings_into_the_model():
+    from tiny_overrides import TINY
+
+    from unipic.training.jobs import UniPicJob
+
+    config = load_config(None, [*TINY, "model.sampling.num_iter=2", "model.sampling.cfg=1.5"])
+    sampling = UniPicJob(config, None).model.config.sampling
+    assert (sampling.image_size, sampling.understanding_image_size, sampling.num_iter, sampling.cfg) == (64, 64, 2, 1.5)
+    with pytest.raises(UserError, match="model.sampling.*multiple of 16"):
+        UniPicJob(load_config(None, [*TINY, "model.sampling.image_size=72"]), None)
