@@ -227,6 +227,7 @@ def test_a_model_that_cannot_do_a_task_says_so():
         server.stop()
 
 
+@pytest.mark.slow  # end to end in a subprocess; the default tier keeps in-process coverage
 def test_cli_reports_a_bad_model_in_one_line(tmp_path):
     import os
     import subprocess

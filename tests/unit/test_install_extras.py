@@ -134,6 +134,18 @@ print(json.dumps(results))
 """
 
 
+def test_every_command_module_imports_in_the_base_install(tmp_path: Path) -> None:
+    """The fast gate (default tier): the modules behind base-install commands import without extras."""
+    folder = _install_folder(tmp_path, None)
+    proc = _run(folder, """
+        import unipic.cli, unipic.data.cli, unipic.eval.cli, unipic.eval.t2i, unipic.eval.i2t, unipic.eval.edit
+        import unipic.eval.dpg, unipic.oracle, unipic.loading, unipic.pipeline, unipic.training.cli, unipic.serve.cli
+        print("ok")
+    """, tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+@pytest.mark.slow  # a child interpreter runs every command; the import gate above stays in the default tier
 def test_every_command_works_in_the_base_install(tmp_path: Path) -> None:
     """`pip install unipic`: every --help, and generate/edit/caption/state-dict/data/eval for real."""
     folder = _install_folder(tmp_path, None)
