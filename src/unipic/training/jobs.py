@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from unipic.api import UserError
+from unipic.config import SamplingConfig, from_dict
 from unipic.training.build import (
     VAE_FILE,
     apply_freezing,
@@ -71,10 +72,8 @@ class UniPicLoss(nn.Module):
         return {"loss": raw * self.weights[task], f"loss_{task}": raw.detach().float()}
 
 
-def _sampling_for_run(current, changes: dict):
+def _sampling_for_run(current: SamplingConfig, changes: dict) -> SamplingConfig:
     """The model's sampling defaults with the run's `changes` applied (UserError naming a bad value)."""
-    from unipic.config import SamplingConfig, from_dict
-
     try:
         return from_dict(SamplingConfig, {**dataclasses.asdict(current), **changes}, "model.sampling")
     except (TypeError, ValueError) as error:
