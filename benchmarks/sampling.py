@@ -30,7 +30,7 @@ from collections import defaultdict
 import torch
 
 from unipic.checkpoint import build_model
-from unipic.config import get_preset
+from unipic.models.presets import get_preset
 from unipic.sampling.text_to_image import build_t2i_prefix
 from unipic.tokenizer import build_byte_tokenizer
 

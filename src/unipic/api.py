@@ -131,5 +131,9 @@ class UnifiedPipeline(Protocol):
         ...
 
     def sampling_defaults(self) -> dict[str, object]:
-        """The default settings this pipeline samples with."""
+        """The default settings this pipeline samples with.
+
+        A pipeline that answers questions includes `caption_question`: what `unipic caption` asks
+        when the user gives no question.
+        """
         ...

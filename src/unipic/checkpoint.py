@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from unipic.api import UserError
-from unipic.config import UniPicConfig
 from unipic.io_utils import atomic_write_bytes, atomic_write_json
+from unipic.models.config import UniPicConfig
 
 logger = logging.getLogger(__name__)
 

@@ -370,8 +370,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     pipeline = _load(args)
     question = args.prompt
     if question is None:
-        question = getattr(getattr(getattr(pipeline, "config", None), "sampling", None), "caption_prompt",
-                           "Describe the image in detail.")
+        question = str(pipeline.sampling_defaults().get("caption_question", "Describe the image in detail."))
     [answer] = pipeline.image_to_text([image], [question], max_new_tokens=args.max_new_tokens, seed=args.seed,
                                       **options)
     print(answer)
@@ -386,7 +385,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def cmd_state_dict(args: argparse.Namespace) -> int:
     """`unipic state-dict --preset P`: the tensor names/shapes the loader accepts, from a meta build."""
     from unipic.checkpoint import expected_tensors
-    from unipic.config import get_preset
+    from unipic.models.presets import get_preset
 
     try:
         config = get_preset(args.preset)
@@ -496,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="image-to-text features: 'mar' (the released code path) or 'siglip2' (the paper's)")
     conv.set_defaults(handler=cmd_convert)
 
-    for module, function in (("unipic.eval.cli", "register_eval_commands"), ("unipic.eval.cli", "register_data_commands"),
+    for module, function in (("unipic.eval.cli", "register_eval_commands"), ("unipic.data.cli", "register_data_commands"),
                              ("unipic.training.cli", "register_train_commands"),
                              ("unipic.serve.cli", "register_serve_commands")):
         register = _optional_register(module, function)

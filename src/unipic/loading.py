@@ -64,7 +64,7 @@ def default_model_folder() -> Path | None:
 def tiny_random_model(seed: int = 0):
     """An untrained model of the tiny preset with the toy byte tokenizer (deterministic weights)."""
     from unipic.checkpoint import build_model
-    from unipic.config import unipic1_tiny
+    from unipic.models.presets import unipic1_tiny
     from unipic.tokenizer import build_byte_tokenizer
 
     config = unipic1_tiny()
@@ -99,7 +99,7 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None 
     """Load the pipeline for a `--model` value (see the module docstring) on a device and dtype."""
     name = "default" if model in (None, "") else str(model)
     if name == "shapes-oracle":
-        from unipic.eval.oracle import ShapesOracle
+        from unipic.oracle import ShapesOracle
 
         return ShapesOracle()
     torch_device = resolve_device(device)

@@ -97,7 +97,7 @@ class UniPicPipeline:
         s = self.config.sampling
         return {"size": s.image_size, "num_iter": s.num_iter, "cfg": s.cfg, "cfg_schedule": s.cfg_schedule,
                 "temperature": s.temperature, "edit_cfg": s.edit_cfg, "edit_temperature": s.edit_temperature,
-                "head_steps": s.head_steps or self.config.head.num_sampling_steps}
+                "head_steps": s.head_steps or self.config.head.num_sampling_steps, "caption_question": s.caption_prompt}
 
     def check_inputs(self, job: Job, texts: Sequence[str], images: Sequence[Image.Image] | None = None, *,
                      height: int | None = None, width: int | None = None, images_per_prompt: int = 1,

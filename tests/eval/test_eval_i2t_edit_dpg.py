@@ -9,11 +9,12 @@ import pytest
 from PIL import Image
 
 from unipic.api import UserError
-from unipic.eval.cli import register_data_commands, register_eval_commands
+from unipic.data.cli import register_data_commands
+from unipic.eval.cli import register_eval_commands
 from unipic.eval.dpg import generate_dpg, load_dpg_prompts
 from unipic.eval.edit import run_edit_eval
 from unipic.eval.i2t import run_i2t_eval
-from unipic.eval.oracle import ShapesOracle
+from unipic.oracle import ShapesOracle
 from unipic.world.questions import QUESTION_KINDS
 from unipic.world.spec import EDIT_KINDS
 

@@ -147,7 +147,7 @@ class InProcessServer:
 
 
 def test_health_says_loading_until_the_model_is_ready():
-    from unipic.eval.oracle import ShapesOracle
+    from unipic.oracle import ShapesOracle
     from unipic.serve.app import create_app
 
     gate = threading.Event()
@@ -200,7 +200,7 @@ def test_a_failed_load_is_reported():
 def test_a_model_that_cannot_do_a_task_says_so():
     """UniPic-2 Kontext cannot caption; the oracle stands in here for 'a family that refuses a task'."""
     from unipic.api import UnsupportedTaskError
-    from unipic.eval.oracle import ShapesOracle
+    from unipic.oracle import ShapesOracle
     from unipic.serve.app import create_app
 
     class NoCaptions(ShapesOracle):
@@ -227,6 +227,7 @@ def test_a_model_that_cannot_do_a_task_says_so():
         server.stop()
 
 
+@pytest.mark.slow  # end to end in a subprocess; the default tier keeps in-process coverage
 def test_cli_reports_a_bad_model_in_one_line(tmp_path):
     import os
     import subprocess

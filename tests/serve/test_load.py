@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from serve_helpers import ServerProcess, data_url, decode_b64_png, multipart, png_bytes
 
+pytestmark = pytest.mark.slow  # sixteen concurrent clients against a real server
+
 CLIENTS = 16
 REQUESTS_PER_CLIENT = 4
 MAX_QUEUE = 4

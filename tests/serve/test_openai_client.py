@@ -133,6 +133,7 @@ def test_chat_image_only_message_asks_for_a_description(client):
     assert isinstance(reply.choices[0].message.content, str)  # the model's own description prompt was asked
 
 
+@pytest.mark.slow  # waits on a busy model thread; the other client tests stay in the default tier
 def test_health_answers_while_the_model_works(tiny_server, client):
     """Generation runs off the event loop: /health answers at once, again and again, during a long request."""
     finished = threading.Event()

@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 from serve_helpers import ServerProcess, assert_openai_error, data_url, decode_b64_png, multipart, png_bytes
 
+pytestmark = pytest.mark.slow  # a server per UniPic-2 folder; in-process UniPic-2 tests stay in the default tier
+
 pytest.importorskip("diffusers", reason="the unipic2 extra (diffusers) is not installed")
 
 

@@ -97,9 +97,31 @@ def test_architecture_overrides_change_the_preset():
     assert (preset_config("shapes-embedded", None).vae.stride, preset_config("shapes-embedded", None).token_dim) == (8, 16)
     # Back to the released KL-16 layout (16 channels at stride 16, one latent per token).
     config = preset_config("shapes-embedded", None, {"vae": {"embed_dim": 16, "ch_mult": [2, 3, 4]},
-                                                     "mar": {"vae_stride": 16, "patch_size": 1}})
+                                                     "mar": {"patch_size": 1}})
     assert (config.vae.stride, config.token_dim, config.pixel_stride) == (16, 16, 16)
     with pytest.raises(UserError, match="unknown key 'depth'"):
         preset_config("shapes-embedded", None, {"vae": {"depth": 3}})
-    with pytest.raises(UserError, match="stride"):
-        preset_config("shapes-embedded", None, {"mar": {"vae_stride": 16}})  # the VAE's stride is still 8
+    with pytest.raises(UserError, match="unknown key 'vae_stride'"):
+        preset_config("shapes-embedded", None, {"mar": {"vae_stride": 16}})  # the stride follows from the VAE
+
+
+def test_the_saved_model_sampling_settings_are_explicit():
+    """Training no longer overwrites the model's sampling settings behind the run's back."""
+    config = load_config(None, ["stage=pretrain", "data.image_size=64", "model.sampling.num_iter=2"])
+    assert config.model.sampling == {"image_size": 64, "understanding_image_size": 64, "num_iter": 2}
+    assert "understanding_image_size: 64" in config.to_yaml()  # what --print-config shows and config.yaml keeps
+    assert load_config(None, ["model.sampling.image_size=256"]).model.sampling["image_size"] == 256
+    with pytest.raises(UserError, match="unknown key.*steps"):
+        load_config(None, ["model.sampling.steps=3"])
+
+
+def test_the_job_writes_the_run_sampling_settings_into_the_model():
+    from tiny_overrides import TINY
+
+    from unipic.training.jobs import UniPicJob
+
+    config = load_config(None, [*TINY, "model.sampling.num_iter=2", "model.sampling.cfg=1.5"])
+    sampling = UniPicJob(config, None).model.config.sampling
+    assert (sampling.image_size, sampling.understanding_image_size, sampling.num_iter, sampling.cfg) == (64, 64, 2, 1.5)
+    with pytest.raises(UserError, match="model.sampling.*multiple of 16"):
+        UniPicJob(load_config(None, [*TINY, "model.sampling.image_size=72"]), None)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # two DDP processes under accelerate launch
+
 HERE = Path(__file__).resolve().parent
 LAUNCHER = Path(sys.executable).parent / "accelerate"
 

@@ -62,6 +62,7 @@ def test_resume_without_checkpoint_starts_fresh_and_finished_run_is_a_no_op(tiny
     assert again.finished and again.step == 2 and again.weights_digest == result.weights_digest
 
 
+@pytest.mark.slow  # end to end in a subprocess; the default tier keeps in-process coverage
 def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tmp_path):
     from tiny_overrides import TINY
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from unipic.models.presets import WORLD_VOCAB_SIZE, shapes_embedded_config
 from unipic.tokenizer import CHATML_SPECIALS, build_world_tokenizer
-from unipic.training.presets import WORLD_VOCAB_SIZE, build_shapes_tokenizer, shapes_embedded_config
+from unipic.training.presets import build_shapes_tokenizer
 
 
 @pytest.fixture(scope="module")

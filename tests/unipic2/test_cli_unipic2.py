@@ -33,6 +33,7 @@ def source_png(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # end to end in a subprocess; the default tier keeps in-process coverage
 def test_generate_with_kontext(kontext_folder, tmp_path):
     out = tmp_path / "cat.png"
     result = _run("generate", "a cat", "--model", str(kontext_folder), "-o", str(out), "--steps", "2", "--size", "64",
@@ -43,6 +44,7 @@ def test_generate_with_kontext(kontext_folder, tmp_path):
         assert json.loads(image.text["settings"])["num_inference_steps"] == 2
 
 
+@pytest.mark.slow  # end to end in a subprocess; the default tier keeps in-process coverage
 def test_edit_with_kontext(kontext_folder, source_png, tmp_path):
     out = tmp_path / "red.png"
     result = _run("edit", str(source_png), "make it red", "--model", str(kontext_folder), "-o", str(out),
@@ -53,6 +55,7 @@ def test_edit_with_kontext(kontext_folder, source_png, tmp_path):
         assert '"input_resize": "crop"' in image.text["settings"]
 
 
+@pytest.mark.slow  # end to end in a subprocess; the default tier keeps in-process coverage
 def test_caption_with_metaquery(mq_folder, source_png, tmp_path):
     result = _run("caption", str(source_png), "--model", str(mq_folder), "--max-new-tokens", "4", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -21,7 +21,7 @@ from unipic.checkpoint import (
     save_model_folder,
 )
 from unipic.cli import main
-from unipic.config import get_preset, unipic1_tiny
+from unipic.models.presets import get_preset, unipic1_tiny
 
 DATA = Path(__file__).parent / "data"
 

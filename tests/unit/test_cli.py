@@ -25,6 +25,7 @@ def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow  # end to end in a subprocess; the default tier keeps in-process coverage
 def test_generate_subprocess_writes_png_with_metadata(tmp_path):
     out = tmp_path / "out.png"
     result = _run("generate", "a photo of a red circle", "-o", str(out), "--seed", "4", "--size", "64", *TINY)
@@ -124,6 +125,7 @@ class _nullcontext:
         return False
 
 
+@pytest.mark.slow  # end to end in a subprocess; the default tier keeps in-process coverage
 def test_unknown_model_subprocess_has_no_traceback(tmp_path):
     result = _run("generate", "a cat", "--model", "not/a-real-model", "-o", str(tmp_path / "o.png"))
     assert result.returncode == 2

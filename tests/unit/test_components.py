@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unipic.config import UniPicConfig, get_preset, unipic1_tiny
+from unipic.models.config import UniPicConfig
+from unipic.models.presets import get_preset, unipic1_tiny
 from unipic.sampling.schedules import (
     cfg_at_step,
     mask_by_order,
@@ -72,7 +73,7 @@ def test_position_tables_resized_once_and_exact(tiny_model_and_tokenizer):
         second = mar.encoder_pos_embed((8, 8))
         assert first is second, "the resized table must come from the cache"
         table = mar.encoder_pos_embed_learned
-        buf, g = mar.config.buffer_size, mar.config.grid_size
+        buf, g = mar.config.buffer_size, mar.grid_size
         image = table[:, buf:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
         expected = F.interpolate(image, size=(8, 8), mode="bilinear", align_corners=False)
         expected = torch.cat([table[:, :buf], expected.permute(0, 2, 3, 1).reshape(1, 64, -1)], dim=1)

@@ -79,7 +79,7 @@ def test_image_to_text_loss_backpropagates(fresh_model):
 
 def test_siglip_understanding_path_runs():
     from unipic.checkpoint import build_model
-    from unipic.config import unipic1_tiny
+    from unipic.models.presets import unipic1_tiny
     from unipic.pipeline import UniPicPipeline
     from unipic.tokenizer import build_byte_tokenizer
 

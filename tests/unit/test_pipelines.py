@@ -16,6 +16,8 @@ def _arrays(images):
 def test_pipeline_implements_the_protocol(tiny_pipeline):
     assert isinstance(tiny_pipeline, UnifiedPipeline)
     assert tiny_pipeline.sampling_defaults()["num_iter"] == 4
+    # `unipic caption` without --prompt asks this, through the protocol rather than the config.
+    assert tiny_pipeline.sampling_defaults()["caption_question"] == tiny_pipeline.config.sampling.caption_prompt
 
 
 def test_same_seed_same_image_different_seed_different_image(tiny_pipeline):

@@ -295,7 +295,7 @@ def test_api_mistake_raises_user_error_naming_the_argument(tiny_pipeline, call, 
     (lambda p: p.text_to_image(["a"], images_per_prompt=0), "images_per_prompt=0"),
 ])
 def test_the_oracle_checks_the_same_way(call, message):
-    from unipic.eval.oracle import ShapesOracle
+    from unipic.oracle import ShapesOracle
 
     with pytest.raises(UserError, match=re.escape(message)):
         call(ShapesOracle())
@@ -520,8 +520,8 @@ def test_caption_takes_quiet_and_help_states_the_policies(tmp_path, capsys):
 
 
 def test_eval_says_up_front_how_much_it_will_draw(tmp_path, capsys):
-    from unipic.eval.oracle import ShapesOracle
     from unipic.eval.t2i import generate_geneval, shapes_eval_metadata
+    from unipic.oracle import ShapesOracle
 
     metadata = shapes_eval_metadata(1, 0)[:2]
     generate_geneval(ShapesOracle(), metadata, tmp_path, images_per_prompt=3, size=128)

@@ -183,9 +183,15 @@ def test_patch_size_decoder_output_is_pixel_shuffled() -> None:
 
 
 def test_model_config_refuses_a_vae_stride_the_mar_does_not_expect() -> None:
-    from unipic.config import UniPicConfig, get_preset
+    from unipic.models.config import UniPicConfig
+    from unipic.models.presets import get_preset
 
+    # The stride is stored once (the VAE's); config.json files of earlier versions also carry
+    # mar.vae_stride and mar.token_dim: they load when those agree, and a disagreeing stride is refused.
     data = get_preset("unipic1-tiny").to_dict()
+    assert "vae_stride" not in data["mar"] and "token_dim" not in data["mar"]
+    data["mar"].update(vae_stride=16, token_dim=16)
+    assert UniPicConfig.from_dict(data) == get_preset("unipic1-tiny")
     data["vae"]["patch_size"] = 2  # stride 32 with five levels
     with pytest.raises(ValueError, match="stride"):
         UniPicConfig.from_dict(data)

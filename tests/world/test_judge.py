@@ -34,7 +34,8 @@ def _same_colors_and_count(found, scene: Scene) -> bool:
     return Counter(d.color for d in found) == Counter(o.color for o in scene.objects)
 
 
-@pytest.fixture(scope="module", params=[128, 256], ids=["S128", "S256"])
+# 256 px judges the same 500 scenes again (12 s of the default tier): the slow tier runs it.
+@pytest.fixture(scope="module", params=[128, pytest.param(256, marks=pytest.mark.slow)], ids=["S128", "S256"])
 def judged(request):
     """Judge 500 random evaluation scenes (all 60 pairs) clean, noisy and JPEG'd at size S."""
     size = request.param

@@ -22,7 +22,7 @@ from unipic.checkpoint import (
     read_tensor_file,
     save_model_folder,
 )
-from unipic.config import get_preset
+from unipic.models.presets import get_preset
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,6 @@
-"""`unipic eval ...` and `unipic data ...` subcommands.
+"""`unipic eval ...` subcommands (`unipic data ...` lives in `unipic.data.cli`).
 
-`unipic.cli` calls `register_eval_commands(subparsers)` and `register_data_commands(subparsers)`;
-each handler (set as the parser's `handler` default) takes the parsed arguments, calls one
+`unipic.cli` calls `register_eval_commands(subparsers)`; each handler (set as the parser's `handler` default) takes the parsed arguments, calls one
 library function and returns the exit code. User mistakes raise `UserError`.
 """
 
@@ -120,15 +119,6 @@ def cmd_eval_dpg(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data_export(args: argparse.Namespace) -> int:
-    from unipic.data.disk import export
-
-    out = export(args.task, args.n, args.out, seed=args.seed, size=args.size, train=args.split == "train",
-                 progress=not args.quiet)
-    print(f"{out}: {args.n} {args.task} examples ({args.split} split) in data.jsonl + images/")
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------
 # Registration
 # ---------------------------------------------------------------------------------------------
@@ -203,22 +193,3 @@ def register_eval_commands(subparsers) -> None:
     add_model_options(p)
     _add_common(p, size_default=None)
     p.set_defaults(handler=cmd_eval_dpg)
-
-
-def register_data_commands(subparsers) -> None:
-    """Add `data` with the subcommand export."""
-    data = subparsers.add_parser("data", help="export Shapes-world datasets",
-                                 description="Write generated Shapes-world data in the on-disk layout the training "
-                                             "pipeline reads (see src/unipic/data/README.md).")
-    sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", parser_class=type(data))
-    p = sub.add_parser("export", help="write N examples of a task to a folder",
-                       description="Write DIR/data.jsonl + DIR/images/: t2i rows {image, text}, i2t rows "
-                                   "{image, question, answer}, edit rows {source, instruction, target}. Example i is "
-                                   "a pure function of (seed, i); rerunning resumes (finished images are skipped).")
-    p.add_argument("--task", required=True, choices=("t2i", "i2t", "edit"), help="which task's examples")
-    p.add_argument("--n", type=int, required=True, help="number of examples")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--split", choices=("train", "eval"), default="train",
-                   help="'train' never shows a held-out color-shape pair; 'eval' draws from all 60 (default train)")
-    _add_common(p, size_default=128)
-    p.set_defaults(handler=cmd_data_export)

@@ -29,9 +29,7 @@ class MARConfig:
     """Sizes of the MAR encoder/decoder (mar_huge values by default)."""
 
     img_size: int = 512  # the pixel size the position tables were trained for
-    vae_stride: int = 16
-    patch_size: int = 1
-    token_dim: int = 16  # vae embed_dim × patch_size²; set by UniPicConfig
+    patch_size: int = 1  # latents per token side (the VAE's stride × this = pixels per token)
     encoder_embed_dim: int = 1280
     encoder_depth: int = 20
     encoder_num_heads: int = 16
@@ -47,24 +45,22 @@ class MARConfig:
     proj_dropout: float = 0.1
     grad_checkpointing: bool = False
 
-    @property
-    def grid_size(self) -> int:
-        """Side of the trained token grid (32 for 512 px at stride 16)."""
-        return self.img_size // (self.vae_stride * self.patch_size)
-
-    @property
-    def seq_len(self) -> int:
-        """Tokens in the trained grid."""
-        return self.grid_size**2
-
 
 class MAR(nn.Module):
-    """MAR encoder + decoder + diffusion head; state-dict keys match the released `mar.*` tensors."""
+    """MAR encoder + decoder + diffusion head; state-dict keys match the released `mar.*` tensors.
 
-    def __init__(self, config: MARConfig, head_config: DiffusionHeadConfig) -> None:
+    Args:
+        config: the MAR's own sizes.
+        head_config: the diffusion head's.
+        token_dim: width of one image token (the VAE's latent channels × patch area).
+        grid_size: side of the token grid the position tables are stored for (img_size / pixel stride).
+    """
+
+    def __init__(self, config: MARConfig, head_config: DiffusionHeadConfig, *, token_dim: int, grid_size: int) -> None:
         super().__init__()
         self.config = config
-        enc, dec, buf, seq = config.encoder_embed_dim, config.decoder_embed_dim, config.buffer_size, config.seq_len
+        self.token_dim, self.grid_size = token_dim, grid_size
+        enc, dec, buf, seq = config.encoder_embed_dim, config.decoder_embed_dim, config.buffer_size, grid_size**2
         # Registration order follows the released checkpoint's state_dict order.
         self.fake_latent = nn.Parameter(torch.zeros(1, enc))
         self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, buf + seq, enc))
@@ -72,7 +68,7 @@ class MAR(nn.Module):
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, buf + seq, dec))
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, seq, dec))
         self.class_emb = nn.Embedding(config.class_num, enc)
-        self.z_proj = nn.Linear(config.token_dim, enc)
+        self.z_proj = nn.Linear(token_dim, enc)
         self.z_proj_ln = nn.LayerNorm(enc, eps=config.norm_eps)
         block = {"mlp_ratio": config.mlp_ratio, "eps": config.norm_eps, "attn_drop": config.attn_dropout,
                      "proj_drop": config.proj_dropout}
@@ -110,7 +106,7 @@ class MAR(nn.Module):
 
     def _resize_table(self, table: torch.Tensor, grid: tuple[int, int], buffer: int) -> torch.Tensor:
         """Bilinearly resize the image part of a (1, buffer+g², D) table to `grid`; buffers unchanged."""
-        g = self.config.grid_size
+        g = self.grid_size
         if grid == (g, g):
             return table
         head, image = table[:, :buffer], table[:, buffer:]

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from unipic.config import UniPicConfig
+from unipic.models.config import UniPicConfig
 from unipic.models.layers import build_mlp
 from unipic.models.mar import MAR
 from unipic.models.vae import AutoencoderKL
@@ -94,7 +94,7 @@ class UniPic(nn.Module):
         enc = config.mar.encoder_embed_dim
         self.vae = AutoencoderKL(config.vae)
         self.llm = Qwen2ForCausalLM(config.llm.to_transformers())
-        self.mar = MAR(config.mar, config.head)
+        self.mar = MAR(config.mar, config.head, token_dim=config.token_dim, grid_size=config.trained_grid_size)
         self.proj_in = build_mlp(enc, hidden, hidden)
         self.proj_out = build_mlp(hidden, hidden, enc)
         if config.siglip is not None:
@@ -229,7 +229,7 @@ class UniPic(nn.Module):
 
     def forward_mae_encoder(self, tokens: torch.Tensor, mask: torch.Tensor | None, grid: tuple[int, int],
                             attention_mask: torch.Tensor, *, prefix_embeds: torch.Tensor | None = None,
-                            past_key_values=None, grad_scale: float | None = None) -> torch.Tensor:
+                            past_key_values=None) -> torch.Tensor:
         """MAR encoder → LLM → residual back into MAR space: (B, buf + L_vis, enc_dim)."""
         x_enc, z_enc = self.extract_visual_feature(tokens, mask, grid)
         hidden = self.llm_image_hidden(z_enc, attention_mask, prefix_embeds=prefix_embeds,

@@ -22,15 +22,11 @@ from unipic.checkpoint import (
     load_model_folder,
     read_model_folder_tensors,
 )
-from unipic.config import PRESETS, UniPicConfig
+from unipic.models.config import UniPicConfig
+from unipic.models.presets import PRESETS, SHAPES_EMBEDDED, WORLD_VOCAB_SIZE, shapes_embedded_config
 from unipic.models.vae import AutoencoderKL, VAEConfig
 from unipic.training.config import ModelConfig
-from unipic.training.presets import (
-    SHAPES_EMBEDDED,
-    WORLD_VOCAB_SIZE,
-    build_shapes_tokenizer,
-    shapes_embedded_config,
-)
+from unipic.training.presets import build_shapes_tokenizer
 
 logger = logging.getLogger(__name__)
 

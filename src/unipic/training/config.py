@@ -62,6 +62,10 @@ class ModelConfig:
     vae_init_logvar: float | None = -6.0  # stage vae from a preset: start the posterior log-variance here
     # Preset only: nested changes to its architecture, e.g. {vae: {embed_dim: 32}, mar: {encoder_depth: 4}}.
     architecture: dict[str, Any] = field(default_factory=dict)
+    # Sampling defaults the saved model gets (its config.json "sampling"), e.g. {num_iter: 16}. The
+    # run sets image_size and understanding_image_size to data.image_size unless given here; the
+    # resolved mapping is what --print-config shows and config.yaml records.
+    sampling: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -193,9 +197,20 @@ class TrainConfig:
             raise UserError(f"optim.lr={self.optim.lr} must be positive")
         if self.train.mixed_precision == "fp16" and not _has_gpu():
             raise UserError("train.mixed_precision=fp16 needs a GPU; use bf16 (or no) on the CPU")
+        from unipic.config import SamplingConfig
+
+        unknown = sorted(set(self.model.sampling) - {f.name for f in dataclasses.fields(SamplingConfig)})
+        if unknown:
+            raise UserError(f"model.sampling: unknown key(s) {unknown}; valid keys: "
+                            f"{sorted(f.name for f in dataclasses.fields(SamplingConfig))}")
         if self.stage != "vae" and not self.model.freeze_vae:
             raise UserError("model.freeze_vae=false is only allowed in stage vae; the VAE stays frozen in "
                             "every model stage (train a VAE with `stage: vae` and load it with model.init_vae_from)")
+
+    def model_sampling(self) -> dict[str, Any]:
+        """The sampling defaults this run writes into the model: `model.sampling` over the trained size."""
+        return {"image_size": self.data.image_size, "understanding_image_size": self.data.image_size,
+                **self.model.sampling}
 
     @property
     def active_tasks(self) -> list[str]:
@@ -251,6 +266,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         apply_override(data, item)
     config = from_dict(TrainConfig, data, "config")
     config.validate()
+    config.model.sampling = config.model_sampling()  # explicit: printed and saved with the run
     return config
 
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from unipic.api import UserError
+from unipic.config import SamplingConfig, from_dict
 from unipic.training.build import (
     VAE_FILE,
     apply_freezing,
@@ -70,6 +72,14 @@ class UniPicLoss(nn.Module):
         return {"loss": raw * self.weights[task], f"loss_{task}": raw.detach().float()}
 
 
+def _sampling_for_run(current: SamplingConfig, changes: dict) -> SamplingConfig:
+    """The model's sampling defaults with the run's `changes` applied (UserError naming a bad value)."""
+    try:
+        return from_dict(SamplingConfig, {**dataclasses.asdict(current), **changes}, "model.sampling")
+    except (TypeError, ValueError) as error:
+        raise UserError(str(error)) from None
+
+
 class UniPicJob:
     """Trains a UniPic model with a frozen VAE on the tasks of `data.tasks`."""
 
@@ -82,10 +92,14 @@ class UniPicJob:
             model.float()
         else:
             model, tokenizer = init_model(config.model, config.seed)
-        # The run's settings travel with the model: the saved folder samples at the trained size.
+        # The run's settings travel with the model: the saved folder samples at the trained size, or
+        # with what model.sampling says (TrainConfig.model_sampling, recorded in the run's config.yaml).
         model.config.grad_scale = config.loss.grad_scale
-        model.config.sampling.image_size = config.data.image_size
-        model.config.sampling.understanding_image_size = config.data.image_size
+        model.config.sampling = _sampling_for_run(model.config.sampling, config.model_sampling())
+        try:
+            model.config.validate()
+        except ValueError as error:
+            raise UserError(f"model.sampling: {error}") from None
         apply_freezing(model, config.model)
         self.model, self.tokenizer = model.train(), tokenizer
         self.module = UniPicLoss(model, config.loss.weights, config.loss.token_probe)

@@ -251,6 +251,58 @@ class KontextSamplingMixin:
                 progress_bar.update()
         return latents
 
+    def sample_and_decode(
+        self,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        negative_pooled_prompt_embeds: torch.Tensor | None,
+        *,
+        images: int,
+        height: int,
+        width: int,
+        references: list[Image.Image] | None,
+        num_images_per_prompt: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        reference_sample_mode: str,
+        num_inference_steps: int,
+        sigmas: list[float] | None,
+        mu: float | None,
+        guidance_scale: float,
+        output_type: str,
+        return_dict: bool,
+        **denoise_options: Any,
+    ):
+        """The steps after the prompt encoding that both UniPic-2 pipelines share.
+
+        Noise latents first (so an edit and a generation with one seed start from the same noise),
+        then the reference latents from the same generator, the timesteps, the denoising loop
+        (`denoise_options` go to `denoise`) and the decoding. `images` = prompts × images per prompt.
+        """
+        device = self._execution_device
+        latents = self.prepare_noise_latents(images, height, width, prompt_embeds.dtype, device, generator, latents)
+        ref_latents = None
+        if references is not None:
+            ref_latents = self.prepare_reference_latents(
+                references, num_images_per_prompt, height, width, latents.dtype, device, generator,
+                reference_sample_mode,
+            )
+        timesteps, num_inference_steps = self.prepare_timesteps(latents, num_inference_steps, device, sigmas, mu)
+        self._num_timesteps = len(timesteps)
+        latents = self.denoise(
+            latents,
+            timesteps,
+            prompt_embeds.to(device),
+            pooled_prompt_embeds.to(device),
+            None if negative_prompt_embeds is None else negative_prompt_embeds.to(device),
+            None if negative_pooled_prompt_embeds is None else negative_pooled_prompt_embeds.to(device),
+            guidance_scale,
+            ref_latents=ref_latents,
+            **denoise_options,
+        )
+        return self.finish(latents, output_type, return_dict)
+
     def finish(self, latents: torch.Tensor, output_type: str, return_dict: bool):
         """Decode, release offloaded models and wrap the images as diffusers' SD3 pipelines do."""
         images = self.decode_latents(latents, output_type)
@@ -412,39 +464,14 @@ class StableDiffusion3KontextPipeline(KontextSamplingMixin, StableDiffusion3Pipe
             lora_scale=lora_scale,
         )
 
-        # 3. Noise latents first (so an edit and a generation with one seed start from the same noise)
-        latents = self.prepare_noise_latents(
-            batch_size * num_images_per_prompt, height, width, prompt_embeds.dtype, device, generator, latents
-        )
-
-        # 4. Reference latents, sampled with the same generator
-        ref_latents = None
-        if references is not None:
-            ref_latents = self.prepare_reference_latents(
-                references, num_images_per_prompt, height, width, latents.dtype, device, generator,
-                reference_sample_mode,
-            )
-
-        # 5. Timesteps
-        timesteps, num_inference_steps = self.prepare_timesteps(latents, num_inference_steps, device, sigmas, mu)
-        self._num_timesteps = len(timesteps)
-
-        # 6. Denoising loop
-        latents = self.denoise(
-            latents,
-            timesteps,
-            prompt_embeds,
-            pooled_prompt_embeds,
-            negative_prompt_embeds,
-            negative_pooled_prompt_embeds,
-            guidance_scale,
-            ref_latents=ref_latents,
-            joint_attention_kwargs=joint_attention_kwargs,
-            skip_guidance_layers=skip_guidance_layers,
-            skip_layer_guidance_scale=skip_layer_guidance_scale,
-            skip_layer_guidance_start=skip_layer_guidance_start,
+        # 3.-7. Noise and reference latents, timesteps, denoising, decoding
+        return self.sample_and_decode(
+            prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds,
+            images=batch_size * num_images_per_prompt, height=height, width=width, references=references,
+            num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
+            reference_sample_mode=reference_sample_mode, num_inference_steps=num_inference_steps, sigmas=sigmas,
+            mu=mu, guidance_scale=guidance_scale, output_type=output_type, return_dict=return_dict,
+            joint_attention_kwargs=joint_attention_kwargs, skip_guidance_layers=skip_guidance_layers,
+            skip_layer_guidance_scale=skip_layer_guidance_scale, skip_layer_guidance_start=skip_layer_guidance_start,
             skip_layer_guidance_stop=skip_layer_guidance_stop,
         )
-
-        # 7. Decode
-        return self.finish(latents, output_type, return_dict)

@@ -320,7 +320,6 @@ class UniPic2MetaQueryPipeline(KontextSamplingMixin, DiffusionPipeline):
         else:
             batch_size = prompt_embeds.shape[0] // num_images_per_prompt
         references = None if image is None else self.check_reference_images(image, batch_size, height, width)
-        device = self._execution_device
 
         # 2. Qwen2.5-VL + conditioner replace the three text encoders (spec §4.3)
         if prompt_embeds is None:
@@ -330,37 +329,17 @@ class UniPic2MetaQueryPipeline(KontextSamplingMixin, DiffusionPipeline):
                 )
             )
 
-        # 3. Noise latents, then 4. reference latents from the same generator
-        latents = self.prepare_noise_latents(
-            batch_size * num_images_per_prompt, height, width, prompt_embeds.dtype, device, generator, latents
-        )
-        ref_latents = None
-        if references is not None:
-            ref_latents = self.prepare_reference_latents(
-                references, num_images_per_prompt, height, width, latents.dtype, device, generator,
-                reference_sample_mode,
-            )
-
-        # 5. Timesteps and 6. denoising loop
-        timesteps, num_inference_steps = self.prepare_timesteps(latents, num_inference_steps, device, sigmas, mu)
-        latents = self.denoise(
-            latents,
-            timesteps,
-            prompt_embeds.to(device),
-            pooled_prompt_embeds.to(device),
-            None if negative_prompt_embeds is None else negative_prompt_embeds.to(device),
-            None if negative_pooled_prompt_embeds is None else negative_pooled_prompt_embeds.to(device),
-            guidance_scale,
-            ref_latents=ref_latents,
-            joint_attention_kwargs=joint_attention_kwargs,
-            skip_guidance_layers=skip_guidance_layers,
-            skip_layer_guidance_scale=skip_layer_guidance_scale,
-            skip_layer_guidance_start=skip_layer_guidance_start,
+        # 3.-7. Noise and reference latents, timesteps, denoising, decoding (shared with Kontext)
+        return self.sample_and_decode(
+            prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds,
+            images=batch_size * num_images_per_prompt, height=height, width=width, references=references,
+            num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
+            reference_sample_mode=reference_sample_mode, num_inference_steps=num_inference_steps, sigmas=sigmas,
+            mu=mu, guidance_scale=guidance_scale, output_type=output_type, return_dict=return_dict,
+            joint_attention_kwargs=joint_attention_kwargs, skip_guidance_layers=skip_guidance_layers,
+            skip_layer_guidance_scale=skip_layer_guidance_scale, skip_layer_guidance_start=skip_layer_guidance_start,
             skip_layer_guidance_stop=skip_layer_guidance_stop,
         )
-
-        # 7. Decode
-        return self.finish(latents, output_type, return_dict)
 
     # ------------------------------------------------------------------ understanding
 

@@ -102,11 +102,6 @@ artifacts glitch noise pixelated grainy compression artifacts bad composition wr
 incomplete editing unfinished unedited areas white black brown pink star heart cross hexagon"""
 
 
-def tiny_config() -> dict:
-    """A deep copy of the tiny configuration (safe to modify)."""
-    return copy.deepcopy(TINY_CONFIG)
-
-
 # ---------------------------------------------------------------------------- tokenizers
 
 

@@ -9,7 +9,6 @@ of its seed.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -93,14 +92,8 @@ class Scene:
     def pairs(self) -> list[tuple[str, str]]:
         return [o.pair for o in self.objects]
 
-    def pair_counts(self) -> Counter:
-        return Counter(self.pairs)
-
     def count(self, shape: str, color: str | None = None) -> int:
         return sum(o.shape == shape and (color is None or o.color == color) for o in self.objects)
-
-    def with_shape(self, shape: str) -> list[WorldObject]:
-        return [o for o in self.objects if o.shape == shape]
 
     def with_color(self, color: str) -> list[WorldObject]:
         return [o for o in self.objects if o.color == color]

@@ -95,8 +95,3 @@ EDIT_TOL = 0.05  # untouched (and recolored / replaced) objects stay within this
 REL_SAFETY = 0.03  # generated relations hold with margin REL_T + REL_SAFETY (box centres)
 MOVE_SAFETY = 0.03  # generated moves go at least MOVE_MIN + MOVE_SAFETY
 CAPTION_SEP = 0.02  # scenes captioned left to right keep centres this far apart in x
-
-
-def is_held_out(color: str, shape: str) -> bool:
-    """True when the color–shape pair is one of docs/world.md's eight held-out pairs."""
-    return (color, shape) in HELD_OUT

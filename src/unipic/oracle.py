@@ -54,7 +54,8 @@ class ShapesOracle:
 
     def sampling_defaults(self) -> dict[str, object]:
         """The oracle's settings: its default size and corruption switches."""
-        return {"oracle": True, "size": self.size, "wrong_colors": self.wrong_colors,
+        return {"oracle": True, "size": self.size, "caption_question": "Describe the image in detail.",
+                "wrong_colors": self.wrong_colors,
                 "drop_object": self.drop_object, "mirror_positions": self.mirror_positions}
 
     def check_inputs(self, job: Job, texts: Sequence[str], images: Sequence[Image.Image] | None = None, *,
