@@ -55,6 +55,7 @@ class CheckedInputs:
     seed: int | list[int] | None = None
     images_per_prompt: int = 1
     settings: dict[str, object] = field(default_factory=dict)
+    masks: list | None = None  # inpainting: one grown bool (H, W) numpy mask per image, True = regenerate
 
 
 @runtime_checkable
