@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from unipic.api import CheckedInputs, UserError, check_texts
+from unipic.checks import show
 
 DEFAULT_GROW = 0  # pixels the mask is dilated by before use
 DEFAULT_FEATHER = 4  # pixels over which the generated image fades into the source, inside the mask
@@ -166,26 +167,29 @@ def pad_to_multiple(image: Image.Image, mask: np.ndarray, multiple: int) -> tupl
     return Image.fromarray(array), np.pad(mask, ((0, pad_h), (0, pad_w)), constant_values=False)
 
 
-def check_grow_feather(grow: object, feather: object) -> tuple[int, int]:
+def check_grow_feather(grow: object, feather: object, names: Sequence[str] = ("grow", "feather")) -> tuple[int, int]:
     """`grow` and `feather` as non-negative pixel counts (`UserError` otherwise)."""
     from unipic.checks import check_int
 
-    return (check_int(grow, "grow", minimum=0, maximum=MAX_GROW, hint=" pixels"),
-            check_int(feather, "feather", minimum=0, maximum=MAX_GROW, hint=" pixels"))
+    return (check_int(grow, names[0], minimum=0, maximum=MAX_GROW, hint=" pixels"),
+            check_int(feather, names[1], minimum=0, maximum=MAX_GROW, hint=" pixels"))
 
 
-def prepare_masks(images: Sequence[Image.Image], masks: Sequence[object], grow: int) -> list[np.ndarray]:
+def prepare_masks(images: Sequence[Image.Image], masks: Sequence[object], grow: int, *,
+                  names: Sequence[str] | None = None, grow_name: str = "grow") -> list[np.ndarray]:
     """Checked, grown bool masks, one per (RGB) image; a grown mask that covers everything is refused."""
     if isinstance(masks, (Image.Image, np.ndarray)) or not isinstance(masks, Sequence):
         raise UserError(f"masks must be a list with one mask per image, got a {type(masks).__name__}; "
                         "wrap a single mask in a list")
     if len(masks) != len(images):
         raise UserError(f"got {len(masks)} masks for {len(images)} images; give one mask per image")
+    names = names or [f"masks[{i}]" for i in range(len(masks))]
     out = []
-    for index, (image, mask) in enumerate(zip(images, masks)):
-        array = grow_mask(check_mask(mask, image.size, f"masks[{index}]"), grow)
+    for name, image, mask in zip(names, images, masks):
+        array = grow_mask(check_mask(mask, image.size, name), grow)
         if array.all():
-            raise UserError(f"masks[{index}] grown by grow={grow} pixels covers the whole image; use a smaller grow")
+            raise UserError(f"{name} grown by {show(grow_name, grow)} pixels covers the whole image; "
+                            f"use a smaller {grow_name}")
         out.append(array)
     return out
 
