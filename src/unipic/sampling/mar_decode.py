@@ -9,7 +9,13 @@ import torch
 from tqdm.auto import tqdm
 
 from unipic.sampling.rng import Randomness
-from unipic.sampling.schedules import cfg_at_step, mask_by_order, reveal_mask_len, sample_orders
+from unipic.sampling.schedules import (
+    cfg_at_step,
+    mask_by_order,
+    reveal_mask_len,
+    sample_orders,
+    sample_orders_within,
+)
 
 
 def _new_cache():
@@ -41,6 +47,8 @@ def mar_generate_tokens(
     x_con: torch.Tensor | None = None,
     generator: Randomness = None,
     progress: bool = False,
+    known_tokens: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample image tokens after a text (or text + source image) prefix.
 
@@ -52,6 +60,10 @@ def mar_generate_tokens(
         grid: (h, w) token grid of the output.
         num_iter: MAR steps (1 ≤ num_iter ≤ h·w).
         x_con: (R, buf + h·w, enc_dim) editing condition (source-image MAR features), or None.
+        known_tokens, hidden: inpainting: (R or R/2, h·w, token_dim) tokens and (R or R/2, h·w)
+            bool, True = to generate, for the conditional rows (their unconditional partners get
+            the same). Known tokens are visible from the first step and kept; only hidden ones
+            are revealed, and the reveal schedule runs over their count, which every row must share.
 
     Returns:
         (R or R/2, h·w, token_dim) float32 tokens of the conditional rows.
@@ -68,12 +80,24 @@ def mar_generate_tokens(
     token_dim = model.config.token_dim
 
     # 1. Random reveal orders; the unconditional rows follow their conditional partners exactly.
-    orders = sample_orders(n_cond, seq_len, device=device, generator=generator)
+    if hidden is None:
+        orders = sample_orders(n_cond, seq_len, device=device, generator=generator)
+        tokens = torch.zeros(n_cond, seq_len, token_dim, device=device, dtype=torch.float32)
+        mask = torch.ones(n_cond, seq_len, dtype=torch.bool, device=device)
+        total = seq_len
+    else:  # inpainting: start from the known tokens, hide and reveal only the others
+        counts = hidden.sum(dim=1)
+        total = int(counts[0])
+        if not bool((counts == total).all()) or total < 1:
+            raise ValueError(f"every row must hide the same, positive number of tokens, got {counts.tolist()}")
+        orders = sample_orders_within(hidden.to(device), generator=generator)
+        tokens = known_tokens.to(device=device, dtype=torch.float32).clone()
+        mask = hidden.to(device).clone()
+    if not 1 <= num_iter <= total:
+        raise ValueError(f"num_iter={num_iter} must be between 1 and the hidden token count {total}")
     if use_cfg:
-        orders = torch.cat([orders, orders])
-    tokens = torch.zeros(rows, seq_len, token_dim, device=device, dtype=torch.float32)
-    mask = torch.ones(rows, seq_len, dtype=torch.bool, device=device)
-    num_masked = seq_len
+        orders, tokens, mask = torch.cat([orders, orders]), torch.cat([tokens, tokens]), torch.cat([mask, mask])
+    num_masked = total
 
     # 2. The prefix never changes: run it through the LLM once and reuse its keys/values.
     cache = _new_cache()
@@ -89,7 +113,7 @@ def mar_generate_tokens(
         _truncate_cache(cache, prefix_len)  # drop this step's image rows; only the prefix stays cached
         z = model.mar.forward_decoder(x_enc, mask.float(), grid, x_con=x_con)  # (R, L, dec_dim)
 
-        mask_len = reveal_mask_len(step, num_iter, seq_len, num_masked)
+        mask_len = reveal_mask_len(step, num_iter, total, num_masked)
         mask_next = mask_by_order(mask_len, orders)
         to_predict = mask if step == num_iter - 1 else mask & ~mask_next
         mask, num_masked = mask_next, mask_len
@@ -99,7 +123,7 @@ def mar_generate_tokens(
         # Row-major gather puts every conditional row's tokens before the unconditional ones,
         # which is the layout the head's guidance expects.
         cond = z[to_predict]
-        scale = cfg_at_step(cfg, cfg_schedule, seq_len, mask_len) if use_cfg else 1.0
+        scale = cfg_at_step(cfg, cfg_schedule, total, mask_len) if use_cfg else 1.0
         sampled = model.mar.diffloss.sample(cond, temperature=temperature, cfg=scale, generator=generator,
                                             num_steps=head_steps)
         tokens = tokens.clone()

@@ -18,6 +18,16 @@ def sample_orders(batch: int, seq_len: int, *, device: torch.device | str = "cpu
     return noise.argsort(dim=1)
 
 
+def sample_orders_within(hidden: torch.Tensor, *, generator: rng.Randomness = None) -> torch.Tensor:
+    """Random orders (B, L) that list each row's hidden positions first (uniformly shuffled), then the rest.
+
+    `hidden` is (B, L) bool. `mask_by_order(k, orders)` with k <= a row's hidden count then hides
+    only hidden positions. The draw is `sample_orders`'s, so an all-hidden row gets its exact order.
+    """
+    noise = rng.rand(tuple(hidden.shape), generator, device=hidden.device)  # (B, L) in [0, 1)
+    return (noise + (~hidden).to(noise.dtype)).argsort(dim=1)  # known positions sort into [1, 2)
+
+
 def mask_by_order(mask_len: int, orders: torch.Tensor) -> torch.Tensor:
     """Boolean mask (B, L) that hides the first `mask_len` positions of each row's order."""
     mask = torch.zeros(orders.shape, dtype=torch.bool, device=orders.device)
