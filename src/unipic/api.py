@@ -134,3 +134,30 @@ class UnifiedPipeline(Protocol):
     def sampling_defaults(self) -> dict[str, object]:
         """The default settings this pipeline samples with."""
         ...
+
+
+@runtime_checkable
+class InpaintingPipeline(Protocol):
+    """The optional inpainting capability (UniPic-1, both UniPic-2 families and the Shapes oracle).
+
+    Masks are PIL images (white = regenerate) or (H, W) bool arrays of the image's size; `grow`
+    dilates them by that many pixels and `feather` fades the generated pixels into the source over
+    that many pixels inside the mask, so every pixel outside the grown mask stays the source's.
+    """
+
+    def check_inpaint(self, images: Sequence[Image.Image], masks: Sequence[object], prompts: Sequence[str], *,
+                      seed: int | Sequence[int] | None = None, grow: int = 0, feather: int = 4,
+                      **options: object) -> CheckedInputs:
+        """Validate an inpainting request without running it; raises `UserError`."""
+        ...
+
+    def inpaint(self, images: Sequence[Image.Image], masks: Sequence[object], prompts: Sequence[str], *,
+                seed: int | Sequence[int] | None = None, grow: int = 0, feather: int = 4, progress: bool = False,
+                **options: object) -> list[Image.Image]:
+        """Regenerate the masked pixels of image i from prompt i; one same-size image per pair."""
+        ...
+
+    def outpaint(self, images: Sequence[Image.Image], prompts: Sequence[str], *, left: int = 0, right: int = 0,
+                 top: int = 0, bottom: int = 0, **kwargs: object) -> list[Image.Image]:
+        """Extend each image by the given pixels (multiples of 16) on each side; keyword arguments go to `inpaint`."""
+        ...

@@ -372,10 +372,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 def _inpainting_pipeline(args: argparse.Namespace):
     """The loaded pipeline, refused with a one-line error when its family cannot inpaint."""
-    from unipic.api import UnsupportedTaskError
+    from unipic.api import InpaintingPipeline, UnsupportedTaskError
 
     pipeline = _load(args)
-    if not callable(getattr(pipeline, "inpaint", None)):
+    if not isinstance(pipeline, InpaintingPipeline):
         raise UnsupportedTaskError(f"--model {args.model or 'default'} ({type(pipeline).__name__}) cannot inpaint")
     return pipeline
 

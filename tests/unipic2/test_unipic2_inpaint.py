@@ -72,6 +72,13 @@ def test_adapters_inpaint_and_outpaint_keep_the_source(family, kontext_pipe, mq_
         adapter.inpaint([source], [np.ones((24, 40), bool)], ["x"])
 
 
+def test_both_families_implement_the_inpainting_protocol(kontext_pipe, mq_pipe):
+    from unipic.api import InpaintingPipeline
+
+    assert isinstance(KontextUnifiedPipeline(kontext_pipe), InpaintingPipeline)
+    assert isinstance(MetaQueryUnifiedPipeline(mq_pipe), InpaintingPipeline)
+
+
 def test_cli_inpaint_with_kontext(kontext_folder, tmp_path, capsys):
     source = tmp_path / "source.png"
     random_image(48, 32, seed=5).save(source)

@@ -257,3 +257,10 @@ def test_inpaint_commands_have_help(capsys):
         assert raised.value.code == 0
         text = capsys.readouterr().out
         assert "--grow" in text and "--feather" in text and "--seed" in text
+
+
+def test_every_family_implements_the_inpainting_protocol(tiny_pipeline):
+    from unipic.api import InpaintingPipeline
+    from unipic.eval.oracle import ShapesOracle
+
+    assert isinstance(tiny_pipeline, InpaintingPipeline) and isinstance(ShapesOracle(), InpaintingPipeline)

@@ -132,7 +132,7 @@ def run_inpaint_eval(pipeline, out_dir: str | Path, n_per_kind: int = 50, size: 
     for value, name, minimum in ((n_per_kind, "--n-per-kind", 1), (size, "--size", 16), (batch_size, "--batch-size", 1)):
         if not isinstance(value, int) or value < minimum:
             raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if not callable(getattr(pipeline, "inpaint", None)):
+    if not callable(getattr(pipeline, "inpaint", None)):  # duck-typed: tests wrap pipelines
         raise UnsupportedTaskError(f"this model ({type(pipeline).__name__}) cannot inpaint")
     out = output_folder(out_dir)
     if size < MIN_EVAL_SIZE:
