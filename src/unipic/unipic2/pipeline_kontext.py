@@ -31,7 +31,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from unipic.api import UserError
-from unipic.inpainting import DEFAULT_FEATHER, check_mask, composite, feather_alpha, grow_mask, token_grid_mask
+from unipic.inpainting import (
+    DEFAULT_FEATHER,
+    check_mask,
+    composite,
+    feather_alpha,
+    grow_mask,
+    token_grid_mask,
+)
 from unipic.unipic2.images import check_size, to_rgb
 
 logger = logging.getLogger(__name__)

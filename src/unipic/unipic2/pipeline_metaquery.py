@@ -37,9 +37,9 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusi
 from PIL import Image
 
 from unipic.api import UserError
+from unipic.inpainting import DEFAULT_FEATHER
 from unipic.unipic2.conditioner import StableDiffusion3Conditioner
 from unipic.unipic2.images import to_rgb
-from unipic.inpainting import DEFAULT_FEATHER
 from unipic.unipic2.pipeline_kontext import (
     DEFAULT_GUIDANCE,
     DEFAULT_SIZE,
