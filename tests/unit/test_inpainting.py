@@ -166,6 +166,26 @@ def test_exactly_the_one_hidden_token_is_sampled(tiny_model_and_tokenizer):
     assert calls and set(calls) == {2}  # each head call: one token, conditional + unconditional rows
 
 
+def test_an_all_hidden_grid_samples_exactly_as_text_to_image(tiny_model_and_tokenizer):
+    """Known tokens only change where the loop starts: with none known, the draws and the result are
+    text-to-image's (the orders come from the same uniform draw, the schedule runs over every token)."""
+    from unipic.sampling.mar_decode import mar_generate_tokens
+    from unipic.sampling.text_to_image import build_t2i_prefix
+
+    model, tokenizer = tiny_model_and_tokenizer
+    grid = (2, 3)
+    prefix, mask = build_t2i_prefix(model, tokenizer, ["a star", "a cross"], cfg=2.0, device=model.device)
+    common = dict(**_steps_kw(3), cfg=2.0, cfg_schedule="linear", head_steps=2)
+    plain = mar_generate_tokens(model, prefix, mask, grid, generator=torch.Generator().manual_seed(4), **common)
+    known = torch.randn(2, 6, model.config.token_dim)
+    masked = mar_generate_tokens(model, prefix, mask, grid, generator=torch.Generator().manual_seed(4),
+                                 known_tokens=known, hidden=torch.ones(2, 6, dtype=torch.bool), **common)
+    assert torch.equal(plain, masked)
+    with pytest.raises(ValueError, match="same, positive number"):
+        mar_generate_tokens(model, prefix, mask, grid, known_tokens=known,
+                            hidden=torch.tensor([[True] * 6, [True] * 5 + [False]]), **common)
+
+
 def _steps_kw(steps: int) -> dict:
     """The MAR-steps keyword of `mar_generate_tokens` (named `steps` or `num_iter`)."""
     import inspect
