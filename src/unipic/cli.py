@@ -23,10 +23,12 @@ from unipic.checks import (
     INPUT_RESIZE_MODES,
     MAX_CFG,
     MAX_TEMPERATURE,
+    PIXEL_MULTIPLE,
     check_choice,
     check_int,
     check_number,
     check_seed,
+    check_size,
     check_writable,
 )
 from unipic.cli_common import add_model_options
@@ -122,10 +124,12 @@ def _check_sampling_args(args: argparse.Namespace, *, seeds: int = 1) -> None:
         value = getattr(args, key)
         if value is None:
             continue
-        check_int(value, flag, minimum=16, hint=" and a multiple of 16")
-        # The oracle renders any size; every model family needs a multiple of its 16-pixel stride.
-        if value % 16 and args.model != "shapes-oracle":
-            raise UserError(f"{flag} {value}: must be a multiple of 16; use {flag} {max(16, round(value / 16) * 16)}")
+        # Early, before loading: the oracle renders any size, every model family needs a multiple of
+        # 16 (the loaded pipeline's check_inputs then applies its own stride).
+        if args.model == "shapes-oracle":
+            check_int(value, flag, minimum=16)
+        else:
+            check_size(value, flag, PIXEL_MULTIPLE)
     check_seed(args.seed, "--seed", count=seeds)
     for flag, key in (("--steps", "steps"), ("--head-steps", "head_steps"), ("--batch-size", "batch_size")):
         if getattr(args, key) is not None:

@@ -26,6 +26,7 @@ from unipic.checks import (
     check_number,
     check_seed,
     check_seeds,
+    check_size,
     gib,
 )
 from unipic.images import to_rgb
@@ -146,14 +147,8 @@ class UniPicPipeline:
         s = self.config.sampling
         editing = job == "edit_image"
         stride = self.config.pixel_stride
-        size = {}
-        for name, value in (("height", height), ("width", width)):
-            value = s.image_size if value is None else value
-            size[name] = check_int(value, name, minimum=stride,
-                                   hint=f" and a multiple of {stride} (e.g. {s.image_size})")
-            if size[name] % stride:
-                fixed = max(stride, round(size[name] / stride) * stride)
-                raise UserError(f"{name}={size[name]}: must be a positive multiple of {stride}; use {name}={fixed}")
+        size = {name: check_size(s.image_size if value is None else value, name, stride, example=s.image_size)
+                for name, value in (("height", height), ("width", width))}
         if "num_iter" in options and "steps" in options and options["num_iter"] != options["steps"]:
             raise UserError(f"num_iter={options['num_iter']} and steps={options['steps']} are one setting; pass one")
         tokens = (size["height"] // stride) * (size["width"] // stride)
@@ -274,7 +269,7 @@ class UniPicPipeline:
 
     @staticmethod
     def _sampler_kwargs(settings: dict) -> dict:
-        return {"num_iter": settings["steps"], "cfg": settings["cfg"], "cfg_schedule": settings["cfg_schedule"],
+        return {"steps": settings["steps"], "cfg": settings["cfg"], "cfg_schedule": settings["cfg_schedule"],
                 "temperature": settings["temperature"], "head_steps": settings["head_steps"]}
 
     def text_to_image(self, prompts: Sequence[str], *, height: int | None = None, width: int | None = None,
@@ -401,7 +396,7 @@ class UniPicPipeline:
             if seeds is not None:
                 generator = _row_generators(seeds, rows, device, generators)
             kwargs = self._sampler_kwargs(settings)
-            kwargs["num_iter"] = min(kwargs["num_iter"], masked)  # at least one token per step
+            kwargs["steps"] = min(kwargs["steps"], masked)  # at least one token per step
             pixels = inpaint_images(self.model, self.tokenizer, images_to_tensor([canvases[r] for r in rows], device),
                                     torch.stack([token_masks[r] for r in rows]), [request.texts[r] for r in rows],
                                     generator=generator, progress=progress, **kwargs)

@@ -25,7 +25,7 @@ def inpaint_images(
     token_masks: torch.Tensor,
     prompts: Sequence[str],
     *,
-    num_iter: int,
+    steps: int,
     cfg: float,
     cfg_schedule: str = "constant",
     temperature: float = 1.0,
@@ -39,7 +39,7 @@ def inpaint_images(
         source_pixels: (B, 3, H, W) sources in [-1, 1], H and W multiples of the token stride.
         token_masks: (B, h·w) bool, True = regenerate; every row must mask the same number of
             tokens (the MAR encoder drops hidden tokens, so rows stay rectangular).
-        num_iter: MAR steps over the masked tokens (1 ≤ num_iter ≤ masked count).
+        steps: MAR steps over the masked tokens (1 ≤ steps ≤ masked count).
 
     Returns:
         (B, 3, H, W) decoded pixels (the caller pastes them into the source).
@@ -48,7 +48,7 @@ def inpaint_images(
     known = model.encode_images(source_pixels.to(model.device)).float()  # (B, L, token_dim)
     hidden = token_masks.to(model.device).bool()
     prefix, mask = build_t2i_prefix(model, tokenizer, prompts, cfg=cfg, device=model.device)
-    tokens = mar_generate_tokens(model, prefix, mask, grid, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
+    tokens = mar_generate_tokens(model, prefix, mask, grid, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
                                  temperature=temperature, head_steps=head_steps, generator=generator,
                                  progress=progress, known_tokens=known, hidden=hidden)
     return model.decode_tokens(tokens, grid)

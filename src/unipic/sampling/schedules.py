@@ -54,9 +54,9 @@ def random_masking(orders: torch.Tensor, mask_ratio: float) -> torch.Tensor:
     return mask_by_order(num_masked, orders).float()
 
 
-def reveal_mask_len(step: int, num_iter: int, seq_len: int, num_masked_now: int) -> int:
-    """How many tokens stay hidden after `step` (cosine schedule, at least one revealed per step)."""
-    ratio = math.cos(math.pi / 2.0 * (step + 1) / num_iter)
+def reveal_mask_len(step: int, steps: int, seq_len: int, num_masked_now: int) -> int:
+    """How many tokens stay hidden after `step` of `steps` (cosine schedule, at least one revealed per step)."""
+    ratio = math.cos(math.pi / 2.0 * (step + 1) / steps)
     mask_len = math.floor(seq_len * ratio)
     # Keep at least one token for the next step and reveal at least one now.
     return max(1, min(num_masked_now - 1, mask_len))
@@ -66,6 +66,5 @@ def cfg_at_step(cfg: float, schedule: str, seq_len: int, mask_len: int) -> float
     """Guidance scale for a step: constant, or Muse's linear ramp as tokens are revealed."""
     if schedule == "constant":
         return cfg
-    if schedule == "linear":
-        return 1.0 + (cfg - 1.0) * (seq_len - mask_len) / seq_len
-    raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {schedule!r}")
+    assert schedule == "linear", f"cfg_schedule {schedule!r} (checked by the pipeline)"
+    return 1.0 + (cfg - 1.0) * (seq_len - mask_len) / seq_len
