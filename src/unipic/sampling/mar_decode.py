@@ -5,7 +5,9 @@ re-encoding the visible tokens through MAR + LLM; `denoise_tokens` samples the n
 ones with the per-token diffusion head (a `HeadScheduler` step per head step). Classifier-free
 guidance lives here and only here: `guidance_enabled` decides whether it is on, `with_unconditional`
 lays out the rows it needs (conditional rows first, then their unconditional partners in the same
-order) and `denoise_tokens` mixes the two predictions.
+order) and `denoise_tokens` mixes the two predictions. For inpainting the loop starts from a
+partly known image (`known_tokens`, `hidden`): known tokens are visible from the first step and
+only the hidden ones are revealed.
 """
 
 from __future__ import annotations
