@@ -31,6 +31,8 @@ import torch
 
 from unipic.checkpoint import build_model
 from unipic.models.presets import get_preset
+from unipic.sampling import mar_decode
+from unipic.sampling.diffusion import HeadScheduler
 from unipic.sampling.text_to_image import build_t2i_prefix
 from unipic.tokenizer import build_byte_tokenizer
 
@@ -75,7 +77,7 @@ def run_unipic(model, tokenizer, size: int, num_iter: int, head_steps: int, cfg:
     from unipic.sampling.text_to_image import generate_images
 
     generator = torch.Generator().manual_seed(seed)
-    return generate_images(model, tokenizer, PROMPTS, height=size, width=size, num_iter=num_iter, cfg=cfg,
+    return generate_images(model, tokenizer, PROMPTS, height=size, width=size, steps=num_iter, cfg=cfg,
                            head_steps=head_steps, generator=generator)
 
 
@@ -96,17 +98,18 @@ def run_reference(model, tokenizer, size: int, num_iter: int, head_steps: int, c
     masked = seq_len
     for step in range(num_iter):
         model.mar._pos_cache.clear()  # upstream interpolates the tables on every call
-        x_enc = model.forward_mae_encoder(tokens, mask.float(), grid, attention, prefix_embeds=prefix)
+        x_enc = model.encode_with_llm(tokens, mask.float(), grid, attention, prefix_embeds=prefix)
         model.mar._pos_cache.clear()
         z = model.mar.forward_decoder(x_enc, mask.float(), grid)
         mask_len = reveal_mask_len(step, num_iter, seq_len, masked)
         mask_next = mask_by_order(mask_len, orders)
         to_predict = mask if step == num_iter - 1 else mask & ~mask_next
         mask, masked = mask_next, mask_len
-        sampled = model.mar.diffloss.sample(z[to_predict], temperature=1.0, cfg=cfg_at_step(cfg, "constant", seq_len, mask_len),
-                                            generator=generator, num_steps=head_steps)
+        scheduler = HeadScheduler(model.mar.diffloss.config, head_steps)
+        sampled = mar_decode.denoise_tokens(model.mar.diffloss.net, scheduler, z[to_predict], guided=True,
+                                            cfg=cfg_at_step(cfg, "constant", seq_len, mask_len), generator=generator)
         tokens = tokens.clone()
-        tokens[to_predict] = sampled
+        tokens[:n][to_predict[:n]] = sampled
         tokens[n:] = tokens[:n]
     return model.decode_tokens(tokens, grid)[:n]  # every row decoded, half thrown away
 
@@ -118,7 +121,7 @@ def profile(model, tokenizer, variant: str, args) -> tuple[float, dict[str, floa
         stack.enter_context(timer.wrap(model.llm.model, "forward", "llm"))
         stack.enter_context(timer.wrap(model.mar, "forward_encoder", "mar"))
         stack.enter_context(timer.wrap(model.mar, "forward_decoder", "mar"))
-        stack.enter_context(timer.wrap(model.mar.diffloss, "sample", "head"))
+        stack.enter_context(timer.wrap(mar_decode, "denoise_tokens", "head"))
         stack.enter_context(timer.wrap(model.vae, "decode", "vae"))
         start = time.perf_counter()
         pixels = run(model, tokenizer, args.size, args.num_iter, args.head_steps, args.cfg, args.seed)

@@ -93,7 +93,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for task in args.tasks.split(","):
         t = profile(task, args.steps, args.batch, args.init_from, args.vae_from, json.loads(args.architecture))
-        # The LLM runs inside the MAR-encoder wrapper's caller only for t2i/edit (forward_mae_encoder);
+        # The LLM runs inside the MAR-encoder wrapper's caller only for t2i/edit (encode_with_llm);
         # forward_encoder itself does not include it, so the parts are disjoint.
         shares = " ".join(f"{k} {t[k] / t['total']:.0%}" for k in PARTS)
         print(f"{task}: {t['total']:.3f} s/step, {args.batch / t['total']:.1f} examples/s | {shares}")

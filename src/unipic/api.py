@@ -55,6 +55,7 @@ class CheckedInputs:
     seed: int | list[int] | None = None
     images_per_prompt: int = 1
     settings: dict[str, object] = field(default_factory=dict)
+    masks: list | None = None  # inpainting: one grown bool (H, W) numpy mask per image, True = regenerate
 
 
 @runtime_checkable
@@ -136,4 +137,31 @@ class UnifiedPipeline(Protocol):
         A pipeline that answers questions includes `caption_question`: what `unipic caption` asks
         when the user gives no question.
         """
+        ...
+
+
+@runtime_checkable
+class InpaintingPipeline(Protocol):
+    """The optional inpainting capability (UniPic-1, both UniPic-2 families and the Shapes oracle).
+
+    Masks are PIL images (white = regenerate) or (H, W) bool arrays of the image's size; `grow`
+    dilates them by that many pixels and `feather` fades the generated pixels into the source over
+    that many pixels inside the mask, so every pixel outside the grown mask stays the source's.
+    """
+
+    def check_inpaint(self, images: Sequence[Image.Image], masks: Sequence[object], prompts: Sequence[str], *,
+                      seed: int | Sequence[int] | None = None, grow: int = 0, feather: int = 4,
+                      **options: object) -> CheckedInputs:
+        """Validate an inpainting request without running it; raises `UserError`."""
+        ...
+
+    def inpaint(self, images: Sequence[Image.Image], masks: Sequence[object], prompts: Sequence[str], *,
+                seed: int | Sequence[int] | None = None, grow: int = 0, feather: int = 4, progress: bool = False,
+                **options: object) -> list[Image.Image]:
+        """Regenerate the masked pixels of image i from prompt i; one same-size image per pair."""
+        ...
+
+    def outpaint(self, images: Sequence[Image.Image], prompts: Sequence[str], *, left: int = 0, right: int = 0,
+                 top: int = 0, bottom: int = 0, **kwargs: object) -> list[Image.Image]:
+        """Extend each image by the given pixels (multiples of 16) on each side; keyword arguments go to `inpaint`."""
         ...

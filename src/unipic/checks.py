@@ -28,6 +28,9 @@ MAX_TEMPERATURE = 10.0
 # "stretch" resizes straight to it, as upstream's editing scripts do; "crop" centre-crops to the
 # output's aspect ratio first (unipic.unipic2.images.resize_input).
 INPUT_RESIZE_MODES = ("stretch", "crop")
+# Every model family's pixel stride (VAE factor × patch size) is a multiple of 16, so the CLI and
+# the server can refuse other sizes before a model is loaded; each pipeline then applies its own.
+PIXEL_MULTIPLE = 16
 
 
 def show(name: str, value: object) -> str:
@@ -59,6 +62,16 @@ def check_number(value: object, name: str, *, minimum: float, maximum: float, ab
     if not math.isfinite(number) or not low_ok or number > maximum:
         raise UserError(f"{show(name, value)}: {rule}")
     return number
+
+
+def check_size(value: object, name: str, multiple: int = PIXEL_MULTIPLE, *, example: int | None = None) -> int:
+    """An image side in pixels: a positive multiple of `multiple` (the fix names the nearest one)."""
+    value = check_int(value, name, minimum=multiple,
+                      hint=f" and a multiple of {multiple}" + (f" (e.g. {example})" if example else ""))
+    if value % multiple:
+        fixed = max(multiple, round(value / multiple) * multiple)
+        raise UserError(f"{show(name, value)}: must be a positive multiple of {multiple}; use {show(name, fixed)}")
+    return value
 
 
 def check_seed(seed: object, name: str = "seed", *, count: int = 1) -> int | None:

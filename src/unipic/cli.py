@@ -1,4 +1,5 @@
-"""The `unipic` command line: generate, edit, caption, state-dict, convert, eval, data, train, serve.
+"""The `unipic` command line: generate, edit, inpaint, outpaint, caption, state-dict, convert, eval, data, train,
+serve.
 
 Each handler only parses arguments, builds settings and calls library functions. A user mistake
 (missing file, bad size, unknown model, ...) raises `UserError`, printed as one line with exit code 2.
@@ -22,10 +23,12 @@ from unipic.checks import (
     INPUT_RESIZE_MODES,
     MAX_CFG,
     MAX_TEMPERATURE,
+    PIXEL_MULTIPLE,
     check_choice,
     check_int,
     check_number,
     check_seed,
+    check_size,
     check_writable,
 )
 from unipic.cli_common import add_model_options
@@ -48,26 +51,31 @@ class OneLineParser(argparse.ArgumentParser):
 # ---------------------------------------------------------------------------------------------
 
 
-def add_sampling_options(parser: argparse.ArgumentParser, *, edit: bool = False) -> None:
-    """Options shared by generate and edit (defaults come from the model's config when omitted)."""
+def add_sampling_options(parser: argparse.ArgumentParser, *, edit: bool = False, sizes: bool = True) -> None:
+    """Options shared by generate, edit, inpaint and outpaint (defaults come from the model's config when
+    omitted); `sizes=False` leaves out the output size and batch options (the output takes the input's size)."""
     group = parser.add_argument_group("sampling (defaults: the model's own settings)")
-    seed_default = ("a random seed, recorded in the output" if edit else
+    seed_default = ("a random seed, recorded in the output" if edit or not sizes else
                     "random for a single prompt, recorded in the PNG; 0 with --prompt-file, so a rerun resumes; "
                     "prompt i of a file uses seed + i")
     group.add_argument("--seed", type=int, default=None,
                        help=f"random seed, 0 to 2**64-1; the same seed on the same device reproduces the output "
                             f"(default: {seed_default})")
-    group.add_argument("--size", type=int, default=None,
-                       help="square output side in pixels, a multiple of 16 (default: the model's, e.g. 128 "
-                            "for the embedded model, 1024 for UniPic-1.5B); sizes the model's positions or this "
-                            "machine's memory cannot hold are refused with the largest that fits")
-    group.add_argument("--height", type=int, default=None, help="output height in pixels (overrides --size)")
-    group.add_argument("--width", type=int, default=None, help="output width in pixels (overrides --size)")
+    if not sizes:
+        parser.set_defaults(size=None, height=None, width=None, batch_size=None)
+    if sizes:
+        group.add_argument("--size", type=int, default=None,
+                           help="square output side in pixels, a multiple of 16 (default: the model's, e.g. 128 "
+                                "for the embedded model, 1024 for UniPic-1.5B); sizes the model's positions or this "
+                                "machine's memory cannot hold are refused with the largest that fits")
+        group.add_argument("--height", type=int, default=None, help="output height in pixels (overrides --size)")
+        group.add_argument("--width", type=int, default=None, help="output width in pixels (overrides --size)")
     group.add_argument("--steps", type=int, default=None,
                        help="sampling steps: MAR reveal steps for UniPic-1, denoising steps for UniPic-2")
     group.add_argument("--cfg", type=float, default=None,
                        help=f"classifier-free guidance scale, 0 to {MAX_CFG:g} (1 = no guidance)"
-                            + (" against 'Repeat this image.'" if edit else " against the null prompt"))
+                            + (" against 'Repeat this image.'" if edit else " against the null prompt"
+                               if sizes else " against the null prompt (UniPic-2: the negative prompt)"))
     group.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None,
                        help="UniPic-1: guidance constant over steps, or growing linearly as tokens are revealed")
     group.add_argument("--temperature", type=float, default=None,
@@ -75,11 +83,24 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, edit: bool = False)
                             "(lower = more conservative)")
     group.add_argument("--head-steps", type=int, default=None,
                        help="UniPic-1: denoising steps of the per-token diffusion head (released model: 100)")
-    group.add_argument("--batch-size", type=int, default=None, help="images generated per forward pass (default 8)")
+    if sizes:
+        group.add_argument("--batch-size", type=int, default=None, help="images generated per forward pass (default 8)")
     group.add_argument("--cpu-offload", action="store_true",
                        help="UniPic-2: keep sub-models on the CPU and move each to the GPU only while it runs")
     group.add_argument("--vae-tiling", action="store_true", help="UniPic-2: decode large images tile by tile")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_mask_options(parser: argparse.ArgumentParser) -> None:
+    """--grow and --feather, shared by inpaint and outpaint."""
+    from unipic.inpainting import DEFAULT_FEATHER, DEFAULT_GROW
+
+    group = parser.add_argument_group("mask")
+    group.add_argument("--grow", type=int, default=DEFAULT_GROW,
+                       help=f"dilate the mask by this many pixels first (default {DEFAULT_GROW})")
+    group.add_argument("--feather", type=int, default=DEFAULT_FEATHER,
+                       help="the generated pixels fade into the source over this many pixels inside the mask; "
+                            f"outside it every pixel is the source's (default {DEFAULT_FEATHER}, 0 = hard edge)")
 
 
 def _size_from_args(args: argparse.Namespace) -> tuple[int | None, int | None]:
@@ -103,10 +124,12 @@ def _check_sampling_args(args: argparse.Namespace, *, seeds: int = 1) -> None:
         value = getattr(args, key)
         if value is None:
             continue
-        check_int(value, flag, minimum=16, hint=" and a multiple of 16")
-        # The oracle renders any size; every model family needs a multiple of its 16-pixel stride.
-        if value % 16 and args.model != "shapes-oracle":
-            raise UserError(f"{flag} {value}: must be a multiple of 16; use {flag} {max(16, round(value / 16) * 16)}")
+        # Early, before loading: the oracle renders any size, every model family needs a multiple of
+        # 16 (the loaded pipeline's check_inputs then applies its own stride).
+        if args.model == "shapes-oracle":
+            check_int(value, flag, minimum=16)
+        else:
+            check_size(value, flag, PIXEL_MULTIPLE)
     check_seed(args.seed, "--seed", count=seeds)
     for flag, key in (("--steps", "steps"), ("--head-steps", "head_steps"), ("--batch-size", "batch_size")):
         if getattr(args, key) is not None:
@@ -351,6 +374,84 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inpainting_pipeline(args: argparse.Namespace):
+    """The loaded pipeline, refused with a one-line error when its family cannot inpaint."""
+    from unipic.api import InpaintingPipeline, UnsupportedTaskError
+
+    pipeline = _load(args)
+    if not isinstance(pipeline, InpaintingPipeline):
+        raise UnsupportedTaskError(f"--model {args.model or 'default'} ({type(pipeline).__name__}) cannot inpaint")
+    return pipeline
+
+
+def _inpaint_kwargs(args: argparse.Namespace, seed: int) -> dict:
+    return {"seed": seed, "grow": args.grow, "feather": args.feather, **_sampling_options(args)}
+
+
+def cmd_inpaint(args: argparse.Namespace) -> int:
+    """`unipic inpaint IMAGE MASK PROMPT -o OUT` or `unipic inpaint IMAGE PROMPT --box x0,y0,x1,y1 -o OUT`."""
+    from unipic.inpainting import box_mask, check_grow_feather, check_mask, parse_box, prepare_masks
+    from unipic.io_utils import save_image_atomic
+
+    if args.box is not None:
+        if len(args.inputs) != 1:
+            raise UserError(f"with --box give IMAGE PROMPT only (got {len(args.inputs) + 1} positional arguments); "
+                            "the box replaces the MASK file")
+        mask_path, prompt = None, args.inputs[0]
+    else:
+        if len(args.inputs) != 2:
+            raise UserError("give IMAGE MASK PROMPT (MASK: a PNG, white = regenerate), or IMAGE PROMPT --box x0,y0,x1,y1")
+        mask_path, prompt = args.inputs
+    if not prompt.strip():
+        raise UserError("the prompt is empty; describe the picture the masked region belongs to")
+    _check_sampling_args(args)
+    check_grow_feather(args.grow, args.feather, ("--grow", "--feather"))
+    out = _check_output_file(args.output, overwrite=args.overwrite)
+    source = open_image(args.image)
+    if mask_path is None:
+        mask = check_mask(box_mask(source.size, parse_box(args.box)), source.size, f"--box {args.box}")
+    else:
+        from unipic.images import open_image as open_named
+
+        mask = check_mask(open_named(mask_path, name="mask"), source.size, f"mask {mask_path}")
+    # A --grow that swallows the whole image fails before loading.
+    prepare_masks([source], [mask], args.grow, names=[f"mask {mask_path}" if mask_path else f"--box {args.box}"],
+                  grow_name="--grow")
+    pipeline = _inpainting_pipeline(args)
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    kwargs = _inpaint_kwargs(args, seed)
+    request = pipeline.check_inpaint([source], [mask], [prompt], **kwargs)
+    [image] = pipeline.inpaint([source], [mask], [prompt], progress=not args.quiet, **kwargs)
+    where = {"box": args.box} if mask_path is None else {"mask": str(mask_path)}
+    save_image_atomic(image, out, _metadata(args, request, seed, prompt=prompt, source=str(args.image), **where))
+    print(out)
+    return 0
+
+
+def cmd_outpaint(args: argparse.Namespace) -> int:
+    """`unipic outpaint IMAGE PROMPT --left N --right N --top N --bottom N -o OUT`."""
+    from unipic.inpainting import check_grow_feather, outpaint_canvas
+    from unipic.io_utils import save_image_atomic
+
+    if not args.prompt.strip():
+        raise UserError("the prompt is empty; describe the whole extended picture")
+    _check_sampling_args(args)
+    check_grow_feather(args.grow, args.feather, ("--grow", "--feather"))
+    out = _check_output_file(args.output, overwrite=args.overwrite)
+    source = open_image(args.image)
+    pads = {"left": args.left, "right": args.right, "top": args.top, "bottom": args.bottom}
+    canvas, mask = outpaint_canvas(source, **pads, names=("--left", "--right", "--top", "--bottom"))
+    pipeline = _inpainting_pipeline(args)
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    kwargs = _inpaint_kwargs(args, seed)
+    request = pipeline.check_inpaint([canvas], [mask], [args.prompt], **kwargs)
+    [image] = pipeline.outpaint([source], [args.prompt], **pads, progress=not args.quiet, **kwargs)
+    save_image_atomic(image, out, _metadata(args, request, seed, prompt=args.prompt, source=str(args.image),
+                                            padding=json.dumps(pads)))
+    print(out)
+    return 0
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     """`unipic caption IMAGE [--prompt Q]`: print the answer alone on stdout."""
     if args.prompt is not None and not args.prompt.strip():
@@ -456,6 +557,49 @@ def build_parser() -> argparse.ArgumentParser:
                       help="UniPic-2: bring the source to the output size by resizing straight to it ('stretch', "
                            "upstream's behaviour, the default) or by centre-cropping to its aspect ratio first ('crop')")
     edit.set_defaults(handler=cmd_edit)
+
+    inp = sub.add_parser("inpaint", help="regenerate the masked part of an image",
+                         usage="unipic inpaint [options] IMAGE MASK PROMPT\n       "
+                               "unipic inpaint [options] IMAGE PROMPT --box x0,y0,x1,y1",
+                         description="Regenerate the pixels of IMAGE that MASK marks (white = regenerate), or the "
+                                     "pixels of --box, so that the picture matches PROMPT; every other pixel stays "
+                                     "exactly the source's. UniPic-1 regenerates each 16-pixel token holding a masked "
+                                     "pixel (the rest stay visible to the model from the first step); UniPic-2 keeps "
+                                     "the unmasked latents on the source's noising trajectory. The output has the "
+                                     "source's size.")
+    inp.add_argument("image", help="source image file (transparency is composited as for `edit`)")
+    inp.add_argument("inputs", nargs="+", metavar="[MASK] PROMPT",
+                     help="MASK: a mask image of the source's size, white (>= 128 in greyscale) = regenerate; "
+                          "leave it out with --box. PROMPT: a description of the whole picture (or of what goes "
+                          "in the mask)")
+    inp.add_argument("--box", default=None, metavar="x0,y0,x1,y1",
+                     help="mask this pixel box instead of reading a MASK file (x1, y1 exclusive)")
+    inp.add_argument("-o", "--output", default="inpainted.png",
+                     help="output image, recording its prompt, mask, seed, model and settings (PNG text chunks; "
+                          ".jpg/.webp: EXIF) (default: inpainted.png)")
+    inp.add_argument("--overwrite", action="store_true", help="replace -o if it exists (by default an error)")
+    _add_mask_options(inp)
+    add_model_options(inp)
+    add_sampling_options(inp, sizes=False)
+    inp.set_defaults(handler=cmd_inpaint)
+
+    outp = sub.add_parser("outpaint", help="extend an image beyond its borders",
+                          description="Pad IMAGE by --left/--right/--top/--bottom pixels (multiples of 16; the new "
+                                      "border starts as copies of the edge pixels) and draw the border from PROMPT "
+                                      "by inpainting it; the source's pixels stay exactly as they are.")
+    outp.add_argument("image", help="source image file")
+    outp.add_argument("prompt", help="a description of the whole extended picture")
+    for side in ("left", "right", "top", "bottom"):
+        outp.add_argument(f"--{side}", type=int, default=0,
+                          help=f"pixels to add on the {side}, a multiple of 16 (default 0)")
+    outp.add_argument("-o", "--output", default="outpainted.png",
+                      help="output image, recording its prompt, padding, seed, model and settings (PNG text chunks; "
+                           ".jpg/.webp: EXIF) (default: outpainted.png)")
+    outp.add_argument("--overwrite", action="store_true", help="replace -o if it exists (by default an error)")
+    _add_mask_options(outp)
+    add_model_options(outp)
+    add_sampling_options(outp, sizes=False)
+    outp.set_defaults(handler=cmd_outpaint)
 
     cap = sub.add_parser("caption", help="image to text", description="Describe IMAGE or answer --prompt about it; "
                          "prints the answer alone on stdout.")

@@ -5,6 +5,9 @@ evaluators end to end (`--model shapes-oracle`).
   satisfies it exactly; an unparseable prompt gives an empty canvas.
 - editing: reads the source with the judge, applies the instruction, renders the result.
 - image to text: reads the image with the judge and answers the five question forms.
+- inpainting: keeps the objects the judge finds outside the mask and draws what the prompt names
+  but the kept scene lacks (a one-object prompt: that object) centred in the mask's bounding box,
+  pasted into the source like every family's output (outpainting pads and inpaints).
 
 Corruption switches make it wrong on purpose, so tests can check that each evaluator fails
 exactly the categories it should: `wrong_colors` paints every object a different color,
@@ -23,13 +26,21 @@ from PIL import Image
 from unipic.api import CheckedInputs, Job, UserError, check_texts
 from unipic.checks import check_image_list, check_int, check_seed, check_seeds
 from unipic.images import to_rgb
+from unipic.inpainting import (
+    DEFAULT_FEATHER,
+    DEFAULT_GROW,
+    check_inpaint_request,
+    composite,
+    feather_alpha,
+    outpaint_with,
+)
 from unipic.world.edits import apply_instruction
 from unipic.world.geneval import record_for_prompt, scene_for_record
 from unipic.world.judge import judge, judge_scene
 from unipic.world.questions import answer_question
 from unipic.world.render import render
 from unipic.world.scene import LATTICE, Scene, WorldObject, layout, rng_for
-from unipic.world.spec import COLOR_NAMES, DEFAULT_SIZE
+from unipic.world.spec import COLOR_NAMES, DEFAULT_SIZE, MAX_BOX, MIN_BOX
 from unipic.world.text import parse_description
 
 logger = logging.getLogger(__name__)
@@ -160,6 +171,65 @@ class ShapesOracle:
             target = source if edit is None else edit.target
             out.append(render(self._corrupt(target, rng), size))
         return out
+
+    def check_inpaint(self, images: Sequence[Image.Image], masks: Sequence[object], prompts: Sequence[str], *,
+                      seed: int | Sequence[int] | None = None, grow: int = DEFAULT_GROW,
+                      feather: int = DEFAULT_FEATHER, **options: object) -> CheckedInputs:
+        """Validate an inpainting request (square images only, like everything the oracle draws)."""
+        if options:
+            raise UserError(f"the Shapes oracle takes no sampling options; got {', '.join(sorted(options))}")
+        request = check_inpaint_request(images, masks, prompts, seed=seed, grow=grow, feather=feather,
+                                        background=(128, 128, 128))
+        for i, image in enumerate(request.images):
+            if image.width != image.height:
+                raise UserError(f"the Shapes oracle draws square images; images[{i}] is {image.width}x{image.height}")
+        request.settings.update(wrong_colors=self.wrong_colors, drop_object=self.drop_object,
+                                mirror_positions=self.mirror_positions)
+        return request
+
+    def inpaint(self, images: Sequence[Image.Image], masks: Sequence[object], prompts: Sequence[str], *,
+                seed: int | Sequence[int] | None = None, grow: int = DEFAULT_GROW, feather: int = DEFAULT_FEATHER,
+                progress: bool = False, **options: object) -> list[Image.Image]:
+        """Keep what lies outside each mask and draw the prompt's missing object inside it."""
+        request = self.check_inpaint(images, masks, prompts, seed=seed, grow=grow, feather=feather, **options)
+        keys = self._seed_keys(request.seed, len(request.texts))
+        out = []
+        for i, (image, mask, prompt) in enumerate(zip(request.images, request.masks, request.texts)):
+            size = image.width
+            rng = rng_for(keys[i][0], 34, keys[i][1])
+            kept = [_snap(d.to_object()) for d in judge(image)
+                    if not mask[min(int(d.cy * size), size - 1), min(int(d.cx * size), size - 1)]]
+            scene = Scene(tuple(kept + self._objects_for_mask(prompt, kept, mask)))
+            drawn = render(self._corrupt(scene, rng), size)
+            out.append(composite(drawn, image, feather_alpha(mask, request.settings["feather"])))
+        return out
+
+    @staticmethod
+    def _objects_for_mask(prompt: str, kept: list[WorldObject], mask: np.ndarray) -> list[WorldObject]:
+        """What the prompt names beyond the kept objects (a one-object prompt: that object), centred in
+        the mask's bounding box at 80 % of its shorter side (clamped to the world's box sizes)."""
+        pairs = parse_description(prompt) or []
+        if len(pairs) != 1:
+            missing = list(pairs)
+            for obj in kept:
+                if obj.pair in missing:
+                    missing.remove(obj.pair)
+            pairs = missing
+        if not pairs:
+            logger.warning("shapes-oracle: the prompt %r names nothing missing; leaving the mask empty", prompt)
+            return []
+        size = mask.shape[0]
+        rows, cols = np.nonzero(mask)
+        y0, y1, x0, x1 = rows.min() / size, (rows.max() + 1) / size, cols.min() / size, (cols.max() + 1) / size
+        side = min(max(0.8 * min(x1 - x0, y1 - y0), MIN_BOX), MAX_BOX)
+        color, shape = pairs[0]
+        return [WorldObject(color, shape, (x0 + x1) / 2, (y0 + y1) / 2, side)]
+
+    def outpaint(self, images: Sequence[Image.Image], prompts: Sequence[str], *, left: int = 0, right: int = 0,
+                 top: int = 0, bottom: int = 0, **kwargs: object) -> list[Image.Image]:
+        """Pad each image (multiples of 16) and inpaint the new border."""
+        return outpaint_with(self, images, prompts, left=left, right=right, top=top, bottom=bottom,
+                             background=(128, 128, 128), **kwargs)
 
     def image_to_text(self, images: Sequence[Image.Image], questions: Sequence[str], *, max_new_tokens: int = 256,
                       seed: int | None = None, **options: object) -> list[str]:

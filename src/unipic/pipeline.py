@@ -1,8 +1,9 @@
-"""`UniPicPipeline`: UniPic-1's three jobs behind the `unipic.api.UnifiedPipeline` interface.
+"""`UniPicPipeline`: UniPic-1's three jobs behind the `unipic.api.UnifiedPipeline` interface, plus
+inpainting and outpainting.
 
 Validates inputs (raising `UserError` with the fix), turns PIL images into tensors and back, seeds a
 `torch.Generator` on the model's device (one per prompt for a seed list), and batches prompts. The numerical work lives in
-`unipic.sampling.{text_to_image, edit, image_to_text}`.
+`unipic.sampling.{text_to_image, edit, inpaint, image_to_text}`.
 """
 
 from __future__ import annotations
@@ -25,11 +26,23 @@ from unipic.checks import (
     check_number,
     check_seed,
     check_seeds,
+    check_size,
     gib,
 )
 from unipic.images import to_rgb
+from unipic.inpainting import (
+    DEFAULT_FEATHER,
+    DEFAULT_GROW,
+    check_inpaint_request,
+    composite,
+    feather_alpha,
+    outpaint_with,
+    pad_to_multiple,
+    token_grid_mask,
+)
 from unipic.sampling.edit import edit_images
 from unipic.sampling.image_to_text import answer_questions
+from unipic.sampling.inpaint import inpaint_images
 from unipic.sampling.prompts import (
     center_crop_resize,
     format_instruction,
@@ -134,14 +147,8 @@ class UniPicPipeline:
         s = self.config.sampling
         editing = job == "edit_image"
         stride = self.config.pixel_stride
-        size = {}
-        for name, value in (("height", height), ("width", width)):
-            value = s.image_size if value is None else value
-            size[name] = check_int(value, name, minimum=stride,
-                                   hint=f" and a multiple of {stride} (e.g. {s.image_size})")
-            if size[name] % stride:
-                fixed = max(stride, round(size[name] / stride) * stride)
-                raise UserError(f"{name}={size[name]}: must be a positive multiple of {stride}; use {name}={fixed}")
+        size = {name: check_size(s.image_size if value is None else value, name, stride, example=s.image_size)
+                for name, value in (("height", height), ("width", width))}
         if "num_iter" in options and "steps" in options and options["num_iter"] != options["steps"]:
             raise UserError(f"num_iter={options['num_iter']} and steps={options['steps']} are one setting; pass one")
         tokens = (size["height"] // stride) * (size["width"] // stride)
@@ -262,7 +269,7 @@ class UniPicPipeline:
 
     @staticmethod
     def _sampler_kwargs(settings: dict) -> dict:
-        return {"num_iter": settings["steps"], "cfg": settings["cfg"], "cfg_schedule": settings["cfg_schedule"],
+        return {"steps": settings["steps"], "cfg": settings["cfg"], "cfg_schedule": settings["cfg_schedule"],
                 "temperature": settings["temperature"], "head_steps": settings["head_steps"]}
 
     def text_to_image(self, prompts: Sequence[str], *, height: int | None = None, width: int | None = None,
@@ -324,6 +331,87 @@ class UniPicPipeline:
             self._check_finite(pixels, settings)
             outputs.extend(tensor_to_images(pixels))
         return outputs
+
+    # --- inpainting -------------------------------------------------------------------------
+
+    def check_inpaint(self, images: Sequence[Image.Image], masks: Sequence[object], prompts: Sequence[str], *,
+                      seed: int | Sequence[int] | None = None, grow: int = DEFAULT_GROW,
+                      feather: int = DEFAULT_FEATHER, **options: object) -> CheckedInputs:
+        """Validate an inpainting request and resolve its settings (`UserError` naming the argument).
+
+        Each image keeps its size (padded internally to the token stride); every distinct size must
+        fit the model's positions and memory, as for text-to-image.
+        """
+        request = check_inpaint_request(images, masks, prompts, seed=seed, grow=grow, feather=feather,
+                                        background=ALPHA_BACKGROUND)
+        options = _check_options(options, _T2I_OPTIONS, "inpaint")
+        stride = self.config.pixel_stride
+        sizes = sorted({(-(-im.height // stride) * stride, -(-im.width // stride) * stride) for im in request.images})
+        settings: dict = {}
+        for height, width in sizes:
+            settings = self._mar_settings(dict(options), "text_to_image", height, width)
+            self._check_positions("text_to_image", request.texts, height, width)
+            self._check_memory(height, width, min(settings["batch_size"], len(request.texts)))
+        for key in ("height", "width"):
+            settings.pop(key)  # each output has its source's size
+        request.settings.update(settings)
+        return request
+
+    def inpaint(self, images: Sequence[Image.Image], masks: Sequence[object], prompts: Sequence[str], *,
+                seed: int | Sequence[int] | None = None, grow: int = DEFAULT_GROW, feather: int = DEFAULT_FEATHER,
+                progress: bool = False, **options: object) -> list[Image.Image]:
+        """Regenerate the masked pixels of image i (white = regenerate) so that it matches prompt i.
+
+        The mask is grown by `grow` pixels and reduced to the token grid (a token is regenerated
+        when any of its pixels is masked); the other tokens are the source's, visible from the
+        first MAR step, and only the masked ones are revealed, over `steps` steps (at most one per
+        masked token). The decoded image is pasted into the source with a `feather`-pixel fade
+        inside the mask, so every pixel outside the grown mask is exactly the source's. Any size
+        the model can generate works (other sizes are padded to the 16-pixel stride and cropped
+        back). Images are batched with others of the same size and masked-token count; a seed
+        list gives each image its own generator, so its result does not depend on the batch.
+        """
+        request = self.check_inpaint(images, masks, prompts, seed=seed, grow=grow, feather=feather, **options)
+        settings = request.settings
+        stride, device = self.config.pixel_stride, self.model.device
+        canvases, canvas_masks, token_masks = [], [], []
+        for image, mask in zip(request.images, request.masks):
+            canvas, canvas_mask = pad_to_multiple(image, mask, stride)
+            canvases.append(canvas)
+            canvas_masks.append(canvas_mask)
+            token_masks.append(torch.from_numpy(token_grid_mask(canvas_mask, stride).reshape(-1)))  # (h·w,)
+        # The MAR encoder keeps only visible tokens, so a batch holds images of one size and one
+        # masked-token count (they then reveal the same number of tokens at every step).
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for index, (canvas, tokens) in enumerate(zip(canvases, token_masks)):
+            groups.setdefault((canvas.height, canvas.width, int(tokens.sum())), []).append(index)
+        seeds = request.seed if isinstance(request.seed, list) else None
+        generator = None if seeds is not None else make_generator(request.seed, device)
+        generators: dict[int, torch.Generator] = {}
+        outputs: list[Image.Image | None] = [None] * len(canvases)
+        batch_size = settings["batch_size"]
+        batches = [(masked, members[start:start + batch_size]) for (_, _, masked), members in groups.items()
+                   for start in range(0, len(members), batch_size)]
+        for masked, rows in tqdm(batches, disable=not progress or len(batches) == 1, desc="batches"):
+            if seeds is not None:
+                generator = _row_generators(seeds, rows, device, generators)
+            kwargs = self._sampler_kwargs(settings)
+            kwargs["steps"] = min(kwargs["steps"], masked)  # at least one token per step
+            pixels = inpaint_images(self.model, self.tokenizer, images_to_tensor([canvases[r] for r in rows], device),
+                                    torch.stack([token_masks[r] for r in rows]), [request.texts[r] for r in rows],
+                                    generator=generator, progress=progress, **kwargs)
+            self._check_finite(pixels, settings)
+            for row, decoded in zip(rows, tensor_to_images(pixels)):
+                pasted = composite(decoded, canvases[row], feather_alpha(canvas_masks[row], settings["feather"]))
+                outputs[row] = pasted.crop((0, 0, request.images[row].width, request.images[row].height))
+        return outputs  # type: ignore[return-value]
+
+    def outpaint(self, images: Sequence[Image.Image], prompts: Sequence[str], *, left: int = 0, right: int = 0,
+                 top: int = 0, bottom: int = 0, **kwargs: object) -> list[Image.Image]:
+        """Extend each image by the given pixels (multiples of 16) on each side: pad (edge pixels
+        repeated), mask the new border and `inpaint` it; keyword arguments go to `inpaint`."""
+        return outpaint_with(self, images, prompts, left=left, right=right, top=top, bottom=bottom,
+                             background=ALPHA_BACKGROUND, **kwargs)
 
     # --- image to text ----------------------------------------------------------------------
 

@@ -109,6 +109,17 @@ def cmd_eval_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_inpaint(args: argparse.Namespace) -> int:
+    from unipic.eval.inpaint import inpaint_table, run_inpaint_eval
+
+    _check_before_load(args)
+    summary = run_inpaint_eval(pipeline_from_args(args), args.out, args.n_per_kind, args.size, args.seed,
+                               args.batch_size, progress=not args.quiet)
+    print(inpaint_table(summary))
+    print(f"wrote {args.out}/summary.json, results.jsonl and contact_sheet.png")
+    return 0
+
+
 def cmd_eval_dpg(args: argparse.Namespace) -> int:
     from unipic.eval.dpg import generate_dpg
 
@@ -125,7 +136,7 @@ def cmd_eval_dpg(args: argparse.Namespace) -> int:
 
 
 def register_eval_commands(subparsers) -> None:
-    """Add `eval` with the subcommands geneval, judge, t2i, i2t, edit and dpg."""
+    """Add `eval` with the subcommands geneval, judge, t2i, i2t, edit, inpaint and dpg."""
     ev = subparsers.add_parser("eval", help="evaluate a model (Shapes world, GenEval and DPG-Bench layouts)",
                                description="Evaluation: generate in GenEval's or DPG-Bench's layout, judge with the "
                                            "Shapes judge, or run the ShapesEval suites end to end.")
@@ -183,6 +194,20 @@ def register_eval_commands(subparsers) -> None:
     add_model_options(p)
     _add_common(p, size_default=128)
     p.set_defaults(handler=cmd_eval_edit)
+
+    p = sub.add_parser("inpaint", help="ShapesEval inpainting",
+                       description="Remove one object from each of N rendered scenes per case kind, mask its box plus "
+                                   "a margin and have the model inpaint it, prompted with the full scene caption "
+                                   "('caption') or 'a photo of a {color} {shape}' ('object'). A case succeeds when the "
+                                   "judge finds the original scene's objects, those outside the mask where they "
+                                   "were. Success per kind and seconds per image in DIR/summary.json, a contact "
+                                   "sheet of source | mask | output | expected.")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n-per-kind", type=int, default=50, help="cases per kind (default 50)")
+    p.add_argument("--batch-size", type=int, default=8, help="cases per model call (default 8)")
+    add_model_options(p)
+    _add_common(p, size_default=128)
+    p.set_defaults(handler=cmd_eval_inpaint)
 
     p = sub.add_parser("dpg", help="generate DPG-Bench 2x2 grids",
                        description="Generate four images per DPG-Bench prompt and save them as a 2x2 grid "

@@ -2,9 +2,10 @@
 
 ``SimpleMLPAdaLN`` denoises one 16-channel latent token at a time, conditioned on the MAR
 decoder feature of that token (1280-d) and the diffusion timestep, through adaptive LayerNorm
-(shift/scale/gate) residual MLP blocks. ``DiffusionHead`` wraps it with the training loss and the
-sampler of :mod:`unipic.sampling.diffusion`; its state dict is exactly ``net.*`` so that it loads
-the released ``mar.diffloss.*`` tensors unchanged.
+(shift/scale/gate) residual MLP blocks. ``DiffusionHead`` wraps it with its training loss (the
+process of :mod:`unipic.models.gaussian_diffusion`); its state dict is exactly ``net.*`` so that it
+loads the released ``mar.diffloss.*`` tensors unchanged. Sampling is not here: the scheduler is
+:class:`unipic.sampling.diffusion.HeadScheduler` and the loop :mod:`unipic.sampling.mar_decode`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from unipic.sampling.diffusion import GaussianDiffusion, get_diffusion
-from unipic.sampling.rng import Randomness
+from unipic.models.gaussian_diffusion import GaussianDiffusion, get_diffusion
 
 __all__ = [
     "DiffusionHead",
@@ -192,7 +192,7 @@ class SimpleMLPAdaLN(nn.Module):
 
 
 class DiffusionHead(nn.Module):
-    """MAR's ``diffloss`` module: training loss and sampler around a :class:`SimpleMLPAdaLN`.
+    """MAR's ``diffloss`` module: a :class:`SimpleMLPAdaLN` (``net``) and its training loss (``forward``).
 
     The only state is ``net`` (so ``state_dict()`` keys are ``net.*``, matching
     ``mar.diffloss.net.*``); the diffusion schedules are parameter-free, cached objects built on
@@ -220,12 +220,6 @@ class DiffusionHead(nn.Module):
         """The un-respaced training process (``train_steps`` steps)."""
         c = self.config
         return get_diffusion(c.train_steps, None, c.noise_schedule, c.max_beta, c.learn_sigma)
-
-    def sample_diffusion(self, num_steps: int | None = None) -> GaussianDiffusion:
-        """The respaced sampling process (``num_sampling_steps`` unless overridden)."""
-        c = self.config
-        steps = c.num_sampling_steps if num_steps is None else int(num_steps)
-        return get_diffusion(c.train_steps, steps, c.noise_schedule, c.max_beta, c.learn_sigma)
 
     def forward(
         self,
@@ -255,32 +249,3 @@ class DiffusionHead(nn.Module):
         w = mask.to(loss.dtype).repeat(mul)
         # clamp: an all-zero mask gives loss 0 instead of NaN.
         return (loss * w).sum() / w.sum().clamp_min(1e-8)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        cond: torch.Tensor,
-        *,
-        temperature: float = 1.0,
-        cfg: float = 1.0,
-        generator: Randomness = None,
-        noise: torch.Tensor | None = None,
-        step_noise: torch.Tensor | None = None,
-        num_steps: int | None = None,
-    ) -> torch.Tensor:
-        """Sample tokens ``(N, C)`` (float32) for conditions ``cond (N, D)``; with ``cfg != 1`` rows are [cond; uncond].
-
-        See :meth:`unipic.sampling.diffusion.GaussianDiffusion.p_sample_loop` for the arguments.
-        """
-        if cond.dim() != 2 or cond.shape[-1] != self.config.cond_dim:
-            raise ValueError(f"cond must be (N, {self.config.cond_dim}), got {tuple(cond.shape)}")
-        return self.sample_diffusion(num_steps).p_sample_loop(
-            self.net,
-            cond,
-            channels=self.config.token_dim,
-            temperature=temperature,
-            cfg=cfg,
-            generator=generator,
-            noise=noise,
-            step_noise=step_noise,
-        )

@@ -131,8 +131,8 @@ class UniPic(nn.Module):
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
         """Token grid (h, w) for an image size in pixels (both must be multiples of the stride)."""
         stride = self.config.pixel_stride
-        if height % stride or width % stride or height <= 0 or width <= 0:
-            raise ValueError(f"image size {height}x{width} must be positive multiples of {stride}")
+        # The pipelines' check_inputs turn a bad size into a UserError; this is an internal invariant.
+        assert height > 0 and width > 0 and not height % stride and not width % stride, (height, width, stride)
         return height // stride, width // stride
 
     def num_image_tokens(self, grid: tuple[int, int]) -> int:
@@ -195,10 +195,10 @@ class UniPic(nn.Module):
         z_enc: (B, L_vis + buf, hidden) projected for the LLM with buffer rows moved LAST, so in the
         causal LLM the buffers attend to every visible image token.
         """
-        x_enc = self.mar.forward_encoder(tokens, mask, grid)
-        z_enc = self.proj_in(x_enc)
+        x_enc = self.mar.forward_encoder(tokens, mask, grid)  # (B, buf + L_vis, enc_dim)
+        z_enc = self.proj_in(x_enc)  # (B, buf + L_vis, hidden)
         buf = self.config.mar.buffer_size
-        z_enc = torch.cat([z_enc[:, buf:], z_enc[:, :buf]], dim=1)
+        z_enc = torch.cat([z_enc[:, buf:], z_enc[:, :buf]], dim=1)  # (B, L_vis + buf, hidden): buffers last
         return x_enc, z_enc
 
     def llm_image_hidden(self, z_enc: torch.Tensor, attention_mask: torch.Tensor, *,
@@ -214,28 +214,31 @@ class UniPic(nn.Module):
         """
         batch, length = z_enc.shape[:2]
         full_mask = torch.cat([attention_mask.bool(),
-                               attention_mask.new_ones(batch, length, dtype=torch.bool)], dim=1)
+                               attention_mask.new_ones(batch, length, dtype=torch.bool)], dim=1)  # (B, T + Lz)
         # Image rows continue right after each row's valid text, whatever its padding.
         position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)
         z_enc = z_enc.to(self.dtype)
         if past_key_values is None:
-            inputs = torch.cat([prefix_embeds.to(self.dtype), z_enc], dim=1)
+            inputs = torch.cat([prefix_embeds.to(self.dtype), z_enc], dim=1)  # (B, T + Lz, hidden)
         else:
             inputs, position_ids = z_enc, position_ids[:, -length:]
         cache = {} if past_key_values is None else {cache_argument(type(self.llm.model)): past_key_values}
         out = self.llm.model(inputs_embeds=inputs, attention_mask=full_mask.long(), position_ids=position_ids,
                              use_cache=past_key_values is not None, **cache)
-        return out.last_hidden_state[:, -length:]
+        return out.last_hidden_state[:, -length:]  # (B, Lz, hidden)
 
-    def forward_mae_encoder(self, tokens: torch.Tensor, mask: torch.Tensor | None, grid: tuple[int, int],
-                            attention_mask: torch.Tensor, *, prefix_embeds: torch.Tensor | None = None,
-                            past_key_values=None) -> torch.Tensor:
-        """MAR encoder → LLM → residual back into MAR space: (B, buf + L_vis, enc_dim)."""
-        x_enc, z_enc = self.extract_visual_feature(tokens, mask, grid)
+    def encode_with_llm(self, tokens: torch.Tensor, mask: torch.Tensor | None, grid: tuple[int, int],
+                        attention_mask: torch.Tensor, *, prefix_embeds: torch.Tensor | None = None,
+                        past_key_values=None) -> torch.Tensor:
+        """MAR encoder → LLM (after the prefix) → residual back into MAR space: (B, buf + L_vis, enc_dim).
+
+        Upstream calls this `forward_mae_encoder`; it runs the LLM too, hence the name.
+        """
+        x_enc, z_enc = self.extract_visual_feature(tokens, mask, grid)  # (B, buf + L_vis, enc), (B, L_vis + buf, hid)
         hidden = self.llm_image_hidden(z_enc, attention_mask, prefix_embeds=prefix_embeds,
-                                       past_key_values=past_key_values)
+                                       past_key_values=past_key_values)  # (B, L_vis + buf, hidden)
         buf = self.config.mar.buffer_size
-        hidden = torch.cat([hidden[:, -buf:], hidden[:, :-buf]], dim=1)  # buffers first again
+        hidden = torch.cat([hidden[:, -buf:], hidden[:, :-buf]], dim=1)  # (B, buf + L_vis, hidden): buffers first
         return x_enc + self.proj_out(hidden.to(self.proj_out[0].weight.dtype))
 
     def understanding_features(self, pixels: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,25 +6,27 @@ every hidden position in the MAR decoder. Guidance contrasts the instruction wit
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from unipic.sampling.mar_decode import mar_generate_tokens
+from unipic.sampling.mar_decode import mar_generate_tokens, with_unconditional
 from unipic.sampling.prompts import expand_image_placeholder, format_instruction, tokenize_padded
 from unipic.sampling.rng import Randomness
 
+if TYPE_CHECKING:
+    from unipic.models.unipic import UniPic
 
-def build_edit_prefix(model, tokenizer, instructions: Sequence[str], source_features: torch.Tensor, *,
+
+def build_edit_prefix(model: UniPic, tokenizer, instructions: Sequence[str], source_features: torch.Tensor, *,
                       cfg: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefix embeddings (rows: instructions, then "Repeat this image." with guidance) with image rows filled."""
     config = model.config
     image_token = config.image_token
     count = source_features.shape[1]
-    texts = [f"{image_token}\n{inst.strip()}" for inst in instructions]
-    features = source_features
-    if cfg != 1.0:
-        texts += [f"{image_token}\n{config.sampling.edit_cfg_prompt}"] * len(instructions)
-        features = torch.cat([source_features, source_features])
+    texts = with_unconditional([f"{image_token}\n{inst.strip()}" for inst in instructions],
+                               [f"{image_token}\n{config.sampling.edit_cfg_prompt}"] * len(instructions), cfg)
+    features = with_unconditional(source_features, source_features, cfg)  # (R, buf + L, hidden)
     texts = [expand_image_placeholder(format_instruction(config.prompt_template, t), image_token, count)
              for t in texts]
     pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
@@ -34,12 +36,12 @@ def build_edit_prefix(model, tokenizer, instructions: Sequence[str], source_feat
 
 @torch.no_grad()
 def edit_images(
-    model,
+    model: UniPic,
     tokenizer,
     source_pixels: torch.Tensor,
     instructions: Sequence[str],
     *,
-    num_iter: int,
+    steps: int,
     cfg: float,
     cfg_schedule: str = "constant",
     temperature: float = 0.85,
@@ -52,9 +54,8 @@ def edit_images(
     source_tokens = model.encode_images(source_pixels.to(model.device))
     x_con, z_src = model.extract_visual_feature(source_tokens, None, grid)
     prefix, mask = build_edit_prefix(model, tokenizer, instructions, z_src, cfg=cfg, device=model.device)
-    if cfg != 1.0:
-        x_con = torch.cat([x_con, x_con])
-    tokens = mar_generate_tokens(model, prefix, mask, grid, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
+    x_con = with_unconditional(x_con, x_con, cfg)  # (R, buf + L, enc_dim)
+    tokens = mar_generate_tokens(model, prefix, mask, grid, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
                                  temperature=temperature, head_steps=head_steps, x_con=x_con,
                                  generator=generator, progress=progress)
     return model.decode_tokens(tokens, grid)

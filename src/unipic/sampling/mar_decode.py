@@ -1,15 +1,56 @@
-"""The masked-autoregressive decoding loop (spec §9): reveal tokens in random order over
-`num_iter` steps, each step re-encoding the visible tokens through MAR + LLM and sampling the
-newly revealed ones with the per-token diffusion head.
+"""The masked-autoregressive decoding loop (spec §9) and the diffusion head's loop inside it.
+
+`mar_generate_tokens` reveals tokens in random order over `steps` MAR steps, each step
+re-encoding the visible tokens through MAR + LLM; `denoise_tokens` samples the newly revealed
+ones with the per-token diffusion head (a `HeadScheduler` step per head step). Classifier-free
+guidance lives here and only here: `guidance_enabled` decides whether it is on, `with_unconditional`
+lays out the rows it needs (conditional rows first, then their unconditional partners in the same
+order) and `denoise_tokens` mixes the two predictions. For inpainting the loop starts from a
+partly known image (`known_tokens`, `hidden`): known tokens are visible from the first step and
+only the hidden ones are revealed.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, TypeVar
+
 import torch
 from tqdm.auto import tqdm
 
-from unipic.sampling.rng import Randomness
-from unipic.sampling.schedules import cfg_at_step, mask_by_order, reveal_mask_len, sample_orders
+from unipic.models.unipic import cache_argument
+from unipic.sampling import rng
+from unipic.sampling.diffusion import HeadScheduler
+from unipic.sampling.schedules import (
+    cfg_at_step,
+    mask_by_order,
+    reveal_mask_len,
+    sample_orders,
+    sample_orders_within,
+)
+
+if TYPE_CHECKING:
+    from unipic.models.diffusion_head import SimpleMLPAdaLN
+    from unipic.models.unipic import UniPic
+
+Rows = TypeVar("Rows", list, torch.Tensor)
+
+
+def guidance_enabled(cfg: float) -> bool:
+    """Guidance is on for every scale but 1 (scale 1 is the conditional prediction alone)."""
+    return cfg != 1.0
+
+
+def with_unconditional(conditional: Rows, unconditional: Rows, cfg: float) -> Rows:
+    """The rows guided sampling runs on: `[conditional; unconditional]`, or `conditional` alone without guidance.
+
+    Works on lists (prompt texts) and on tensors (rows along dim 0); row i of the second half is
+    the unconditional partner of row i of the first.
+    """
+    if not guidance_enabled(cfg):
+        return conditional
+    if isinstance(conditional, torch.Tensor):
+        return torch.cat([conditional, unconditional])
+    return list(conditional) + list(unconditional)
 
 
 def _new_cache():
@@ -27,83 +68,161 @@ def _truncate_cache(cache, length: int) -> None:
 
 
 @torch.no_grad()
+def denoise_tokens(
+    net: SimpleMLPAdaLN,
+    scheduler: HeadScheduler,
+    cond: torch.Tensor,
+    *,
+    guided: bool = False,
+    cfg: float = 1.0,
+    temperature: float = 1.0,
+    generator: rng.Randomness = None,
+    noise: torch.Tensor | None = None,
+    step_noise: torch.Tensor | None = None,
+    channels: int | None = None,
+) -> torch.Tensor:
+    """Sample one token per condition with the head's ancestral loop; returns (N', C) in float32.
+
+    Args:
+        net: the head network, `(x (M, C), t (M,), c (M, D)) -> (M, 2C)` (or (M, C) without learned sigma).
+        scheduler: a `HeadScheduler` set to the wanted number of head steps.
+        cond: (N, D) conditions. With `guided`, rows are `[conditional; unconditional]` (N = 2N')
+            and each step's ε̂ is `ε_u + cfg·(ε_c − ε_u)`; the variance channels are the
+            conditional rows', unguided. Without, N' = N and every row is independent.
+        temperature: multiplies the per-step noise (not the initial noise).
+        generator: source of all randomness, in this order: initial noise (N', C), then one
+            (N', C) draw per step but the last; a `rng.GeneratorGroups` draws each image's rows
+            from its own generator.
+        noise, step_noise: optional fixed draws instead: (N', C) and (steps − 1, N', C).
+        channels: token width C; `net.token_dim` (or the width of `noise`) when None.
+    """
+    n = cond.shape[0]
+    assert cond.dim() == 2 and (not guided or n % 2 == 0), f"cond {tuple(cond.shape)}, guided={guided}"
+    n_eff = n // 2 if guided else n
+    dtype = torch.float64 if cond.dtype == torch.float64 else torch.float32
+    if channels is None:
+        channels = noise.shape[1] if noise is not None else net.token_dim
+    if noise is None:
+        noise = rng.randn((n_eff, channels), generator, device=cond.device, dtype=dtype)
+    assert tuple(noise.shape) == (n_eff, channels), f"noise {tuple(noise.shape)} for {n_eff} tokens"
+    assert step_noise is None or tuple(step_noise.shape) == (scheduler.num_steps - 1, n_eff, channels)
+
+    x = noise.to(device=cond.device, dtype=dtype)  # (N', C)
+    for index, t in enumerate(scheduler.timesteps.to(cond.device)):
+        t = t.expand(n)  # (N,) original timestep, no host sync
+        if guided:
+            out = net(torch.cat([x, x], dim=0), t, cond).to(dtype)  # (2N', 2C): [cond; uncond]
+            eps_c, eps_u = out[:n_eff, :channels], out[n_eff:, :channels]
+            eps = eps_u + cfg * (eps_c - eps_u)
+            variance = out[:n_eff, channels:]
+        else:
+            out = net(x, t, cond).to(dtype)  # (N', 2C)
+            eps, variance = out[:, :channels], out[:, channels:]
+        z = None
+        if scheduler.adds_noise(index):
+            z = (step_noise[index].to(device=cond.device, dtype=dtype) if step_noise is not None
+                 else rng.randn(x.shape, generator, device=cond.device, dtype=dtype))
+        x = scheduler.step(eps, x, index, variance=variance, noise=z, temperature=temperature)
+    return x.float() if dtype != torch.float64 else x
+
+
+@torch.no_grad()
 def mar_generate_tokens(
-    model,
+    model: UniPic,
     prefix_embeds: torch.Tensor,
     attention_mask: torch.Tensor,
     grid: tuple[int, int],
     *,
-    num_iter: int,
+    steps: int,
     cfg: float = 1.0,
     cfg_schedule: str = "constant",
     temperature: float = 1.0,
     head_steps: int | None = None,
     x_con: torch.Tensor | None = None,
-    generator: Randomness = None,
+    generator: rng.Randomness = None,
     progress: bool = False,
+    known_tokens: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sample image tokens after a text (or text + source image) prefix.
+    """Sample image tokens after a text (or text + source image) prefix, or fill in a partly known image.
 
     Args:
-        model: a `UniPic`.
-        prefix_embeds: (R, T, hidden) prefix embeddings, right-padded. With guidance (cfg != 1) the
-            first R/2 rows are conditional and the last R/2 their unconditional partners.
+        model: the UniPic-1 model.
+        prefix_embeds: (R, T, hidden) prefix embeddings, right-padded, rows laid out by
+            `with_unconditional(..., cfg)`: with guidance R = 2B, conditional rows first.
         attention_mask: (R, T) prefix validity.
         grid: (h, w) token grid of the output.
-        num_iter: MAR steps (1 ≤ num_iter ≤ h·w).
+        steps: MAR steps (1 ≤ steps ≤ h·w; checked by the pipeline).
+        cfg, cfg_schedule: guidance scale and how it changes over the steps (`cfg_at_step`).
+        head_steps: diffusion-head steps (the head config's default when None).
         x_con: (R, buf + h·w, enc_dim) editing condition (source-image MAR features), or None.
+        known_tokens, hidden: inpainting: (B, h·w, token_dim) tokens and (B, h·w) bool, True = to
+            generate, for the conditional rows (their unconditional partners get the same). Known
+            tokens are visible from the first step and kept; only hidden ones are revealed, and the
+            reveal schedule (and a linear guidance ramp) runs over their count, which every row must share.
 
     Returns:
-        (R or R/2, h·w, token_dim) float32 tokens of the conditional rows.
+        (B, h·w, token_dim) float32 tokens of the conditional rows.
     """
+    guided = guidance_enabled(cfg)
     rows = prefix_embeds.shape[0]
-    use_cfg = cfg != 1.0
-    if use_cfg and rows % 2:
-        raise ValueError("with guidance the prefix must hold conditional then unconditional rows (even count)")
-    n_cond = rows // 2 if use_cfg else rows
+    assert not guided or rows % 2 == 0, "guided rows are [conditional; unconditional]"
+    n_cond = rows // 2 if guided else rows
     seq_len = grid[0] * grid[1]
-    if not 1 <= num_iter <= seq_len:
-        raise ValueError(f"num_iter={num_iter} must be between 1 and the token count {seq_len}")
+    if hidden is None:
+        total = seq_len
+    else:
+        counts = hidden.sum(dim=1)
+        total = int(counts[0])
+        if not bool((counts == total).all()) or total < 1:
+            raise ValueError(f"every row must hide the same, positive number of tokens, got {counts.tolist()}")
+    assert 1 <= steps <= total, f"steps={steps} for {total} tokens to generate"
     device = prefix_embeds.device
-    token_dim = model.config.token_dim
+    scheduler = HeadScheduler(model.mar.diffloss.config, head_steps, device)
 
     # 1. Random reveal orders; the unconditional rows follow their conditional partners exactly.
-    orders = sample_orders(n_cond, seq_len, device=device, generator=generator)
-    if use_cfg:
-        orders = torch.cat([orders, orders])
-    tokens = torch.zeros(rows, seq_len, token_dim, device=device, dtype=torch.float32)
-    mask = torch.ones(rows, seq_len, dtype=torch.bool, device=device)
-    num_masked = seq_len
+    if hidden is None:
+        orders = sample_orders(n_cond, seq_len, device=device, generator=generator)  # (B, L)
+        tokens = torch.zeros(n_cond, seq_len, model.config.token_dim, device=device, dtype=torch.float32)  # (B, L, C)
+        mask = torch.ones(n_cond, seq_len, dtype=torch.bool, device=device)  # (B, L), True = hidden
+    else:  # inpainting: start from the known tokens; only the hidden ones are ever revealed
+        hidden = hidden.to(device)
+        orders = sample_orders_within(hidden, generator=generator)  # (B, L), hidden positions first
+        tokens = known_tokens.to(device=device, dtype=torch.float32).clone()  # (B, L, C)
+        mask = hidden.clone()
+    orders = with_unconditional(orders, orders, cfg)  # (R, L)
+    tokens = with_unconditional(tokens, tokens, cfg)  # (R, L, C)
+    mask = with_unconditional(mask, mask, cfg)  # (R, L)
+    num_masked = total
 
     # 2. The prefix never changes: run it through the LLM once and reuse its keys/values.
     cache = _new_cache()
     prefix_len = prefix_embeds.shape[1]
-    from unipic.models.unipic import cache_argument
-
     model.llm.model(inputs_embeds=prefix_embeds.to(model.dtype), attention_mask=attention_mask.long(),
                     use_cache=True, **{cache_argument(type(model.llm.model)): cache})
 
     # 3. Reveal loop.
-    for step in tqdm(range(num_iter), disable=not progress, desc="MAR steps", leave=False):
-        x_enc = model.forward_mae_encoder(tokens, mask.float(), grid, attention_mask, past_key_values=cache)
+    for step in tqdm(range(steps), disable=not progress, desc="MAR steps", leave=False):
+        x_enc = model.encode_with_llm(tokens, mask.float(), grid, attention_mask,
+                                      past_key_values=cache)  # (R, buf + L_vis, enc_dim)
         _truncate_cache(cache, prefix_len)  # drop this step's image rows; only the prefix stays cached
         z = model.mar.forward_decoder(x_enc, mask.float(), grid, x_con=x_con)  # (R, L, dec_dim)
 
-        mask_len = reveal_mask_len(step, num_iter, seq_len, num_masked)
-        mask_next = mask_by_order(mask_len, orders)
-        to_predict = mask if step == num_iter - 1 else mask & ~mask_next
+        mask_len = reveal_mask_len(step, steps, total, num_masked)
+        mask_next = mask_by_order(mask_len, orders)  # (R, L)
+        to_predict = mask if step == steps - 1 else mask & ~mask_next  # (R, L), same in both halves
         mask, num_masked = mask_next, mask_len
         if not bool(to_predict.any()):
             continue
 
-        # Row-major gather puts every conditional row's tokens before the unconditional ones,
-        # which is the layout the head's guidance expects.
-        cond = z[to_predict]
-        scale = cfg_at_step(cfg, cfg_schedule, seq_len, mask_len) if use_cfg else 1.0
-        sampled = model.mar.diffloss.sample(cond, temperature=temperature, cfg=scale, generator=generator,
-                                            num_steps=head_steps)
+        # Row-major gather: every conditional row's tokens, then the unconditional ones in the
+        # same order, i.e. `[conditional; unconditional]` as denoise_tokens expects.
+        cond = z[to_predict]  # (K, dec_dim), K = (2 if guided else 1) · new tokens
+        scale = cfg_at_step(cfg, cfg_schedule, total, mask_len) if guided else 1.0
+        sampled = denoise_tokens(model.mar.diffloss.net, scheduler, cond, guided=guided, cfg=scale,
+                                 temperature=temperature, generator=generator)  # (K', C)
         tokens = tokens.clone()
-        tokens[to_predict] = sampled.float()
-        if use_cfg:
-            tokens[n_cond:] = tokens[:n_cond]
+        tokens[:n_cond][to_predict[:n_cond]] = sampled
+        if guided:
+            tokens[n_cond:] = tokens[:n_cond]  # the unconditional rows see the same tokens
     return tokens[:n_cond]

@@ -18,6 +18,16 @@ def sample_orders(batch: int, seq_len: int, *, device: torch.device | str = "cpu
     return noise.argsort(dim=1)
 
 
+def sample_orders_within(hidden: torch.Tensor, *, generator: rng.Randomness = None) -> torch.Tensor:
+    """Random orders (B, L) that list each row's hidden positions first (uniformly shuffled), then the rest.
+
+    `hidden` is (B, L) bool. `mask_by_order(k, orders)` with k <= a row's hidden count then hides
+    only hidden positions. The draw is `sample_orders`'s, so an all-hidden row gets its exact order.
+    """
+    noise = rng.rand(tuple(hidden.shape), generator, device=hidden.device)  # (B, L) in [0, 1)
+    return (noise + (~hidden).to(noise.dtype)).argsort(dim=1)  # known positions sort into [1, 2)
+
+
 def mask_by_order(mask_len: int, orders: torch.Tensor) -> torch.Tensor:
     """Boolean mask (B, L) that hides the first `mask_len` positions of each row's order."""
     mask = torch.zeros(orders.shape, dtype=torch.bool, device=orders.device)
@@ -44,9 +54,9 @@ def random_masking(orders: torch.Tensor, mask_ratio: float) -> torch.Tensor:
     return mask_by_order(num_masked, orders).float()
 
 
-def reveal_mask_len(step: int, num_iter: int, seq_len: int, num_masked_now: int) -> int:
-    """How many tokens stay hidden after `step` (cosine schedule, at least one revealed per step)."""
-    ratio = math.cos(math.pi / 2.0 * (step + 1) / num_iter)
+def reveal_mask_len(step: int, steps: int, seq_len: int, num_masked_now: int) -> int:
+    """How many tokens stay hidden after `step` of `steps` (cosine schedule, at least one revealed per step)."""
+    ratio = math.cos(math.pi / 2.0 * (step + 1) / steps)
     mask_len = math.floor(seq_len * ratio)
     # Keep at least one token for the next step and reveal at least one now.
     return max(1, min(num_masked_now - 1, mask_len))
@@ -56,6 +66,5 @@ def cfg_at_step(cfg: float, schedule: str, seq_len: int, mask_len: int) -> float
     """Guidance scale for a step: constant, or Muse's linear ramp as tokens are revealed."""
     if schedule == "constant":
         return cfg
-    if schedule == "linear":
-        return 1.0 + (cfg - 1.0) * (seq_len - mask_len) / seq_len
-    raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {schedule!r}")
+    assert schedule == "linear", f"cfg_schedule {schedule!r} (checked by the pipeline)"
+    return 1.0 + (cfg - 1.0) * (seq_len - mask_len) / seq_len

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from unipic.sampling.mar_decode import mar_generate_tokens
+from unipic.sampling.mar_decode import mar_generate_tokens, with_unconditional
 from unipic.sampling.prompts import format_instruction, tokenize_padded
 from unipic.sampling.rng import Randomness
 
+if TYPE_CHECKING:
+    from unipic.models.unipic import UniPic
 
-def build_t2i_prefix(model, tokenizer, prompts: Sequence[str], *, cfg: float,
+
+def build_t2i_prefix(model: UniPic, tokenizer, prompts: Sequence[str], *, cfg: float,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings and mask of [conditional prompts; null prompts] (the null rows only with guidance)."""
+    """Embeddings (R, T, hidden) and mask (R, T) of [conditional prompts; null prompts] (null rows only with guidance)."""
     sampling = model.config.sampling
     template = model.config.prompt_template
     texts = [format_instruction(template, sampling.t2i_prompt.format(prompt=p.strip())) for p in prompts]
-    if cfg != 1.0:
-        texts += [format_instruction(template, sampling.cfg_prompt)] * len(prompts)
+    texts = with_unconditional(texts, [format_instruction(template, sampling.cfg_prompt)] * len(prompts), cfg)
     input_ids, mask = tokenize_padded(tokenizer, texts, pad_id=_pad_id(tokenizer), device=device)
     return model.embed_text(input_ids), mask
 
@@ -30,13 +33,13 @@ def _pad_id(tokenizer) -> int:
 
 @torch.no_grad()
 def generate_images(
-    model,
+    model: UniPic,
     tokenizer,
     prompts: Sequence[str],
     *,
     height: int,
     width: int,
-    num_iter: int,
+    steps: int,
     cfg: float,
     cfg_schedule: str = "constant",
     temperature: float = 1.0,
@@ -47,7 +50,7 @@ def generate_images(
     """Generate one image per prompt: (B, 3, height, width) pixels in about [-1, 1]."""
     grid = model.grid_for(height, width)
     prefix, mask = build_t2i_prefix(model, tokenizer, prompts, cfg=cfg, device=model.device)
-    tokens = mar_generate_tokens(model, prefix, mask, grid, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
+    tokens = mar_generate_tokens(model, prefix, mask, grid, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
                                  temperature=temperature, head_steps=head_steps, generator=generator,
                                  progress=progress)
     # Only the conditional rows are decoded (upstream decoded the discarded CFG rows too).

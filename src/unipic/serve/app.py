@@ -34,8 +34,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from unipic.api import CheckedInputs, UnifiedPipeline
-from unipic.checks import MAX_CFG, MAX_SEED, MAX_TEMPERATURE, check_int, check_number, check_seed
+from unipic.api import CheckedInputs, UnifiedPipeline, UserError
+from unipic.checks import MAX_CFG, MAX_SEED, MAX_TEMPERATURE, check_int, check_number, check_seed, check_size
 from unipic.io_utils import output_record
 from unipic.serve.batching import Batcher, Job
 from unipic.serve.errors import APIError, bad_request, error_body, too_large, user_errors
@@ -340,10 +340,11 @@ def parse_size(size: str | None, limits: ServeLimits) -> tuple[int | None, int |
     if match is None:
         raise bad_request(f"size must look like WIDTHxHEIGHT, e.g. 256x256; got {size!r}", "size", "invalid_size")
     width, height = int(match.group(1)), int(match.group(2))
-    if width < 16 or height < 16 or width % 16 or height % 16:
-        fix = f"{max(16, round(width / 16) * 16)}x{max(16, round(height / 16) * 16)}"
-        raise bad_request(f"size {width}x{height}: width and height must be positive multiples of 16 "
-                          f"(e.g. {fix})", "size", "invalid_size")
+    try:
+        check_size(width, "width")
+        check_size(height, "height")
+    except UserError as error:
+        raise bad_request(f"size {width}x{height}: {error}", "size", "invalid_size") from None
     if max(width, height) > limits.max_side:
         raise bad_request(f"size {width}x{height} is too large: this server allows at most {limits.max_side} "
                           f"pixels per side", "size", "invalid_size")

@@ -75,7 +75,7 @@ def text_to_image_loss(model, pixels: torch.Tensor, input_ids: torch.Tensor, att
     grid = model.grid_for(pixels.shape[-2], pixels.shape[-1])
     tokens = _tokens_of(model, pixels, tokens)  # (B, L, token_dim)
     mask = _masked_targets(model, tokens, generator)
-    x_enc = model.forward_mae_encoder(tokens, mask, grid, attention_mask, prefix_embeds=model.embed_text(input_ids))
+    x_enc = model.encode_with_llm(tokens, mask, grid, attention_mask, prefix_embeds=model.embed_text(input_ids))
     z = model.mar.forward_decoder(x_enc, mask, grid)
     return _diffusion_loss(model, tokens, z, mask, generator, probe)
 
@@ -96,7 +96,7 @@ def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, i
     x_con, z_src = scale_gradient(x_con, scale), scale_gradient(z_src, scale)
     prefix = model.fill_image_rows(input_ids, z_src)
     mask = _masked_targets(model, target, generator)
-    x_enc = model.forward_mae_encoder(target, mask, grid, attention_mask, prefix_embeds=prefix)
+    x_enc = model.encode_with_llm(target, mask, grid, attention_mask, prefix_embeds=prefix)
     z = model.mar.forward_decoder(x_enc, mask, grid, x_con=x_con)
     return _diffusion_loss(model, target, z, mask, generator, probe)
 

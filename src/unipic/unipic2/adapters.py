@@ -37,6 +37,13 @@ from unipic.checks import (
     check_seed,
     check_seeds,
 )
+from unipic.inpainting import (
+    DEFAULT_FEATHER,
+    DEFAULT_GROW,
+    check_inpaint_request,
+    outpaint_with,
+    pad_to_multiple,
+)
 from unipic.unipic2.images import (
     EDIT_NEGATIVE_PROMPT,
     INPUT_RESIZE_MODES,
@@ -53,6 +60,7 @@ EDIT_MULTIPLE = 32  # the longer-edge rule rounds to multiples of 32
 _ALIASES = {"steps": "num_inference_steps", "guidance_scale": "cfg"}
 _GENERATION_OPTIONS = ("num_inference_steps", "steps", "cfg", "guidance_scale", "negative_prompt", "batch_size")
 _EDIT_OPTIONS = _GENERATION_OPTIONS + ("image_size", "input_resize")
+_INPAINT_OPTIONS = ("num_inference_steps", "steps", "cfg", "guidance_scale", "negative_prompt")
 EDIT_INPUT_RESIZE = "stretch"  # upstream's editing scripts resize straight to the rounded size
 _CAPTION_OPTIONS = ("do_sample", "temperature", "top_p", "top_k")
 DEFAULT_MAX_NEW_TOKENS = 512  # upstream i2t script
@@ -285,6 +293,81 @@ class _UniPic2Adapter:
             ).images[0]
             edited.append(result)
         return edited
+
+
+    # ------------------------------------------------------------------ inpainting
+
+    def check_inpaint(
+        self,
+        images: Sequence[Image.Image],
+        masks: Sequence[object],
+        prompts: Sequence[str],
+        *,
+        seed: int | Sequence[int] | None = None,
+        grow: int = DEFAULT_GROW,
+        feather: int = DEFAULT_FEATHER,
+        **options: object,
+    ) -> CheckedInputs:
+        """Validate an inpainting request (`UserError` naming the argument); settings are what sampling uses."""
+        request = check_inpaint_request(images, masks, prompts, seed=seed, grow=grow, feather=feather,
+                                        background=(255, 255, 255))
+        opts = _parse_options(options, _INPAINT_OPTIONS, "inpaint")
+        multiple = self.pipeline.vae_scale_factor * self.pipeline.patch_size
+        for i, image in enumerate(request.images):
+            padded = [-(-side // multiple) * multiple for side in image.size]
+            check_size(padded[1], padded[0], multiple=multiple, max_side=self.pipeline.max_image_side(),
+                       what=f"images[{i}]")
+        request.settings.update(num_inference_steps=opts.get("num_inference_steps", DEFAULT_STEPS),
+                                cfg=opts.get("cfg", DEFAULT_GUIDANCE), negative_prompt=opts.get("negative_prompt", ""))
+        return request
+
+    def inpaint(
+        self,
+        images: Sequence[Image.Image],
+        masks: Sequence[object],
+        prompts: Sequence[str],
+        *,
+        seed: int | Sequence[int] | None = None,
+        grow: int = DEFAULT_GROW,
+        feather: int = DEFAULT_FEATHER,
+        progress: bool = False,
+        **options: object,
+    ) -> list[Image.Image]:
+        """Regenerate the masked pixels of image i (white = regenerate) from prompt i; returns same-size images.
+
+        Text-to-image conditioning (the prompt describes the whole picture; no reference image).
+        The latents outside the (grown) mask follow the source's noising trajectory at every step
+        and end on it; the decoded image is pasted into the source with a `feather`-pixel fade
+        inside the mask, so every pixel outside it is exactly the source's. Sizes that are not
+        multiples of 16 are padded (edge pixels repeated) and cropped back.
+        """
+        request = self.check_inpaint(images, masks, prompts, seed=seed, grow=grow, feather=feather, **options)
+        settings = request.settings
+        generators = self._generators(request.seed, len(request.texts))
+        self.pipeline.set_progress_bar_config(disable=not progress)
+        multiple = self.pipeline.vae_scale_factor * self.pipeline.patch_size
+        out = []
+        for image, mask, prompt, generator in zip(request.images, request.masks, request.texts, generators):
+            canvas, canvas_mask = pad_to_multiple(image, mask, multiple)
+            result = self.pipeline(
+                prompt=prompt,
+                inpaint_image=canvas,
+                mask_image=canvas_mask,
+                height=canvas.height,
+                width=canvas.width,
+                num_inference_steps=settings["num_inference_steps"],
+                guidance_scale=settings["cfg"],
+                negative_prompt=settings["negative_prompt"],
+                generator=generator,
+                feather=settings["feather"],
+            ).images[0]
+            out.append(result.crop((0, 0, image.width, image.height)))
+        return out
+
+    def outpaint(self, images: Sequence[Image.Image], prompts: Sequence[str], *, left: int = 0, right: int = 0,
+                 top: int = 0, bottom: int = 0, **kwargs: object) -> list[Image.Image]:
+        """Extend each image by the given pixels (multiples of 16) on each side, drawn from its prompt."""
+        return outpaint_with(self, images, prompts, left=left, right=right, top=top, bottom=bottom, **kwargs)
 
 
 class KontextUnifiedPipeline(_UniPic2Adapter):

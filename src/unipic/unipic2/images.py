@@ -12,6 +12,7 @@ from PIL import Image
 
 from unipic.api import UserError
 from unipic.checks import INPUT_RESIZE_MODES, check_choice
+from unipic.checks import check_size as check_side
 from unipic.images import to_rgb  # noqa: F401  (re-exported: the UniPic-2 pipelines composite onto white)
 
 # Negative prompt of the upstream editing scripts (spec §3), used as the default for edits.
@@ -25,14 +26,8 @@ EDIT_NEGATIVE_PROMPT = (
 def check_size(height: int, width: int, *, multiple: int, max_side: int, what: str = "image") -> None:
     """Raise `UserError` unless height and width are positive multiples of `multiple` and <= `max_side`."""
     for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise UserError(f"{what} {name} must be an integer, got {value!r}")
-        if value < multiple or value % multiple:
-            fixed = max(multiple, round(value / multiple) * multiple)
-            raise UserError(
-                f"{what} {name}={value} is not a positive multiple of {multiple} "
-                f"(VAE factor x patch size); use {name}={fixed}"
-            )
+        # The one size rule of the package (unipic.checks), at this family's multiple.
+        check_side(value, name, multiple)
         if value > max_side:
             raise UserError(f"{what} {name}={value} exceeds the model's maximum {max_side}; use a smaller size")
 

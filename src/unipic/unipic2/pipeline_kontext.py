@@ -18,6 +18,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
@@ -30,6 +31,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from unipic.api import UserError
+from unipic.inpainting import (
+    DEFAULT_FEATHER,
+    check_mask,
+    composite,
+    feather_alpha,
+    grow_mask,
+    token_grid_mask,
+)
 from unipic.unipic2.images import check_size, to_rgb
 
 logger = logging.getLogger(__name__)
@@ -174,6 +183,64 @@ class KontextSamplingMixin:
             scheduler_kwargs["mu"] = mu
         return retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, **scheduler_kwargs)
 
+    # ------------------------------------------------------------------ inpainting
+
+    def check_inpaint_inputs(
+        self, image: Image.Image | Sequence[Image.Image], mask_image: object, batch_size: int, height: int,
+        width: int, grow: int = 0,
+    ) -> tuple[list[Image.Image], list[np.ndarray]]:
+        """One RGB source and one grown bool (H, W) mask (True = regenerate) per prompt; `UserError` otherwise."""
+        images = [image] if isinstance(image, Image.Image) else list(image)
+        masks = [mask_image] if isinstance(mask_image, (Image.Image, np.ndarray, torch.Tensor)) else list(mask_image)
+        if len(images) == 1 and batch_size > 1:
+            images = images * batch_size
+        if len(masks) == 1 and batch_size > 1:
+            masks = masks * batch_size
+        if len(images) != batch_size or len(masks) != batch_size:
+            raise UserError(f"got {len(images)} inpaint images and {len(masks)} masks for {batch_size} prompts; "
+                            "pass one of each per prompt")
+        for index, im in enumerate(images):
+            if not isinstance(im, Image.Image):
+                raise UserError(f"inpaint_image {index} must be a PIL image, got {type(im).__name__}")
+            if im.size != (width, height):
+                raise UserError(f"inpaint_image {index} is {im.size[0]}x{im.size[1]} (WxH) but the output is "
+                                f"{width}x{height}; inpainting keeps the size: pass height={im.size[1]}, "
+                                f"width={im.size[0]}")
+        grown = [grow_mask(check_mask(m, (width, height), f"mask_image {i}"), grow) for i, m in enumerate(masks)]
+        return [to_rgb(im) for im in images], grown
+
+    def prepare_inpaint_latents(
+        self,
+        images: list[Image.Image],
+        masks: list[np.ndarray],
+        num_images_per_prompt: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised source latents (B*n, C, h, w) and the latent mask (B*n, 1, h, w), 1 = regenerate.
+
+        The source is encoded to its posterior mean (what is kept should not be resampled). A latent
+        cell is regenerated when any of its pixels is masked.
+        """
+        self.offload_resident_models()
+        pixels = self.image_processor.preprocess(images, height=height, width=width)  # (B, 3, H, W) in [-1, 1]
+        latents = retrieve_latents(self.vae.encode(pixels.to(device=device, dtype=self.vae.dtype)),
+                                   sample_mode="argmax")
+        latents = (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor  # (B, C, h, w)
+        cells = np.stack([token_grid_mask(m, self.vae_scale_factor) for m in masks])  # (B, h, w)
+        mask = torch.from_numpy(cells).to(device=device, dtype=dtype).unsqueeze(1)  # (B, 1, h, w)
+        return (latents.to(dtype).repeat_interleave(num_images_per_prompt, dim=0),
+                mask.repeat_interleave(num_images_per_prompt, dim=0))
+
+    def composite_inpainted(self, images: list, sources: list[Image.Image], masks: list[np.ndarray],
+                            num_images_per_prompt: int, feather: int) -> list:
+        """Paste decoded PIL images into their sources with a `feather`-pixel fade inside the mask."""
+        alphas = [feather_alpha(m, feather) for m in masks]
+        n = num_images_per_prompt
+        return [composite(image, sources[k // n], alphas[k // n]) for k, image in enumerate(images)]
+
     # ------------------------------------------------------------------ sampling
 
     def denoise(
@@ -191,12 +258,18 @@ class KontextSamplingMixin:
         skip_layer_guidance_scale: float = 2.8,
         skip_layer_guidance_start: float = 0.01,
         skip_layer_guidance_stop: float = 0.2,
+        inpaint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Run the Euler flow-matching loop with classifier-free guidance; returns the final latents.
 
         The op order mirrors `StableDiffusion3Pipeline.__call__` (bit-identical without a reference).
         The reference latents go to both CFG halves, so guidance is text-only (spec §3), and also
         to the skip-layer-guidance pass, which upstream forgot (spec §10.2).
+
+        `inpaint` = (source latents, mask, noise), mask 1 where latents are regenerated: after every
+        step the kept latents are reset onto the source's own noising trajectory at the new noise
+        level, sigma * noise + (1 - sigma) * source, which is the source itself after the last step
+        (sigma = 0), as diffusers' inpainting pipelines do.
         """
         do_cfg = guidance_scale > 1
         if do_cfg:
@@ -248,6 +321,8 @@ class KontextSamplingMixin:
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 if latents.dtype != latents_dtype and torch.backends.mps.is_available():
                     latents = latents.to(latents_dtype)  # pytorch/pytorch#99272 on Apple MPS
+                if inpaint is not None:
+                    latents = self.keep_known_latents(latents, inpaint, i + 1)
                 progress_bar.update()
         return latents
 
@@ -272,6 +347,9 @@ class KontextSamplingMixin:
         guidance_scale: float,
         output_type: str,
         return_dict: bool,
+        inpaint_sources: list[Image.Image] | None = None,
+        inpaint_masks: list[np.ndarray] | None = None,
+        feather: int = 0,
         **denoise_options: Any,
     ):
         """The steps after the prompt encoding that both UniPic-2 pipelines share.
@@ -279,6 +357,8 @@ class KontextSamplingMixin:
         Noise latents first (so an edit and a generation with one seed start from the same noise),
         then the reference latents from the same generator, the timesteps, the denoising loop
         (`denoise_options` go to `denoise`) and the decoding. `images` = prompts × images per prompt.
+        With `inpaint_sources` and `inpaint_masks`, the kept cells follow the noised source and the
+        output is pasted into the source outside the mask (feathered by `feather` pixels).
         """
         device = self._execution_device
         latents = self.prepare_noise_latents(images, height, width, prompt_embeds.dtype, device, generator, latents)
@@ -290,6 +370,11 @@ class KontextSamplingMixin:
             )
         timesteps, num_inference_steps = self.prepare_timesteps(latents, num_inference_steps, device, sigmas, mu)
         self._num_timesteps = len(timesteps)
+        inpainted = None
+        if inpaint_sources is not None:
+            latents, denoise_options["inpaint"] = self.start_inpaint(inpaint_sources, inpaint_masks,
+                                                                     num_images_per_prompt, latents)
+            inpainted = (inpaint_sources, inpaint_masks, num_images_per_prompt, feather)
         latents = self.denoise(
             latents,
             timesteps,
@@ -301,11 +386,41 @@ class KontextSamplingMixin:
             ref_latents=ref_latents,
             **denoise_options,
         )
-        return self.finish(latents, output_type, return_dict)
+        return self.finish(latents, output_type, return_dict, inpainted)
 
-    def finish(self, latents: torch.Tensor, output_type: str, return_dict: bool):
-        """Decode, release offloaded models and wrap the images as diffusers' SD3 pipelines do."""
+    def keep_known_latents(self, latents: torch.Tensor, inpaint: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                           index: int) -> torch.Tensor:
+        """`latents` with the unmasked cells replaced by the noised source at the scheduler's sigma[index]."""
+        source, mask, noise = inpaint
+        sigma = self.scheduler.sigmas[index].to(device=latents.device, dtype=torch.float32)
+        known = (sigma * noise.float() + (1.0 - sigma) * source.float()).to(latents.dtype)
+        return torch.where(mask > 0, latents, known)
+
+    def start_inpaint(
+        self, sources: list[Image.Image], masks: list[np.ndarray], num_images_per_prompt: int, latents: torch.Tensor,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Initial latents with the kept cells on the source trajectory, and `denoise`'s `inpaint` argument.
+
+        Call after `prepare_timesteps` (it reads the scheduler's first sigma). `latents` is the
+        initial noise, which the kept cells' trajectory reuses at every step.
+        """
+        _, _, lat_h, lat_w = latents.shape
+        height, width = lat_h * self.vae_scale_factor, lat_w * self.vae_scale_factor
+        source, mask = self.prepare_inpaint_latents(sources, masks, num_images_per_prompt, height, width,
+                                                    latents.dtype, latents.device)
+        inpaint = (source, mask, latents.clone())
+        return self.keep_known_latents(latents, inpaint, 0), inpaint
+
+    def finish(self, latents: torch.Tensor, output_type: str, return_dict: bool,
+               inpainted: tuple[list[Image.Image], list[np.ndarray], int, int] | None = None):
+        """Decode, release offloaded models and wrap the images as diffusers' SD3 pipelines do.
+
+        `inpainted` = (sources, masks, images per prompt, feather): PIL outputs are pasted into their
+        sources, so every pixel outside the mask is exactly the source's.
+        """
         images = self.decode_latents(latents, output_type)
+        if inpainted is not None and output_type == "pil":
+            images = self.composite_inpainted(images, *inpainted)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
@@ -385,8 +500,12 @@ class StableDiffusion3KontextPipeline(KontextSamplingMixin, StableDiffusion3Pipe
         skip_layer_guidance_stop: float = 0.2,
         skip_layer_guidance_start: float = 0.01,
         mu: float | None = None,
+        inpaint_image: Image.Image | list[Image.Image] | None = None,
+        mask_image: Any = None,
+        grow: int = 0,
+        feather: int = DEFAULT_FEATHER,
     ) -> StableDiffusion3PipelineOutput | tuple:
-        """Generate (`image=None`) or edit (`image` given) images.
+        """Generate (`image=None`) or edit (`image` given) images, or inpaint (`inpaint_image` + `mask_image`).
 
         Arguments are those of `StableDiffusion3Pipeline.__call__` (minus IP-Adapter), with
         UniPic-2's defaults (50 steps, guidance 3.5, 512x512), plus:
@@ -396,18 +515,28 @@ class StableDiffusion3KontextPipeline(KontextSamplingMixin, StableDiffusion3Pipe
                 `width` x `height`; when height/width are omitted they default to the image size.
             reference_sample_mode: "sample" draws the VAE posterior with `generator` (upstream
                 behaviour, made reproducible); "argmax" uses its mean.
+            inpaint_image: source(s) to inpaint, one per prompt (or one for all), each `width` x
+                `height` (the default size); the latents outside the mask follow the source's
+                noising trajectory and end on it.
+            mask_image: the mask(s), PIL (white = regenerate) or (H, W) bool arrays.
+            grow: dilate the masks by this many pixels first.
+            feather: PIL outputs fade into the source over this many pixels inside the mask;
+                outside it every pixel is the source's.
 
         Returns:
             `StableDiffusion3PipelineOutput` with `images`, or a 1-tuple when `return_dict=False`.
         """
-        if image is not None and (height is None or width is None):
-            first = image if isinstance(image, Image.Image) else image[0]
-            width, height = (width or first.size[0]), (height or first.size[1])
+        for given in (inpaint_image, image):
+            if given is not None and (height is None or width is None):
+                first = given if isinstance(given, Image.Image) else given[0]
+                width, height = (width or first.size[0]), (height or first.size[1])
         height = height or DEFAULT_SIZE
         width = width or DEFAULT_SIZE
 
         # 1. Check inputs
         self.check_size(height, width)
+        if (inpaint_image is None) != (mask_image is None):
+            raise UserError("inpainting needs both `inpaint_image` and `mask_image`")
         self.check_inputs(
             prompt,
             prompt_2,
@@ -432,6 +561,9 @@ class StableDiffusion3KontextPipeline(KontextSamplingMixin, StableDiffusion3Pipe
         else:
             batch_size = prompt_embeds.shape[0]
         references = None if image is None else self.check_reference_images(image, batch_size, height, width)
+        sources = masks = None
+        if inpaint_image is not None:
+            sources, masks = self.check_inpaint_inputs(inpaint_image, mask_image, batch_size, height, width, grow)
         self._guidance_scale = guidance_scale
         self._clip_skip = clip_skip
         self._joint_attention_kwargs = joint_attention_kwargs
@@ -473,5 +605,6 @@ class StableDiffusion3KontextPipeline(KontextSamplingMixin, StableDiffusion3Pipe
             mu=mu, guidance_scale=guidance_scale, output_type=output_type, return_dict=return_dict,
             joint_attention_kwargs=joint_attention_kwargs, skip_guidance_layers=skip_guidance_layers,
             skip_layer_guidance_scale=skip_layer_guidance_scale, skip_layer_guidance_start=skip_layer_guidance_start,
-            skip_layer_guidance_stop=skip_layer_guidance_stop,
+            skip_layer_guidance_stop=skip_layer_guidance_stop, inpaint_sources=sources, inpaint_masks=masks,
+            feather=feather,
         )

@@ -37,6 +37,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusi
 from PIL import Image
 
 from unipic.api import UserError
+from unipic.inpainting import DEFAULT_FEATHER
 from unipic.unipic2.conditioner import StableDiffusion3Conditioner
 from unipic.unipic2.images import to_rgb
 from unipic.unipic2.pipeline_kontext import (
@@ -294,15 +295,21 @@ class UniPic2MetaQueryPipeline(KontextSamplingMixin, DiffusionPipeline):
         skip_layer_guidance_stop: float = 0.2,
         skip_layer_guidance_start: float = 0.01,
         mu: float | None = None,
+        inpaint_image: Image.Image | list[Image.Image] | None = None,
+        mask_image: Any = None,
+        grow: int = 0,
+        feather: int = DEFAULT_FEATHER,
     ) -> StableDiffusion3PipelineOutput | tuple:
-        """Generate (`image=None`) or edit (`image` given) with MetaQuery conditioning.
+        """Generate (`image=None`) or edit (`image` given) with MetaQuery conditioning, or inpaint
+        (`inpaint_image` + `mask_image`, text-to-image conditioning; see the Kontext pipeline).
 
         Args mirror `StableDiffusion3KontextPipeline.__call__`. Precomputed `prompt_embeds` etc.
         (already repeated per image) skip the Qwen + conditioner step.
         """
-        if image is not None and (height is None or width is None):
-            first = image if isinstance(image, Image.Image) else image[0]
-            width, height = (width or first.size[0]), (height or first.size[1])
+        for given in (inpaint_image, image):
+            if given is not None and (height is None or width is None):
+                first = given if isinstance(given, Image.Image) else given[0]
+                width, height = (width or first.size[0]), (height or first.size[1])
         height = height or DEFAULT_SIZE
         width = width or DEFAULT_SIZE
         do_cfg = guidance_scale > 1
@@ -320,6 +327,11 @@ class UniPic2MetaQueryPipeline(KontextSamplingMixin, DiffusionPipeline):
         else:
             batch_size = prompt_embeds.shape[0] // num_images_per_prompt
         references = None if image is None else self.check_reference_images(image, batch_size, height, width)
+        if (inpaint_image is None) != (mask_image is None):
+            raise UserError("inpainting needs both `inpaint_image` and `mask_image`")
+        sources = masks = None
+        if inpaint_image is not None:
+            sources, masks = self.check_inpaint_inputs(inpaint_image, mask_image, batch_size, height, width, grow)
 
         # 2. Qwen2.5-VL + conditioner replace the three text encoders (spec §4.3)
         if prompt_embeds is None:
@@ -338,7 +350,8 @@ class UniPic2MetaQueryPipeline(KontextSamplingMixin, DiffusionPipeline):
             mu=mu, guidance_scale=guidance_scale, output_type=output_type, return_dict=return_dict,
             joint_attention_kwargs=joint_attention_kwargs, skip_guidance_layers=skip_guidance_layers,
             skip_layer_guidance_scale=skip_layer_guidance_scale, skip_layer_guidance_start=skip_layer_guidance_start,
-            skip_layer_guidance_stop=skip_layer_guidance_stop,
+            skip_layer_guidance_stop=skip_layer_guidance_stop, inpaint_sources=sources, inpaint_masks=masks,
+            feather=feather,
         )
 
     # ------------------------------------------------------------------ understanding
