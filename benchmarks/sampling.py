@@ -22,8 +22,9 @@ process: on a shared machine only the ratios mean anything.
     python benchmarks/sampling.py --flops                          # 1.5B preset FLOPs / memory (GPU planning)
 
 `--quality-gate` scores ShapesEval (six categories) and the editing eval with the exact path and
-the fast mode on the same prompts and seeds, prints the comparison and exits 1 when fast mode is
-more than `--tolerance` (0.02) below exact overall or in any category.
+the fast mode on the same prompts and seeds, prints the comparison per group and overall, and exits
+1 when fast mode's overall ShapesEval score or edit success rate is more than `--tolerance` (0.02)
+below the exact path's.
 """
 
 from __future__ import annotations
@@ -101,8 +102,8 @@ def settings_for(pipeline, args, fast: bool) -> dict:
     options = {k: v for k, v in (("steps", args.num_iter), ("head_steps", args.head_steps), ("cfg", args.cfg))
                if v is not None}
     if fast:
-        options.update({k: v for k, v in (("head_anneal", args.head_anneal),
-                                          ("guidance_interval", args.guidance_interval)) if v is not None})
+        options.update({k: v for k, v in (("head_anneal", args.head_anneal), ("guidance_interval", args.guidance_interval),
+                                          ("uncond_interval", args.uncond_interval)) if v is not None})
     size = args.size
     request = pipeline.check_inputs("text_to_image", PROMPTS, height=size, width=size, fast=fast, **options)
     return request.settings
@@ -118,7 +119,8 @@ def run_variant(variant: str, model, tokenizer, settings: dict[str, dict], seed:
               "generator": generator}
     if variant == "reference":
         return reference_generate_images(model, tokenizer, PROMPTS, **common)
-    speed = SpeedOptions(head_anneal=s["head_anneal"], guidance_interval=s["guidance_interval"])
+    speed = SpeedOptions(head_anneal=s["head_anneal"], guidance_interval=s["guidance_interval"],
+                         uncond_interval=s["uncond_interval"])
     return generate_images(model, tokenizer, PROMPTS, speed=speed, **common)
 
 
@@ -169,7 +171,8 @@ def speed_benchmark(args, argv: list[str]) -> None:
     print(f"model {name} ({params:.1f}M params), {e['height']}x{e['width']}, cfg {e['cfg']}, "
           f"{torch.get_num_threads()} threads, {args.repeats} repeats interleaved")
     print(f"exact/reference: {e['steps']} MAR steps x {e['head_steps']} head steps; fast: {f['steps']} MAR steps, "
-          f"head_anneal {f['head_anneal']}, guidance_interval {f['guidance_interval']}")
+          f"{f['head_steps']} head steps, head_anneal {f['head_anneal']}, guidance_interval {f['guidance_interval']}, "
+          f"uncond_interval {f['uncond_interval']}")
     print(f"max |exact - reference| pixel difference: {max_diff:.2e}")
     print("| variant | s/image (median) | peak RSS MiB | LLM | MAR | head | VAE | other |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -207,7 +210,8 @@ def quality_gate(args) -> int:
         options = {"fast": mode == "fast"}
         if mode == "fast":
             options.update({k: v for k, v in (("head_anneal", args.head_anneal),
-                                              ("guidance_interval", args.guidance_interval)) if v is not None})
+                                              ("guidance_interval", args.guidance_interval),
+                                              ("uncond_interval", args.uncond_interval)) if v is not None})
         by_group: dict[str, list[bool]] = defaultdict(list)
         start = time.perf_counter()
         for i in range(0, len(records), args.batch_size):
@@ -237,11 +241,14 @@ def quality_gate(args) -> int:
         fast = [v for g, vs in scores["fast"].items() if g.startswith(task) for v in vs]
         if exact:
             rows.append((f"{task} overall", len(exact), mean(exact), mean(fast)))
-    failed = [r for r in rows if r[3] < r[2] - args.tolerance]
+    # The gate is on the overall scores (ShapesEval's mean over its six categories, the edit success
+    # rate); per-group rows are shown too, but at 50 items a group's binomial standard error is
+    # ~0.04, twice the tolerance, so a group alone cannot decide it.
+    failed = [r for r in rows if r[0].endswith("overall") and r[3] < r[2] - args.tolerance]
     print(f"quality gate: model {args.preset or args.model}, {size}px, {args.per_category} prompts per ShapesEval "
           f"category, {args.edit_per_kind} edits per kind, seeds from {args.seed}; tolerance {args.tolerance}")
-    print(f"time for the whole set: exact {seconds['exact']:.0f} s, fast {seconds['fast']:.0f} s "
-          f"({seconds['exact'] / max(seconds['fast'], 1e-9):.2f}x)")
+    print(f"wall time for the whole set (not a benchmark: other load shares the machine): exact "
+          f"{seconds['exact']:.0f} s, fast {seconds['fast']:.0f} s")
     print("| group | n | exact | fast | fast - exact |")
     print("|---|---:|---:|---:|---:|")
     for group, n, e, f in rows:
@@ -337,6 +344,8 @@ def main() -> None:
     parser.add_argument("--head-anneal", type=float, default=None, help="fast mode's head_anneal (default: --fast's)")
     parser.add_argument("--guidance-interval", type=int, default=None,
                         help="fast mode's guidance_interval (default: --fast's)")
+    parser.add_argument("--uncond-interval", type=int, default=None,
+                        help="fast mode's uncond_interval (default: --fast's)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

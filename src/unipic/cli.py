@@ -90,6 +90,9 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, edit: bool = False)
     group.add_argument("--guidance-interval", type=int, default=None,
                        help="UniPic-1: run the unconditional head rows every K-th head step and reuse the "
                             "guidance residual between (default 1 = off, also with --fast)")
+    group.add_argument("--uncond-interval", type=int, default=None,
+                       help="UniPic-1: run the unconditional rows through MAR and the LLM every K-th MAR step and "
+                            "reuse their last difference to the conditional ones between (default 1 = off)")
     group.add_argument("--batch-size", type=int, default=None, help="images generated per forward pass (default 8)")
     group.add_argument("--cpu-offload", action="store_true",
                        help="UniPic-2: keep sub-models on the CPU and move each to the GPU only while it runs")
@@ -106,9 +109,10 @@ def _size_from_args(args: argparse.Namespace) -> tuple[int | None, int | None]:
 def _sampling_options(args: argparse.Namespace) -> dict:
     options = {}
     for key in ("steps", "cfg", "cfg_schedule", "temperature", "head_steps", "batch_size", "input_resize", "fast",
-                "head_anneal", "guidance_interval"):
+                "head_anneal", "guidance_interval", "uncond_interval"):
         value = getattr(args, key, None)
-        if value is not None:
+        # --exact is the default sampler: passing nothing keeps it valid for every model family.
+        if value is not None and not (key == "fast" and value is False):
             options[key] = value
     return options
 
@@ -127,7 +131,7 @@ def _check_sampling_args(args: argparse.Namespace, *, seeds: int = 1) -> None:
             check_size(value, flag, PIXEL_MULTIPLE)
     check_seed(args.seed, "--seed", count=seeds)
     for flag, key in (("--steps", "steps"), ("--head-steps", "head_steps"), ("--batch-size", "batch_size"),
-                      ("--guidance-interval", "guidance_interval")):
+                      ("--guidance-interval", "guidance_interval"), ("--uncond-interval", "uncond_interval")):
         if getattr(args, key) is not None:
             check_int(getattr(args, key), flag, minimum=1)
     if args.cfg is not None:

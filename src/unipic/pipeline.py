@@ -43,7 +43,7 @@ from unipic.sampling.rng import GeneratorGroups
 from unipic.sampling.text_to_image import generate_images
 
 _T2I_OPTIONS = {"num_iter", "steps", "cfg", "cfg_schedule", "temperature", "head_steps", "batch_size", "fast",
-                "head_anneal", "guidance_interval"}
+                "head_anneal", "guidance_interval", "uncond_interval"}
 # `fast=True` (training-free; benchmarks/sampling.py measures speed and --quality-gate quality):
 # half the MAR steps and half the head steps (unless `steps` / `head_steps` are given) and DiSA-style
 # head-step annealing to FAST_HEAD_ANNEAL of them at the last MAR step. LazyMAR-style guidance
@@ -54,6 +54,7 @@ FAST_STEPS_FRACTION = 0.5
 FAST_HEAD_STEPS_FRACTION = 0.5
 FAST_HEAD_ANNEAL = 0.2
 FAST_GUIDANCE_INTERVAL = 1
+FAST_UNCOND_INTERVAL = 1
 _I2T_OPTIONS = {"do_sample", "temperature", "top_p", "batch_size"}
 DEFAULT_BATCH_SIZE = 8
 # Transparent input pixels are composited onto the Shapes world's flat grey background
@@ -180,6 +181,9 @@ class UniPicPipeline:
                                                            FAST_GUIDANCE_INTERVAL if fast else 1),
                                                "guidance_interval", minimum=1, maximum=head_steps,
                                                hint=" (1 = unconditional rows at every head step)"),
+                "uncond_interval": check_int(options.get("uncond_interval", FAST_UNCOND_INTERVAL if fast else 1),
+                                             "uncond_interval", minimum=1, maximum=steps,
+                                             hint=" (1 = unconditional rows through MAR and the LLM at every step)"),
                 "batch_size": check_int(options.get("batch_size", DEFAULT_BATCH_SIZE), "batch_size", minimum=1)}
 
     def _i2t_settings(self, options: dict, max_new_tokens: object) -> dict:
@@ -287,7 +291,8 @@ class UniPicPipeline:
         return {"steps": settings["steps"], "cfg": settings["cfg"], "cfg_schedule": settings["cfg_schedule"],
                 "temperature": settings["temperature"], "head_steps": settings["head_steps"],
                 "speed": SpeedOptions(head_anneal=settings["head_anneal"],
-                                      guidance_interval=settings["guidance_interval"])}
+                                      guidance_interval=settings["guidance_interval"],
+                                      uncond_interval=settings["uncond_interval"])}
 
     def text_to_image(self, prompts: Sequence[str], *, height: int | None = None, width: int | None = None,
                       images_per_prompt: int = 1, seed: int | Sequence[int] | None = None, progress: bool = False,

@@ -76,6 +76,27 @@ def test_fast_mode_is_deterministic_and_each_option_switches_off_alone(tiny_pipe
     assert given["steps"] == 3 and given["head_steps"] == 7
 
 
+def test_shortcuts_change_a_trained_like_head_and_switch_off(tiny_model_and_tokenizer) -> None:
+    import copy
+
+    model, tokenizer = tiny_model_and_tokenizer
+    model = copy.deepcopy(model)
+    with torch.no_grad():  # the tiny model's head is zero-initialised, which makes guidance a no-op
+        for p in model.mar.diffloss.net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+
+    def draw(speed: SpeedOptions) -> torch.Tensor:
+        return generate_images(model, tokenizer, ["a red circle"], height=32, width=32, steps=4, cfg=3.0, head_steps=6,
+                               generator=torch.Generator().manual_seed(2), speed=speed)
+
+    exact = draw(EXACT)
+    assert torch.equal(draw(SpeedOptions(head_anneal=1.0, guidance_interval=1, uncond_interval=1)), exact)
+    for speed in (SpeedOptions(head_anneal=0.3), SpeedOptions(guidance_interval=2), SpeedOptions(uncond_interval=2)):
+        approx = draw(speed)
+        assert torch.equal(approx, draw(speed)), f"{speed} is deterministic"
+        assert not torch.equal(approx, exact), f"{speed} changes the sample"
+
+
 def test_head_step_annealing_schedule() -> None:
     assert [EXACT.head_steps_at(k, 4, 50) for k in range(4)] == [50] * 4
     annealed = [SpeedOptions(head_anneal=0.2).head_steps_at(k, 5, 50) for k in range(5)]
@@ -89,6 +110,7 @@ def test_head_step_annealing_schedule() -> None:
     ({"head_anneal": 0.0}, "head_anneal=0"),
     ({"head_anneal": 1.5}, "head_anneal=1.5"),
     ({"guidance_interval": 0}, "guidance_interval=0"),
+    ({"uncond_interval": 0}, "uncond_interval=0"),
 ])
 def test_fast_options_errors_name_the_argument(tiny_pipeline, options: dict, message: str) -> None:
     with pytest.raises(UserError, match=message.replace("(", r"\(")):

@@ -68,12 +68,18 @@ class SpeedOptions:
         head_anneal: DiSA-style step annealing: the head's step count falls linearly over the
             MAR steps from `head_steps` to `head_anneal · head_steps` at the last one (later
             tokens are conditioned on more known tokens and need fewer steps). 1.0 = off.
-        guidance_interval: LazyMAR-style guidance caching: the unconditional head rows run only
-            every k-th head step; between, the last guidance residual ε_c − ε_u is reused. 1 = off.
+        guidance_interval: LazyMAR-style guidance caching in the head: the unconditional head rows
+            run only every k-th head step; between, the last guidance residual ε_c − ε_u is reused.
+            1 = off.
+        uncond_interval: LazyMAR-style condition caching across MAR steps: the unconditional rows
+            go through the MAR encoder, the LLM and the MAR decoder only every k-th MAR step;
+            between, their decoder features are the conditional ones minus the last measured
+            difference z_c − z_u. 1 = off.
     """
 
     head_anneal: float = 1.0
     guidance_interval: int = 1
+    uncond_interval: int = 1
 
     def head_steps_at(self, step: int, steps: int, head_steps: int) -> int:
         """Head steps for MAR step `step` of `steps`."""
@@ -236,13 +242,30 @@ def mar_generate_tokens(
     prefix_len = prefix_embeds.shape[1]
     model.llm.model(inputs_embeds=prefix_embeds.to(model.dtype), attention_mask=attention_mask.long(),
                     use_cache=True, **{cache_argument(type(model.llm.model)): cache})
+    lazy = guided and speed.uncond_interval > 1
+    if lazy:  # a second cache for the conditional rows alone, used on the steps that skip the others
+        cache_cond = _new_cache()
+        model.llm.model(inputs_embeds=prefix_embeds[:n_cond].to(model.dtype),
+                        attention_mask=attention_mask[:n_cond].long(), use_cache=True,
+                        **{cache_argument(type(model.llm.model)): cache_cond})
+    difference = None  # z_c − z_u of the last full step, (B, L, dec_dim)
 
     # 3. Reveal loop.
     for step in tqdm(range(steps), disable=not progress, desc="MAR steps", leave=False):
-        x_enc = model.encode_with_llm(tokens, mask.float(), grid, attention_mask,
-                                      past_key_values=cache)  # (R, buf + L_vis, enc_dim)
-        _truncate_cache(cache, prefix_len)  # drop this step's image rows; only the prefix stays cached
-        z = model.mar.forward_decoder(x_enc, mask.float(), grid, x_con=x_con)  # (R, L, dec_dim)
+        if lazy and step % speed.uncond_interval:
+            x_enc = model.encode_with_llm(tokens[:n_cond], mask[:n_cond].float(), grid, attention_mask[:n_cond],
+                                          past_key_values=cache_cond)  # (B, buf + L_vis, enc_dim)
+            _truncate_cache(cache_cond, prefix_len)
+            z_c = model.mar.forward_decoder(x_enc, mask[:n_cond].float(), grid,
+                                            x_con=None if x_con is None else x_con[:n_cond])  # (B, L, dec_dim)
+            z = torch.cat([z_c, z_c - difference])  # (R, L, dec_dim): [conditional; estimated unconditional]
+        else:
+            x_enc = model.encode_with_llm(tokens, mask.float(), grid, attention_mask,
+                                          past_key_values=cache)  # (R, buf + L_vis, enc_dim)
+            _truncate_cache(cache, prefix_len)  # drop this step's image rows; only the prefix stays cached
+            z = model.mar.forward_decoder(x_enc, mask.float(), grid, x_con=x_con)  # (R, L, dec_dim)
+            if lazy:
+                difference = z[:n_cond] - z[n_cond:]
 
         mask_len = reveal_mask_len(step, steps, seq_len, num_masked)
         mask_next = mask_by_order(mask_len, orders)  # (R, L)
