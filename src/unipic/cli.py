@@ -80,7 +80,8 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, edit: bool = False)
     speed = group.add_mutually_exclusive_group()
     speed.add_argument("--fast", dest="fast", action="store_const", const=True, default=None,
                        help="UniPic-1: training-free shortcuts: half the MAR and head steps (unless --steps / "
-                            "--head-steps are given) and the head steps annealed over the MAR steps; see "
+                            "--head-steps are given), head steps annealed over the MAR steps (--head-anneal 0.2) "
+                            "and unconditional rows through MAR + LLM every 2nd step (--uncond-interval 2); see "
                             "docs/sampling.md for the measured speed and quality")
     speed.add_argument("--exact", dest="fast", action="store_const", const=False,
                        help="UniPic-1: the exact sampler (the default), reproducible bit for bit on one machine")
@@ -92,7 +93,8 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, edit: bool = False)
                             "guidance residual between (default 1 = off, also with --fast)")
     group.add_argument("--uncond-interval", type=int, default=None,
                        help="UniPic-1: run the unconditional rows through MAR and the LLM every K-th MAR step and "
-                            "reuse their last difference to the conditional ones between (default 1 = off)")
+                            "reuse their last difference to the conditional ones between (default 1 = off, with "
+                            "--fast 2)")
     group.add_argument("--batch-size", type=int, default=None, help="images generated per forward pass (default 8)")
     group.add_argument("--cpu-offload", action="store_true",
                        help="UniPic-2: keep sub-models on the CPU and move each to the GPU only while it runs")

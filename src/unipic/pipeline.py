@@ -44,17 +44,19 @@ from unipic.sampling.text_to_image import generate_images
 
 _T2I_OPTIONS = {"num_iter", "steps", "cfg", "cfg_schedule", "temperature", "head_steps", "batch_size", "fast",
                 "head_anneal", "guidance_interval", "uncond_interval"}
-# `fast=True` (training-free; benchmarks/sampling.py measures speed and --quality-gate quality):
-# half the MAR steps and half the head steps (unless `steps` / `head_steps` are given) and DiSA-style
-# head-step annealing to FAST_HEAD_ANNEAL of them at the last MAR step. LazyMAR-style guidance
-# caching (`guidance_interval`) stays off: measured on CPU it made the embedded model slower (the
-# head is latency-bound, so halving its rows saves nothing). Each part can be switched off alone:
-# steps=..., head_steps=..., head_anneal=1; guidance_interval=k turns the caching on.
+# `fast=True` (training-free; benchmarks/sampling.py measures speed and --quality-gate quality,
+# docs/sampling.md has the numbers): half the MAR steps and half the head steps (unless `steps` /
+# `head_steps` are given), DiSA-style head-step annealing to FAST_HEAD_ANNEAL of them at the last
+# MAR step, and LazyMAR-style condition caching: the unconditional rows through MAR + LLM every
+# FAST_UNCOND_INTERVAL-th MAR step. Guidance caching inside the head (`guidance_interval`) stays
+# off: measured on CPU it made the embedded model slower (the head is latency-bound, so halving its
+# rows saves nothing). Each part can be switched off alone: steps=..., head_steps=...,
+# head_anneal=1, uncond_interval=1.
 FAST_STEPS_FRACTION = 0.5
 FAST_HEAD_STEPS_FRACTION = 0.5
 FAST_HEAD_ANNEAL = 0.2
 FAST_GUIDANCE_INTERVAL = 1
-FAST_UNCOND_INTERVAL = 1
+FAST_UNCOND_INTERVAL = 2
 _I2T_OPTIONS = {"do_sample", "temperature", "top_p", "batch_size"}
 DEFAULT_BATCH_SIZE = 8
 # Transparent input pixels are composited onto the Shapes world's flat grey background
@@ -181,7 +183,8 @@ class UniPicPipeline:
                                                            FAST_GUIDANCE_INTERVAL if fast else 1),
                                                "guidance_interval", minimum=1, maximum=head_steps,
                                                hint=" (1 = unconditional rows at every head step)"),
-                "uncond_interval": check_int(options.get("uncond_interval", FAST_UNCOND_INTERVAL if fast else 1),
+                "uncond_interval": check_int(options.get("uncond_interval",
+                                                         min(FAST_UNCOND_INTERVAL, steps) if fast else 1),
                                              "uncond_interval", minimum=1, maximum=steps,
                                              hint=" (1 = unconditional rows through MAR and the LLM at every step)"),
                 "batch_size": check_int(options.get("batch_size", DEFAULT_BATCH_SIZE), "batch_size", minimum=1)}

@@ -57,7 +57,8 @@ def test_fast_mode_is_deterministic_and_each_option_switches_off_alone(tiny_pipe
     assert np.array_equal(fast, _pixels(tiny_pipeline, fast=True, steps=4)), "one seed, one image"
     assert not np.array_equal(fast, exact)
     # Every shortcut off again gives the exact sampler, bit for bit.
-    assert np.array_equal(_pixels(tiny_pipeline, fast=True, steps=4, head_anneal=1.0, guidance_interval=1), exact)
+    assert np.array_equal(_pixels(tiny_pipeline, fast=True, steps=4, head_anneal=1.0, guidance_interval=1,
+                                  uncond_interval=1), exact)
     # Each on alone changes the result.
     assert not np.array_equal(_pixels(tiny_pipeline, steps=4, head_anneal=0.2), exact)
     # (The tiny model's zero-initialised head makes guidance a no-op, so guidance caching is tested
@@ -70,6 +71,8 @@ def test_fast_mode_is_deterministic_and_each_option_switches_off_alone(tiny_pipe
     assert settings["steps"] == max(1, round(defaults["steps"] / 2))
     assert settings["head_steps"] == max(1, round(defaults["head_steps"] / 2))
     assert defaults["head_anneal"] == 1.0 and defaults["guidance_interval"] == 1
+    assert settings["uncond_interval"] == min(2, settings["steps"]) and defaults["uncond_interval"] == 1
+    assert tiny_pipeline.check_inputs("text_to_image", ["a"], fast=True, steps=1).settings["uncond_interval"] == 1
     off = tiny_pipeline.check_inputs("text_to_image", ["a"], fast=True, head_anneal=1.0).settings
     assert off["head_anneal"] == 1.0 and off["guidance_interval"] == settings["guidance_interval"]
     given = tiny_pipeline.check_inputs("text_to_image", ["a"], fast=True, steps=3, head_steps=7).settings

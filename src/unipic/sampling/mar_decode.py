@@ -218,6 +218,10 @@ def mar_generate_tokens(
 
     Returns:
         (B, h·w, token_dim) float32 tokens of the conditional rows.
+
+    The loop state is `tokens` (R, L, C), `mask` (R, L, True = hidden) and the reveal `orders`;
+    a caller that knows some tokens up front (inpainting) would start from them visible and the
+    hidden count below L — the steps themselves need no change.
     """
     guided = guidance_enabled(cfg)
     rows = prefix_embeds.shape[0]
