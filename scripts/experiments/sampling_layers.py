@@ -16,7 +16,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 # The UniPic-1 sampling path; the other families, training, eval and the server are not on it.
-SKIP = ("unipic2/", "eval/", "training/", "serve/", "world/", "data/", "convert/")
+# sampling/reference.py is the plain baseline loop of tests and benchmarks, not on the user path.
+SKIP = ("unipic2/", "eval/", "training/", "serve/", "world/", "data/", "convert/", "sampling/reference.py")
 
 
 def sources(rev: str | None) -> dict[str, str]:

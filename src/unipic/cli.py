@@ -62,7 +62,8 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, edit: bool = False,
                        help=f"random seed, 0 to 2**64-1; the same seed on the same device reproduces the output "
                             f"(default: {seed_default})")
     if not sizes:
-        parser.set_defaults(size=None, height=None, width=None, batch_size=None)
+        parser.set_defaults(size=None, height=None, width=None, batch_size=None, fast=None, head_anneal=None,
+                            guidance_interval=None, uncond_interval=None)
     if sizes:
         group.add_argument("--size", type=int, default=None,
                            help="square output side in pixels, a multiple of 16 (default: the model's, e.g. 128 "
@@ -83,7 +84,25 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, edit: bool = False,
                             "(lower = more conservative)")
     group.add_argument("--head-steps", type=int, default=None,
                        help="UniPic-1: denoising steps of the per-token diffusion head (released model: 100)")
-    if sizes:
+    if sizes:  # generate and edit; inpainting runs the exact sampler
+        speed = group.add_mutually_exclusive_group()
+        speed.add_argument("--fast", dest="fast", action="store_const", const=True, default=None,
+                           help="UniPic-1: training-free shortcuts: half the MAR and head steps (unless --steps / "
+                                "--head-steps are given), head steps annealed over the MAR steps (--head-anneal 0.2) "
+                                "and unconditional rows through MAR + LLM every 2nd step (--uncond-interval 2); see "
+                                "docs/sampling.md for the measured speed and quality")
+        speed.add_argument("--exact", dest="fast", action="store_const", const=False,
+                           help="UniPic-1: the exact sampler (the default), reproducible bit for bit on one machine")
+        group.add_argument("--head-anneal", type=float, default=None,
+                           help="UniPic-1: head steps at the last MAR step as a fraction of --head-steps, falling "
+                                "linearly from 1 (default 1, with --fast 0.2; 1 = off)")
+        group.add_argument("--guidance-interval", type=int, default=None,
+                           help="UniPic-1: run the unconditional head rows every K-th head step and reuse the "
+                                "guidance residual between (default 1 = off, also with --fast)")
+        group.add_argument("--uncond-interval", type=int, default=None,
+                           help="UniPic-1: run the unconditional rows through MAR and the LLM every K-th MAR step and "
+                                "reuse their last difference to the conditional ones between (default 1 = off, with "
+                                "--fast 2)")
         group.add_argument("--batch-size", type=int, default=None, help="images generated per forward pass (default 8)")
     group.add_argument("--cpu-offload", action="store_true",
                        help="UniPic-2: keep sub-models on the CPU and move each to the GPU only while it runs")
@@ -111,9 +130,11 @@ def _size_from_args(args: argparse.Namespace) -> tuple[int | None, int | None]:
 
 def _sampling_options(args: argparse.Namespace) -> dict:
     options = {}
-    for key in ("steps", "cfg", "cfg_schedule", "temperature", "head_steps", "batch_size", "input_resize"):
+    for key in ("steps", "cfg", "cfg_schedule", "temperature", "head_steps", "batch_size", "input_resize", "fast",
+                "head_anneal", "guidance_interval", "uncond_interval"):
         value = getattr(args, key, None)
-        if value is not None:
+        # --exact is the default sampler: passing nothing keeps it valid for every model family.
+        if value is not None and not (key == "fast" and value is False):
             options[key] = value
     return options
 
@@ -131,13 +152,17 @@ def _check_sampling_args(args: argparse.Namespace, *, seeds: int = 1) -> None:
         else:
             check_size(value, flag, PIXEL_MULTIPLE)
     check_seed(args.seed, "--seed", count=seeds)
-    for flag, key in (("--steps", "steps"), ("--head-steps", "head_steps"), ("--batch-size", "batch_size")):
+    for flag, key in (("--steps", "steps"), ("--head-steps", "head_steps"), ("--batch-size", "batch_size"),
+                      ("--guidance-interval", "guidance_interval"), ("--uncond-interval", "uncond_interval")):
         if getattr(args, key) is not None:
             check_int(getattr(args, key), flag, minimum=1)
     if args.cfg is not None:
         check_number(args.cfg, "--cfg", minimum=0.0, maximum=MAX_CFG, hint=" (1 = no guidance)")
     if args.temperature is not None:
         check_number(args.temperature, "--temperature", minimum=0.0, maximum=MAX_TEMPERATURE)
+    if args.head_anneal is not None:
+        check_number(args.head_anneal, "--head-anneal", minimum=0.0, maximum=1.0, above_minimum=True,
+                     hint=" (1 = off)")
     if getattr(args, "input_resize", None) is not None:  # edit only
         check_choice(args.input_resize, "--input-resize", INPUT_RESIZE_MODES)
 

@@ -43,6 +43,7 @@ from unipic.inpainting import (
 from unipic.sampling.edit import edit_images
 from unipic.sampling.image_to_text import answer_questions
 from unipic.sampling.inpaint import inpaint_images
+from unipic.sampling.mar_decode import SpeedOptions
 from unipic.sampling.prompts import (
     center_crop_resize,
     format_instruction,
@@ -53,7 +54,21 @@ from unipic.sampling.prompts import (
 from unipic.sampling.rng import GeneratorGroups
 from unipic.sampling.text_to_image import generate_images
 
-_T2I_OPTIONS = {"num_iter", "steps", "cfg", "cfg_schedule", "temperature", "head_steps", "batch_size"}
+_T2I_OPTIONS = {"num_iter", "steps", "cfg", "cfg_schedule", "temperature", "head_steps", "batch_size", "fast",
+                "head_anneal", "guidance_interval", "uncond_interval"}
+# `fast=True` (training-free; benchmarks/sampling.py measures speed and --quality-gate quality,
+# docs/sampling.md has the numbers): half the MAR steps and half the head steps (unless `steps` /
+# `head_steps` are given), DiSA-style head-step annealing to FAST_HEAD_ANNEAL of them at the last
+# MAR step, and LazyMAR-style condition caching: the unconditional rows through MAR + LLM every
+# FAST_UNCOND_INTERVAL-th MAR step. Guidance caching inside the head (`guidance_interval`) stays
+# off: measured on CPU it made the embedded model slower (the head is latency-bound, so halving its
+# rows saves nothing). Each part can be switched off alone: steps=..., head_steps=...,
+# head_anneal=1, uncond_interval=1.
+FAST_STEPS_FRACTION = 0.5
+FAST_HEAD_STEPS_FRACTION = 0.5
+FAST_HEAD_ANNEAL = 0.2
+FAST_GUIDANCE_INTERVAL = 1
+FAST_UNCOND_INTERVAL = 2
 _I2T_OPTIONS = {"do_sample", "temperature", "top_p", "batch_size"}
 DEFAULT_BATCH_SIZE = 8
 # Transparent input pixels are composited onto the Shapes world's flat grey background
@@ -151,20 +166,39 @@ class UniPicPipeline:
                 for name, value in (("height", height), ("width", width))}
         if "num_iter" in options and "steps" in options and options["num_iter"] != options["steps"]:
             raise UserError(f"num_iter={options['num_iter']} and steps={options['steps']} are one setting; pass one")
+        fast = options.get("fast", False)
+        if not isinstance(fast, bool):
+            raise UserError(f"fast={fast!r}: must be True (training-free shortcuts) or False (the exact sampler)")
         tokens = (size["height"] // stride) * (size["width"] // stride)
-        steps = check_int(options.get("steps", options.get("num_iter", s.num_iter)), "steps", minimum=1,
-                          maximum=tokens, hint=f" (a {size['height']}x{size['width']} image has {tokens} tokens)")
+        default_steps = max(1, round(s.num_iter * FAST_STEPS_FRACTION)) if fast else s.num_iter
+        steps = check_int(options.get("steps", options.get("num_iter", default_steps)), "steps",
+                          minimum=1, maximum=tokens,
+                          hint=f" (a {size['height']}x{size['width']} image has {tokens} tokens)")
         cfg = check_number(options.get("cfg", s.edit_cfg if editing else s.cfg), "cfg", minimum=0.0,
                            maximum=MAX_CFG, hint=" (1 = no guidance)")
         temperature = check_number(options.get("temperature", s.edit_temperature if editing else s.temperature),
                                    "temperature", minimum=0.0, maximum=MAX_TEMPERATURE)
-        head_steps = check_int(options.get("head_steps", s.head_steps or self.config.head.num_sampling_steps),
+        default_head_steps = s.head_steps or self.config.head.num_sampling_steps
+        if fast:
+            default_head_steps = max(1, round(default_head_steps * FAST_HEAD_STEPS_FRACTION))
+        head_steps = check_int(options.get("head_steps", default_head_steps),
                                "head_steps", minimum=1, maximum=self.config.head.train_steps,
                                hint=" (the head's training steps)")
         return {"height": size["height"], "width": size["width"], "steps": steps, "cfg": cfg,
                 "cfg_schedule": check_choice(options.get("cfg_schedule", s.cfg_schedule), "cfg_schedule",
                                              ("constant", "linear")),
-                "temperature": temperature, "head_steps": head_steps,
+                "temperature": temperature, "head_steps": head_steps, "fast": fast,
+                "head_anneal": check_number(options.get("head_anneal", FAST_HEAD_ANNEAL if fast else 1.0),
+                                            "head_anneal", minimum=0.0, maximum=1.0, above_minimum=True,
+                                            hint=" (1 = every MAR step runs all head steps)"),
+                "guidance_interval": check_int(options.get("guidance_interval",
+                                                           FAST_GUIDANCE_INTERVAL if fast else 1),
+                                               "guidance_interval", minimum=1, maximum=head_steps,
+                                               hint=" (1 = unconditional rows at every head step)"),
+                "uncond_interval": check_int(options.get("uncond_interval",
+                                                         min(FAST_UNCOND_INTERVAL, steps) if fast else 1),
+                                             "uncond_interval", minimum=1, maximum=steps,
+                                             hint=" (1 = unconditional rows through MAR and the LLM at every step)"),
                 "batch_size": check_int(options.get("batch_size", DEFAULT_BATCH_SIZE), "batch_size", minimum=1)}
 
     def _i2t_settings(self, options: dict, max_new_tokens: object) -> dict:
@@ -270,7 +304,10 @@ class UniPicPipeline:
     @staticmethod
     def _sampler_kwargs(settings: dict) -> dict:
         return {"steps": settings["steps"], "cfg": settings["cfg"], "cfg_schedule": settings["cfg_schedule"],
-                "temperature": settings["temperature"], "head_steps": settings["head_steps"]}
+                "temperature": settings["temperature"], "head_steps": settings["head_steps"],
+                "speed": SpeedOptions(head_anneal=settings["head_anneal"],
+                                      guidance_interval=settings["guidance_interval"],
+                                      uncond_interval=settings["uncond_interval"])}
 
     def text_to_image(self, prompts: Sequence[str], *, height: int | None = None, width: int | None = None,
                       images_per_prompt: int = 1, seed: int | Sequence[int] | None = None, progress: bool = False,

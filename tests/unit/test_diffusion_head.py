@@ -19,6 +19,7 @@ from unipic.models.diffusion_head import (
 from unipic.models.gaussian_diffusion import GaussianDiffusion, cosine_betas, get_diffusion, respace_timesteps
 from unipic.sampling.diffusion import HeadScheduler
 from unipic.sampling.mar_decode import denoise_tokens
+from unipic.sampling.reference import reference_denoise_tokens
 
 DATA = Path(__file__).parent / "data"
 C = 16  # token width
@@ -310,8 +311,8 @@ def test_sampler_parity_with_reference(num_steps: int, cfg: float, temperature: 
     noise = torch.randn(n_eff, C, generator=g)
     step_noise = torch.randn(num_steps - 1, n_eff, C, generator=g)
     with torch.no_grad():
-        ours = denoise_tokens(net, HeadScheduler(TINY, num_steps), cond, guided=cfg != 1.0, cfg=cfg,
-                              temperature=temperature, noise=noise, step_noise=step_noise)
+        ours = reference_denoise_tokens(net, HeadScheduler(TINY, num_steps), cond, guided=cfg != 1.0, cfg=cfg,
+                                        temperature=temperature, noise=noise, step_noise=step_noise)
         ref = _reference_sample(net, cond, noise, step_noise, num_steps, cfg, temperature)
     assert ours.dtype == torch.float32 and ours.shape == (n_eff, C)
     mx, mean = _diff(ours, ref)
@@ -354,8 +355,8 @@ def test_sampler_parity_with_diffusers_ddpm(cfg: float) -> None:
                 eps = both[n_eff:, :C] + cfg * (both[:n_eff, :C] - both[n_eff:, :C])
                 out = torch.cat([eps, both[:n_eff, C:]], dim=-1)
             x = sched.step(out, t, x, generator=g).prev_sample
-        ours = denoise_tokens(net, HeadScheduler(TINY, num_steps), cond, guided=cfg != 1.0, cfg=cfg, channels=C,
-                              generator=torch.Generator().manual_seed(5))
+        ours = reference_denoise_tokens(net, HeadScheduler(TINY, num_steps), cond, guided=cfg != 1.0, cfg=cfg,
+                                        channels=C, generator=torch.Generator().manual_seed(5))
     mx, mean = _diff(ours, x)
     assert mx <= 1e-5, f"max abs diff {mx:.3e}, mean abs diff {mean:.3e}"
 
@@ -385,6 +386,40 @@ def test_sample_seeding_and_cfg_layout() -> None:
         _sample(head, cond[:5], cfg=2.0)
     with pytest.raises(AssertionError, match="noise"):
         _sample(head, cond, cfg=2.0, noise=torch.zeros(6, C))
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_precomputed_modulations_equal_the_plain_loop(cfg: float, learn_sigma: bool, monkeypatch) -> None:
+    import unipic.sampling.mar_decode as mar_decode
+
+    head = _randomised_head(dataclasses.replace(TINY, learn_sigma=learn_sigma))
+    cond = torch.randn(8, D, generator=torch.Generator().manual_seed(0))
+    plain = reference_denoise_tokens(head.net, HeadScheduler(head.config), cond, guided=cfg != 1.0, cfg=cfg,
+                                     temperature=0.9, generator=torch.Generator().manual_seed(4))
+    for budget in (2**30, 1):  # all steps in one matmul; one step per chunk
+        monkeypatch.setattr(mar_decode, "MODULATION_BUDGET", budget)
+        fast = _sample(head, cond, cfg=cfg, temperature=0.9, generator=torch.Generator().manual_seed(4))
+        # float32 rounding of differently batched matmuls, relative to this random head's O(100) samples
+        assert _diff(fast, plain)[0] <= 1e-6 * plain.abs().max().item()
+    # The net's two halves compute its forward.
+    x, t = torch.randn(8, C), torch.randint(0, 1000, (8,))
+    y = head.net.time_embed(t) + head.net.cond_embed(cond)
+    with torch.no_grad():
+        mods = head.net.split_modulations(head.net.modulations(y))
+        torch.testing.assert_close(head.net.forward_modulated(x, mods), head.net(x, t, cond))
+
+
+def test_lazy_guidance_reuses_the_residual() -> None:
+    head = _randomised_head()
+    cond = torch.randn(8, D, generator=torch.Generator().manual_seed(0))
+    exact = _sample(head, cond, cfg=3.0, generator=torch.Generator().manual_seed(4))
+    every = _sample(head, cond, cfg=3.0, generator=torch.Generator().manual_seed(4), guidance_interval=1)
+    lazy = _sample(head, cond, cfg=3.0, generator=torch.Generator().manual_seed(4), guidance_interval=2)
+    again = _sample(head, cond, cfg=3.0, generator=torch.Generator().manual_seed(4), guidance_interval=2)
+    assert torch.equal(exact, every) and torch.equal(lazy, again)
+    # An approximation, not noise (this random head's samples are O(100)).
+    assert not torch.equal(lazy, exact) and _diff(lazy, exact)[0] < 0.05 * exact.abs().max().item()
 
 
 def test_sample_with_bf16_head_returns_float32() -> None:

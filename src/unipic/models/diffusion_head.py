@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -68,6 +69,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.to(torch.float32)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor, bool]) -> torch.Tensor:
+    """``x @ W.T + b`` for a `SimpleMLPAdaLN.step_weights` entry (W stored transposed or not)."""
+    w, b, transposed = weight
+    return torch.addmm(b, x, w) if transposed else F.linear(x, w, b)
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -179,6 +186,74 @@ class SimpleMLPAdaLN(nn.Module):
         for layer in zero_layers:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    # -- inference in two halves: what depends on (t, c) only, then what depends on x ----------
+    #
+    # The adaLN modulations are a function of y = time_embed(t) + cond_embed(c) alone, which does
+    # not change while x is denoised; a sampler computes them for many steps in one matmul
+    # (`modulations`) and runs only the x-dependent part per step (`forward_modulated`). Together
+    # they compute `forward` (up to float32 rounding of the batched matmuls).
+
+    @property
+    def modulation_width(self) -> int:
+        """Columns of `modulations`: 3·width per block, then 2·width for the final layer."""
+        width = self.input_proj.out_features
+        return (3 * len(self.res_blocks) + 2) * width
+
+    def modulations(self, y: torch.Tensor) -> list[torch.Tensor]:
+        """adaLN outputs for adaLN inputs ``y (M, width)``: one ``(M, 3·width)`` per block, then ``(M, 2·width)``."""
+        silu = F.silu(y)  # every adaLN_modulation starts with the same SiLU
+        layers = [b.adaLN_modulation[1] for b in self.res_blocks] + [self.final_layer.adaLN_modulation[1]]
+        return [F.linear(silu, layer.weight, layer.bias) for layer in layers]
+
+    def split_modulations(self, mods: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+        """`modulations` as ``(shift, 1 + scale, gate)`` per block and ``(shift, 1 + scale)`` last (any leading dims)."""
+        out = []
+        for mod in mods:
+            parts = mod.chunk(3 if len(out) < len(self.res_blocks) else 2, dim=-1)
+            # 1 + scale once here instead of at every step: the same float32 value _modulate forms.
+            out.append((parts[0], 1 + parts[1], *parts[2:]))
+        return out
+
+    def step_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
+        """(weight, bias, transposed) of the Linears run at every head step, in `forward_modulated` order.
+
+        On CPU, small-batch ``addmm`` with a contiguous transposed weight is ~1.7x faster than
+        ``F.linear`` (which transposes on the fly), so there the transposed copies are made once
+        and cached (rebuilt when a weight changes or moves); GPUs use the weights as they are.
+        """
+        layers = [self.input_proj] + [m for b in self.res_blocks for m in (b.mlp[0], b.mlp[2])]
+        layers.append(self.final_layer.linear)
+        if layers[0].weight.device.type != "cpu":
+            return [(layer.weight, layer.bias, False) for layer in layers]
+        key = tuple((layer.weight.data_ptr(), layer.weight._version, layer.bias._version) for layer in layers)
+        cached = self.__dict__.get("_step_weight_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, [(layer.weight.detach().t().contiguous(), layer.bias.detach(), True) for layer in layers])
+            self.__dict__["_step_weight_cache"] = cached
+        return cached[1]
+
+    def forward_modulated(self, x: torch.Tensor, mods: list[tuple[torch.Tensor, ...]],
+                          weights: list[tuple[torch.Tensor, torch.Tensor, bool]] | None = None,
+                          duplicate: bool = False) -> torch.Tensor:
+        """The x-dependent part of `forward` (inference): ``x (N, C)``, ``mods`` from `split_modulations` → (N, out).
+
+        ``weights`` is `step_weights()` (fetched when None); ``duplicate`` runs ``[x; x]`` (2N rows,
+        guidance) with ``input_proj`` applied once.
+        """
+        weights = self.step_weights() if weights is None else weights
+        h = _linear(x.to(self.input_proj.weight.dtype), weights[0])  # (N, W)
+        if duplicate:
+            h = torch.cat([h, h])  # (2N, W)
+        width = h.shape[-1]
+        for i, (block, (shift, scale1, gate)) in enumerate(zip(self.res_blocks, mods)):
+            ln = block.in_ln
+            u = torch.addcmul(shift, F.layer_norm(h, (width,), ln.weight, ln.bias, ln.eps), scale1)
+            u = _linear(F.silu(_linear(u, weights[1 + 2 * i])), weights[2 + 2 * i])
+            h = torch.addcmul(h, gate, u)
+        shift, scale1 = mods[-1]
+        u = torch.addcmul(shift, F.layer_norm(h, (width,), None, None, self.final_layer.norm_final.eps), scale1)
+        return _linear(u, weights[-1])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Predict ``(N, out_channels)`` from noisy tokens ``x (N, C)``, timesteps ``t (N,)``, conditions ``c (N, D)``."""

@@ -64,13 +64,13 @@ class HeadScheduler:
         normal draw, needed when :meth:`adds_noise`; ``temperature`` scales that noise only.
         """
         co = self._coefs[index]
-        mean = co.mean_x * sample - co.mean_eps * eps
+        mean = torch.add(sample * co.mean_x, eps, alpha=-co.mean_eps)
         if not self.adds_noise(index):  # t = 0: the mean, no noise
             return mean
         assert noise is not None, "every step but the last needs noise"
         if self.process.learn_sigma:
-            log_var = co.min_log + (variance + 1.0) * (0.5 * (co.max_log - co.min_log))
-            std = torch.exp(0.5 * log_var)
-        else:
-            std = math.exp(0.5 * co.fixed_log)
-        return mean + (std * temperature) * noise
+            # std = exp(½·log σ²) with log σ² = min + (v + 1)/2 · (max − min), folded into one affine of v
+            half_range = 0.25 * (co.max_log - co.min_log)
+            std = torch.exp(variance * half_range + (0.5 * co.min_log + half_range))
+            return torch.addcmul(mean, std, noise, value=temperature)
+        return mean + (math.exp(0.5 * co.fixed_log) * temperature) * noise

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from unipic.sampling.mar_decode import mar_generate_tokens, with_unconditional
+from unipic.sampling.mar_decode import EXACT, SpeedOptions, mar_generate_tokens, with_unconditional
 from unipic.sampling.prompts import expand_image_placeholder, format_instruction, tokenize_padded
 from unipic.sampling.rng import Randomness
 
@@ -48,6 +48,7 @@ def edit_images(
     head_steps: int | None = None,
     generator: Randomness = None,
     progress: bool = False,
+    speed: SpeedOptions = EXACT,
 ) -> torch.Tensor:
     """Edit each source (B, 3, H, W) by its instruction; returns (B, 3, H, W) pixels at the same size."""
     grid = model.grid_for(source_pixels.shape[-2], source_pixels.shape[-1])
@@ -57,5 +58,5 @@ def edit_images(
     x_con = with_unconditional(x_con, x_con, cfg)  # (R, buf + L, enc_dim)
     tokens = mar_generate_tokens(model, prefix, mask, grid, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
                                  temperature=temperature, head_steps=head_steps, x_con=x_con,
-                                 generator=generator, progress=progress)
+                                 generator=generator, progress=progress, speed=speed)
     return model.decode_tokens(tokens, grid)

@@ -12,6 +12,7 @@ only the hidden ones are revealed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
@@ -67,6 +68,41 @@ def _truncate_cache(cache, length: int) -> None:
         cache.crop(-extra)
 
 
+@dataclass(frozen=True)
+class SpeedOptions:
+    """Training-free shortcuts of the sampler; the defaults (all off) are the exact path.
+
+    Attributes:
+        head_anneal: DiSA-style step annealing: the head's step count falls linearly over the
+            MAR steps from `head_steps` to `head_anneal · head_steps` at the last one (later
+            tokens are conditioned on more known tokens and need fewer steps). 1.0 = off.
+        guidance_interval: LazyMAR-style guidance caching in the head: the unconditional head rows
+            run only every k-th head step; between, the last guidance residual ε_c − ε_u is reused.
+            1 = off.
+        uncond_interval: LazyMAR-style condition caching across MAR steps: the unconditional rows
+            go through the MAR encoder, the LLM and the MAR decoder only every k-th MAR step;
+            between, their decoder features are the conditional ones minus the last measured
+            difference z_c − z_u. 1 = off.
+    """
+
+    head_anneal: float = 1.0
+    guidance_interval: int = 1
+    uncond_interval: int = 1
+
+    def head_steps_at(self, step: int, steps: int, head_steps: int) -> int:
+        """Head steps for MAR step `step` of `steps`."""
+        if self.head_anneal >= 1.0 or steps == 1:
+            return head_steps
+        last = head_steps * self.head_anneal
+        return max(1, round(head_steps + (last - head_steps) * step / (steps - 1)))
+
+
+EXACT = SpeedOptions()
+# Bytes of adaLN modulations precomputed at once (rows × head steps); bounds the memory of
+# large batches (UniPic-1.5B at 1024 px: ~400 rows × 117 KB per head step).
+MODULATION_BUDGET = 64 * 2**20
+
+
 @torch.no_grad()
 def denoise_tokens(
     net: SimpleMLPAdaLN,
@@ -79,12 +115,17 @@ def denoise_tokens(
     generator: rng.Randomness = None,
     noise: torch.Tensor | None = None,
     step_noise: torch.Tensor | None = None,
-    channels: int | None = None,
+    guidance_interval: int = 1,
 ) -> torch.Tensor:
     """Sample one token per condition with the head's ancestral loop; returns (N', C) in float32.
 
+    The result equals `unipic.sampling.reference.reference_denoise_tokens` (the plain loop) up to
+    float32 rounding: what depends only on the condition and the timestep, the adaLN
+    modulations, is computed for many head steps in one matmul, and the duplicated noisy rows of
+    guidance go through `input_proj` once.
+
     Args:
-        net: the head network, `(x (M, C), t (M,), c (M, D)) -> (M, 2C)` (or (M, C) without learned sigma).
+        net: the head network.
         scheduler: a `HeadScheduler` set to the wanted number of head steps.
         cond: (N, D) conditions. With `guided`, rows are `[conditional; unconditional]` (N = 2N')
             and each step's ε̂ is `ε_u + cfg·(ε_c − ε_u)`; the variance channels are the
@@ -94,35 +135,61 @@ def denoise_tokens(
             (N', C) draw per step but the last; a `rng.GeneratorGroups` draws each image's rows
             from its own generator.
         noise, step_noise: optional fixed draws instead: (N', C) and (steps − 1, N', C).
-        channels: token width C; `net.token_dim` (or the width of `noise`) when None.
+        guidance_interval: see `SpeedOptions.guidance_interval` (1 = exact).
     """
     n = cond.shape[0]
     assert cond.dim() == 2 and (not guided or n % 2 == 0), f"cond {tuple(cond.shape)}, guided={guided}"
+    assert guidance_interval >= 1
     n_eff = n // 2 if guided else n
+    device = cond.device
     dtype = torch.float64 if cond.dtype == torch.float64 else torch.float32
-    if channels is None:
-        channels = noise.shape[1] if noise is not None else net.token_dim
+    channels = net.token_dim
     if noise is None:
-        noise = rng.randn((n_eff, channels), generator, device=cond.device, dtype=dtype)
+        noise = rng.randn((n_eff, channels), generator, device=device, dtype=dtype)
     assert tuple(noise.shape) == (n_eff, channels), f"noise {tuple(noise.shape)} for {n_eff} tokens"
     assert step_noise is None or tuple(step_noise.shape) == (scheduler.num_steps - 1, n_eff, channels)
+    lazy = guided and guidance_interval > 1
 
-    x = noise.to(device=cond.device, dtype=dtype)  # (N', C)
-    for index, t in enumerate(scheduler.timesteps.to(cond.device)):
-        t = t.expand(n)  # (N,) original timestep, no host sync
-        if guided:
-            out = net(torch.cat([x, x], dim=0), t, cond).to(dtype)  # (2N', 2C): [cond; uncond]
-            eps_c, eps_u = out[:n_eff, :channels], out[n_eff:, :channels]
-            eps = eps_u + cfg * (eps_c - eps_u)
-            variance = out[:n_eff, channels:]
-        else:
-            out = net(x, t, cond).to(dtype)  # (N', 2C)
-            eps, variance = out[:, :channels], out[:, channels:]
-        z = None
-        if scheduler.adds_noise(index):
-            z = (step_noise[index].to(device=cond.device, dtype=dtype) if step_noise is not None
-                 else rng.randn(x.shape, generator, device=cond.device, dtype=dtype))
-        x = scheduler.step(eps, x, index, variance=variance, noise=z, temperature=temperature)
+    wdtype = net.input_proj.weight.dtype
+    weights = net.step_weights()
+    c_emb = net.cond_embed(cond.to(wdtype))  # (N, W): the token's part of the adaLN input
+    t_emb = net.time_embed(scheduler.timesteps.to(device))  # (S, W): the step's part
+    width = c_emb.shape[1]
+    rows = n_eff if lazy else n  # rows whose modulations are precomputed for every step
+    per_step = rows * net.modulation_width * c_emb.element_size()
+    chunk = max(1, MODULATION_BUDGET // max(per_step, 1))
+    x = noise.to(device=device, dtype=dtype)  # (N', C)
+    residual = None  # ε_c − ε_u of the last full guided step (lazy guidance)
+    for start in range(0, scheduler.num_steps, chunk):
+        stop = min(scheduler.num_steps, start + chunk)
+        # (s, rows, W) adaLN inputs for s = stop − start steps, flattened for one matmul per layer.
+        y = (t_emb[start:stop, None] + c_emb[None, :rows]).reshape(-1, width)
+        mods = net.split_modulations([m.view(stop - start, rows, -1) for m in net.modulations(y)])
+        # Per step, per layer: (shift, 1 + scale[, gate]) views of (rows, W), unbound once per chunk.
+        by_step = list(zip(*(tuple(zip(*(part.unbind(0) for part in layer))) for layer in mods)))
+        for index in range(start, stop):
+            step_mods = by_step[index - start]
+            if not guided:
+                out = net.forward_modulated(x, step_mods, weights).to(dtype)  # (N', 2C)
+                eps, variance = out[:, :channels], out[:, channels:]
+            elif lazy and residual is not None and index % guidance_interval:
+                out = net.forward_modulated(x, step_mods, weights).to(dtype)  # (N', 2C): conditional rows only
+                eps, variance = out[:, :channels] + (cfg - 1.0) * residual, out[:, channels:]
+            else:
+                if lazy:  # a full step: the unconditional rows' modulations, for this step only
+                    uncond = net.split_modulations(net.modulations(t_emb[index, None] + c_emb[n_eff:]))
+                    step_mods = [tuple(torch.cat([a, b]) for a, b in zip(mc, mu)) for mc, mu in zip(step_mods, uncond)]
+                out = net.forward_modulated(x, step_mods, weights, duplicate=True).to(dtype)  # (2N', 2C)
+                eps_c, eps_u = out[:n_eff, :channels], out[n_eff:, :channels]  # [cond; uncond]
+                eps = torch.lerp(eps_u, eps_c, cfg)  # ε_u + cfg·(ε_c − ε_u)
+                if lazy:
+                    residual = eps_c - eps_u
+                variance = out[:n_eff, channels:]
+            z = None
+            if scheduler.adds_noise(index):
+                z = (step_noise[index].to(device=device, dtype=dtype) if step_noise is not None
+                     else rng.randn(x.shape, generator, device=device, dtype=dtype))
+            x = scheduler.step(eps, x, index, variance=variance, noise=z, temperature=temperature)
     return x.float() if dtype != torch.float64 else x
 
 
@@ -143,6 +210,7 @@ def mar_generate_tokens(
     progress: bool = False,
     known_tokens: torch.Tensor | None = None,
     hidden: torch.Tensor | None = None,
+    speed: SpeedOptions = EXACT,
 ) -> torch.Tensor:
     """Sample image tokens after a text (or text + source image) prefix, or fill in a partly known image.
 
@@ -160,9 +228,14 @@ def mar_generate_tokens(
             generate, for the conditional rows (their unconditional partners get the same). Known
             tokens are visible from the first step and kept; only hidden ones are revealed, and the
             reveal schedule (and a linear guidance ramp) runs over their count, which every row must share.
+        speed: training-free shortcuts (`SpeedOptions`); the default is the exact path.
 
     Returns:
         (B, h·w, token_dim) float32 tokens of the conditional rows.
+
+    The loop state is `tokens` (R, L, C), `mask` (R, L, True = hidden) and the reveal `orders`;
+    a caller that knows some tokens up front (inpainting) would start from them visible and the
+    hidden count below L — the steps themselves need no change.
     """
     guided = guidance_enabled(cfg)
     rows = prefix_embeds.shape[0]
@@ -178,7 +251,9 @@ def mar_generate_tokens(
             raise ValueError(f"every row must hide the same, positive number of tokens, got {counts.tolist()}")
     assert 1 <= steps <= total, f"steps={steps} for {total} tokens to generate"
     device = prefix_embeds.device
-    scheduler = HeadScheduler(model.mar.diffloss.config, head_steps, device)
+    head_config = model.mar.diffloss.config
+    head_steps = head_config.num_sampling_steps if head_steps is None else head_steps
+    scheduler = HeadScheduler(head_config, head_steps, device)
 
     # 1. Random reveal orders; the unconditional rows follow their conditional partners exactly.
     if hidden is None:
@@ -200,13 +275,30 @@ def mar_generate_tokens(
     prefix_len = prefix_embeds.shape[1]
     model.llm.model(inputs_embeds=prefix_embeds.to(model.dtype), attention_mask=attention_mask.long(),
                     use_cache=True, **{cache_argument(type(model.llm.model)): cache})
+    lazy = guided and speed.uncond_interval > 1
+    if lazy:  # a second cache for the conditional rows alone, used on the steps that skip the others
+        cache_cond = _new_cache()
+        model.llm.model(inputs_embeds=prefix_embeds[:n_cond].to(model.dtype),
+                        attention_mask=attention_mask[:n_cond].long(), use_cache=True,
+                        **{cache_argument(type(model.llm.model)): cache_cond})
+    difference = None  # z_c − z_u of the last full step, (B, L, dec_dim)
 
     # 3. Reveal loop.
     for step in tqdm(range(steps), disable=not progress, desc="MAR steps", leave=False):
-        x_enc = model.encode_with_llm(tokens, mask.float(), grid, attention_mask,
-                                      past_key_values=cache)  # (R, buf + L_vis, enc_dim)
-        _truncate_cache(cache, prefix_len)  # drop this step's image rows; only the prefix stays cached
-        z = model.mar.forward_decoder(x_enc, mask.float(), grid, x_con=x_con)  # (R, L, dec_dim)
+        if lazy and step % speed.uncond_interval:
+            x_enc = model.encode_with_llm(tokens[:n_cond], mask[:n_cond].float(), grid, attention_mask[:n_cond],
+                                          past_key_values=cache_cond)  # (B, buf + L_vis, enc_dim)
+            _truncate_cache(cache_cond, prefix_len)
+            z_c = model.mar.forward_decoder(x_enc, mask[:n_cond].float(), grid,
+                                            x_con=None if x_con is None else x_con[:n_cond])  # (B, L, dec_dim)
+            z = torch.cat([z_c, z_c - difference])  # (R, L, dec_dim): [conditional; estimated unconditional]
+        else:
+            x_enc = model.encode_with_llm(tokens, mask.float(), grid, attention_mask,
+                                          past_key_values=cache)  # (R, buf + L_vis, enc_dim)
+            _truncate_cache(cache, prefix_len)  # drop this step's image rows; only the prefix stays cached
+            z = model.mar.forward_decoder(x_enc, mask.float(), grid, x_con=x_con)  # (R, L, dec_dim)
+            if lazy:
+                difference = z[:n_cond] - z[n_cond:]
 
         mask_len = reveal_mask_len(step, steps, total, num_masked)
         mask_next = mask_by_order(mask_len, orders)  # (R, L)
@@ -219,8 +311,12 @@ def mar_generate_tokens(
         # same order, i.e. `[conditional; unconditional]` as denoise_tokens expects.
         cond = z[to_predict]  # (K, dec_dim), K = (2 if guided else 1) · new tokens
         scale = cfg_at_step(cfg, cfg_schedule, total, mask_len) if guided else 1.0
+        step_head = speed.head_steps_at(step, steps, head_steps)
+        if step_head != scheduler.num_steps:
+            scheduler.set_timesteps(step_head, device)
         sampled = denoise_tokens(model.mar.diffloss.net, scheduler, cond, guided=guided, cfg=scale,
-                                 temperature=temperature, generator=generator)  # (K', C)
+                                 temperature=temperature, generator=generator,
+                                 guidance_interval=speed.guidance_interval)  # (K', C)
         tokens = tokens.clone()
         tokens[:n_cond][to_predict[:n_cond]] = sampled
         if guided:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from unipic.sampling.mar_decode import mar_generate_tokens, with_unconditional
+from unipic.sampling.mar_decode import EXACT, SpeedOptions, mar_generate_tokens, with_unconditional
 from unipic.sampling.prompts import format_instruction, tokenize_padded
 from unipic.sampling.rng import Randomness
 
@@ -46,12 +46,13 @@ def generate_images(
     head_steps: int | None = None,
     generator: Randomness = None,
     progress: bool = False,
+    speed: SpeedOptions = EXACT,
 ) -> torch.Tensor:
     """Generate one image per prompt: (B, 3, height, width) pixels in about [-1, 1]."""
     grid = model.grid_for(height, width)
     prefix, mask = build_t2i_prefix(model, tokenizer, prompts, cfg=cfg, device=model.device)
     tokens = mar_generate_tokens(model, prefix, mask, grid, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
                                  temperature=temperature, head_steps=head_steps, generator=generator,
-                                 progress=progress)
+                                 progress=progress, speed=speed)
     # Only the conditional rows are decoded (upstream decoded the discarded CFG rows too).
     return model.decode_tokens(tokens, grid)

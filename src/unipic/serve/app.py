@@ -35,7 +35,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from unipic.api import CheckedInputs, UnifiedPipeline, UserError
-from unipic.checks import MAX_CFG, MAX_SEED, MAX_TEMPERATURE, check_int, check_number, check_seed, check_size
+from unipic.checks import (
+    MAX_CFG,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    PIXEL_MULTIPLE,
+    check_int,
+    check_number,
+    check_seed,
+    check_size,
+)
 from unipic.io_utils import output_record
 from unipic.serve.batching import Batcher, Job
 from unipic.serve.errors import APIError, bad_request, error_body, too_large, user_errors
@@ -72,6 +81,7 @@ class ImageRequest(_Request):
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     temperature: float | None = None
+    fast: bool | None = None  # UniPic-1's training-free shortcuts (`unipic generate --fast`)
 
 
 class ChatRequest(_Request):
@@ -340,11 +350,13 @@ def parse_size(size: str | None, limits: ServeLimits) -> tuple[int | None, int |
     if match is None:
         raise bad_request(f"size must look like WIDTHxHEIGHT, e.g. 256x256; got {size!r}", "size", "invalid_size")
     width, height = int(match.group(1)), int(match.group(2))
-    try:
+    try:  # the package's one size rule (unipic.checks), answered in the request's WIDTHxHEIGHT terms
         check_size(width, "width")
         check_size(height, "height")
-    except UserError as error:
-        raise bad_request(f"size {width}x{height}: {error}", "size", "invalid_size") from None
+    except UserError:
+        fix = "x".join(str(max(PIXEL_MULTIPLE, round(v / PIXEL_MULTIPLE) * PIXEL_MULTIPLE)) for v in (width, height))
+        raise bad_request(f"size {width}x{height}: width and height must be positive multiples of {PIXEL_MULTIPLE} "
+                          f"(e.g. {fix})", "size", "invalid_size") from None
     if max(width, height) > limits.max_side:
         raise bad_request(f"size {width}x{height} is too large: this server allows at most {limits.max_side} "
                           f"pixels per side", "size", "invalid_size")
@@ -378,7 +390,7 @@ def _image_settings(req: ImageRequest, limits: ServeLimits) -> tuple[list[int], 
     height, width = parse_size(req.size, limits)
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     settings = ImageSettings(height=height, width=width, steps=steps, guidance_scale=req.guidance_scale,
-                             temperature=req.temperature)
+                             temperature=req.temperature, fast=req.fast)
     return [seed + k for k in range(n)], settings
 
 
@@ -665,7 +677,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         source = await run_in_threadpool(decode_image, images[0].data, limits)
         if settings.height is None:
             height, width = _edit_size(pipeline, source, limits)
-            settings = ImageSettings(height, width, settings.steps, settings.guidance_scale, settings.temperature)
+            settings = ImageSettings(height, width, settings.steps, settings.guidance_scale, settings.temperature,
+                                     settings.fast)
         n = len(seeds)
         checked = await run_in_threadpool(_check_request, pipeline, "edit_image", [instruction] * n, [source] * n,
                                           seed=seeds, height=settings.height, width=settings.width,

@@ -32,10 +32,13 @@ class ImageSettings:
     steps: int | None = None
     guidance_scale: float | None = None
     temperature: float | None = None
+    fast: bool | None = None
 
     def options(self) -> dict[str, object]:
         """Pipeline keyword options for the settings that were given (the rest keep the model's defaults)."""
         options: dict[str, object] = {}
+        if self.fast is not None:
+            options["fast"] = self.fast
         if self.steps is not None:
             options["steps"] = self.steps
         if self.guidance_scale is not None:
