@@ -154,7 +154,8 @@ def test_exactly_the_one_hidden_token_is_sampled(tiny_model_and_tokenizer):
     hidden = torch.zeros(1, 12, dtype=torch.bool)
     hidden[0, 7] = True
     calls: list[int] = []
-    hook = model.mar.diffloss.net.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    # cond_embed runs once per head call, on that call's conditions (the sampled tokens' rows)
+    hook = model.mar.diffloss.net.cond_embed.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
     try:
         prefix, mask = build_t2i_prefix(model, tokenizer, ["a star"], cfg=3.0, device=model.device)
         tokens = mar_generate_tokens(model, prefix, mask, grid, **_steps_kw(1), cfg=3.0, head_steps=3,

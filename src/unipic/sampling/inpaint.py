@@ -12,14 +12,15 @@ from collections.abc import Sequence
 
 import torch
 
-from unipic.sampling.mar_decode import mar_generate_tokens
+from unipic.models.unipic import UniPic
+from unipic.sampling.mar_decode import EXACT, SpeedOptions, mar_generate_tokens
 from unipic.sampling.rng import Randomness
 from unipic.sampling.text_to_image import build_t2i_prefix
 
 
 @torch.no_grad()
 def inpaint_images(
-    model,
+    model: UniPic,
     tokenizer,
     source_pixels: torch.Tensor,
     token_masks: torch.Tensor,
@@ -32,6 +33,7 @@ def inpaint_images(
     head_steps: int | None = None,
     generator: Randomness = None,
     progress: bool = False,
+    speed: SpeedOptions = EXACT,
 ) -> torch.Tensor:
     """Regenerate the masked tokens of each source.
 
@@ -40,6 +42,7 @@ def inpaint_images(
         token_masks: (B, h·w) bool, True = regenerate; every row must mask the same number of
             tokens (the MAR encoder drops hidden tokens, so rows stay rectangular).
         steps: MAR steps over the masked tokens (1 ≤ steps ≤ masked count).
+        speed: training-free shortcuts, as for text-to-image (`SpeedOptions`); exact by default.
 
     Returns:
         (B, 3, H, W) decoded pixels (the caller pastes them into the source).
@@ -50,5 +53,5 @@ def inpaint_images(
     prefix, mask = build_t2i_prefix(model, tokenizer, prompts, cfg=cfg, device=model.device)
     tokens = mar_generate_tokens(model, prefix, mask, grid, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
                                  temperature=temperature, head_steps=head_steps, generator=generator,
-                                 progress=progress, known_tokens=known, hidden=hidden)
+                                 progress=progress, known_tokens=known, hidden=hidden, speed=speed)
     return model.decode_tokens(tokens, grid)
