@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from unipic.sampling.mar_decode import EXACT, SpeedOptions, mar_generate_tokens, with_unconditional
-from unipic.sampling.prompts import expand_image_placeholder, format_instruction, tokenize_padded
+from unipic.sampling.prompts import tokenize_chat
 from unipic.sampling.rng import Randomness
 
 if TYPE_CHECKING:
@@ -27,10 +27,7 @@ def build_edit_prefix(model: UniPic, tokenizer, instructions: Sequence[str], sou
     texts = with_unconditional([f"{image_token}\n{inst.strip()}" for inst in instructions],
                                [f"{image_token}\n{config.sampling.edit_cfg_prompt}"] * len(instructions), cfg)
     features = with_unconditional(source_features, source_features, cfg)  # (R, buf + L, hidden)
-    texts = [expand_image_placeholder(format_instruction(config.prompt_template, t), image_token, count)
-             for t in texts]
-    pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
-    input_ids, mask = tokenize_padded(tokenizer, texts, pad_id=pad, device=device)
+    input_ids, mask = tokenize_chat(config, tokenizer, texts, device=device, image_rows=count)
     return model.fill_image_rows(input_ids, features), mask
 
 

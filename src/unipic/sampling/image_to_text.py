@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from unipic.sampling.prompts import expand_image_placeholder, format_instruction, tokenize_padded
+from unipic.sampling.prompts import padding_id, tokenize_chat
 
 
 @torch.no_grad()
@@ -29,10 +29,10 @@ def answer_questions(
     """Answer question i about image i ((B, 3, S, S) in [-1, 1]); returns the decoded answers."""
     config = model.config
     features = model.understanding_features(pixels.to(model.device))  # (B, N, hidden)
-    texts = [expand_image_placeholder(format_instruction(config.prompt_template, f"{config.image_token}\n{q.strip()}"),
-                                      config.image_token, features.shape[1]) for q in questions]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids, mask = tokenize_padded(tokenizer, texts, pad_id=pad, device=model.device, side="left")
+    texts = [f"{config.image_token}\n{q.strip()}" for q in questions]
+    input_ids, mask = tokenize_chat(config, tokenizer, texts, device=model.device, image_rows=features.shape[1],
+                                    side="left")
+    pad = padding_id(tokenizer)
     embeds = model.fill_image_rows(input_ids, features)
     stop_ids = [i for i in tokenizer.convert_tokens_to_ids(list(config.prompt_template["STOP_WORDS"]))
                 if i is not None and i != tokenizer.unk_token_id]

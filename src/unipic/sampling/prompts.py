@@ -38,6 +38,21 @@ def tokenize_padded(tokenizer, texts: Sequence[str], *, pad_id: int, device: tor
     return input_ids.to(device), mask.to(device)
 
 
+def padding_id(tokenizer) -> int:
+    """The id that fills padded prompt positions: the pad token, else EOS (padding is masked out)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def tokenize_chat(config, tokenizer, user_texts: Sequence[str], *, device: torch.device, image_rows: int = 0,
+                  side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (B, T), of user turns in the model's chat template, padded
+    with `padding_id`; with `image_rows`, each text's one image placeholder becomes that many rows."""
+    texts = [format_instruction(config.prompt_template, text) for text in user_texts]
+    if image_rows:
+        texts = [expand_image_placeholder(text, config.image_token, image_rows) for text in texts]
+    return tokenize_padded(tokenizer, texts, pad_id=padding_id(tokenizer), device=device, side=side)
+
+
 def center_crop_resize(image: Image.Image, height: int, width: int) -> Image.Image:
     """Crop the largest centred box with the target aspect ratio, then resize to (width, height)."""
     image = image.convert("RGB")

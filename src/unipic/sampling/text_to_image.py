@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from unipic.sampling.mar_decode import EXACT, SpeedOptions, mar_generate_tokens, with_unconditional
-from unipic.sampling.prompts import format_instruction, tokenize_padded
+from unipic.sampling.prompts import tokenize_chat
 from unipic.sampling.rng import Randomness
 
 if TYPE_CHECKING:
@@ -19,16 +19,10 @@ def build_t2i_prefix(model: UniPic, tokenizer, prompts: Sequence[str], *, cfg: f
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings (R, T, hidden) and mask (R, T) of [conditional prompts; null prompts] (null rows only with guidance)."""
     sampling = model.config.sampling
-    template = model.config.prompt_template
-    texts = [format_instruction(template, sampling.t2i_prompt.format(prompt=p.strip())) for p in prompts]
-    texts = with_unconditional(texts, [format_instruction(template, sampling.cfg_prompt)] * len(prompts), cfg)
-    input_ids, mask = tokenize_padded(tokenizer, texts, pad_id=_pad_id(tokenizer), device=device)
+    texts = with_unconditional([sampling.t2i_prompt.format(prompt=p.strip()) for p in prompts],
+                               [sampling.cfg_prompt] * len(prompts), cfg)
+    input_ids, mask = tokenize_chat(model.config, tokenizer, texts, device=device)
     return model.embed_text(input_ids), mask
-
-
-def _pad_id(tokenizer) -> int:
-    # Upstream right-pads generation prompts with the EOS id; padded rows are masked anyway.
-    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from unipic.sampling.prompts import (
     format_instruction,
     images_to_tensor,
     pad_to_square,
+    padding_id,
 )
 from unipic.training.config import TASKS, DataConfig
 
@@ -134,7 +135,7 @@ class BatchBuilder:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.size = cfg.image_size
-        self.pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+        self.pad_id = padding_id(tokenizer)
         # A finite data set (a world pool or folders) repeats its images, and the VAE is frozen.
         finite = cfg.source == "folder" or cfg.world_pool > 0
         self.latent_cache = LatentCache(model) if cfg.cache_latents and finite else None
