@@ -1,7 +1,9 @@
-"""Does the generator use the prompt? Text-to-image loss with true, shuffled and null prompts (issue 9).
+"""Does each path use the other modality? Losses with true and shuffled pairings (issue 9).
 
-The same images, masks and diffusion noise are scored three ways; a model that ignores the prompt
-gives three equal losses.
+Text-to-image: the same images, masks and diffusion noise scored with the true prompts, the
+prompts shuffled across images, and the null prompt; a model that ignores the prompt gives equal
+losses. Image-to-text (`--task i2t`): the answers' cross-entropy with the true images and with the
+images shuffled across questions; a model that ignores the image gives equal losses.
 
     python scripts/experiments/text_dependence.py runs/shapes/pretrain/final --n 64
 """
@@ -16,7 +18,7 @@ import torch
 from unipic.checkpoint import load_model_folder
 from unipic.training.config import DataConfig
 from unipic.training.data import BatchBuilder, TaskSource
-from unipic.training.losses import text_to_image_loss
+from unipic.training.losses import image_to_text_loss, text_to_image_loss
 
 
 def main() -> None:
@@ -25,19 +27,27 @@ def main() -> None:
     parser.add_argument("model", help="unipic model folder")
     parser.add_argument("--n", type=int, default=64, help="examples (default 64)")
     parser.add_argument("--seed", type=int, default=11, help="world seed for the examples (default 11)")
+    parser.add_argument("--task", choices=["t2i", "i2t"], default="t2i", help="which path to probe (default t2i)")
     parser.add_argument("--repeats", type=int, default=4, help="mask/noise draws per example (default 4)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     model, tokenizer = load_model_folder(args.model)
     cfg = DataConfig(world_seed=args.seed, image_size=model.config.sampling.image_size, batch_size=16,
                      unconditional_prob=0.0, cache_latents=False)
-    source = TaskSource("t2i", cfg, 0, 1)
     build = BatchBuilder(model, tokenizer, cfg)
+    shuffle = torch.roll(torch.arange(args.n), 1)
+    if args.task == "i2t":
+        source = TaskSource("i2t", cfg, 0, 1)
+        batch = build("i2t", [source.get(k) for k in range(args.n)], np.random.default_rng(0))
+        for name, pixels in (("true", batch["pixels"]), ("shuffled", batch["pixels"][shuffle])):
+            loss = image_to_text_loss(model, pixels, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            print(f"{name:9s} answer loss {float(loss):.5f}")
+        return
+    source = TaskSource("t2i", cfg, 0, 1)
     examples = [source.get(k) for k in range(args.n)]
     batch = build("t2i", examples, np.random.default_rng(0))
     null_ids = tokenizer(build._prompt(model.config.sampling.cfg_prompt), add_special_tokens=False)["input_ids"]
     null = build._pad([null_ids] * args.n)
-    shuffle = torch.roll(torch.arange(args.n), 1)
     variants = {"true": (batch["input_ids"], batch["attention_mask"]),
                 "shuffled": (batch["input_ids"][shuffle], batch["attention_mask"][shuffle]),
                 "null": (null["input_ids"], null["attention_mask"])}
