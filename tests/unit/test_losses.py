@@ -77,6 +77,30 @@ def test_image_to_text_loss_backpropagates(fresh_model):
     assert model.mar.encoder_blocks[0].attn.qkv.weight.grad.abs().sum() > 0, "features must receive gradient"
 
 
+def test_grad_scale_is_the_runs_setting_and_scales_only_the_visual_features(fresh_model):
+    """`loss.grad_scale` reaches the loss as an argument (the model's config is not rewritten): the
+    MAR encoder's gradient scales with it, the LLM's does not."""
+    model, tokenizer = fresh_model
+    model.eval()  # no dropout: the two backward passes must see the same forward
+    count = model.num_understanding_tokens(64)
+    prompt = expand_image_placeholder(format_instruction(model.config.prompt_template, "<image>\nHow many stars?"),
+                                      "<image>", count)
+    ids, mask = _ids(tokenizer, [prompt + "two<|im_end|>"])
+    labels = ids.clone()
+    labels[:, : len(tokenizer(prompt, add_special_tokens=False)["input_ids"])] = -100
+    pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    grads = {}
+    for scale in (1.0, 0.25):
+        model.zero_grad()
+        image_to_text_loss(model, pixels, ids, mask, labels, grad_scale=scale).backward()
+        grads[scale] = (model.mar.encoder_blocks[0].attn.qkv.weight.grad.clone(),
+                        model.llm.model.layers[0].mlp.up_proj.weight.grad.clone())
+    assert model.config.grad_scale == 0.1  # untouched
+    torch.testing.assert_close(grads[0.25][0], grads[1.0][0] * 0.25)
+    torch.testing.assert_close(grads[0.25][1], grads[1.0][1])
+    assert grads[1.0][0].abs().sum() > 0
+
+
 def test_siglip_understanding_path_runs():
     from unipic.checkpoint import build_model
     from unipic.models.presets import unipic1_tiny

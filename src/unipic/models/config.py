@@ -113,7 +113,7 @@ class UniPicConfig:
     understanding_encoder: str = "mar"  # "mar" (the released code path) or "siglip2" (the paper's)
     image_token: str = "<image>"
     prompt_template: dict[str, Any] = field(default_factory=lambda: dict(CHATML_TEMPLATE))
-    grad_scale: float = 0.1  # gradient scale on visual features fed to the LLM (spec §10-11)
+    grad_scale: float = 0.1  # the released config records it (spec §10-11); training uses its own loss.grad_scale
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     model_type: str = "unipic1"
 

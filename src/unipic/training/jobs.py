@@ -47,10 +47,11 @@ PROBE_FILE = "token_probe.safetensors"  # a checkpoint's training-only token pro
 class UniPicLoss(nn.Module):
     """Weighted loss of one task's batch; returns {"loss": weighted, "loss_<task>": raw (detached)}."""
 
-    def __init__(self, model, weights: dict[str, float], token_probe: float = 0.0) -> None:
+    def __init__(self, model, weights: dict[str, float], token_probe: float = 0.0, grad_scale: float = 0.1) -> None:
         super().__init__()
         self.model = model
         self.weights = dict(weights)
+        self.grad_scale = grad_scale
         config = model.config
         self.probe = TokenProbe(config.mar.decoder_embed_dim, config.token_dim, token_probe) if token_probe > 0 else None
 
@@ -62,11 +63,12 @@ class UniPicLoss(nn.Module):
                                      generator=generator, tokens=batch.get("pixels_tokens"), probe=self.probe)
         elif task == "i2t":
             raw = image_to_text_loss(m, batch["pixels"], batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                     tokens=batch.get("pixels_tokens"))
+                                     tokens=batch.get("pixels_tokens"), grad_scale=self.grad_scale)
         elif task == "edit":
             raw = edit_loss(m, batch["source"], batch["target"], batch["input_ids"], batch["attention_mask"],
                             generator=generator, source_tokens=batch.get("source_tokens"),
-                            target_tokens=batch.get("target_tokens"), probe=self.probe)
+                            target_tokens=batch.get("target_tokens"), probe=self.probe,
+                            grad_scale=self.grad_scale)
         else:
             raise ValueError(f"unknown task {task!r}")
         return {"loss": raw * self.weights[task], f"loss_{task}": raw.detach().float()}
@@ -94,7 +96,6 @@ class UniPicJob:
             model, tokenizer = init_model(config.model, config.seed)
         # The run's settings travel with the model: the saved folder samples at the trained size, or
         # with what model.sampling says (TrainConfig.model_sampling, recorded in the run's config.yaml).
-        model.config.grad_scale = config.loss.grad_scale
         model.config.sampling = _sampling_for_run(model.config.sampling, config.model_sampling())
         try:
             model.config.validate()
@@ -102,7 +103,7 @@ class UniPicJob:
             raise UserError(f"model.sampling: {error}") from None
         apply_freezing(model, config.model)
         self.model, self.tokenizer = model.train(), tokenizer
-        self.module = UniPicLoss(model, config.loss.weights, config.loss.token_probe)
+        self.module = UniPicLoss(model, config.loss.weights, config.loss.token_probe, config.loss.grad_scale)
         if self.module.probe is not None and resume_dir is not None and (resume_dir / PROBE_FILE).is_file():
             from safetensors.torch import load_file
 

@@ -3,7 +3,8 @@
 - text-to-image: masked diffusion loss on hidden latent tokens, conditioned on the prompt;
 - editing: the same, with the source image in the prompt (`<image>` rows) and as `x_con`;
 - image-to-text: next-token cross-entropy on the answer, visual features in the `<image>` rows.
-Visual features entering the LLM are gradient-scaled by `config.grad_scale` (0.1 upstream).
+Visual features entering the LLM are gradient-scaled by the run's `loss.grad_scale` (0.1 upstream); it
+is a training setting, passed to each loss, not part of the model's config.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def text_to_image_loss(model, pixels: torch.Tensor, input_ids: torch.Tensor, att
 def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, input_ids: torch.Tensor,
               attention_mask: torch.Tensor, *, generator: torch.Generator | None = None,
               source_tokens: torch.Tensor | None = None, target_tokens: torch.Tensor | None = None,
-              probe: TokenProbe | None = None) -> torch.Tensor:
+              probe: TokenProbe | None = None, grad_scale: float = 0.1) -> torch.Tensor:
     """Diffusion loss for producing `target_pixels` from `source_pixels` and an instruction prompt.
 
     `input_ids` must contain h·w + buffer `<image>` ids for the source (see `UniPic.num_image_tokens`).
@@ -92,8 +93,7 @@ def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, i
     source = _tokens_of(model, source_pixels, source_tokens)
     target = _tokens_of(model, target_pixels, target_tokens)
     x_con, z_src = model.extract_visual_feature(source, None, grid)
-    scale = model.config.grad_scale
-    x_con, z_src = scale_gradient(x_con, scale), scale_gradient(z_src, scale)
+    x_con, z_src = scale_gradient(x_con, grad_scale), scale_gradient(z_src, grad_scale)
     prefix = model.fill_image_rows(input_ids, z_src)
     mask = _masked_targets(model, target, generator)
     x_enc = model.encode_with_llm(target, mask, grid, attention_mask, prefix_embeds=prefix)
@@ -102,9 +102,9 @@ def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, i
 
 
 def image_to_text_loss(model, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       labels: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+                       labels: torch.Tensor, tokens: torch.Tensor | None = None, grad_scale: float = 0.1) -> torch.Tensor:
     """Next-token cross-entropy on positions whose label is ≥ 0 (-100 = ignore), image rows filled."""
-    features = scale_gradient(model.understanding_features(pixels, tokens=tokens), model.config.grad_scale)
+    features = scale_gradient(model.understanding_features(pixels, tokens=tokens), grad_scale)
     embeds = model.fill_image_rows(input_ids, features)
     hidden = model.llm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
     # Predict token t+1 from position t; only supervised positions go through the output matrix.
