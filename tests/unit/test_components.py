@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from unipic.checkpoint import build_model
 from unipic.models.config import UniPicConfig
 from unipic.models.presets import get_preset, unipic1_tiny
 from unipic.sampling.schedules import (
@@ -33,8 +34,21 @@ def test_config_round_trip_and_unknown_key():
 def test_presets_wire_widths():
     for name in ("unipic1-1.5b", "unipic1-medium", "unipic1-tiny"):
         config = get_preset(name)
-        assert config.head.cond_dim == config.mar.decoder_embed_dim
-        assert config.head.token_dim == config.vae.embed_dim * config.mar.patch_size**2
+        with torch.device("meta"):
+            head = build_model(config).mar.diffloss
+        # The head's widths are passed to it, derived from the VAE and the MAR decoder, not stored.
+        assert head.net.cond_embed.in_features == config.mar.decoder_embed_dim
+        assert head.net.input_proj.in_features == config.vae.embed_dim * config.mar.patch_size**2
+        assert "token_dim" not in config.to_dict()["head"] and "cond_dim" not in config.to_dict()["head"]
+
+
+def test_old_config_files_with_head_widths_still_load_and_disagreeing_ones_are_refused():
+    data = unipic1_tiny().to_dict()
+    data["head"].update(token_dim=unipic1_tiny().token_dim, cond_dim=data["mar"]["decoder_embed_dim"])
+    assert UniPicConfig.from_dict(data) == unipic1_tiny()
+    data["head"]["cond_dim"] += 1
+    with pytest.raises(ValueError, match="head.cond_dim"):
+        UniPicConfig.from_dict(data)
 
 
 def test_medium_preset_is_about_100m_parameters():

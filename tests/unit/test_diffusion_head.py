@@ -24,7 +24,7 @@ from unipic.sampling.reference import reference_denoise_tokens
 DATA = Path(__file__).parent / "data"
 C = 16  # token width
 D = 32  # condition width used by the small test heads
-TINY = DiffusionHeadConfig(depth=2, width=64, cond_dim=D, num_sampling_steps=10)  # tiny json + small cond
+TINY = DiffusionHeadConfig(depth=2, width=64, num_sampling_steps=10)  # tiny json; heads get cond_dim=D
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -35,7 +35,7 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 def _randomised_head(cfg: DiffusionHeadConfig = TINY, seed: int = 0) -> DiffusionHead:
     """A head whose zero-initialised layers are perturbed, i.e. it behaves like a trained one."""
     torch.manual_seed(seed)
-    head = DiffusionHead(cfg)
+    head = DiffusionHead(cfg, token_dim=C, cond_dim=D)
     with torch.no_grad():
         for p in head.net.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -100,7 +100,7 @@ def test_timestep_embedding_layout() -> None:
 
 def test_loss_finite_and_backpropagates() -> None:
     # zero-init head: only the final linear is on a gradient path at step 0
-    head = DiffusionHead(TINY)
+    head = DiffusionHead(TINY, token_dim=C, cond_dim=D)
     g = torch.Generator().manual_seed(0)
     target, cond = torch.randn(6, C, generator=g), torch.randn(6, D, generator=g)
     loss = head(target, cond, torch.ones(6), generator=g)
@@ -430,7 +430,7 @@ def test_sample_with_bf16_head_returns_float32() -> None:
 
 def test_grad_checkpointing_gives_same_loss_and_grads() -> None:
     plain = _randomised_head()
-    ckpt = DiffusionHead(dataclasses.replace(TINY, grad_checkpointing=True))
+    ckpt = DiffusionHead(dataclasses.replace(TINY, grad_checkpointing=True), token_dim=C, cond_dim=D)
     ckpt.load_state_dict(plain.state_dict())
     target, cond = torch.randn(4, C), torch.randn(4, D)
     l1 = plain(target, cond, generator=torch.Generator().manual_seed(0))
@@ -453,5 +453,5 @@ def test_fixed_variance_variant_runs() -> None:
 
 def test_meta_build() -> None:
     with torch.device("meta"):
-        head = DiffusionHead(TINY)
+        head = DiffusionHead(TINY, token_dim=C, cond_dim=D)
     assert all(p.is_meta for p in head.parameters())

@@ -123,18 +123,26 @@ class UniPicConfig:
             self.vae = from_dict(VAEConfig, self.vae, "config.vae")
         if isinstance(self.mar, dict):
             self.mar = from_dict(MARConfig, self._without_legacy_copies(self.mar), "config.mar")
-        for name, cls in (("head", DiffusionHeadConfig), ("llm", LLMConfig), ("sampling", SamplingConfig)):
+        if isinstance(self.head, dict):
+            self.head = from_dict(DiffusionHeadConfig, self._head_without_legacy_copies(self.head), "config.head")
+        for name, cls in (("llm", LLMConfig), ("sampling", SamplingConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, from_dict(cls, value, f"config.{name}"))
         if isinstance(self.siglip, dict):
             self.siglip = from_dict(SiglipConfig, self.siglip, "config.siglip")
-        # The head's input/condition widths follow from the VAE and the MAR decoder. They stay fields
-        # of DiffusionHeadConfig (written here) until DiffusionHead takes them as constructor
-        # arguments, as MAR already does for its own.
-        self.head.token_dim = self.token_dim
-        self.head.cond_dim = self.mar.decoder_embed_dim
         self.validate()
+
+    def _head_without_legacy_copies(self, head: dict[str, Any]) -> dict[str, Any]:
+        """`head` minus the widths earlier config.json files stored there (they follow from the VAE and
+        the MAR decoder and are passed to DiffusionHead), refused where they disagree."""
+        head = dict(head)
+        for key, derived in (("token_dim", self.token_dim), ("cond_dim", self.mar.decoder_embed_dim)):
+            stored = head.pop(key, None)
+            if stored is not None and stored != derived:
+                raise ValueError(f"config.head.{key}={stored} disagrees with the value the VAE and MAR imply "
+                                 f"({derived}); remove head.{key}")
+        return head
 
     def _without_legacy_copies(self, mar: dict[str, Any]) -> dict[str, Any]:
         """`mar` minus the derived values earlier config.json files stored there, checked where they can disagree."""

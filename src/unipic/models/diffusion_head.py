@@ -37,8 +37,6 @@ class DiffusionHeadConfig:
 
     depth: int = 12
     width: int = 1536
-    token_dim: int = 16
-    cond_dim: int = 1280
     frequency_embedding_size: int = 256
     train_steps: int = 1000
     num_sampling_steps: int = 100
@@ -275,17 +273,20 @@ class DiffusionHead(nn.Module):
 
     Args:
         config: Head and diffusion hyper-parameters.
+        token_dim: Channels C of a latent token (the VAE's latent channels × the MAR patch area).
+        cond_dim: Width of the MAR decoder's condition vectors.
     """
 
-    def __init__(self, config: DiffusionHeadConfig) -> None:
+    def __init__(self, config: DiffusionHeadConfig, *, token_dim: int = 16, cond_dim: int = 1280) -> None:
         super().__init__()
         self.config = config
+        self.token_dim = token_dim
         self.net = SimpleMLPAdaLN(
-            token_dim=config.token_dim,
+            token_dim=token_dim,
             width=config.width,
-            cond_dim=config.cond_dim,
+            cond_dim=cond_dim,
             depth=config.depth,
-            out_channels=2 * config.token_dim if config.learn_sigma else config.token_dim,
+            out_channels=2 * token_dim if config.learn_sigma else token_dim,
             frequency_embedding_size=config.frequency_embedding_size,
             grad_checkpointing=config.grad_checkpointing,
         )
@@ -308,8 +309,8 @@ class DiffusionHead(nn.Module):
         Every row is repeated ``diffusion_batch_mul`` times (independent t and noise per copy);
         ``mask (N,)`` weights rows (1 = token counts, e.g. masked/hidden tokens in MAR).
         """
-        if target.dim() != 2 or target.shape[-1] != self.config.token_dim:
-            raise ValueError(f"target must be (N, {self.config.token_dim}), got {tuple(target.shape)}")
+        if target.dim() != 2 or target.shape[-1] != self.token_dim:
+            raise ValueError(f"target must be (N, {self.token_dim}), got {tuple(target.shape)}")
         if cond.dim() != 2 or cond.shape[0] != target.shape[0]:
             raise ValueError(f"cond must be ({target.shape[0]}, D), got {tuple(cond.shape)}")
         mul = self.config.diffusion_batch_mul

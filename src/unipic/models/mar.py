@@ -79,7 +79,7 @@ class MAR(nn.Module):
         self.decoder_blocks = nn.ModuleList(Block(dec, config.decoder_num_heads, **block)
                                             for _ in range(config.decoder_depth))
         self.decoder_norm = nn.LayerNorm(dec, eps=config.norm_eps)
-        self.diffloss = DiffusionHead(head_config)
+        self.diffloss = DiffusionHead(head_config, token_dim=token_dim, cond_dim=dec)
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         self.initialize_weights()
 
