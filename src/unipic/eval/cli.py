@@ -7,6 +7,7 @@ library function and returns the exit code. User mistakes raise `UserError`.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 from unipic.api import UserError
@@ -87,37 +88,32 @@ def cmd_eval_t2i(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_per_kind_eval(args: argparse.Namespace, run: Callable[..., dict], table: Callable[[dict], str]) -> int:
+    """The i2t, edit and inpaint evaluations: check, load, run `--n-per-kind` cases, print the table."""
+    _check_before_load(args)
+    summary = run(pipeline_from_args(args), args.out, args.n_per_kind, args.size, args.seed, args.batch_size,
+                  progress=not args.quiet)
+    print(table(summary))
+    print(f"wrote {args.out}/summary.json, results.jsonl and contact_sheet.png")
+    return 0
+
+
 def cmd_eval_i2t(args: argparse.Namespace) -> int:
     from unipic.eval.i2t import i2t_table, run_i2t_eval
 
-    _check_before_load(args)
-    summary = run_i2t_eval(pipeline_from_args(args), args.out, args.n_per_kind, args.size, args.seed,
-                           args.batch_size, progress=not args.quiet)
-    print(i2t_table(summary))
-    print(f"wrote {args.out}/summary.json, results.jsonl and contact_sheet.png")
-    return 0
+    return _run_per_kind_eval(args, run_i2t_eval, i2t_table)
 
 
 def cmd_eval_edit(args: argparse.Namespace) -> int:
     from unipic.eval.edit import edit_table, run_edit_eval
 
-    _check_before_load(args)
-    summary = run_edit_eval(pipeline_from_args(args), args.out, args.n_per_kind, args.size, args.seed,
-                            args.batch_size, progress=not args.quiet)
-    print(edit_table(summary))
-    print(f"wrote {args.out}/summary.json, results.jsonl and contact_sheet.png")
-    return 0
+    return _run_per_kind_eval(args, run_edit_eval, edit_table)
 
 
 def cmd_eval_inpaint(args: argparse.Namespace) -> int:
     from unipic.eval.inpaint import inpaint_table, run_inpaint_eval
 
-    _check_before_load(args)
-    summary = run_inpaint_eval(pipeline_from_args(args), args.out, args.n_per_kind, args.size, args.seed,
-                               args.batch_size, progress=not args.quiet)
-    print(inpaint_table(summary))
-    print(f"wrote {args.out}/summary.json, results.jsonl and contact_sheet.png")
-    return 0
+    return _run_per_kind_eval(args, run_inpaint_eval, inpaint_table)
 
 
 def cmd_eval_dpg(args: argparse.Namespace) -> int:

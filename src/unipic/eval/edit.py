@@ -17,7 +17,7 @@ from pathlib import Path
 
 from unipic.api import UserError
 from unipic.eval.contact_sheet import Tile, contact_sheet
-from unipic.eval.report import announce_plan, by_group, format_table, mean_of, output_folder, score
+from unipic.eval.report import announce_plan, kinds_table, output_folder, summarize_kinds
 from unipic.io_utils import atomic_write_json, atomic_write_jsonl, save_image_atomic
 from unipic.world.edits import edit_has_held_out, edit_succeeded
 from unipic.world.examples import edit_eval_set
@@ -74,20 +74,10 @@ def run_edit_eval(pipeline, out_dir: str | Path, n_per_kind: int = 20, size: int
 
 
 def summarize_edit(rows: list[dict]) -> dict:
-    kinds = by_group(rows, lambda r: r["kind"], EDIT_KINDS)
-    return {
-        "benchmark": "ShapesEval editing",
-        "overall": mean_of(kinds, EDIT_KINDS),
-        "kinds": kinds,
-        "held_out": score([r for r in rows if r["held_out"]]),
-        "seen": score([r for r in rows if not r["held_out"]]),
-        "n": len(rows),
-    }
+    """Success per edit kind, overall = mean of the five, held-out / seen slices."""
+    return summarize_kinds(rows, "ShapesEval editing", EDIT_KINDS)
 
 
 def edit_table(summary: dict) -> str:
-    entries = [(kind, e["score"], e["n"]) for kind, e in summary["kinds"].items()]
-    entries += [("overall (mean of 5)", summary["overall"], None),
-                ("held-out pairs", summary["held_out"]["score"], summary["held_out"]["n"]),
-                ("seen pairs", summary["seen"]["score"], summary["seen"]["n"])]
-    return format_table("editing (success rate)", entries)
+    """The printed table of `summarize_edit`'s result."""
+    return kinds_table(summary, "editing (success rate)", EDIT_KINDS)

@@ -32,7 +32,7 @@ from PIL import Image
 
 from unipic.api import UnsupportedTaskError, UserError
 from unipic.eval.contact_sheet import Tile, contact_sheet
-from unipic.eval.report import announce_plan, by_group, format_table, mean_of, output_folder, score
+from unipic.eval.report import announce_plan, kinds_table, output_folder, summarize_kinds
 from unipic.io_utils import atomic_write_json, atomic_write_jsonl, save_image_atomic
 from unipic.world.edits import visual_centre
 from unipic.world.judge import judge, perfect_matching
@@ -178,24 +178,12 @@ def run_inpaint_eval(pipeline, out_dir: str | Path, n_per_kind: int = 50, size: 
 
 def summarize_inpaint(rows: list[dict]) -> dict:
     """Success per case kind, their mean, and the held-out / seen slices."""
-    kinds = by_group(rows, lambda r: r["kind"], INPAINT_KINDS)
-    return {
-        "benchmark": "ShapesEval inpainting",
-        "overall": mean_of(kinds, INPAINT_KINDS),
-        "kinds": kinds,
-        "held_out": score([r for r in rows if r["held_out"]]),
-        "seen": score([r for r in rows if not r["held_out"]]),
-        "n": len(rows),
-    }
+    return summarize_kinds(rows, "ShapesEval inpainting", INPAINT_KINDS)
 
 
 def inpaint_table(summary: dict) -> str:
     """The printed table of `summarize_inpaint`'s result."""
-    entries = [(kind, e["score"], e["n"]) for kind, e in summary["kinds"].items()]
-    entries += [("overall (mean of 2)", summary["overall"], None),
-                ("held-out pairs", summary["held_out"]["score"], summary["held_out"]["n"]),
-                ("seen pairs", summary["seen"]["score"], summary["seen"]["n"])]
-    text = format_table("inpainting (success rate)", entries)
+    text = kinds_table(summary, "inpainting (success rate)", INPAINT_KINDS)
     if summary.get("seconds_per_image") is not None:
         text += f"\n{summary['seconds_per_image']:.3f} s per inpainted image"
     return text

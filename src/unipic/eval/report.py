@@ -69,6 +69,28 @@ def format_table(title: str, entries: Sequence[tuple[str, float | None, int | No
     return "\n".join(lines)
 
 
+def summarize_kinds(rows: Sequence[dict], benchmark: str, kinds: Sequence[str]) -> dict:
+    """Success per case kind, their mean (`overall`), the held-out / seen slices and the count."""
+    scores = by_group(rows, lambda r: r["kind"], kinds)
+    return {
+        "benchmark": benchmark,
+        "overall": mean_of(scores, kinds),
+        "kinds": scores,
+        "held_out": score([r for r in rows if r["held_out"]]),
+        "seen": score([r for r in rows if not r["held_out"]]),
+        "n": len(rows),
+    }
+
+
+def kinds_table(summary: dict, title: str, kinds: Sequence[str]) -> str:
+    """The printed table of a `summarize_kinds` result over `kinds`."""
+    entries = [(kind, e["score"], e["n"]) for kind, e in summary["kinds"].items()]
+    entries += [(f"overall (mean of {len(kinds)})", summary["overall"], None),
+                ("held-out pairs", summary["held_out"]["score"], summary["held_out"]["n"]),
+                ("seen pairs", summary["seen"]["score"], summary["seen"]["n"])]
+    return format_table(title, entries)
+
+
 def wait_for_all_processes() -> bool:
     """Under `accelerate launch` (WORLD_SIZE > 1) wait until every process got here.
 
