@@ -429,14 +429,14 @@ class UniPicPipeline:
         batch_size = settings["batch_size"]
         batches = [(masked, members[start:start + batch_size]) for (_, _, masked), members in groups.items()
                    for start in range(0, len(members), batch_size)]
+        kwargs = self._sampler_kwargs(settings)
         for masked, rows in tqdm(batches, disable=not progress or len(batches) == 1, desc="batches"):
             if seeds is not None:
                 generator = _row_generators(seeds, rows, device, generators)
-            kwargs = self._sampler_kwargs(settings)
-            kwargs["steps"] = min(kwargs["steps"], masked)  # at least one token per step
             pixels = inpaint_images(self.model, self.tokenizer, images_to_tensor([canvases[r] for r in rows], device),
                                     torch.stack([token_masks[r] for r in rows]), [request.texts[r] for r in rows],
-                                    generator=generator, progress=progress, **kwargs)
+                                    generator=generator, progress=progress,
+                                    **{**kwargs, "steps": min(kwargs["steps"], masked)})  # ≥ 1 token per step
             self._check_finite(pixels, settings)
             for row, decoded in zip(rows, tensor_to_images(pixels)):
                 pasted = composite(decoded, canvases[row], feather_alpha(canvas_masks[row], settings["feather"]))
