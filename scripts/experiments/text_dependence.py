@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from unipic.checkpoint import load_model_folder
+from unipic.sampling.prompts import tokenize_chat
 from unipic.training.config import DataConfig
 from unipic.training.data import BatchBuilder, TaskSource
 from unipic.training.losses import image_to_text_loss, text_to_image_loss
@@ -46,11 +47,11 @@ def main() -> None:
     source = TaskSource("t2i", cfg, 0, 1)
     examples = [source.get(k) for k in range(args.n)]
     batch = build("t2i", examples, np.random.default_rng(0))
-    null_ids = tokenizer(build._prompt(model.config.sampling.cfg_prompt), add_special_tokens=False)["input_ids"]
-    null = build._pad([null_ids] * args.n)
+    null_ids, null_mask = tokenize_chat(model.config, tokenizer, [model.config.sampling.cfg_prompt] * args.n,
+                                        device=torch.device("cpu"))
     variants = {"true": (batch["input_ids"], batch["attention_mask"]),
                 "shuffled": (batch["input_ids"][shuffle], batch["attention_mask"][shuffle]),
-                "null": (null["input_ids"], null["attention_mask"])}
+                "null": (null_ids, null_mask)}
     tokens = model.encode_images(batch["pixels"])
     for name, (ids, mask) in variants.items():
         losses = []
