@@ -7,8 +7,9 @@ Three ways to draw the same text-to-image sample, run interleaved in one process
                re-interpolated every step, the head called as net(x, t, c) at every head step,
                every CFG row decoded;
 - `exact`    : the package's default sampler: prefix KV cache, cached tables, the head's adaLN
-               modulations precomputed per MAR step, only conditional rows decoded. Same pixels as
-               the reference up to float32 rounding (the max difference is printed);
+               modulations precomputed per MAR step, the MAR encoder run once per guidance pair,
+               only conditional rows decoded. Same pixels as the reference up to float32
+               rounding (the max difference is printed);
 - `fast`     : `fast=True` (`--fast`): training-free shortcuts (see `unipic.pipeline`).
 
 Reports the median of `--repeats` timed runs, peak RSS (a fresh child process per variant) and

@@ -229,12 +229,19 @@ class UniPic(nn.Module):
 
     def encode_with_llm(self, tokens: torch.Tensor, mask: torch.Tensor | None, grid: tuple[int, int],
                         attention_mask: torch.Tensor, *, prefix_embeds: torch.Tensor | None = None,
-                        past_key_values=None) -> torch.Tensor:
+                        past_key_values=None, copies: int = 1) -> torch.Tensor:
         """MAR encoder → LLM (after the prefix) → residual back into MAR space: (B, buf + L_vis, enc_dim).
 
-        Upstream calls this `forward_mae_encoder`; it runs the LLM too, hence the name.
+        Upstream calls this `forward_mae_encoder`; it runs the LLM too, hence the name. `copies`:
+        the B rows are that many repeats of the first B / copies rows' tokens and mask (guidance's
+        `[conditional; unconditional]` halves differ only in the prefix), so the MAR encoder, which
+        does not see the prefix, runs on one block and its output is repeated.
         """
-        x_enc, z_enc = self.extract_visual_feature(tokens, mask, grid)  # (B, buf + L_vis, enc), (B, L_vis + buf, hid)
+        block = tokens.shape[0] // copies
+        x_enc, z_enc = self.extract_visual_feature(tokens[:block], None if mask is None else mask[:block],
+                                                   grid)  # (B/copies, buf + L_vis, enc), (B/copies, L_vis + buf, hid)
+        if copies > 1:
+            x_enc, z_enc = x_enc.repeat(copies, 1, 1), z_enc.repeat(copies, 1, 1)  # (B, ...)
         hidden = self.llm_image_hidden(z_enc, attention_mask, prefix_embeds=prefix_embeds,
                                        past_key_values=past_key_values)  # (B, L_vis + buf, hidden)
         buf = self.config.mar.buffer_size

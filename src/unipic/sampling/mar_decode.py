@@ -293,8 +293,9 @@ def mar_generate_tokens(
                                             x_con=None if x_con is None else x_con[:n_cond])  # (B, L, dec_dim)
             z = torch.cat([z_c, z_c - difference])  # (R, L, dec_dim): [conditional; estimated unconditional]
         else:
-            x_enc = model.encode_with_llm(tokens, mask.float(), grid, attention_mask,
-                                          past_key_values=cache)  # (R, buf + L_vis, enc_dim)
+            # Both guidance halves see the same tokens: the MAR encoder runs once for the pair.
+            x_enc = model.encode_with_llm(tokens, mask.float(), grid, attention_mask, past_key_values=cache,
+                                          copies=2 if guided else 1)  # (R, buf + L_vis, enc_dim)
             _truncate_cache(cache, prefix_len)  # drop this step's image rows; only the prefix stays cached
             z = model.mar.forward_decoder(x_enc, mask.float(), grid, x_con=x_con)  # (R, L, dec_dim)
             if lazy:

@@ -47,11 +47,13 @@ PROBE_FILE = "token_probe.safetensors"  # a checkpoint's training-only token pro
 class UniPicLoss(nn.Module):
     """Weighted loss of one task's batch; returns {"loss": weighted, "loss_<task>": raw (detached)}."""
 
-    def __init__(self, model, weights: dict[str, float], token_probe: float = 0.0, grad_scale: float = 0.1) -> None:
+    def __init__(self, model, weights: dict[str, float], token_probe: float = 0.0, grad_scale: float = 0.1,
+                 object_weight: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.weights = dict(weights)
         self.grad_scale = grad_scale
+        self.object_weight = object_weight
         config = model.config
         self.probe = TokenProbe(config.mar.decoder_embed_dim, config.token_dim, token_probe) if token_probe > 0 else None
 
@@ -60,7 +62,8 @@ class UniPicLoss(nn.Module):
         # Cached VAE tokens (finite data) stand in for encoding the pixels again.
         if task == "t2i":
             raw = text_to_image_loss(m, batch["pixels"], batch["input_ids"], batch["attention_mask"],
-                                     generator=generator, tokens=batch.get("pixels_tokens"), probe=self.probe)
+                                     generator=generator, tokens=batch.get("pixels_tokens"), probe=self.probe,
+                                     object_weight=self.object_weight)
         elif task == "i2t":
             raw = image_to_text_loss(m, batch["pixels"], batch["input_ids"], batch["attention_mask"], batch["labels"],
                                      tokens=batch.get("pixels_tokens"), grad_scale=self.grad_scale)
@@ -68,7 +71,7 @@ class UniPicLoss(nn.Module):
             raw = edit_loss(m, batch["source"], batch["target"], batch["input_ids"], batch["attention_mask"],
                             generator=generator, source_tokens=batch.get("source_tokens"),
                             target_tokens=batch.get("target_tokens"), probe=self.probe,
-                            grad_scale=self.grad_scale)
+                            grad_scale=self.grad_scale, object_weight=self.object_weight)
         else:
             raise ValueError(f"unknown task {task!r}")
         return {"loss": raw * self.weights[task], f"loss_{task}": raw.detach().float()}
@@ -103,7 +106,8 @@ class UniPicJob:
             raise UserError(f"model.sampling: {error}") from None
         apply_freezing(model, config.model)
         self.model, self.tokenizer = model.train(), tokenizer
-        self.module = UniPicLoss(model, config.loss.weights, config.loss.token_probe, config.loss.grad_scale)
+        self.module = UniPicLoss(model, config.loss.weights, config.loss.token_probe, config.loss.grad_scale,
+                                 config.loss.object_weight)
         if self.module.probe is not None and resume_dir is not None and (resume_dir / PROBE_FILE).is_file():
             from safetensors.torch import load_file
 

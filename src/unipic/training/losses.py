@@ -39,10 +39,25 @@ def _tokens_of(model, pixels: torch.Tensor, tokens: torch.Tensor | None) -> torc
     return tokens.to(device=pixels.device)
 
 
+def object_tokens(tokens: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
+    """(B, L) bool: tokens farther than `threshold` (scaled latent units) from their image's median token.
+
+    A world image is mostly flat background, so the median token is the background's; the rest
+    are the objects' tokens, the ones a prompt decides.
+    """
+    background = tokens.median(dim=1, keepdim=True).values  # (B, 1, C)
+    return (tokens.float() - background.float()).norm(dim=-1) > threshold
+
+
 def _diffusion_loss(model, tokens: torch.Tensor, z: torch.Tensor, mask: torch.Tensor,
-                    generator: torch.Generator | None, probe: TokenProbe | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None, probe: TokenProbe | None = None,
+                    object_weight: float = 0.0) -> torch.Tensor:
+    weights = mask
+    if object_weight > 0:
+        # Object tokens are ~20% of a world image; weighting them is weighting what the prompt says.
+        weights = mask * (1.0 + object_weight * object_tokens(tokens).to(mask.dtype))
     loss = model.mar.diffloss(tokens.reshape(-1, tokens.shape[-1]), z.reshape(-1, z.shape[-1]),
-                              mask.reshape(-1), generator=generator)
+                              weights.reshape(-1), generator=generator)
     if probe is not None:
         loss = loss + probe.weight * probe.loss(z, tokens, mask)
     return loss
@@ -70,21 +85,23 @@ class TokenProbe(nn.Module):
 
 def text_to_image_loss(model, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                        generator: torch.Generator | None = None, tokens: torch.Tensor | None = None,
-                       probe: TokenProbe | None = None) -> torch.Tensor:
+                       probe: TokenProbe | None = None, object_weight: float = 0.0) -> torch.Tensor:
     """Diffusion loss for generating `pixels` (B, 3, H, W) from prompts (right-padded ids and mask);
-    `tokens`: the frozen VAE's tokens of `pixels`, when already known."""
+    `tokens`: the frozen VAE's tokens of `pixels`, when already known; `object_weight`: extra
+    weight on hidden `object_tokens`."""
     grid = model.grid_for(pixels.shape[-2], pixels.shape[-1])
     tokens = _tokens_of(model, pixels, tokens)  # (B, L, token_dim)
     mask = _masked_targets(model, tokens, generator)
     x_enc = model.encode_with_llm(tokens, mask, grid, attention_mask, prefix_embeds=model.embed_text(input_ids))
     z = model.mar.forward_decoder(x_enc, mask, grid)
-    return _diffusion_loss(model, tokens, z, mask, generator, probe)
+    return _diffusion_loss(model, tokens, z, mask, generator, probe, object_weight)
 
 
 def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, input_ids: torch.Tensor,
               attention_mask: torch.Tensor, *, generator: torch.Generator | None = None,
               source_tokens: torch.Tensor | None = None, target_tokens: torch.Tensor | None = None,
-              probe: TokenProbe | None = None, grad_scale: float = 0.1) -> torch.Tensor:
+              probe: TokenProbe | None = None, grad_scale: float = 0.1,
+              object_weight: float = 0.0) -> torch.Tensor:
     """Diffusion loss for producing `target_pixels` from `source_pixels` and an instruction prompt.
 
     `input_ids` must contain h·w + buffer `<image>` ids for the source (see `UniPic.num_image_tokens`).
@@ -98,7 +115,7 @@ def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, i
     mask = _masked_targets(model, target, generator)
     x_enc = model.encode_with_llm(target, mask, grid, attention_mask, prefix_embeds=prefix)
     z = model.mar.forward_decoder(x_enc, mask, grid, x_con=x_con)
-    return _diffusion_loss(model, target, z, mask, generator, probe)
+    return _diffusion_loss(model, target, z, mask, generator, probe, object_weight)
 
 
 def image_to_text_loss(model, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,

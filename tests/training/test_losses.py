@@ -1,0 +1,54 @@
+"""The training-only loss terms: object-token weighting (`loss.object_weight`) and the token probe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unipic.training.losses import TokenProbe, object_tokens, text_to_image_loss
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from unipic.loading import tiny_random_model
+
+    model, _ = tiny_random_model(seed=0)
+    return model.train()
+
+
+def test_object_tokens_are_the_ones_unlike_the_background():
+    tokens = torch.full((2, 10, 4), 0.3)  # a flat background token
+    tokens[0, [2, 7]] = torch.tensor([2.0, -1.0, 0.5, 0.0])
+    tokens[1, 4] += 0.2  # a small wobble of the background is not an object
+    found = object_tokens(tokens)
+    assert found[0].nonzero().flatten().tolist() == [2, 7]
+    assert not found[1].any()
+
+
+def _t2i_loss(model, tokens, object_weight):
+    ids = torch.full((tokens.shape[0], 5), 65)
+    generator = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)  # dropout
+    pixels = torch.zeros(tokens.shape[0], 3, 64, 64)  # only its size is read: the tokens are given
+    return text_to_image_loss(model, pixels, ids, torch.ones_like(ids), generator=generator, tokens=tokens,
+                              object_weight=object_weight)
+
+
+def test_object_weight_reweights_only_images_with_objects(tiny):
+    flat = torch.full((2, 16, tiny.config.token_dim), 0.1)  # 4×4 token grid at 64 px
+    # A flat image has no object tokens: the weighted loss is the plain one.
+    assert torch.allclose(_t2i_loss(tiny, flat, 0.0), _t2i_loss(tiny, flat, 4.0))
+    scene = flat.clone()
+    scene[:, [0, 1, 4, 5]] = 3.0  # an object in the top-left 2×2 tokens
+    plain, weighted = _t2i_loss(tiny, scene, 0.0), _t2i_loss(tiny, scene, 4.0)
+    assert torch.isfinite(weighted) and not torch.allclose(plain, weighted)
+
+
+def test_token_probe_regresses_hidden_tokens_only():
+    probe = TokenProbe(cond_dim=6, token_dim=3, weight=1.0)
+    torch.nn.init.zeros_(probe.linear.weight)
+    torch.nn.init.zeros_(probe.linear.bias)
+    z = torch.randn(1, 4, 6)
+    tokens = torch.tensor([[[1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [9.0, 9.0, 9.0], [9.0, 9.0, 9.0]]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]])  # the last two are visible: not scored
+    assert probe.loss(z, tokens, mask).item() == pytest.approx((1.0 + 4.0) / 2)
