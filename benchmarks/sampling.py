@@ -310,9 +310,10 @@ def flops_report(preset: str = "unipic1-1.5b", mar_steps: int = 32, head_steps: 
             vis = L - masked
             n = vis + buf  # rows through the MAR encoder and the LLM
             llm += rows * n * (2 * llm_layers + layers * 4 * (prefix + n) * hid)
-            mar += rows * (n * (2 * enc_blocks / 1 + c.mar.encoder_depth * 4 * n * enc)
-                           + (L + buf) * (2 * dec_blocks + c.mar.decoder_depth * 4 * (L + buf) * dec)
-                           + n * 2 * (count(model.proj_in) + count(model.proj_out)))
+            # The MAR encoder and proj_in run once per guidance pair; the decoder and proj_out on both rows.
+            mar += (n * (2 * enc_blocks + c.mar.encoder_depth * 4 * n * enc) + n * 2 * count(model.proj_in)
+                    + rows * ((L + buf) * (2 * dec_blocks + c.mar.decoder_depth * 4 * (L + buf) * dec)
+                              + n * 2 * count(model.proj_out)))
             head += rows * new * (head_steps * 2 * head_step + 2 * count(net.cond_embed))
             kv_cache = rows * layers * 2 * (prefix + n) * c.llm.num_key_value_heads * (hid // c.llm.num_attention_heads) * 2
             decoder = rows * (L + buf) * (4 * dec + 3 * dec) * 2  # MLP hidden + q/k/v of one block, bf16
