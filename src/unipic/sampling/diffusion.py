@@ -40,6 +40,7 @@ class HeadScheduler:
     def __init__(self, config: DiffusionHeadConfig, num_steps: int | None = None,
                  device: torch.device | str = "cpu") -> None:
         self.config = config
+        self._scalars: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self.set_timesteps(config.num_sampling_steps if num_steps is None else num_steps, device)
 
     def set_timesteps(self, num_steps: int, device: torch.device | str = "cpu") -> None:
@@ -48,13 +49,9 @@ class HeadScheduler:
         self.num_steps = int(num_steps)
         self.process: GaussianDiffusion = get_diffusion(c.train_steps, self.num_steps, c.noise_schedule,
                                                         c.max_beta, c.learn_sigma)
-        # Per step, the floats `step` needs: (mean_x, −mean_eps, v scale, v offset, fixed std), so
-        # the per-step call does no attribute lookups or arithmetic on Python objects.
-        half_ranges = [0.25 * (co.max_log - co.min_log) for co in self.process.step_coefficients]
-        self._floats = [(co.mean_x, -co.mean_eps, half, 0.5 * co.min_log + half, math.exp(0.5 * co.fixed_log))
-                        for co, half in zip(self.process.step_coefficients, half_ranges)]
+        # Per step, the plain floats `step` needs, (−mean_eps, fixed std), read without attribute lookups.
+        self._floats = [(-co.mean_eps, math.exp(0.5 * co.fixed_log)) for co in self.process.step_coefficients]
         self._learn_sigma = self.process.learn_sigma
-        self._scalars: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         # Ascending in the process, loop order is descending; a flipped copy made once.
         self.timesteps = self.process.original_timesteps(torch.device(device)).flip(0)
 
@@ -63,11 +60,17 @@ class HeadScheduler:
 
         `tensor * python_float` converts the float to a tensor at every call (~3 µs, as long as the
         arithmetic at 8 rows); a 0-dim tensor of the same dtype gives the same result without it.
+        Kept per step count, so annealed head steps (`set_timesteps` at every MAR step) build each
+        table once.
         """
-        key = (like.device, like.dtype)
+        key = (self.num_steps, like.device, like.dtype)
         if key not in self._scalars:
-            self._scalars[key] = [tuple(torch.tensor(v, dtype=like.dtype, device=like.device) for v in (mx, vs, vo))
-                                  for mx, _, vs, vo, _ in self._floats]
+            rows = []
+            for co in self.process.step_coefficients:
+                half_range = 0.25 * (co.max_log - co.min_log)
+                values = (co.mean_x, half_range, 0.5 * co.min_log + half_range)
+                rows.append(tuple(torch.tensor(v, dtype=like.dtype, device=like.device) for v in values))
+            self._scalars[key] = rows
         return self._scalars[key]
 
     def adds_noise(self, index: int) -> bool:
@@ -81,10 +84,10 @@ class HeadScheduler:
         ``variance (N, C)`` is the network's v channels (learned sigma); ``noise (N, C)`` a standard
         normal draw, needed when :meth:`adds_noise`; ``temperature`` scales that noise only.
         """
-        _, neg_mean_eps, _, _, fixed_std = self._floats[index]
+        neg_mean_eps, fixed_std = self._floats[index]
         mean_x, v_scale, v_offset = self._scalar_tensors(sample)[index]
         mean = torch.add(sample * mean_x, eps, alpha=neg_mean_eps)
-        if index >= self.num_steps - 1:  # t = 0: the mean, no noise
+        if not self.adds_noise(index):  # t = 0: the mean, no noise
             return mean
         assert noise is not None, "every step but the last needs noise"
         if self._learn_sigma:
