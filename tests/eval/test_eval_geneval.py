@@ -109,3 +109,30 @@ def test_eval_t2i_end_to_end(tmp_path):
     assert summary["overall"] == 1.0
     for name in ("evaluation_metadata.jsonl", "results.jsonl", "summary.json", "contact_sheet.png"):
         assert (tmp_path / name).is_file(), name
+
+
+def test_clutter_passes_geneval_rules_but_not_the_no_extra_check(tmp_path):
+    """GenEval accepts unrequested objects; the summary's clutter checks must see them."""
+    import numpy as np
+
+    from unipic.world.geneval import scene_for_record, single_object
+    from unipic.world.render import render
+
+    record = single_object("circle")
+    for index, distractors in enumerate((0, 3)):
+        scene = scene_for_record(np.random.default_rng(index), record, allow_held_out=False, distractors=distractors)
+        folder = tmp_path / f"{index:05d}"
+        (folder / "samples").mkdir(parents=True)
+        render(scene, 128).save(folder / "samples" / "0000.png")
+        (folder / "metadata.jsonl").write_text(json.dumps(record) + "\n")
+    summary = judge_folder(tmp_path, progress=False)
+    assert summary["categories"]["single_object"]["score"] == 1.0  # both pass GenEval's rule
+    assert summary["no_extra_objects"]["categories"]["single_object"]["score"] == 0.5  # the cluttered one does not
+    assert summary["objects_per_image"] == 2.5  # (1 + 4) / 2
+
+
+def test_oracle_draws_no_extra_objects(tmp_path):
+    summary = _run(tmp_path, ShapesOracle(), images=1)
+    assert summary["no_extra_objects"]["overall"] == 1.0
+    expected = sum(sum(e["count"] for e in r["include"]) for r in METADATA) / len(METADATA)
+    assert summary["objects_per_image"] == pytest.approx(expected)

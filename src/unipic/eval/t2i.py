@@ -12,7 +12,8 @@ the prompts via `process_shard`).
 
 Judging (`judge_folder`) reads such a folder with the Shapes judge and writes
 `DIR/results.jsonl` (one line per image) and `DIR/summary.json` (per category, overall = mean
-of the six, and the held-out slice: prompts naming a held-out color–shape pair).
+of the six, the held-out slice: prompts naming a held-out color–shape pair, and two clutter
+checks: the score without extra objects and the objects per image).
 """
 
 from __future__ import annotations
@@ -228,7 +229,8 @@ def judge_folder(out_dir: str | Path, progress: bool = True) -> dict:
             correct, reason = evaluate_record(record, found)
             rows.append({"filename": sample.relative_to(out).as_posix(), "tag": record["tag"], "prompt": record["prompt"],
                          "correct": correct, "reason": reason, "held_out": held_out,
-                         "objects": [d.to_dict() for d in found]})
+                         "objects": [d.to_dict() for d in found],
+                         "correct_no_extra": correct and len(found) == expected_objects(record)})
     if foreign:
         logger.warning("skipped %d prompts whose classes are not Shapes-world shapes (e.g. %r); score those with "
                        "GenEval's official evaluator", len(foreign), foreign[0])
@@ -248,13 +250,25 @@ def judge_folder(out_dir: str | Path, progress: bool = True) -> dict:
     return summary
 
 
+def expected_objects(record: dict) -> int:
+    """How many objects a prompt's record names (the sum of its `include` counts)."""
+    return sum(int(entry.get("count", 1)) for entry in record["include"])
+
+
 def summarize(rows: Sequence[dict]) -> dict:
     """Per-category scores (fraction of images judged correct), overall = mean of the six
     categories (None unless all six are present), and the held-out / seen slices.
 
     With K images per prompt a category's image fraction equals the mean over its prompts of
-    the fraction of that prompt's images judged correct (GenEval's convention)."""
+    the fraction of that prompt's images judged correct (GenEval's convention).
+
+    GenEval's rules accept objects the prompt did not ask for, so a canvas cluttered with random
+    shapes passes "a photo of a circle" whenever one of them reads as a circle. `no_extra_objects`
+    (correct *and* exactly as many objects as the prompt names) and `objects_per_image` are
+    reported beside the score so that clutter cannot pass for drawing; the score itself follows
+    GenEval."""
     categories = by_group(rows, lambda r: r["tag"], TAGS)
+    no_extra = by_group(rows, lambda r: r["tag"], TAGS, key="correct_no_extra")
     prompts_per_tag: dict[str, set] = {}
     for r in rows:
         prompts_per_tag.setdefault(r["tag"], set()).add(r["filename"].split("/")[0])
@@ -271,15 +285,20 @@ def summarize(rows: Sequence[dict]) -> dict:
         "held_out": {**score(held), "n_prompts": len({r["filename"].split("/")[0] for r in held})},
         "seen": {**score(seen), "n_prompts": len({r["filename"].split("/")[0] for r in seen})},
         "held_out_by_category": by_group(held, lambda r: r["tag"], TAGS),
+        "no_extra_objects": {"overall": mean_of(no_extra, TAGS), "categories": no_extra},
+        "objects_per_image": sum(len(r["objects"]) for r in rows) / len(rows) if rows else None,
         "n_images": len(rows),
     }
 
 
 def summary_table(summary: dict) -> str:
+    """The printed table of a `summarize` result."""
     entries = [(tag, e["score"], e["n_images"]) for tag, e in summary["categories"].items()]
     entries += [("overall (mean of 6)", summary["overall"], None),
                 ("held-out pairs", summary["held_out"]["score"], summary["held_out"]["n"]),
-                ("seen pairs", summary["seen"]["score"], summary["seen"]["n"])]
+                ("seen pairs", summary["seen"]["score"], summary["seen"]["n"]),
+                ("overall, no extra objects", summary["no_extra_objects"]["overall"], None),
+                ("objects per image", summary["objects_per_image"], summary["n_images"])]
     return format_table("text to image (Shapes judge, fraction of images correct)", entries)
 
 
