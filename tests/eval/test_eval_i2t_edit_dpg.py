@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -91,7 +92,9 @@ def test_cli_handlers(parser, tmp_path, capsys):
     args = parser.parse_args(["eval", "t2i", "--model", "shapes-oracle", "--out", str(out), "--n-per-category", "1",
                               "--images-per-prompt", "1", "--quiet"])
     assert args.handler(args) == 0
-    assert "overall (mean of 6)   1.000" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert re.search(r"overall \(mean of 6\)\s+1\.000", printed)
+    assert re.search(r"overall, no extra objects\s+1\.000", printed)
     args = parser.parse_args(["eval", "judge", str(out), "--quiet"])
     assert args.handler(args) == 0 and "position" in capsys.readouterr().out
     args = parser.parse_args(["data", "export", "--task", "i2t", "--n", "3", "--out", str(tmp_path / "d"), "--quiet"])
