@@ -56,7 +56,12 @@ def main() -> None:
             scores = {tag: round(entry.get("score", entry.get("success", 0.0)), 3)
                       for tag, entry in summary.get("categories", summary.get("kinds", {})).items()
                       if isinstance(entry, dict)}
-            print(json.dumps({"settings": settings, "overall": summary.get("overall"), "scores": scores}), flush=True)
+            row = {"settings": settings, "overall": summary.get("overall"), "scores": scores}
+            if "no_extra_objects" in summary:
+                # GenEval's rules pass clutter; these two say whether a higher score is drawing or scattering.
+                row["no_extra_objects"] = summary["no_extra_objects"]["overall"]
+                row["objects_per_image"] = round(summary["objects_per_image"], 2)
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
