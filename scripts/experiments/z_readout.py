@@ -16,6 +16,7 @@ read-outs below) with --sheet.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 
 import numpy as np
 import torch
@@ -48,8 +49,10 @@ def conditions(model, tokenizer, seed: int, n: int, visible: int = 0):
     return tokens, z, grid, mask
 
 
-def multiset(objects) -> list:
-    return sorted((o["color"], o["shape"]) for o in objects)
+def with_bias(z: torch.Tensor) -> torch.Tensor:
+    """(n, L, D) conditions → (n·L, D + 1) float64 rows with a constant 1 for the read-out's offset."""
+    rows = z.reshape(-1, z.shape[-1])
+    return torch.cat([rows, torch.ones(rows.shape[0], 1)], 1).double()
 
 
 def main() -> None:
@@ -73,16 +76,15 @@ def main() -> None:
     if args.fit_seed is not None:
         fit_tokens, fit_z, _, fit_mask = conditions(model, tokenizer, args.fit_seed, args.fit_n, args.visible)
     hidden = fit_mask.reshape(-1) > 0  # fit on hidden tokens only
-    x = torch.cat([fit_z.reshape(-1, fit_z.shape[-1]), torch.ones(fit_z.shape[0] * fit_z.shape[1], 1)], 1)[hidden].double()
+    x = with_bias(fit_z)[hidden]
     y = fit_tokens.reshape(-1, fit_tokens.shape[-1])[hidden].double()
     weights = torch.linalg.solve(x.T @ x + args.ridge * torch.eye(x.shape[1], dtype=x.dtype), x.T @ y)  # (D+1, C)
-    xq = torch.cat([z.reshape(-1, z.shape[-1]), torch.ones(z.shape[0] * z.shape[1], 1)], 1).double()
-    predicted = (xq @ weights).float().reshape(tokens.shape)
+    predicted = (with_bias(z) @ weights).float().reshape(tokens.shape)
     predicted = torch.where(mask.unsqueeze(-1) > 0, predicted, tokens)  # visible tokens stay as they are
     error = float((((predicted - tokens) ** 2).mean(-1) * mask).sum() / mask.sum())
     images = tensor_to_images(model.decode_tokens(predicted, grid))
     truths = tensor_to_images(model.decode_tokens(tokens, grid))
-    right = sum(multiset(d.to_dict() for d in judge(im)) == multiset(d.to_dict() for d in judge(t))
+    right = sum(Counter(d.pair for d in judge(im)) == Counter(d.pair for d in judge(t))
                 for im, t in zip(images, truths))
     print({"readout_mse": round(error, 4), "token_var": round(float(tokens.var()), 4),
            "right": f"{right}/{args.n}"})
