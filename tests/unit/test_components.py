@@ -139,6 +139,10 @@ def test_masking_invariants():
     ratios = [sample_mask_ratio(0.7, generator=generator) for _ in range(200)]
     assert min(ratios) >= 0.7 and max(ratios) <= 1.0
     assert 0.84 < sum(ratios) / len(ratios) < 0.89  # truncated-normal mean ≈ 0.867
+    # A wide spread reaches the low ratios that the last sampling steps see (near-uniform on [0, 1]).
+    wide = [sample_mask_ratio(0.0, std=10.0, generator=generator) for _ in range(400)]
+    assert min(wide) >= 0.0 and max(wide) <= 1.0
+    assert 0.45 < sum(wide) / len(wide) < 0.55 and sum(r < 0.3 for r in wide) > 80
     mask = random_masking(orders, 0.7)
     assert torch.all(mask.sum(dim=1) == math.ceil(16 * 0.7))
     assert cfg_at_step(3.0, "linear", 100, 100) == 1.0 and cfg_at_step(3.0, "linear", 100, 0) == 3.0

@@ -40,6 +40,9 @@ class MARConfig:
     norm_eps: float = 1e-6
     buffer_size: int = 64  # learned rows that are always visible (they all hold `fake_latent`)
     mask_ratio_min: float = 0.7
+    # Spread of the training masking ratio (a normal at 1.0 truncated to [mask_ratio_min, 1]); MAR's 0.25
+    # never trains the low ratios the last sampling steps meet, a large value makes it near-uniform.
+    mask_ratio_std: float = 0.25
     class_num: int = 1000  # ImageNet class table inherited from MAR-H; unused by UniPic
     attn_dropout: float = 0.1
     proj_dropout: float = 0.1

@@ -35,7 +35,7 @@ def mask_by_order(mask_len: int, orders: torch.Tensor) -> torch.Tensor:
 
 
 def sample_mask_ratio(mask_ratio_min: float, *, std: float = 0.25, generator: torch.Generator | None = None) -> float:
-    """One masking ratio from a normal centred at 1.0 (sd 0.25) truncated to [mask_ratio_min, 1.0].
+    """One masking ratio from a normal centred at 1.0 (sd `std`, MAR's 0.25) truncated to [mask_ratio_min, 1.0].
 
     Inverse-CDF sampling of the same truncated normal MAR draws with scipy's `truncnorm`.
     """

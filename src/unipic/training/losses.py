@@ -20,7 +20,8 @@ from unipic.sampling.schedules import random_masking, sample_mask_ratio, sample_
 def _masked_targets(model, tokens: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One random order per row and one masking ratio per batch (as MAR): (B, L) float mask, 1 = hidden."""
     orders = sample_orders(tokens.shape[0], tokens.shape[1], device=tokens.device, generator=generator)
-    ratio = sample_mask_ratio(model.config.mar.mask_ratio_min, generator=_cpu_generator(generator))
+    mar = model.config.mar
+    ratio = sample_mask_ratio(mar.mask_ratio_min, std=mar.mask_ratio_std, generator=_cpu_generator(generator))
     return random_masking(orders, ratio)
 
 
