@@ -119,3 +119,16 @@ def test_siglip_understanding_path_runs():
     [answer] = UniPicPipeline(model, tokenizer).image_to_text([Image.new("RGB", (50, 80))], ["What is it?"],
                                                               max_new_tokens=3)
     assert isinstance(answer, str)
+
+
+def test_training_masks_follow_the_models_mask_ratio_spread(fresh_model):
+    from unipic.training.losses import _masked_targets
+
+    model, _ = fresh_model
+    tokens = torch.zeros(2, 64, 4)
+    generator = torch.Generator().manual_seed(0)
+    default = [float(_masked_targets(model, tokens, generator).mean()) for _ in range(50)]
+    assert min(default) >= 0.7  # MAR's truncated normal never trains a mostly visible image
+    model.config.mar.mask_ratio_min, model.config.mar.mask_ratio_std = 0.0, 10.0
+    wide = [float(_masked_targets(model, tokens, generator).mean()) for _ in range(50)]
+    assert sum(r < 0.3 for r in wide) >= 5
