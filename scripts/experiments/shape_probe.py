@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from unipic.checkpoint import load_model_folder
+from unipic.checkpoint import build_model, load_model_folder
 from unipic.sampling.prompts import images_to_tensor
 from unipic.world import render
 from unipic.world.scene import rng_for, sample_scene
@@ -51,8 +51,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=3000, help="one-object scenes (default 3000)")
     parser.add_argument("--steps", type=int, default=1500, help="probe training steps (default 1500)")
     parser.add_argument("--seed", type=int, default=5, help="world seed of the scenes (default 5)")
+    parser.add_argument("--fresh-mar", action="store_true",
+                        help="probe a freshly initialised MAR and proj_in (same VAE): what training adds or loses")
     args = parser.parse_args()
     model, _ = load_model_folder(args.model)
+    if args.fresh_mar:
+        torch.manual_seed(0)
+        fresh = build_model(model.config)
+        model.mar.load_state_dict(fresh.mar.state_dict())
+        model.proj_in.load_state_dict(fresh.proj_in.state_dict())
     model.eval()
     size = model.config.sampling.understanding_image_size
     scenes = [sample_scene(rng_for(args.seed, 0, i), n_objects=1) for i in range(args.n)]
