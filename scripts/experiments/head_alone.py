@@ -15,27 +15,16 @@ import argparse
 import copy
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from z_readout import conditions  # noqa: E402
+from z_readout import conditions, decoded_scenes  # noqa: E402
 
 from unipic.checkpoint import load_model_folder  # noqa: E402
 from unipic.sampling.diffusion import HeadScheduler  # noqa: E402
-from unipic.sampling.prompts import tensor_to_images  # noqa: E402
 from unipic.sampling.reference import reference_denoise_tokens  # noqa: E402
-from unipic.world.judge import judge  # noqa: E402
-
-
-def judged_right(model, sampled: torch.Tensor, tokens: torch.Tensor, grid) -> int:
-    """How many sampled token grids decode to the same judged scene as the true tokens."""
-    images = tensor_to_images(model.decode_tokens(sampled, grid))
-    truths = tensor_to_images(model.decode_tokens(tokens, grid))
-    return sum(Counter(d.pair for d in judge(im)) == Counter(d.pair for d in judge(t))
-               for im, t in zip(images, truths))
 
 
 def sample_head(head, z: torch.Tensor, temperature: float, seed: int, steps: int | None) -> torch.Tensor:
@@ -47,14 +36,15 @@ def sample_head(head, z: torch.Tensor, temperature: float, seed: int, steps: int
     return out.reshape(*z.shape[:2], -1)
 
 
-def report(label: str, model, head, z, tokens, grid, temperatures, head_steps) -> None:
-    """Print token error and judged scenes for each temperature."""
+def report(label: str, model, head, z, tokens, expected, grid, temperatures, head_steps) -> None:
+    """Print token error and judged scenes (against the true tokens' multisets `expected`) per temperature."""
     with torch.no_grad():
         for temperature in temperatures:
             sampled = sample_head(head, z, temperature, 0, head_steps)
             err = ((sampled - tokens) ** 2).mean(-1)  # (n, L)
+            right = sum(a == b for a, b in zip(decoded_scenes(model, sampled, grid)[1], expected))
             print(f"{label} T={temperature}: token mse {float(err.mean()):.4f}, tokens off by >1: "
-                  f"{float((err > 1).float().mean()):.4f}, judged right {judged_right(model, sampled, tokens, grid)}"
+                  f"{float((err > 1).float().mean()):.4f}, judged right {right}"
                   f"/{tokens.shape[0]}", flush=True)
 
 
@@ -76,8 +66,9 @@ def main() -> None:
     model.eval()
     with torch.no_grad():
         tokens, z, grid, _ = conditions(model, tokenizer, args.seed, args.n)
+        expected = decoded_scenes(model, tokens, grid)[1]  # the true tokens are judged once
     head = model.mar.diffloss
-    report("own head", model, head, z, tokens, grid, temperatures, args.head_steps)
+    report("own head", model, head, z, tokens, expected, grid, temperatures, args.head_steps)
     trained = copy.deepcopy(head)
     trained.config.diffusion_batch_mul = args.mul
     trained.train()
@@ -93,7 +84,7 @@ def main() -> None:
         if step % args.every == 0:
             trained.eval()
             print(f"step {step} loss {float(loss):.4f} ({time.time() - start:.0f} s)", flush=True)
-            report(f"head alone @{step}", model, trained, z, tokens, grid, temperatures, args.head_steps)
+            report(f"head alone @{step}", model, trained, z, tokens, expected, grid, temperatures, args.head_steps)
             trained.train()
 
 

@@ -49,6 +49,12 @@ def conditions(model, tokenizer, seed: int, n: int, visible: int = 0):
     return tokens, z, grid, mask
 
 
+def decoded_scenes(model, tokens: torch.Tensor, grid) -> tuple[list[Image.Image], list[Counter]]:
+    """Decode (n, L, C) tokens with the model's VAE and judge each image: (images, (colour, shape) multisets)."""
+    images = tensor_to_images(model.decode_tokens(tokens, grid))
+    return images, [Counter(d.pair for d in judge(image)) for image in images]
+
+
 def with_bias(z: torch.Tensor) -> torch.Tensor:
     """(n, L, D) conditions → (n·L, D + 1) float64 rows with a constant 1 for the read-out's offset."""
     rows = z.reshape(-1, z.shape[-1])
@@ -82,10 +88,9 @@ def main() -> None:
     predicted = (with_bias(z) @ weights).float().reshape(tokens.shape)
     predicted = torch.where(mask.unsqueeze(-1) > 0, predicted, tokens)  # visible tokens stay as they are
     error = float((((predicted - tokens) ** 2).mean(-1) * mask).sum() / mask.sum())
-    images = tensor_to_images(model.decode_tokens(predicted, grid))
-    truths = tensor_to_images(model.decode_tokens(tokens, grid))
-    right = sum(Counter(d.pair for d in judge(im)) == Counter(d.pair for d in judge(t))
-                for im, t in zip(images, truths))
+    images, read = decoded_scenes(model, predicted, grid)
+    truths, expected = decoded_scenes(model, tokens, grid)
+    right = sum(a == b for a, b in zip(read, expected))
     print({"readout_mse": round(error, 4), "token_var": round(float(tokens.var()), 4),
            "right": f"{right}/{args.n}"})
     if args.sheet:
