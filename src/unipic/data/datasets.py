@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from unipic.data.disk import read_folder
 from unipic.distributed import process_rank_and_world
-from unipic.world.examples import TASKS, make_example
+from unipic.world.examples import LAYOUTS, TASKS, make_example
 from unipic.world.render import render
 from unipic.world.scene import rng_for
 
@@ -95,18 +95,23 @@ class ShapesStream(_Stream):
         train: training stream (no held-out pairs) or evaluation stream.
         transform: optional function applied to each example dict.
         rank, world_size: override the launcher's process rank (default: from the environment).
+        layout: text-to-image scenes: "random" (the world's) or "canonical" (one fixed scene per
+            text, `unipic.world.canonical`).
     """
 
     def __init__(self, task: str, seed: int = 0, size: int = 128, length: int | None = None, start: int = 0,
                  train: bool = True, transform: Callable | None = None, rank: int | None = None,
-                 world_size: int | None = None) -> None:
+                 world_size: int | None = None, layout: str = "random") -> None:
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
         super().__init__(seed, size, length, start, transform, rank, world_size)
-        self.task, self.train = task, train
+        self.task, self.train, self.layout = task, train, layout
 
     def example(self, index: int) -> dict:
-        return render_example(self.task, make_example(self.task, self.seed, index, self.train), index, self.size)
+        example = make_example(self.task, self.seed, index, self.train, self.layout)
+        return render_example(self.task, example, index, self.size)
 
 
 class ShapesMixedStream(_Stream):

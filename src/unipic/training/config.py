@@ -84,6 +84,7 @@ class DataConfig:
     vae_crop: int = 0  # stage vae: train on random crops of this side (multiple of 16; 0 = whole images)
     world_pool: int = 0  # source world: 0 = endless stream; N = examples 0..N-1 of each task, repeated
     cache_latents: bool = True  # finite data (a world pool or folders): VAE-encode each image once
+    world_layout: str = "random"  # source world, t2i: random (the world's scenes) | canonical (one scene per text)
 
 
 @dataclass
@@ -180,6 +181,8 @@ class TrainConfig:
                 raise UserError(f"data.source=folder uses task {task!r}; give its folder as data.folders.{task}=DIR")
         if self.data.image_size <= 0 or self.data.image_size % 16:
             raise UserError(f"data.image_size={self.data.image_size} must be a positive multiple of 16")
+        if self.data.world_layout not in ("random", "canonical"):
+            raise UserError(f"data.world_layout={self.data.world_layout!r} must be 'random' or 'canonical'")
         crop = self.data.vae_crop
         if crop and (crop < 0 or crop % 16 or crop > self.data.image_size):
             raise UserError(f"data.vae_crop={crop} must be 0 or a multiple of 16 up to data.image_size")

@@ -45,7 +45,7 @@ class TaskSource:
             from unipic.data.datasets import ShapesStream
 
             self._stream = ShapesStream(task, seed=cfg.world_seed, size=cfg.image_size, train=True,
-                                        rank=rank, world_size=world_size)
+                                        rank=rank, world_size=world_size, layout=cfg.world_layout)
             self._folder = None
         else:
             from unipic.data.disk import read_folder

@@ -14,23 +14,34 @@ Text-to-image training text mixes (see `T2I_MIX`):
   caption, grouped counts, relations, orders, paraphrased prefixes);
 - 10% `partial`: a template prompt with 1-2 extra objects of shapes it does not name, so the
   text is still exactly true of the image but does not describe every object.
+
+With `layout="canonical"` (`unipic.world.canonical`) text-to-image training pairs each text with
+one fixed scene instead (`CANONICAL_T2I_MIX`): 70% a template prompt, 20% the canonical caption of
+1-4 random objects, 10% two colored objects in a relation. Understanding and editing examples do not depend on the layout.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from unipic.world.canonical import (
+    canonical_scene_for_record,
+    random_canonical_caption_scene,
+    random_colored_relation,
+)
 from unipic.world.edits import Edit, sample_edit
 from unipic.world.geneval import random_record, scene_for_record
 from unipic.world.questions import QUESTION_KINDS, Question, sample_question
 from unipic.world.scene import Scene, rng_for, sample_scene
 from unipic.world.spec import CAPTION_SEP, EDIT_KINDS
-from unipic.world.text import TAGS, describe
+from unipic.world.text import TAGS, canonical_caption, describe
 
 TASKS = ("t2i", "i2t", "edit")
 _TASK_KEYS = {"t2i": 1, "i2t": 2, "edit": 3}
 _EVAL_KEY = 1000  # evaluation streams use disjoint generator keys
 T2I_MIX = (("template", 0.45), ("description", 0.45), ("partial", 0.10))
+CANONICAL_T2I_MIX = (("template", 0.7), ("caption", 0.2), ("relation", 0.1))
+LAYOUTS = ("random", "canonical")
 
 
 @dataclass(frozen=True)
@@ -53,12 +64,15 @@ def _rng(task: str, seed: int, index: int, train: bool):
     return rng_for(seed, _TASK_KEYS[task] + (0 if train else _EVAL_KEY), index)
 
 
-def t2i_example(seed: int, index: int, train: bool = True) -> T2IExample:
+def t2i_example(seed: int, index: int, train: bool = True, layout: str = "random") -> T2IExample:
     """Text-to-image example `index` of the stream `seed` (text + scene to render)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     rng = _rng("t2i", seed, index, train)
     allow = not train
-    u, kind = float(rng.random()), T2I_MIX[-1][0]
-    for name, weight in T2I_MIX:
+    mix = CANONICAL_T2I_MIX if layout == "canonical" else T2I_MIX
+    u, kind = float(rng.random()), mix[-1][0]
+    for name, weight in mix:
         if u < weight:
             kind = name
             break
@@ -67,8 +81,16 @@ def t2i_example(seed: int, index: int, train: bool = True) -> T2IExample:
         scene = sample_scene(rng, allow_held_out=allow)
         text, form = describe(scene, rng)
         return T2IExample(text, scene, kind, form)
+    if kind == "caption":
+        scene = random_canonical_caption_scene(rng, allow_held_out=allow)
+        return T2IExample(canonical_caption(scene), scene, kind, "caption")
+    if kind == "relation":
+        text, scene = random_colored_relation(rng, allow_held_out=allow)
+        return T2IExample(text, scene, kind, "relation")
     tag = TAGS[int(rng.integers(len(TAGS)))]
     record = random_record(rng, tag, allow_held_out=allow)
+    if layout == "canonical":
+        return T2IExample(record["prompt"], canonical_scene_for_record(record), kind, tag)
     extra = int(rng.integers(1, 3)) if kind == "partial" else 0
     scene = scene_for_record(rng, record, allow_held_out=allow, distractors=extra)
     return T2IExample(record["prompt"], scene, kind, tag)
@@ -106,10 +128,10 @@ def edit_example(seed: int, index: int, train: bool = True, kind: str | None = N
     return sample_edit(rng, kind, allow_held_out=not train)
 
 
-def make_example(task: str, seed: int, index: int, train: bool = True):
-    """Dispatch to `t2i_example`, `i2t_example` or `edit_example`."""
+def make_example(task: str, seed: int, index: int, train: bool = True, layout: str = "random"):
+    """Dispatch to `t2i_example`, `i2t_example` or `edit_example` (`layout`: text-to-image only)."""
     if task == "t2i":
-        return t2i_example(seed, index, train)
+        return t2i_example(seed, index, train, layout)
     if task == "i2t":
         return i2t_example(seed, index, train)
     if task == "edit":
