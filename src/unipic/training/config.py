@@ -181,8 +181,10 @@ class TrainConfig:
                 raise UserError(f"data.source=folder uses task {task!r}; give its folder as data.folders.{task}=DIR")
         if self.data.image_size <= 0 or self.data.image_size % 16:
             raise UserError(f"data.image_size={self.data.image_size} must be a positive multiple of 16")
-        if self.data.world_layout not in ("random", "canonical"):
-            raise UserError(f"data.world_layout={self.data.world_layout!r} must be 'random' or 'canonical'")
+        from unipic.world.examples import LAYOUTS
+
+        if self.data.world_layout not in LAYOUTS:
+            raise UserError(f"data.world_layout={self.data.world_layout!r} must be one of {', '.join(LAYOUTS)}")
         crop = self.data.vae_crop
         if crop and (crop < 0 or crop % 16 or crop > self.data.image_size):
             raise UserError(f"data.vae_crop={crop} must be 0 or a multiple of 16 up to data.image_size")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from unipic.world.scene import Scene, WorldObject, allowed_pairs
-from unipic.world.spec import HELD_OUT, MAX_OBJECTS, RELATIONS
+from unipic.world.spec import MAX_OBJECTS, RELATIONS
 from unipic.world.text import noun_phrase
 
 CANONICAL_SIZE = 0.25  # 32 px at S = 128: whole pixels at every multiple of 128
@@ -44,8 +44,6 @@ SLOTS = {
 }
 VERTICAL_PAIR = ((0.5, 0.3125), (0.5, 0.6875))  # top, bottom
 
-assert not any((c, s) in HELD_OUT for s, c in DEFAULT_COLORS.items())
-
 
 def canonical_scene(pairs: list[tuple[str, str]], vertical: bool = False) -> Scene:
     """(color, shape) pairs placed in their canonical slots, in order (`vertical`: two, top first)."""
@@ -60,6 +58,12 @@ def canonical_scene(pairs: list[tuple[str, str]], vertical: bool = False) -> Sce
     return scene
 
 
+def related_scene(subject: tuple[str, str], relation: str, reference: tuple[str, str]) -> Scene:
+    """The canonical scene in which `subject` stands `relation` (left of, right of, above, below) `reference`."""
+    ordered = [subject, reference] if relation in ("left of", "above") else [reference, subject]
+    return canonical_scene(ordered, vertical=relation in ("above", "below"))
+
+
 def canonical_scene_for_record(record: dict) -> Scene:
     """The canonical scene of a Shapes GenEval record (any of the six templates)."""
     include = record["include"]
@@ -70,12 +74,7 @@ def canonical_scene_for_record(record: dict) -> Scene:
 
     if tag == "position":
         reference, subject = include  # GenEval lists the reference object first
-        relation = subject["position"][0]
-        if relation in ("left of", "above"):
-            ordered = [pair(subject), pair(reference)]
-        else:
-            ordered = [pair(reference), pair(subject)]
-        return canonical_scene(ordered, vertical=relation in ("above", "below"))
+        return related_scene(pair(subject), subject["position"][0], pair(reference))
     pairs = [pair(entry) for entry in include for _ in range(entry["count"])]
     return canonical_scene(pairs)
 
@@ -88,8 +87,7 @@ def random_colored_relation(rng: np.random.Generator, allow_held_out: bool = Fal
     second = others[int(rng.integers(len(others)))]
     relation = RELATIONS[int(rng.integers(len(RELATIONS)))]
     text = f"a photo of {noun_phrase(*first)} {relation} {noun_phrase(*second)}"
-    ordered = [first, second] if relation in ("left of", "above") else [second, first]
-    return text, canonical_scene(ordered, vertical=relation in ("above", "below"))
+    return text, related_scene(first, relation, second)
 
 
 def random_canonical_caption_scene(rng: np.random.Generator, allow_held_out: bool = False) -> Scene:
@@ -108,4 +106,5 @@ __all__ = [
     "canonical_scene_for_record",
     "random_canonical_caption_scene",
     "random_colored_relation",
+    "related_scene",
 ]

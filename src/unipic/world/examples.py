@@ -17,7 +17,8 @@ Text-to-image training text mixes (see `T2I_MIX`):
 
 With `layout="canonical"` (`unipic.world.canonical`) text-to-image training pairs each text with
 one fixed scene instead (`CANONICAL_T2I_MIX`): 70% a template prompt, 20% the canonical caption of
-1-4 random objects, 10% two colored objects in a relation. Understanding and editing examples do not depend on the layout.
+1-4 random objects, 10% two colored objects in a relation. Understanding and editing examples do
+not depend on the layout.
 """
 
 from __future__ import annotations
