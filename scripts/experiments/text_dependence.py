@@ -30,11 +30,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=11, help="world seed for the examples (default 11)")
     parser.add_argument("--task", choices=["t2i", "i2t"], default="t2i", help="which path to probe (default t2i)")
     parser.add_argument("--repeats", type=int, default=4, help="mask/noise draws per example (default 4)")
+    parser.add_argument("--layout", default="random", help="world layout of the t2i scenes: random or canonical")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     model, tokenizer = load_model_folder(args.model)
     cfg = DataConfig(world_seed=args.seed, image_size=model.config.sampling.image_size, batch_size=16,
-                     unconditional_prob=0.0, cache_latents=False)
+                     unconditional_prob=0.0, cache_latents=False,
+                     world_layout=args.layout)
     build = BatchBuilder(model, tokenizer, cfg)
     shuffle = torch.roll(torch.arange(args.n), 1)
     if args.task == "i2t":

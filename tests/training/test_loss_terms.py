@@ -1,11 +1,14 @@
-"""The training-only loss terms: object-token weighting (`loss.object_weight`) and the token probe."""
+"""The training-only loss terms: object-token weighting (`loss.object_weight`), the token probe
+and the understanding features' object read-outs (`loss.object_readout`)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from unipic.training.losses import TokenProbe, object_tokens, text_to_image_loss
+from unipic.training.losses import ObjectReadout, TokenProbe, object_tokens, text_to_image_loss
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +55,39 @@ def test_token_probe_regresses_hidden_tokens_only():
     tokens = torch.tensor([[[1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [9.0, 9.0, 9.0], [9.0, 9.0, 9.0]]])
     mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]])  # the last two are visible: not scored
     assert probe.loss(z, tokens, mask).item() == pytest.approx((1.0 + 4.0) / 2)
+
+
+def test_object_readout_scores_the_picked_features():
+    readout = ObjectReadout(hidden_size=4, num_shapes=6, num_colors=10, weight=1.0)
+    for layer in (readout.shape, readout.color):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    features = torch.randn(2, 5, 4)
+    index, labels = torch.tensor([[0, 3], [1, 0]]), torch.tensor([[2, 7], [5, 0]])
+    # Uniform predictions: the summed cross-entropy is log 6 + log 10 whatever the labels.
+    assert readout.loss(features, index, labels).item() == pytest.approx(math.log(6) + math.log(10), rel=1e-5)
+    readout.shape.weight.data[2, 0] = 50.0  # shape 2 wins where the feature's channel 0 is large
+    features[0, 3, 0], features[1, 0, 0] = 1.0, -1.0
+    per_object = readout.loss(features[:1], index[:1], labels[:1]) - math.log(10)
+    assert per_object.item() < 1e-6
+
+
+def test_world_understanding_batches_name_each_object_at_its_token():
+    import numpy as np
+
+    from unipic.loading import tiny_random_model
+    from unipic.training.config import DataConfig
+    from unipic.training.data import BatchBuilder, TaskSource
+    from unipic.world.spec import COLORS, SHAPES
+
+    model, tokenizer = tiny_random_model(seed=0)
+    data = DataConfig(world_seed=3, image_size=64, batch_size=4, cache_latents=False)
+    source = TaskSource("i2t", data, 0, 1)
+    examples = [source.get(k) for k in range(4)]
+    batch = BatchBuilder(model, tokenizer, data)("i2t", examples, np.random.default_rng(0))
+    rows, cols = model.grid_for(64, 64)
+    expected = [(row, min(int(cy * rows), rows - 1) * cols + min(int(cx * cols), cols - 1),
+                 SHAPES.index(shape), list(COLORS).index(color))
+                for row, ex in enumerate(examples) for cx, cy, shape, color in ex["objects"]]
+    found = torch.cat([batch["object_index"], batch["object_labels"]], dim=1).tolist()
+    assert found == [list(e) for e in expected] and len(found) >= 4

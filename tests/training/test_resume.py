@@ -21,7 +21,8 @@ from unipic.training.trainer import latest_checkpoint, train
 
 # Mixed tasks, accumulation, EMA and a decaying LR: everything a resume must restore.
 RUN = ["stage=joint", "data.tasks={t2i: 1, i2t: 1, edit: 1}", "train.grad_accum=2", "optim.ema_decay=0.9",
-       "optim.schedule=cosine", "optim.warmup_ratio=0.2", "train.max_steps=5", "log.every=1"]
+       "optim.schedule=cosine", "optim.warmup_ratio=0.2", "train.max_steps=5", "log.every=1",
+       "loss.token_probe=1", "loss.object_readout=1"]  # the loss's own trained parts must resume too
 
 
 def _all_weights(out_dir: Path) -> dict[str, torch.Tensor]:
@@ -44,14 +45,19 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tiny):
     second = train(tiny(None, *RUN, out="resumed"), resume=True)
     assert second.finished and second.step == straight.step == 5
     assert second.weights_digest == straight.weights_digest
+    for name in ("token_probe.safetensors", "object_readout.safetensors"):
+        a, b = (load_file(str(latest_checkpoint(r.out_dir) / name)) for r in (straight, second))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     a, b = _all_weights(straight.out_dir), _all_weights(second.out_dir)
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different[:5]
     # metrics.csv reads as one run: every step once.
     with open(second.out_dir / "metrics.csv") as handle:
-        steps = [int(r["step"]) for r in csv.DictReader(handle)]
-    assert steps == [1, 2, 3, 4, 5]
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert all(float(r["loss_readout"]) > 0 for r in rows if r["loss_readout"])
+    assert any(r["loss_readout"] for r in rows)
 
 
 def test_resume_without_checkpoint_starts_fresh_and_finished_run_is_a_no_op(tiny):

@@ -109,9 +109,12 @@ class ShapesStream(_Stream):
         super().__init__(seed, size, length, start, transform, rank, world_size)
         self.task, self.train, self.layout = task, train, layout
 
-    def example(self, index: int) -> dict:
+    def example(self, index: int, with_world: bool = False):
+        """Example `index` as a dict of the disk layout's keys; with `with_world`, a pair (that dict,
+        the world's example object with its scene)."""
         example = make_example(self.task, self.seed, index, self.train, self.layout)
-        return render_example(self.task, example, index, self.size)
+        rendered = render_example(self.task, example, index, self.size)
+        return (rendered, example) if with_world else rendered
 
 
 class ShapesMixedStream(_Stream):

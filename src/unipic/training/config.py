@@ -95,6 +95,7 @@ class LossConfig:
     grad_scale: float = 0.1  # gradient scale on visual features entering the LLM (spec §10-11)
     token_probe: float = 0.0  # weight of a training-only linear regression of each hidden token from z
     object_weight: float = 0.0  # t2i/edit: extra diffusion-loss weight on object tokens (unlike the image's median token)
+    object_readout: float = 0.0  # i2t, world data: weight of training-only read-outs of each object's shape and colour
     vae_l1: float = 1.0  # stage vae: per-pixel L1
     vae_l2: float = 1.0  # stage vae: per-pixel squared error
     vae_kl: float = 1e-6  # stage vae: KL (summed over latents, divided by pixel count: LDM's balance)

@@ -65,7 +65,12 @@ class TaskSource:
         index = k * self.world_size + self.rank  # global example index
         if self._stream is not None:
             example_id = index % self.pool if self.pool else index
-            return {**self._stream.example(example_id), "example_id": example_id}
+            if self.task != "i2t":
+                return {**self._stream.example(example_id), "example_id": example_id}
+            # Understanding examples also carry their objects, for loss.object_readout.
+            example, world = self._stream.example(example_id, with_world=True)
+            objects = [(o.cx, o.cy, o.shape, o.color) for o in world.scene.objects]
+            return {**example, "example_id": example_id, "objects": objects}
         n = len(self._folder)
         epoch, offset = divmod(index, n)
         if self._perm is None or self._perm[0] != epoch:
@@ -216,7 +221,28 @@ class BatchBuilder:
             labels.append([-100] * len(prompt_ids) + answer_ids)
         batch = self._pad(sequences, labels)
         batch["pixels"] = self._pixels([ex["image"] for ex in examples], pad=True)
+        if all("objects" in ex for ex in examples):
+            batch["object_index"], batch["object_labels"] = self._object_targets(examples)
         return batch
+
+    def _object_targets(self, examples: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, 2) (row, feature index of the token under the object's centre) and (K, 2) (shape,
+        colour) indices of every object of the batch's world scenes."""
+        from unipic.world.spec import COLORS, SHAPES
+
+        if self.config.understanding_encoder == "siglip2":
+            side = self.size // self.config.siglip.patch_size
+            rows, cols = side, side
+        else:
+            rows, cols = self.model.grid_for(self.size, self.size)
+        colors = list(COLORS)
+        index, labels = [], []
+        for row, ex in enumerate(examples):
+            for cx, cy, shape, color in ex["objects"]:
+                cell = min(int(cy * rows), rows - 1) * cols + min(int(cx * cols), cols - 1)
+                index.append((row, cell))
+                labels.append((SHAPES.index(shape), colors.index(color)))
+        return torch.tensor(index, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
     def _edit(self, examples: Sequence[dict], rng: np.random.Generator) -> dict[str, torch.Tensor]:
         image_token = self.config.image_token

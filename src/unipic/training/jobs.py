@@ -29,7 +29,13 @@ from unipic.training.build import (
 )
 from unipic.training.config import TrainConfig
 from unipic.training.data import BatchBuilder, vae_pixels
-from unipic.training.losses import TokenProbe, edit_loss, image_to_text_loss, text_to_image_loss
+from unipic.training.losses import (
+    ObjectReadout,
+    TokenProbe,
+    edit_loss,
+    image_to_text_loss,
+    text_to_image_loss,
+)
 from unipic.training.monitor import quick_eval, save_samples, unipic_samples, vae_eval
 
 logger = logging.getLogger(__name__)
@@ -37,6 +43,7 @@ logger = logging.getLogger(__name__)
 MODEL_DIR = "model"  # a checkpoint's model folder (loadable with `unipic generate --model`)
 FINAL_DIR = "final"
 PROBE_FILE = "token_probe.safetensors"  # a checkpoint's training-only token probe (loss.token_probe)
+READOUT_FILE = "object_readout.safetensors"  # a checkpoint's training-only object read-outs (loss.object_readout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,7 +55,7 @@ class UniPicLoss(nn.Module):
     """Weighted loss of one task's batch; returns {"loss": weighted, "loss_<task>": raw (detached)}."""
 
     def __init__(self, model, weights: dict[str, float], token_probe: float = 0.0, grad_scale: float = 0.1,
-                 object_weight: float = 0.0) -> None:
+                 object_weight: float = 0.0, object_readout: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.weights = dict(weights)
@@ -56,6 +63,11 @@ class UniPicLoss(nn.Module):
         self.object_weight = object_weight
         config = model.config
         self.probe = TokenProbe(config.mar.decoder_embed_dim, config.token_dim, token_probe) if token_probe > 0 else None
+        self.readout = None
+        if object_readout > 0:
+            from unipic.world.spec import COLORS, SHAPES
+
+            self.readout = ObjectReadout(config.llm.hidden_size, len(SHAPES), len(COLORS), object_readout)
 
     def forward(self, task: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict:
         m = self.model
@@ -65,8 +77,13 @@ class UniPicLoss(nn.Module):
                                      generator=generator, tokens=batch.get("pixels_tokens"), probe=self.probe,
                                      object_weight=self.object_weight)
         elif task == "i2t":
+            features = m.understanding_features(batch["pixels"], tokens=batch.get("pixels_tokens"))
             raw = image_to_text_loss(m, batch["pixels"], batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                     tokens=batch.get("pixels_tokens"), grad_scale=self.grad_scale)
+                                     grad_scale=self.grad_scale, features=features)
+            if self.readout is not None and "object_index" in batch:
+                readout = self.readout.loss(features, batch["object_index"], batch["object_labels"])
+                return {"loss": raw * self.weights[task] + self.readout.weight * readout,
+                        f"loss_{task}": raw.detach().float(), "loss_readout": readout.detach().float()}
         elif task == "edit":
             raw = edit_loss(m, batch["source"], batch["target"], batch["input_ids"], batch["attention_mask"],
                             generator=generator, source_tokens=batch.get("source_tokens"),
@@ -106,14 +123,22 @@ class UniPicJob:
             raise UserError(f"model.sampling: {error}") from None
         apply_freezing(model, config.model)
         self.model, self.tokenizer = model.train(), tokenizer
-        self.module = UniPicLoss(model, config.loss.weights, config.loss.token_probe, config.loss.grad_scale,
-                                 config.loss.object_weight)
-        if self.module.probe is not None and resume_dir is not None and (resume_dir / PROBE_FILE).is_file():
+        # The loss's own parts (probe, read-outs) are initialised from the run's seed, not from
+        # whatever the global RNG holds, so that two runs of one config are identical.
+        with torch.random.fork_rng():
+            torch.manual_seed(config.seed)
+            self.module = UniPicLoss(model, config.loss.weights, config.loss.token_probe, config.loss.grad_scale,
+                                     config.loss.object_weight, config.loss.object_readout)
+        if resume_dir is not None:
             from safetensors.torch import load_file
 
-            self.module.probe.load_state_dict(load_file(str(resume_dir / PROBE_FILE)))
+            for part, name in self._training_only_parts():
+                if (resume_dir / name).is_file():
+                    part.load_state_dict(load_file(str(resume_dir / name)))
         self.builder = BatchBuilder(model, tokenizer, config.data)
         self.metric_names = [f"loss_{t}" for t in config.active_tasks]
+        if self.module.readout is not None and "i2t" in config.active_tasks:
+            self.metric_names.append("loss_readout")
         self.eval_names = [f"eval_{t}" for t in config.active_tasks]
         logger.info("model: %s", parameter_summary(model))
 
@@ -137,13 +162,18 @@ class UniPicJob:
         from unipic.checkpoint import save_model_folder
 
         save_model_folder(self._plain(state), self.tokenizer, folder / MODEL_DIR)
-        if self.module.probe is not None:  # training-only, kept beside the model for --resume
-            from safetensors.torch import save
+        from safetensors.torch import save
 
-            from unipic.io_utils import atomic_write_bytes
+        from unipic.io_utils import atomic_write_bytes
 
-            probe = {k: v.detach().float().cpu().contiguous() for k, v in self.module.probe.state_dict().items()}
-            atomic_write_bytes(folder / PROBE_FILE, save(probe))
+        for part, name in self._training_only_parts():  # kept beside the model for --resume
+            weights = {k: v.detach().float().cpu().contiguous() for k, v in part.state_dict().items()}
+            atomic_write_bytes(folder / name, save(weights))
+
+    def _training_only_parts(self) -> list[tuple[nn.Module, str]]:
+        """The loss's own trained modules (not part of the model) and their checkpoint file names."""
+        parts = [(self.module.probe, PROBE_FILE), (self.module.readout, READOUT_FILE)]
+        return [(part, name) for part, name in parts if part is not None]
 
     def export_final(self, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         """`out_dir/final`: a unipic model folder (weights as they are now; the trainer swaps EMA in)."""

@@ -119,10 +119,38 @@ def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, i
     return _diffusion_loss(model, target, z, mask, generator, probe, object_weight)
 
 
+class ObjectReadout(nn.Module):
+    """Training-only linear read-outs of each object's shape and colour from the understanding
+    feature of the token under its centre (Shapes world).
+
+    Answers reach the understanding features at `loss.grad_scale` and, on a small budget, teach
+    colour and the question priors long before shape; the trained MAR encoder then hands the LLM
+    features that hold shape poorly (docs/training.md). The world labels every object exactly, so
+    a direct read-out at full gradient keeps shape and colour in the features. Inference never
+    uses it; the trainer keeps its weights beside the model in checkpoints.
+    """
+
+    def __init__(self, hidden_size: int, num_shapes: int, num_colors: int, weight: float) -> None:
+        super().__init__()
+        self.shape = nn.Linear(hidden_size, num_shapes)
+        self.color = nn.Linear(hidden_size, num_colors)
+        self.weight = weight
+
+    def loss(self, features: torch.Tensor, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed shape and colour cross-entropy: features (B, N, hidden), index (K, 2) = (row, token),
+        labels (K, 2) = (shape, colour)."""
+        picked = features[index[:, 0], index[:, 1]].float()  # (K, hidden)
+        return F.cross_entropy(self.shape(picked), labels[:, 0]) + F.cross_entropy(self.color(picked), labels[:, 1])
+
+
 def image_to_text_loss(model, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       labels: torch.Tensor, tokens: torch.Tensor | None = None, grad_scale: float = 0.1) -> torch.Tensor:
-    """Next-token cross-entropy on positions whose label is ≥ 0 (-100 = ignore), image rows filled."""
-    features = scale_gradient(model.understanding_features(pixels, tokens=tokens), grad_scale)
+                       labels: torch.Tensor, tokens: torch.Tensor | None = None, grad_scale: float = 0.1,
+                       features: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy on positions whose label is ≥ 0 (-100 = ignore), image rows filled;
+    `features`: the understanding features of `pixels`, when already computed."""
+    if features is None:
+        features = model.understanding_features(pixels, tokens=tokens)
+    features = scale_gradient(features, grad_scale)
     embeds = model.fill_image_rows(input_ids, features)
     hidden = model.llm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
     # Predict token t+1 from position t; only supervised positions go through the output matrix.
