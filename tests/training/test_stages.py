@@ -125,7 +125,8 @@ def test_joint_stage_trains_all_tasks_with_samples_and_scores(runs):
         assert _changed(before, after, prefix)[0], prefix
     rows = _losses_finite(runs / "joint")
     seen = {k for r in rows for k, v in r.items() if k.startswith("loss_") and v}
-    assert seen == {"loss_t2i", "loss_i2t", "loss_edit"}  # round robin t2i, t2i, i2t, edit
+    # round robin t2i, t2i, i2t, edit; the run file adds the understanding read-out (loss.object_readout)
+    assert seen == {"loss_t2i", "loss_i2t", "loss_edit", "loss_readout"}
     scores = [r for r in rows if r["eval_t2i"]]
     assert scores and all(0.0 <= float(scores[-1][f"eval_{t}"]) <= 1.0 for t in ("t2i", "i2t", "edit"))
     out = runs / "joint"
