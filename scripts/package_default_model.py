@@ -3,7 +3,8 @@
     python scripts/package_default_model.py runs/shapes/sft/final
 
 Checks that the folder loads strictly and that its weights fit the 40 MB budget, then replaces
-`src/unipic/assets/default_model/` (config.json, model.safetensors, tokenizer files). MODEL.md, the
+`src/unipic/assets/default_model/` (config.json, model.safetensors, tokenizer files; a run's training-only probe files are left
+out). MODEL.md, the
 model card, is kept. Each file is written atomically.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from unipic.checkpoint import load_model_folder
 from unipic.io_utils import atomic_write_bytes
+from unipic.training.jobs import TRAINING_ONLY_FILES
 
 TARGET = Path(__file__).resolve().parents[1] / "src" / "unipic" / "assets" / "default_model"
 BUDGET_BYTES = 40_000_000  # "40 MB at most", in decimal megabytes (the stricter reading)
@@ -37,7 +39,7 @@ def main() -> int:
         if stale.name not in KEEP:
             stale.unlink() if stale.is_file() else shutil.rmtree(stale)
     for file in sorted(source.iterdir()):
-        if file.is_file():
+        if file.is_file() and file.name not in TRAINING_ONLY_FILES:  # a run's probe is not part of the model
             atomic_write_bytes(TARGET / file.name, file.read_bytes())
     print(f"packaged {source} into {TARGET} ({weights / 1e6:.1f} MB of weights)")
     return 0

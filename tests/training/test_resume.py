@@ -106,3 +106,16 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tmp_path):
     config = load_config(command[4], [*TINY, f"out_dir={out}", "stage=pretrain", f"train.max_steps={step + 1}"])
     result = train(config, resume=True)
     assert result.finished and result.step == step + 1
+
+
+def test_next_stage_continues_with_the_previous_stages_probe(tiny):
+    from unipic.training.jobs import PROBE_FILE, UniPicJob
+
+    first = train(tiny(None, "stage=pretrain", "train.max_steps=2", "loss.token_probe=1", out="first"))
+    saved = load_file(str(first.out_dir / "final" / PROBE_FILE))
+    # The next stage starts from the run's final/ folder and its probe, not from a fresh one.
+    job = UniPicJob(tiny(None, "stage=joint", f"model.init_from={first.out_dir}", "loss.token_probe=1",
+                         "train.max_steps=1", out="second"), None)
+    assert all(torch.equal(job.module.probe.state_dict()[k], v) for k, v in saved.items())
+    fresh = UniPicJob(tiny(None, "stage=pretrain", "loss.token_probe=1", out="third"), None)
+    assert not torch.equal(fresh.module.probe.linear.weight, saved["linear.weight"])

@@ -18,6 +18,7 @@ from torch import nn
 from unipic.api import UserError
 from unipic.config import SamplingConfig, from_dict
 from unipic.training.build import (
+    MODEL_PRESETS,
     VAE_FILE,
     apply_freezing,
     init_model,
@@ -25,6 +26,7 @@ from unipic.training.build import (
     load_vae_file,
     load_vae_state,
     parameter_summary,
+    resolve_model_folder,
     save_vae_file,
 )
 from unipic.training.config import TrainConfig
@@ -44,6 +46,7 @@ MODEL_DIR = "model"  # a checkpoint's model folder (loadable with `unipic genera
 FINAL_DIR = "final"
 PROBE_FILE = "token_probe.safetensors"  # a checkpoint's training-only token probe (loss.token_probe)
 READOUT_FILE = "object_readout.safetensors"  # a checkpoint's training-only object read-outs (loss.object_readout)
+TRAINING_ONLY_FILES = (PROBE_FILE, READOUT_FILE)  # also in a run's final/; never part of a shipped model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,12 +132,19 @@ class UniPicJob:
             torch.manual_seed(config.seed)
             self.module = UniPicLoss(model, config.loss.weights, config.loss.token_probe, config.loss.grad_scale,
                                      config.loss.object_weight, config.loss.object_readout)
-        if resume_dir is not None:
+        # Resuming restores the loss's own parts from the checkpoint; a stage that starts from the
+        # previous stage's result continues with that run's probe and read-outs when it saved them
+        # (a fresh probe would first pull z towards its random read-out).
+        start = resume_dir
+        if start is None and config.model.init_from not in MODEL_PRESETS:
+            start = resolve_model_folder(config.model.init_from)
+        if start is not None:
             from safetensors.torch import load_file
 
             for part, name in self._training_only_parts():
-                if (resume_dir / name).is_file():
-                    part.load_state_dict(load_file(str(resume_dir / name)))
+                if (start / name).is_file():
+                    part.load_state_dict(load_file(str(start / name)))
+                    logger.info("loss part %s continues from %s", name, start)
         self.builder = BatchBuilder(model, tokenizer, config.data)
         self.metric_names = [f"loss_{t}" for t in config.active_tasks]
         if self.module.readout is not None and "i2t" in config.active_tasks:
@@ -162,11 +172,14 @@ class UniPicJob:
         from unipic.checkpoint import save_model_folder
 
         save_model_folder(self._plain(state), self.tokenizer, folder / MODEL_DIR)
+        self._save_training_only_parts(folder)  # kept beside the model for --resume
+
+    def _save_training_only_parts(self, folder: Path) -> None:
         from safetensors.torch import save
 
         from unipic.io_utils import atomic_write_bytes
 
-        for part, name in self._training_only_parts():  # kept beside the model for --resume
+        for part, name in self._training_only_parts():
             weights = {k: v.detach().float().cpu().contiguous() for k, v in part.state_dict().items()}
             atomic_write_bytes(folder / name, save(weights))
 
@@ -179,7 +192,9 @@ class UniPicJob:
         """`out_dir/final`: a unipic model folder (weights as they are now; the trainer swaps EMA in)."""
         from unipic.checkpoint import save_model_folder
 
-        return save_model_folder(self._plain(state), self.tokenizer, out_dir / FINAL_DIR)
+        folder = save_model_folder(self._plain(state), self.tokenizer, out_dir / FINAL_DIR)
+        self._save_training_only_parts(folder)  # the next stage starts from them (see __init__)
+        return folder
 
     def _pipeline(self):
         from unipic.pipeline import UniPicPipeline
