@@ -3,9 +3,9 @@
     python scripts/package_default_model.py runs/shapes/sft/final
 
 Checks that the folder loads strictly and that its weights fit the 40 MB budget, then replaces
-`src/unipic/assets/default_model/` (config.json, model.safetensors, tokenizer files; a run's training-only probe files are left
-out). MODEL.md, the
-model card, is kept. Each file is written atomically.
+`src/unipic/assets/default_model/` (config.json, model.safetensors, tokenizer files; a run's
+training-only probe files are left out). MODEL.md, the model card, is kept. Each file is written
+atomically.
 """
 
 from __future__ import annotations

@@ -139,11 +139,20 @@ class UniPic(nn.Module):
         """How many `<image>` placeholders a source image of this grid expands to (h·w + buffers)."""
         return grid[0] * grid[1] + self.config.mar.buffer_size
 
+    def understanding_grid(self, size: int) -> tuple[int, int]:
+        """(rows, cols) of the per-patch understanding features at `size` pixels (square): SigLIP2
+        patches, or the MAR token grid (whose features are followed by the buffer rows)."""
+        if self.config.understanding_encoder == "siglip2":
+            side = size // self.config.siglip.patch_size
+            return side, side
+        return self.grid_for(size, size)
+
     def num_understanding_tokens(self, size: int) -> int:
         """`<image>` placeholders for understanding at `size` pixels (square)."""
+        rows, cols = self.understanding_grid(size)
         if self.config.understanding_encoder == "siglip2":
-            return (size // self.config.siglip.patch_size) ** 2
-        return self.num_image_tokens(self.grid_for(size, size))
+            return rows * cols
+        return self.num_image_tokens((rows, cols))
 
     # -----------------------------------------------------------------------------------------
     # Latents ↔ tokens

@@ -230,11 +230,7 @@ class BatchBuilder:
         colour) indices of every object of the batch's world scenes."""
         from unipic.world.spec import COLORS, SHAPES
 
-        if self.config.understanding_encoder == "siglip2":
-            side = self.size // self.config.siglip.patch_size
-            rows, cols = side, side
-        else:
-            rows, cols = self.model.grid_for(self.size, self.size)
+        rows, cols = self.model.understanding_grid(self.size)
         colors = list(COLORS)
         index, labels = [], []
         for row, ex in enumerate(examples):

@@ -74,6 +74,7 @@ class UniPicLoss(nn.Module):
 
     def forward(self, task: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict:
         m = self.model
+        readout = None  # understanding's object read-out loss, when on (i2t world batches)
         # Cached VAE tokens (finite data) stand in for encoding the pixels again.
         if task == "t2i":
             raw = text_to_image_loss(m, batch["pixels"], batch["input_ids"], batch["attention_mask"],
@@ -85,8 +86,6 @@ class UniPicLoss(nn.Module):
                                      grad_scale=self.grad_scale, features=features)
             if self.readout is not None and "object_index" in batch:
                 readout = self.readout.loss(features, batch["object_index"], batch["object_labels"])
-                return {"loss": raw * self.weights[task] + self.readout.weight * readout,
-                        f"loss_{task}": raw.detach().float(), "loss_readout": readout.detach().float()}
         elif task == "edit":
             raw = edit_loss(m, batch["source"], batch["target"], batch["input_ids"], batch["attention_mask"],
                             generator=generator, source_tokens=batch.get("source_tokens"),
@@ -94,7 +93,11 @@ class UniPicLoss(nn.Module):
                             grad_scale=self.grad_scale, object_weight=self.object_weight)
         else:
             raise ValueError(f"unknown task {task!r}")
-        return {"loss": raw * self.weights[task], f"loss_{task}": raw.detach().float()}
+        out = {"loss": raw * self.weights[task], f"loss_{task}": raw.detach().float()}
+        if readout is not None:
+            out["loss"] = out["loss"] + self.readout.weight * readout
+            out["loss_readout"] = readout.detach().float()
+        return out
 
 
 def _sampling_for_run(current: SamplingConfig, changes: dict) -> SamplingConfig:
