@@ -1,6 +1,6 @@
 """Every stage runs a few steps on the tiny preset: finite losses, frozen parts unchanged, trained
 parts changed, and each stage starts from the previous one's output (VAE → pretrain → align →
-joint → sft), as in configs/shapes/."""
+joint → understand → sft), as in configs/shapes/."""
 
 from __future__ import annotations
 
@@ -134,10 +134,24 @@ def test_joint_stage_trains_all_tasks_with_samples_and_scores(runs):
     assert (out / "samples" / "step-0000004.png").is_file() and (out / "samples" / "step-0000004.json").is_file()
 
 
+def test_understand_stage_weights_answers_and_edits(runs):
+    config = _config(runs, "understand", f"model.init_from={runs / 'joint'}", "train.max_steps=6")
+    assert config.data.tasks == {"t2i": 2, "i2t": 3, "edit": 1}  # answers get half the micro-steps
+    assert config.model.freeze_llm is False and config.loss.object_readout > 0
+    before = _final_weights(runs / "joint")
+    result = train(config)
+    assert result.finished
+    after = _checkpoint_weights(runs / "understand")
+    assert _changed(before, after, "vae.")[1]
+    assert _changed(before, after, "llm.model.layers")[0]
+    rows = _losses_finite(runs / "understand")
+    assert sum(1 for r in rows if r.get("loss_i2t")) >= sum(1 for r in rows if r.get("loss_edit"))
+
+
 def test_sft_stage_output_loads_for_generation(runs, tmp_path):
     from unipic.cli import main
 
-    config = _config(runs, "sft", f"model.init_from={runs / 'joint'}", "train.max_steps=2")
+    config = _config(runs, "sft", f"model.init_from={runs / 'understand'}", "train.max_steps=2")
     result = train(config)
     assert result.finished
     assert main(["generate", "a photo of a star", "--model", str(runs / "sft" / "final"), "--size", "64",
