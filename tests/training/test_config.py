@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from unipic.api import UserError
-from unipic.training.config import TrainConfig, load_config
+from unipic.training.config import STAGES, TrainConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RUN_FILES = sorted(CONFIGS.rglob("*.yaml"))
@@ -25,7 +25,8 @@ def test_run_file_opens_with_its_command_and_loads(path):
     first = path.read_text().splitlines()[0]
     assert first == f"# unipic train configs/{path.relative_to(CONFIGS).as_posix()}", first
     config = load_config(path)
-    assert config.stage == path.stem
+    # A file named after a stage runs that stage; an extra step of the recipe (shapes/understand) names its own.
+    assert config.stage == path.stem if path.stem in STAGES else config.stage in STAGES
     if config.stage != "vae":
         assert config.model.freeze_vae
 
