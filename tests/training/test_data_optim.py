@@ -53,6 +53,23 @@ def test_batches_match_the_inference_layout(tiny):
     assert edit["source"].shape == edit["target"].shape == (2, 3, 64, 64)
 
 
+def test_several_questions_per_understanding_image(tiny):
+    model, tokenizer = tiny
+    cfg = DataConfig(tasks={"i2t": 1}, batch_size=4, image_size=64, i2t_questions=4)
+    examples = TaskData(cfg, 0, 1).next_examples("i2t")
+    single = TaskData(DataConfig(tasks={"i2t": 1}, batch_size=4, image_size=64), 0, 1).next_examples("i2t")
+    assert [ex["question"] for ex in examples] == [ex["question"] for ex in single]  # the first turn is unchanged
+    for ex in examples:
+        asked = [ex["question"]] + [q for q, _ in ex["more_questions"]]
+        assert 2 <= len(asked) <= 4 and len(set(asked)) == len(asked)
+    batch = BatchBuilder(model, tokenizer, cfg)("i2t", examples, np.random.default_rng(0))
+    row, ex = 0, examples[0]
+    supervised = tokenizer.decode(batch["labels"][row][batch["labels"][row] >= 0])
+    assert supervised == "".join(a + "<|im_end|>" for a in [ex["answer"]] + [a for _, a in ex["more_questions"]])
+    text = tokenizer.decode(batch["input_ids"][row][batch["attention_mask"][row].bool()])
+    assert text.count("<|im_start|>user\n") == 1 + len(ex["more_questions"])  # one chat turn per question
+
+
 def test_prompt_dropout_and_repeat_examples(tiny):
     model, tokenizer = tiny
     cfg = DataConfig(tasks={"t2i": 1, "edit": 1}, batch_size=4, image_size=64, unconditional_prob=1.0,

@@ -85,6 +85,7 @@ class DataConfig:
     world_pool: int = 0  # source world: 0 = endless stream; N = examples 0..N-1 of each task, repeated
     cache_latents: bool = True  # finite data (a world pool or folders): VAE-encode each image once
     world_layout: str = "random"  # source world, t2i: random (the world's scenes) | canonical (one scene per text)
+    i2t_questions: int = 1  # source world: question-answer turns per understanding image (the first as evaluated)
 
 
 @dataclass
@@ -189,7 +190,7 @@ class TrainConfig:
         crop = self.data.vae_crop
         if crop and (crop < 0 or crop % 16 or crop > self.data.image_size):
             raise UserError(f"data.vae_crop={crop} must be 0 or a multiple of 16 up to data.image_size")
-        for key in ("data.batch_size", "train.max_steps", "train.grad_accum", "train.keep_checkpoints", "log.every"):
+        for key in ("data.batch_size", "data.i2t_questions", "train.max_steps", "train.grad_accum", "train.keep_checkpoints", "log.every"):
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 1:
                 raise UserError(f"{key}={getattr(getattr(self, section), name)} must be at least 1")

@@ -41,6 +41,7 @@ class TaskSource:
         self.task, self.rank, self.world_size = task, rank, world_size
         self.seed = cfg.world_seed
         self.pool = cfg.world_pool
+        self.questions = cfg.i2t_questions
         if cfg.source == "world":
             from unipic.data.datasets import ShapesStream
 
@@ -70,7 +71,13 @@ class TaskSource:
             # Understanding examples also carry their objects, for loss.object_readout.
             example, world = self._stream.example(example_id, with_world=True)
             objects = [(o.cx, o.cy, o.shape, o.color) for o in world.scene.objects]
-            return {**example, "example_id": example_id, "objects": objects}
+            extra = {}
+            if self.questions > 1:
+                from unipic.world.examples import extra_questions
+
+                more = extra_questions(self.seed, example_id, world.scene, world.question, self.questions - 1)
+                extra["more_questions"] = [(q.question, q.answer) for q in more]
+            return {**example, "example_id": example_id, "objects": objects, **extra}
         n = len(self._folder)
         epoch, offset = divmod(index, n)
         if self._perm is None or self._perm[0] != epoch:
@@ -217,8 +224,15 @@ class BatchBuilder:
             prompt = self._prompt(f"{image_token}\n{self._truncate(ex['question'].strip())}")
             prompt_ids = self._ids(expand_image_placeholder(prompt, image_token, count))
             answer_ids = self._ids(self._truncate(ex["answer"].strip()) + suffix)
-            sequences.append(prompt_ids + answer_ids)
-            labels.append([-100] * len(prompt_ids) + answer_ids)
+            sequence, label = prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
+            # Further turns about the same image: more supervised answers per encoded image.
+            for question, answer in ex.get("more_questions", ()):
+                turn_ids = self._ids("\n" + self._prompt(self._truncate(question.strip())))
+                answer_ids = self._ids(self._truncate(answer.strip()) + suffix)
+                sequence += turn_ids + answer_ids
+                label += [-100] * len(turn_ids) + answer_ids
+            sequences.append(sequence)
+            labels.append(label)
         batch = self._pad(sequences, labels)
         batch["pixels"] = self._pixels([ex["image"] for ex in examples], pad=True)
         if all("objects" in ex for ex in examples):

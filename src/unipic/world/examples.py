@@ -121,6 +121,24 @@ def i2t_example(seed: int, index: int, train: bool = True, kind: str | None = No
     raise RuntimeError(f"could not generate a {kind} question")  # pragma: no cover
 
 
+def extra_questions(seed: int, index: int, scene: Scene, first: Question, count: int) -> list[Question]:
+    """Up to `count` further questions about understanding example `index`'s scene, none repeating
+    `first` or each other (kinds uniform; a pure function of (seed, index))."""
+    rng = rng_for(seed, _TASK_KEYS["i2t"], index, 1)  # a stream apart from the example's own
+    asked, out = {first.question}, []
+    for _ in range(8 * count):
+        if len(out) == count:
+            break
+        kind = QUESTION_KINDS[int(rng.integers(len(QUESTION_KINDS)))]
+        if kind == "caption" and not _caption_ready(scene):
+            continue  # its left-to-right order would be ambiguous
+        question = sample_question(rng, scene, kind)
+        if question is not None and question.question not in asked:
+            asked.add(question.question)
+            out.append(question)
+    return out
+
+
 def edit_example(seed: int, index: int, train: bool = True, kind: str | None = None) -> Edit:
     """Editing example `index`: source scene, instruction, target scene (kind uniform unless given)."""
     rng = _rng("edit", seed, index, train)
