@@ -71,13 +71,13 @@ class TaskSource:
             # Understanding examples also carry their objects, for loss.object_readout.
             example, world = self._stream.example(example_id, with_world=True)
             objects = [(o.cx, o.cy, o.shape, o.color) for o in world.scene.objects]
-            extra = {}
+            row = {**example, "example_id": example_id, "objects": objects}
             if self.questions > 1:
                 from unipic.world.examples import extra_questions
 
                 more = extra_questions(self.seed, example_id, world.scene, world.question, self.questions - 1)
-                extra["more_questions"] = [(q.question, q.answer) for q in more]
-            return {**example, "example_id": example_id, "objects": objects, **extra}
+                row["more_questions"] = [(q.question, q.answer) for q in more]
+            return row
         n = len(self._folder)
         epoch, offset = divmod(index, n)
         if self._perm is None or self._perm[0] != epoch:
@@ -222,12 +222,12 @@ class BatchBuilder:
         sequences, labels = [], []
         for ex in examples:
             prompt = self._prompt(f"{image_token}\n{self._truncate(ex['question'].strip())}")
-            prompt_ids = self._ids(expand_image_placeholder(prompt, image_token, count))
-            answer_ids = self._ids(self._truncate(ex["answer"].strip()) + suffix)
-            sequence, label = prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
+            turns = [(expand_image_placeholder(prompt, image_token, count), ex["answer"])]
             # Further turns about the same image: more supervised answers per encoded image.
-            for question, answer in ex.get("more_questions", ()):
-                turn_ids = self._ids("\n" + self._prompt(self._truncate(question.strip())))
+            turns += [("\n" + self._prompt(self._truncate(q.strip())), a) for q, a in ex.get("more_questions", ())]
+            sequence, label = [], []
+            for turn, answer in turns:
+                turn_ids = self._ids(turn)
                 answer_ids = self._ids(self._truncate(answer.strip()) + suffix)
                 sequence += turn_ids + answer_ids
                 label += [-100] * len(turn_ids) + answer_ids
