@@ -70,6 +70,79 @@ def test_several_questions_per_understanding_image(tiny):
     assert text.count("<|im_start|>user\n") == 1 + len(ex["more_questions"])  # one chat turn per question
 
 
+def test_named_objects_are_what_each_question_points_at():
+    from unipic.world.questions import Question, named_objects
+    from unipic.world.scene import Scene, WorldObject
+
+    star, circle = WorldObject("red", "star", 0.3, 0.3, 0.2), WorldObject("blue", "circle", 0.7, 0.7, 0.2)
+    scene = Scene((star, circle))
+    assert named_objects(scene, Question("count", "How many stars are there?", "one")) == [star]
+    assert named_objects(scene, Question("count", "How many crosses are there?", "zero")) == []
+    assert named_objects(scene, Question("color", "What color is the circle?", "blue")) == [circle]
+    assert named_objects(scene, Question("shape", "What shape is the red object?", "star")) == [star]
+    assert named_objects(scene, Question("relation", "Is the star left of the circle?", "yes")) == [star, circle]
+    assert named_objects(scene, Question("caption", "Describe the image.", "...")) == []
+
+
+def test_attention_targets_point_from_each_answer_row_to_the_named_objects(tiny):
+    from unipic.world.examples import i2t_example
+
+    model, tokenizer = tiny
+    cfg = DataConfig(tasks={"i2t": 1}, batch_size=4, image_size=64, i2t_questions=3, world_seed=5)
+    examples = TaskData(cfg, 0, 1).next_examples("i2t")
+    batch = BatchBuilder(model, tokenizer, cfg)("i2t", examples, np.random.default_rng(0))
+    query, target = batch["attend_query"], batch["attend_target"]
+    assert len(query) == sum(1 for ex in examples for boxes in ex["named_boxes"] if boxes) > 0
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    for (row, position), cells in zip(query.tolist(), target):
+        # The query row is the last prompt row: it predicts the answer's first token.
+        assert batch["labels"][row, position] == -100 and batch["labels"][row, position + 1] >= 0
+        assert cells.any() and bool((batch["input_ids"][row][cells] == image_id).all())
+    # The first turn of example 0: its cells are those its named objects' boxes cover on the 4×4 grid.
+    first = i2t_example(5, examples[0]["example_id"])
+    from unipic.world.questions import named_objects
+
+    named = named_objects(first.scene, first.question)
+    if named:
+        grid = model.understanding_grid(64)
+        expected = set()
+        for obj in named:
+            x0, y0, x1, y1 = obj.box
+            expected |= {r * grid[1] + c for r in range(int(y0 * grid[0]), min(int(y1 * grid[0] - 1e-6), grid[0] - 1) + 1)
+                         for c in range(int(x0 * grid[1]), min(int(x1 * grid[1] - 1e-6), grid[1] - 1) + 1)}
+        image_rows = torch.nonzero(batch["input_ids"][0] == image_id).flatten()
+        found = {int((image_rows == p).nonzero()) for p in torch.nonzero(target[0]).flatten()}
+        assert query[0, 0] == 0 and found == expected
+
+
+def test_head_attention_equals_the_layers_eager_weights(tiny):
+    from unipic.training.losses import head_attention
+
+    model, _ = tiny
+    llm = model.llm.model
+    torch.manual_seed(0)
+    embeds = torch.randn(2, 9, model.config.llm.hidden_size)
+    mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3])
+    captured: dict = {}
+    layer = llm.layers[1].self_attn
+    hook = layer.register_forward_pre_hook(lambda _, args, kwargs: captured.update(kwargs), with_kwargs=True)
+    previous = llm.config._attn_implementation
+    try:
+        llm.config._attn_implementation = "eager"
+        with torch.no_grad():
+            out = llm(inputs_embeds=embeds, attention_mask=mask, output_attentions=True)
+    finally:
+        llm.config._attn_implementation = previous
+        hook.remove()
+    query = torch.tensor([[0, 8], [1, 5], [0, 3]])
+    for head in range(model.config.llm.num_attention_heads):
+        with torch.no_grad():
+            mine = head_attention(layer, captured["hidden_states"], captured["position_embeddings"], mask, query, head)
+        eager = out.attentions[1][query[:, 0], head, query[:, 1]]  # (K, T)
+        torch.testing.assert_close(mine, eager, atol=1e-5, rtol=1e-4)
+    assert bool((mine[1, 6:] == 0).all()) and bool((mine[2, 4:] == 0).all())  # padding and the future get nothing
+
+
 def test_prompt_dropout_and_repeat_examples(tiny):
     model, tokenizer = tiny
     cfg = DataConfig(tasks={"t2i": 1, "edit": 1}, batch_size=4, image_size=64, unconditional_prob=1.0,

@@ -97,6 +97,8 @@ class LossConfig:
     token_probe: float = 0.0  # weight of a training-only linear regression of each hidden token from z
     object_weight: float = 0.0  # t2i/edit: extra diffusion-loss weight on object tokens (unlike the image's median token)
     object_readout: float = 0.0  # i2t, world data: weight of training-only read-outs of each object's shape and colour
+    attend_named: float = 0.0  # i2t, world data: weight of the attention-supervision loss on one LLM head (see docs)
+    attend_layer: int = 1  # the LLM layer whose head 0 loss.attend_named supervises
     vae_l1: float = 1.0  # stage vae: per-pixel L1
     vae_l2: float = 1.0  # stage vae: per-pixel squared error
     vae_kl: float = 1e-6  # stage vae: KL (summed over latents, divided by pixel count: LDM's balance)

@@ -72,11 +72,17 @@ class TaskSource:
             example, world = self._stream.example(example_id, with_world=True)
             objects = [(o.cx, o.cy, o.shape, o.color) for o in world.scene.objects]
             row = {**example, "example_id": example_id, "objects": objects}
+            from unipic.world.questions import named_objects
+
+            questions = [world.question]
             if self.questions > 1:
                 from unipic.world.examples import extra_questions
 
                 more = extra_questions(self.seed, example_id, world.scene, world.question, self.questions - 1)
                 row["more_questions"] = [(q.question, q.answer) for q in more]
+                questions += more
+            # Per turn, the boxes of the objects its question names (for loss.attend_named).
+            row["named_boxes"] = [[o.box for o in named_objects(world.scene, q)] for q in questions]
             return row
         n = len(self._folder)
         epoch, offset = divmod(index, n)
@@ -219,25 +225,54 @@ class BatchBuilder:
         image_token = self.config.image_token
         count = self.model.num_understanding_tokens(self.size)
         suffix = self.config.prompt_template["SUFFIX"]
-        sequences, labels = [], []
+        sequences, labels, answer_rows = [], [], []
         for ex in examples:
             prompt = self._prompt(f"{image_token}\n{self._truncate(ex['question'].strip())}")
             turns = [(expand_image_placeholder(prompt, image_token, count), ex["answer"])]
             # Further turns about the same image: more supervised answers per encoded image.
             turns += [("\n" + self._prompt(self._truncate(q.strip())), a) for q, a in ex.get("more_questions", ())]
-            sequence, label = [], []
+            sequence, label, rows = [], [], []
             for turn, answer in turns:
                 turn_ids = self._ids(turn)
                 answer_ids = self._ids(self._truncate(answer.strip()) + suffix)
+                rows.append(len(sequence) + len(turn_ids) - 1)  # the row that predicts the answer's first token
                 sequence += turn_ids + answer_ids
                 label += [-100] * len(turn_ids) + answer_ids
             sequences.append(sequence)
             labels.append(label)
+            answer_rows.append(rows)
         batch = self._pad(sequences, labels)
         batch["pixels"] = self._pixels([ex["image"] for ex in examples], pad=True)
         if all("objects" in ex for ex in examples):
             batch["object_index"], batch["object_labels"] = self._object_targets(examples)
+        if all("named_boxes" in ex for ex in examples):
+            batch["attend_query"], batch["attend_target"] = self._attention_targets(examples, batch["input_ids"],
+                                                                                    answer_rows)
         return batch
+
+    def _attention_targets(self, examples: Sequence[dict], input_ids: torch.Tensor,
+                           answer_rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, 2) (batch row, answer row) of every turn that names an object, and (K, T) bool: the
+        `<image>` rows of the token cells that those objects' boxes cover."""
+        rows, cols = self.model.understanding_grid(self.size)
+        image_id = self.model.image_token_id
+        queries, targets = [], []
+        for b, ex in enumerate(examples):
+            image_positions = torch.nonzero(input_ids[b] == image_id).flatten()  # grid cells first (MAR: buffers last)
+            for answer_row, boxes in zip(answer_rows[b], ex["named_boxes"]):
+                if not boxes:
+                    continue
+                target = torch.zeros(input_ids.shape[1], dtype=torch.bool)
+                for x0, y0, x1, y1 in boxes:
+                    # Cells the box overlaps; the epsilon keeps an edge on a cell border out of the next cell.
+                    for r in range(max(int(y0 * rows), 0), min(int(y1 * rows - 1e-6), rows - 1) + 1):
+                        for c in range(max(int(x0 * cols), 0), min(int(x1 * cols - 1e-6), cols - 1) + 1):
+                            target[image_positions[r * cols + c]] = True
+                queries.append((b, answer_row))
+                targets.append(target)
+        if not queries:
+            return torch.zeros((0, 2), dtype=torch.long), torch.zeros((0, input_ids.shape[1]), dtype=torch.bool)
+        return torch.tensor(queries, dtype=torch.long), torch.stack(targets)
 
     def _object_targets(self, examples: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, 2) (row, feature index of the token under the object's centre) and (K, 2) (shape,

@@ -35,7 +35,9 @@ from unipic.training.losses import (
     ObjectReadout,
     TokenProbe,
     edit_loss,
+    head_attention,
     image_to_text_loss,
+    named_attention_loss,
     text_to_image_loss,
 )
 from unipic.training.monitor import quick_eval, save_samples, unipic_samples, vae_eval
@@ -58,7 +60,8 @@ class UniPicLoss(nn.Module):
     """Weighted loss of one task's batch; returns {"loss": weighted, "loss_<task>": raw (detached)}."""
 
     def __init__(self, model, weights: dict[str, float], token_probe: float = 0.0, grad_scale: float = 0.1,
-                 object_weight: float = 0.0, object_readout: float = 0.0) -> None:
+                 object_weight: float = 0.0, object_readout: float = 0.0, attend_named: float = 0.0,
+                 attend_layer: int = 1) -> None:
         super().__init__()
         self.model = model
         self.weights = dict(weights)
@@ -66,6 +69,7 @@ class UniPicLoss(nn.Module):
         self.object_weight = object_weight
         config = model.config
         self.probe = TokenProbe(config.mar.decoder_embed_dim, config.token_dim, token_probe) if token_probe > 0 else None
+        self.attend_named, self.attend_layer = attend_named, attend_layer
         self.readout = None
         if object_readout > 0:
             from unipic.world.spec import COLORS, SHAPES
@@ -74,7 +78,7 @@ class UniPicLoss(nn.Module):
 
     def forward(self, task: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict:
         m = self.model
-        readout = None  # understanding's object read-out loss, when on (i2t world batches)
+        readout = attend = None  # understanding's object read-out and attention losses, when on (i2t world batches)
         # Cached VAE tokens (finite data) stand in for encoding the pixels again.
         if task == "t2i":
             raw = text_to_image_loss(m, batch["pixels"], batch["input_ids"], batch["attention_mask"],
@@ -82,8 +86,24 @@ class UniPicLoss(nn.Module):
                                      object_weight=self.object_weight)
         elif task == "i2t":
             features = m.understanding_features(batch["pixels"], tokens=batch.get("pixels_tokens"))
-            raw = image_to_text_loss(m, batch["pixels"], batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                     grad_scale=self.grad_scale, features=features)
+            attend_on = self.attend_named > 0 and len(batch.get("attend_query", ())) > 0
+            layer_input: dict = {}
+            if attend_on:
+                # The supervised head's weights are recomputed from the layer's input, so the LLM
+                # itself keeps its fast attention kernel.
+                layer = m.llm.model.layers[self.attend_layer].self_attn
+                hook = layer.register_forward_pre_hook(lambda _, args, kwargs: layer_input.update(kwargs),
+                                                       with_kwargs=True)
+            try:
+                raw = image_to_text_loss(m, batch["pixels"], batch["input_ids"], batch["attention_mask"],
+                                         batch["labels"], grad_scale=self.grad_scale, features=features)
+            finally:
+                if attend_on:
+                    hook.remove()
+            if attend_on:
+                weights = head_attention(layer, layer_input["hidden_states"], layer_input["position_embeddings"],
+                                         batch["attention_mask"], batch["attend_query"])
+                attend = named_attention_loss(weights, batch["attend_target"])
             if self.readout is not None and "object_index" in batch:
                 readout = self.readout.loss(features, batch["object_index"], batch["object_labels"])
         elif task == "edit":
@@ -97,6 +117,9 @@ class UniPicLoss(nn.Module):
         if readout is not None:
             out["loss"] = out["loss"] + self.readout.weight * readout
             out["loss_readout"] = readout.detach().float()
+        if attend is not None:
+            out["loss"] = out["loss"] + self.attend_named * attend
+            out["loss_attend"] = attend.detach().float()
         return out
 
 
@@ -128,13 +151,18 @@ class UniPicJob:
         except ValueError as error:
             raise UserError(f"model.sampling: {error}") from None
         apply_freezing(model, config.model)
+        layers = model.config.llm.num_hidden_layers
+        if config.loss.attend_named < 0 or not 0 <= config.loss.attend_layer < layers:
+            raise UserError(f"loss.attend_named must be >= 0 and loss.attend_layer in 0..{layers - 1}, got "
+                            f"{config.loss.attend_named} and {config.loss.attend_layer}")
         self.model, self.tokenizer = model.train(), tokenizer
         # The loss's own parts (probe, read-outs) are initialised from the run's seed, not from
         # whatever the global RNG holds, so that two runs of one config are identical.
         with torch.random.fork_rng():
             torch.manual_seed(config.seed)
             self.module = UniPicLoss(model, config.loss.weights, config.loss.token_probe, config.loss.grad_scale,
-                                     config.loss.object_weight, config.loss.object_readout)
+                                     config.loss.object_weight, config.loss.object_readout,
+                                     config.loss.attend_named, config.loss.attend_layer)
         # Resuming restores the loss's own parts from the checkpoint; a stage that starts from the
         # previous stage's result continues with that run's probe and read-outs when it saved them
         # (a fresh probe would first pull z towards its random read-out).
@@ -152,6 +180,8 @@ class UniPicJob:
         self.metric_names = [f"loss_{t}" for t in config.active_tasks]
         if self.module.readout is not None and "i2t" in config.active_tasks:
             self.metric_names.append("loss_readout")
+        if config.loss.attend_named > 0 and "i2t" in config.active_tasks:
+            self.metric_names.append("loss_attend")
         self.eval_names = [f"eval_{t}" for t in config.active_tasks]
         logger.info("model: %s", parameter_summary(model))
 

@@ -143,6 +143,41 @@ class ObjectReadout(nn.Module):
         return F.cross_entropy(self.shape(picked), labels[:, 0]) + F.cross_entropy(self.color(picked), labels[:, 1])
 
 
+def head_attention(attention: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                   attention_mask: torch.Tensor, query: torch.Tensor, head: int = 0) -> torch.Tensor:
+    """One head's attention weights from chosen rows, recomputed from a Qwen2 attention layer's input.
+
+    hidden: (B, T, hidden) the layer's normalised input; position_embeddings: its rotary (cos, sin),
+    each (B, T, head_dim); attention_mask: (B, T) key validity (right padding); query: (K, 2) (batch
+    row, query row). Returns (K, T) softmax weights over the keys (causal, padding masked), equal to
+    the weights the layer's eager attention computes for that head.
+    """
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    head_dim = attention.head_dim
+    kv_head = head // attention.num_key_value_groups  # grouped-query attention: heads share K/V in groups
+    rows, positions = query[:, 0], query[:, 1]
+    states = hidden[rows]  # (K, T, hidden)
+    q = attention.q_proj(states[torch.arange(len(rows)), positions])  # (K, heads·head_dim)
+    q = q.view(len(rows), -1, head_dim)[:, head]  # (K, head_dim)
+    k = attention.k_proj(states).view(len(rows), states.shape[1], -1, head_dim)[:, :, kv_head]  # (K, T, head_dim)
+    # Without explicit position ids the rotary tables have a batch axis of one: broadcast it first.
+    cos, sin = (table.expand(hidden.shape[0], -1, -1)[rows] for table in position_embeddings)  # (K, T, head_dim)
+    q_cos, q_sin = cos[torch.arange(len(rows)), positions], sin[torch.arange(len(rows)), positions]  # (K, head_dim)
+    # apply_rotary_pos_emb expects (batch, heads, length, dim): give q and k a heads axis of one.
+    q, _ = apply_rotary_pos_emb(q[:, None, None], q[:, None, None], q_cos[:, None], q_sin[:, None])
+    _, k = apply_rotary_pos_emb(k[:, None], k[:, None], cos, sin)
+    scores = (k[:, 0] @ q[:, 0, 0, :, None]).squeeze(-1) * attention.scaling  # (K, T)
+    keys = torch.arange(states.shape[1], device=hidden.device)
+    visible = attention_mask[rows].bool() & (keys[None] <= positions[:, None])
+    return scores.float().masked_fill(~visible, float("-inf")).softmax(-1)
+
+
+def named_attention_loss(weights: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """−log of the attention mass (K, T) that falls on the target rows (K, T), averaged over queries."""
+    return -(weights * target).sum(-1).clamp(min=1e-6).log().mean()
+
+
 def image_to_text_loss(model, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        labels: torch.Tensor, tokens: torch.Tensor | None = None, grad_scale: float = 0.1,
                        features: torch.Tensor | None = None) -> torch.Tensor:

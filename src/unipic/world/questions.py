@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from unipic.world.scene import Scene, relation_holds
-from unipic.world.spec import OPPOSITE, PLURALS, REL_SAFETY, REL_T, RELATIONS, SHAPES
+from unipic.world.spec import OPPOSITE, PLURALS, REL_SAFETY, REL_T, RELATIONS, SHAPES, SINGULARS
 from unipic.world.text import NUMBER_WORDS, canonical_caption, join_list, named_pairs, normalize, noun_phrase
 
 QUESTION_KINDS = ("caption", "count", "color", "shape", "relation")
@@ -73,6 +73,19 @@ def relation_questions(scene: Scene, margin: float = REL_T + REL_SAFETY) -> list
                 if yes or relation_holds(OPPOSITE[rel], a, b, margin):
                     out.append(Question("relation", f"Is the {a.shape} {rel} the {b.shape}?", "yes" if yes else "no"))
     return out
+
+
+def named_objects(scene: Scene, question: Question) -> list:
+    """The objects a question points at, the ones its answer has to look at: every object of the
+    named shape (count; none for a count of zero), the one of the named shape (color), the one of
+    the named color (shape), both named shapes (relation); none for a caption."""
+    words = set(question.question.rstrip("?.").split())
+    if question.kind == "shape":
+        return [o for o in scene.objects if o.color in words]
+    if question.kind in ("count", "color", "relation"):
+        shapes = {SINGULARS.get(w, w) for w in words}
+        return [o for o in scene.objects if o.shape in shapes]
+    return []
 
 
 def sample_question(rng: np.random.Generator, scene: Scene, kind: str) -> Question | None:
