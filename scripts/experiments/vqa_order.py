@@ -34,7 +34,9 @@ from unipic.sampling.prompts import images_to_tensor
 from unipic.tokenizer import load_tokenizer
 from unipic.world import render
 from unipic.world.examples import i2t_eval_set, i2t_example
-from unipic.world.spec import COLORS, SHAPES, SINGULARS
+from unipic.world.questions import named_objects
+from unipic.world.scene import covered_cells
+from unipic.world.spec import COLORS, SHAPES
 from unipic.world.text import NUMBER_WORDS
 
 KINDS = ("count", "color", "shape", "relation")
@@ -66,15 +68,8 @@ def named_rows(examples: list, num_tokens: int) -> torch.Tensor:
     side = int(num_tokens ** 0.5)
     rows = torch.zeros(len(examples), num_tokens, dtype=torch.bool)
     for n, e in enumerate(examples):
-        words = set(e.question.question.rstrip("?").split())
-        named_shapes = {SINGULARS.get(w, w) for w in words} & set(SHAPES)
-        named_colors = words & set(COLORS)
-        for o in e.scene.objects:
-            if o.shape in named_shapes if e.question.kind != "shape" else o.color in named_colors:
-                x0, y0, x1, y1 = o.box
-                for r in range(int(y0 * side), min(int(y1 * side - 1e-6), side - 1) + 1):
-                    for c in range(int(x0 * side), min(int(x1 * side - 1e-6), side - 1) + 1):
-                        rows[n, r * side + c] = True
+        for o in named_objects(e.scene, e.question):
+            rows[n, covered_cells(o.box, side, side)] = True
     return rows
 
 

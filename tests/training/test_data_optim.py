@@ -101,15 +101,12 @@ def test_attention_targets_point_from_each_answer_row_to_the_named_objects(tiny)
     # The first turn of example 0: its cells are those its named objects' boxes cover on the 4×4 grid.
     first = i2t_example(5, examples[0]["example_id"])
     from unipic.world.questions import named_objects
+    from unipic.world.scene import covered_cells
 
     named = named_objects(first.scene, first.question)
     if named:
-        grid = model.understanding_grid(64)
-        expected = set()
-        for obj in named:
-            x0, y0, x1, y1 = obj.box
-            expected |= {r * grid[1] + c for r in range(int(y0 * grid[0]), min(int(y1 * grid[0] - 1e-6), grid[0] - 1) + 1)
-                         for c in range(int(x0 * grid[1]), min(int(x1 * grid[1] - 1e-6), grid[1] - 1) + 1)}
+        rows, cols = model.understanding_grid(64)
+        expected = {cell for obj in named for cell in covered_cells(obj.box, rows, cols)}
         image_rows = torch.nonzero(batch["input_ids"][0] == image_id).flatten()
         found = {int((image_rows == p).nonzero()) for p in torch.nonzero(target[0]).flatten()}
         assert query[0, 0] == 0 and found == expected
@@ -141,6 +138,14 @@ def test_head_attention_equals_the_layers_eager_weights(tiny):
         eager = out.attentions[1][query[:, 0], head, query[:, 1]]  # (K, T)
         torch.testing.assert_close(mine, eager, atol=1e-5, rtol=1e-4)
     assert bool((mine[1, 6:] == 0).all()) and bool((mine[2, 4:] == 0).all())  # padding and the future get nothing
+
+
+def test_covered_cells():
+    from unipic.world.scene import covered_cells
+
+    assert covered_cells((0.0, 0.0, 0.25, 0.25), 4, 4) == [0]  # an edge on a border stays out of the next cell
+    assert covered_cells((0.2, 0.3, 0.3, 0.55), 4, 4) == [4, 5, 8, 9]
+    assert covered_cells((0.9, 0.9, 1.0, 1.0), 4, 4) == [15]
 
 
 def test_prompt_dropout_and_repeat_examples(tiny):

@@ -254,6 +254,8 @@ class BatchBuilder:
                            answer_rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, 2) (batch row, answer row) of every turn that names an object, and (K, T) bool: the
         `<image>` rows of the token cells that those objects' boxes cover."""
+        from unipic.world.scene import covered_cells
+
         rows, cols = self.model.understanding_grid(self.size)
         image_id = self.model.image_token_id
         queries, targets = [], []
@@ -263,11 +265,8 @@ class BatchBuilder:
                 if not boxes:
                     continue
                 target = torch.zeros(input_ids.shape[1], dtype=torch.bool)
-                for x0, y0, x1, y1 in boxes:
-                    # Cells the box overlaps; the epsilon keeps an edge on a cell border out of the next cell.
-                    for r in range(max(int(y0 * rows), 0), min(int(y1 * rows - 1e-6), rows - 1) + 1):
-                        for c in range(max(int(x0 * cols), 0), min(int(x1 * cols - 1e-6), cols - 1) + 1):
-                            target[image_positions[r * cols + c]] = True
+                for box in boxes:
+                    target[image_positions[covered_cells(box, rows, cols)]] = True
                 queries.append((b, answer_row))
                 targets.append(target)
         if not queries:

@@ -142,6 +142,14 @@ class Scene:
                     raise ValueError(f"objects {i} and {j} are closer than the gap {GAP}")
 
 
+def covered_cells(box: tuple[float, float, float, float], rows: int, cols: int) -> list[int]:
+    """Raster indices of the cells of a rows × cols grid over the canvas that a box (x0, y0, x1, y1,
+    fractions of S) overlaps; an edge lying on a cell border does not reach into the next cell."""
+    row_range = range(max(int(box[1] * rows), 0), min(math.ceil(box[3] * rows) - 1, rows - 1) + 1)
+    col_range = range(max(int(box[0] * cols), 0), min(math.ceil(box[2] * cols) - 1, cols - 1) + 1)
+    return [r * cols + c for r in row_range for c in col_range]
+
+
 def box_gap(a: WorldObject, b: WorldObject) -> float:
     """Separation of two boxes (negative when they overlap): the larger of the x and y gaps."""
     half = (a.size + b.size) / 2
