@@ -75,19 +75,6 @@ def relation_questions(scene: Scene, margin: float = REL_T + REL_SAFETY) -> list
     return out
 
 
-def named_objects(scene: Scene, question: Question) -> list:
-    """The objects a question points at, the ones its answer has to look at: every object of the
-    named shape (count; none for a count of zero), the one of the named shape (color), the one of
-    the named color (shape), both named shapes (relation); none for a caption."""
-    words = set(question.question.rstrip("?.").split())
-    if question.kind == "shape":
-        return [o for o in scene.objects if o.color in words]
-    if question.kind in ("count", "color", "relation"):
-        shapes = {SINGULARS.get(w, w) for w in words}
-        return [o for o in scene.objects if o.shape in shapes]
-    return []
-
-
 def sample_question(rng: np.random.Generator, scene: Scene, kind: str) -> Question | None:
     """One random question of `kind` about `scene`, or None when the scene allows none.
 
@@ -127,7 +114,6 @@ def score_answer(question: Question, prediction: str) -> dict:
     return {"correct": multiset, "multiset": multiset, "strict": multiset and got == want}
 
 
-_PLURAL_TO_SHAPE = {p: s for s, p in PLURALS.items()}
 _QUESTION_PATTERNS = [
     ("caption", re.compile(r"describe the image")),
     ("count", re.compile(r"how many (\w+) are there\?")),
@@ -137,33 +123,60 @@ _QUESTION_PATTERNS = [
 ]
 
 
+def _parse_question(question: str) -> tuple[str, re.Match] | None:
+    """(kind, match of its pattern) for one of the five question forms, or None."""
+    text = normalize(question)
+    for kind, pattern in _QUESTION_PATTERNS:
+        m = pattern.fullmatch(text)
+        if m is not None:
+            return kind, m
+    return None
+
+
 def answer_question(objects: Sequence, question: str) -> str | None:
     """The correct answer to one of the five question forms about `objects` (scene objects or
     judge detections: anything with color, shape, cx, cy), or None when the question is not one
     of the forms or does not apply (e.g. its shape does not occur exactly once)."""
-    text = normalize(question)
-    for kind, pattern in _QUESTION_PATTERNS:
-        m = pattern.fullmatch(text)
-        if m is None:
-            continue
-        if kind == "caption":
-            ordered = sorted(objects, key=lambda o: (o.cx, o.cy))
-            return join_list([noun_phrase(o.color, o.shape) for o in ordered])
-        if kind == "count":
-            shape = _PLURAL_TO_SHAPE.get(m.group(1))
-            if shape is None:
-                return None
-            n = sum(o.shape == shape for o in objects)
-            return NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
-        if kind == "color":
-            found = [o for o in objects if o.shape == m.group(1)]
-            return found[0].color if len(found) == 1 else None
-        if kind == "shape":
-            found = [o for o in objects if o.color == m.group(1)]
-            return found[0].shape if len(found) == 1 else None
-        a = [o for o in objects if o.shape == m.group(1)]
-        b = [o for o in objects if o.shape == m.group(3)]
-        if len(a) != 1 or len(b) != 1:
+    parsed = _parse_question(question)
+    if parsed is None:
+        return None
+    kind, m = parsed
+    if kind == "caption":
+        ordered = sorted(objects, key=lambda o: (o.cx, o.cy))
+        return join_list([noun_phrase(o.color, o.shape) for o in ordered])
+    if kind == "count":
+        shape = SINGULARS.get(m.group(1))
+        if shape is None:
             return None
-        return "yes" if relation_holds(m.group(2), a[0], b[0]) else "no"
-    return None
+        n = sum(o.shape == shape for o in objects)
+        return NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
+    if kind == "color":
+        found = [o for o in objects if o.shape == m.group(1)]
+        return found[0].color if len(found) == 1 else None
+    if kind == "shape":
+        found = [o for o in objects if o.color == m.group(1)]
+        return found[0].shape if len(found) == 1 else None
+    a = [o for o in objects if o.shape == m.group(1)]
+    b = [o for o in objects if o.shape == m.group(3)]
+    if len(a) != 1 or len(b) != 1:
+        return None
+    return "yes" if relation_holds(m.group(2), a[0], b[0]) else "no"
+
+
+def named_objects(scene: Scene, question: Question) -> list:
+    """The objects a question points at, the ones its answer has to look at: every object of the
+    named shape (count; none for a count of zero), the one of the named shape (color), the one of
+    the named color (shape), both named shapes (relation); none for a caption."""
+    parsed = _parse_question(question.question)
+    if parsed is None or parsed[0] == "caption":
+        return []
+    kind, m = parsed
+    if kind == "shape":
+        return [o for o in scene.objects if o.color == m.group(1)]
+    if kind == "count":
+        shapes = {SINGULARS.get(m.group(1))}
+    elif kind == "relation":
+        shapes = {m.group(1), m.group(3)}
+    else:  # color
+        shapes = {m.group(1)}
+    return [o for o in scene.objects if o.shape in shapes]
