@@ -113,24 +113,21 @@ def test_attention_targets_point_from_each_answer_row_to_the_named_objects(tiny)
 
 
 def test_head_attention_equals_the_layers_eager_weights(tiny):
-    from unipic.training.losses import head_attention
+    from unipic.training.losses import captured_inputs, head_attention
 
     model, _ = tiny
     llm = model.llm.model
     torch.manual_seed(0)
     embeds = torch.randn(2, 9, model.config.llm.hidden_size)
     mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3])
-    captured: dict = {}
     layer = llm.layers[1].self_attn
-    hook = layer.register_forward_pre_hook(lambda _, args, kwargs: captured.update(kwargs), with_kwargs=True)
     previous = llm.config._attn_implementation
     try:
         llm.config._attn_implementation = "eager"
-        with torch.no_grad():
+        with captured_inputs(layer) as captured, torch.no_grad():
             out = llm(inputs_embeds=embeds, attention_mask=mask, output_attentions=True)
     finally:
         llm.config._attn_implementation = previous
-        hook.remove()
     query = torch.tensor([[0, 8], [1, 5], [0, 3]])
     for head in range(model.config.llm.num_attention_heads):
         with torch.no_grad():

@@ -34,6 +34,7 @@ from unipic.training.data import BatchBuilder, vae_pixels
 from unipic.training.losses import (
     ObjectReadout,
     TokenProbe,
+    captured_inputs,
     edit_loss,
     head_attention,
     image_to_text_loss,
@@ -87,19 +88,12 @@ class UniPicLoss(nn.Module):
         elif task == "i2t":
             features = m.understanding_features(batch["pixels"], tokens=batch.get("pixels_tokens"))
             attend_on = self.attend_named > 0 and len(batch.get("attend_query", ())) > 0
-            layer_input: dict = {}
-            if attend_on:
-                # The supervised head's weights are recomputed from the layer's input, so the LLM
-                # itself keeps its fast attention kernel.
-                layer = m.llm.model.layers[self.attend_layer].self_attn
-                hook = layer.register_forward_pre_hook(lambda _, args, kwargs: layer_input.update(kwargs),
-                                                       with_kwargs=True)
-            try:
+            # The supervised head's weights are recomputed from the layer's input, so the LLM itself
+            # keeps its fast attention kernel.
+            layer = m.llm.model.layers[self.attend_layer].self_attn
+            with captured_inputs(layer, active=attend_on) as layer_input:
                 raw = image_to_text_loss(m, batch["pixels"], batch["input_ids"], batch["attention_mask"],
                                          batch["labels"], grad_scale=self.grad_scale, features=features)
-            finally:
-                if attend_on:
-                    hook.remove()
             if attend_on:
                 weights = head_attention(layer, layer_input["hidden_states"], layer_input["position_embeddings"],
                                          batch["attention_mask"], batch["attend_query"])

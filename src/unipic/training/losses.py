@@ -9,6 +9,9 @@ is a training setting, passed to each loss, not part of the model's config.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -143,6 +146,19 @@ class ObjectReadout(nn.Module):
         return F.cross_entropy(self.shape(picked), labels[:, 0]) + F.cross_entropy(self.color(picked), labels[:, 1])
 
 
+@contextmanager
+def captured_inputs(module: nn.Module, active: bool = True) -> Iterator[dict]:
+    """While open, the dict holds the keyword inputs of `module`'s latest call (nothing when inactive)."""
+    inputs: dict = {}
+    hook = module.register_forward_pre_hook(lambda _, args, kwargs: inputs.update(kwargs),
+                                            with_kwargs=True) if active else None
+    try:
+        yield inputs
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
 def head_attention(attention: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                    attention_mask: torch.Tensor, query: torch.Tensor, head: int = 0) -> torch.Tensor:
     """One head's attention weights from chosen rows, recomputed from a Qwen2 attention layer's input.
@@ -157,13 +173,14 @@ def head_attention(attention: nn.Module, hidden: torch.Tensor, position_embeddin
     head_dim = attention.head_dim
     kv_head = head // attention.num_key_value_groups  # grouped-query attention: heads share K/V in groups
     rows, positions = query[:, 0], query[:, 1]
+    each = torch.arange(len(rows), device=hidden.device)
     states = hidden[rows]  # (K, T, hidden)
-    q = attention.q_proj(states[torch.arange(len(rows)), positions])  # (K, heads·head_dim)
+    q = attention.q_proj(states[each, positions])  # (K, heads·head_dim)
     q = q.view(len(rows), -1, head_dim)[:, head]  # (K, head_dim)
     k = attention.k_proj(states).view(len(rows), states.shape[1], -1, head_dim)[:, :, kv_head]  # (K, T, head_dim)
     # Without explicit position ids the rotary tables have a batch axis of one: broadcast it first.
     cos, sin = (table.expand(hidden.shape[0], -1, -1)[rows] for table in position_embeddings)  # (K, T, head_dim)
-    q_cos, q_sin = cos[torch.arange(len(rows)), positions], sin[torch.arange(len(rows)), positions]  # (K, head_dim)
+    q_cos, q_sin = cos[each, positions], sin[each, positions]  # (K, head_dim)
     # apply_rotary_pos_emb expects (batch, heads, length, dim): give q and k a heads axis of one.
     q, _ = apply_rotary_pos_emb(q[:, None, None], q[:, None, None], q_cos[:, None], q_sin[:, None])
     _, k = apply_rotary_pos_emb(k[:, None], k[:, None], cos, sin)
