@@ -34,7 +34,7 @@ from unipic.sampling.prompts import images_to_tensor
 from unipic.tokenizer import load_tokenizer
 from unipic.world import render
 from unipic.world.examples import i2t_eval_set, i2t_example
-from unipic.world.questions import named_objects
+from unipic.world.questions import _parse_question, named_objects
 from unipic.world.scene import covered_cells
 from unipic.world.spec import COLORS, SHAPES
 from unipic.world.text import NUMBER_WORDS
@@ -62,14 +62,17 @@ def encode_examples(examples: list, vae_model, tokenizer, size: int = 128) -> di
             **object_labels(examples, token_rows[0].shape[1])}
 
 
-def named_rows(examples: list, num_tokens: int) -> torch.Tensor:
-    """(N, L) bool: the token cells covered by the object(s) each question names (none for a
-    count of zero): the rows an answer has to look at."""
+def named_rows(examples: list, num_tokens: int, split_relation: bool = False) -> torch.Tensor:
+    """(N, 2, L) bool: per head, the token cells covered by the object(s) each question names (none
+    for a count of zero): the rows an answer has to look at. All go to head 0, unless
+    `split_relation`: then a relation question's first shape goes to head 0 and its second to head 1."""
     side = int(num_tokens ** 0.5)
-    rows = torch.zeros(len(examples), num_tokens, dtype=torch.bool)
+    rows = torch.zeros(len(examples), 2, num_tokens, dtype=torch.bool)
     for n, e in enumerate(examples):
+        first = _parse_question(e.question.question)[1].group(1) if e.question.kind == "relation" else None
         for o in named_objects(e.scene, e.question):
-            rows[n, covered_cells(o.box, side, side)] = True
+            head = 1 if split_relation and first is not None and o.shape != first else 0
+            rows[n, head, covered_cells(o.box, side, side)] = True
     return rows
 
 
@@ -114,6 +117,7 @@ class Reader(nn.Module):
         self.head = nn.Linear(hidden, len(ANSWERS))
         self.shape_readout = nn.Linear(hidden, len(SHAPES) + 1)
         self.color_readout = nn.Linear(hidden, len(COLORS) + 1)
+        self.position_readout = nn.Linear(hidden, 2)
         self.image_rows: torch.Tensor | None = None
 
     def forward(self, tokens: torch.Tensor, question: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -169,6 +173,11 @@ def main() -> None:
     parser.add_argument("--attend", type=float, default=0.0,
                         help="weight of a loss that puts one head's attention from the last row on the named object's rows")
     parser.add_argument("--attend-layer", type=int, default=1, help="layer of that head (default 1)")
+    parser.add_argument("--aux-position", type=float, default=0.0,
+                        help="weight of a per-row regression of the row's own grid position (x, y in 0..1)")
+    parser.add_argument("--split-relation", action="store_true",
+                        help="with --attend: a relation question's first shape on head 0, its second on head 1")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="question kinds to train on (comma-separated)")
     parser.add_argument("--steps", type=int, default=3000, help="training steps (default 3000)")
     parser.add_argument("--batch", type=int, default=64, help="questions per step (default 64)")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
@@ -178,6 +187,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", default=None, help="JSON file for the curve")
     args = parser.parse_args()
+    if not set(args.kinds.split(",")) <= set(KINDS):
+        parser.error(f"--kinds takes some of {','.join(KINDS)}")
     if args.attend and args.order != "img_q":
         parser.error("--attend needs --order img_q (the image rows first)")
     torch.set_num_threads(args.threads)
@@ -195,7 +206,8 @@ def main() -> None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save((pool, test), cache)
     num_tokens = pool["tokens"].shape[1]
-    pool["named_rows"] = named_rows([i2t_example(21, i, kind=KINDS[i % 4]) for i in range(len(pool["answer"]))], num_tokens)
+    pool["named_rows"] = named_rows([i2t_example(21, i, kind=KINDS[i % 4]) for i in range(len(pool["answer"]))],
+                                    num_tokens, args.split_relation)
     # Scale tokens to unit spread (as the trained MAR sees them).
     spread = pool["tokens"].std()
     pool["tokens"], test["tokens"] = pool["tokens"] / spread, test["tokens"] / spread
@@ -204,28 +216,36 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 100))
     generator = torch.Generator().manual_seed(1)
-    allowed_by_phase = [torch.nonzero(pool["objects"] <= k).flatten() for k in (1, 2, 3)]
+    trained = torch.isin(pool["kind"], torch.tensor([KINDS.index(k) for k in args.kinds.split(",")]))
+    allowed_by_phase = [torch.nonzero((pool["objects"] <= k) & trained).flatten() for k in (1, 2, 3)]
+    every = torch.nonzero(trained).flatten()
     curve, start = [], time.perf_counter()
     for step in range(1, args.steps + 1):
         if step <= args.curriculum:
             allowed = allowed_by_phase[min(3 * (step - 1) // args.curriculum, 2)]
             idx = allowed[torch.randint(0, len(allowed), (args.batch,), generator=generator)]
         else:
-            idx = torch.randint(0, len(pool["answer"]), (args.batch,), generator=generator)
+            idx = every[torch.randint(0, len(every), (args.batch,), generator=generator)]
         logits = model(pool["tokens"][idx], pool["question"][idx], pool["mask"][idx])
         answer_loss = nn.functional.cross_entropy(logits, pool["answer"][idx])
         loss = answer_loss
         if args.attend:
-            target = pool["named_rows"][idx]  # (B, L)
-            has = target.any(1)
-            weights = model.attention[args.attend_layer][:, 0, -1, :target.shape[1]]  # head 0, last row → image rows
-            on_target = (weights * target).sum(1).clamp(min=1e-6)
+            target = pool["named_rows"][idx]  # (B, 2, L): heads 0 and 1
+            has = target.any(-1)
+            weights = model.attention[args.attend_layer][:, :2, -1, :target.shape[-1]]  # heads 0-1, last row → image rows
+            on_target = (weights * target).sum(-1).clamp(min=1e-6)
             loss = loss + args.attend * -(on_target.log() * has).sum() / has.sum().clamp(min=1)
         if args.aux:
             rows = model.image_rows  # (B, L, hidden)
             loss = loss + args.aux * (
                 nn.functional.cross_entropy(model.shape_readout(rows).flatten(0, 1), pool["token_shape"][idx].flatten())
                 + nn.functional.cross_entropy(model.color_readout(rows).flatten(0, 1), pool["token_color"][idx].flatten()))
+        if args.aux_position:
+            side = int(num_tokens ** 0.5)
+            centres = (torch.arange(side) + 0.5) / side
+            xy = torch.stack(torch.meshgrid(centres, centres, indexing="xy"), -1).reshape(1, num_tokens, 2)  # (1, L, 2)
+            predicted = model.position_readout(model.image_rows)  # (B, L, 2)
+            loss = loss + args.aux_position * nn.functional.mse_loss(predicted, xy.expand_as(predicted))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
