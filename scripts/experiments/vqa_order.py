@@ -76,6 +76,19 @@ def named_rows(examples: list, num_tokens: int, split_relation: bool = False) ->
     return rows
 
 
+def relation_signs(examples: list) -> torch.Tensor:
+    """(N, 2) float: for a relation question, whether its first shape lies left of and above its
+    second (centre against centre); -1 for other kinds."""
+    signs = torch.full((len(examples), 2), -1.0)
+    for n, e in enumerate(examples):
+        if e.question.kind == "relation":
+            first, second = named_objects(e.scene, e.question)
+            if first.shape != _parse_question(e.question.question)[1].group(1):
+                first, second = second, first
+            signs[n] = torch.tensor([float(first.cx < second.cx), float(first.cy < second.cy)])
+    return signs
+
+
 def object_labels(examples: list, num_tokens: int) -> dict[str, torch.Tensor]:
     """Per scene: its object count, and per token the shape and color of the object centred there
     (class `len(SHAPES)` / `len(COLORS)` where none is)."""
@@ -118,6 +131,8 @@ class Reader(nn.Module):
         self.shape_readout = nn.Linear(hidden, len(SHAPES) + 1)
         self.color_readout = nn.Linear(hidden, len(COLORS) + 1)
         self.position_readout = nn.Linear(hidden, 2)
+        self.compare_readout = nn.Linear(hidden, 2)
+        self.answer_hidden: torch.Tensor | None = None
         self.image_rows: torch.Tensor | None = None
 
     def forward(self, tokens: torch.Tensor, question: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -144,7 +159,8 @@ class Reader(nn.Module):
         out = self.llm(inputs_embeds=inputs, attention_mask=full_mask, position_ids=positions,
                        output_attentions=self.training)
         self.attention = out.attentions  # per layer (B, heads, T, T); image rows first in img_q
-        return self.head(out.last_hidden_state[:, -1])
+        self.answer_hidden = out.last_hidden_state[:, -1]  # kept for the training-only comparison read-out
+        return self.head(self.answer_hidden)
 
 
 def accuracy_by_kind(model: Reader, data: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -177,6 +193,8 @@ def main() -> None:
                         help="weight of a per-row regression of the row's own grid position (x, y in 0..1)")
     parser.add_argument("--split-relation", action="store_true",
                         help="with --attend: a relation question's first shape on head 0, its second on head 1")
+    parser.add_argument("--aux-compare", type=float, default=0.0,
+                        help="weight of a read-out, from the answer row, of whether a relation's first shape is left of / above its second")
     parser.add_argument("--kinds", default=",".join(KINDS), help="question kinds to train on (comma-separated)")
     parser.add_argument("--steps", type=int, default=3000, help="training steps (default 3000)")
     parser.add_argument("--batch", type=int, default=64, help="questions per step (default 64)")
@@ -206,6 +224,7 @@ def main() -> None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save((pool, test), cache)
     num_tokens = pool["tokens"].shape[1]
+    pool["relation_signs"] = relation_signs([i2t_example(21, i, kind=KINDS[i % 4]) for i in range(len(pool["answer"]))])
     pool["named_rows"] = named_rows([i2t_example(21, i, kind=KINDS[i % 4]) for i in range(len(pool["answer"]))],
                                     num_tokens, args.split_relation)
     # Scale tokens to unit spread (as the trained MAR sees them).
@@ -229,6 +248,7 @@ def main() -> None:
         logits = model(pool["tokens"][idx], pool["question"][idx], pool["mask"][idx])
         answer_loss = nn.functional.cross_entropy(logits, pool["answer"][idx])
         loss = answer_loss
+        extra_losses: dict[str, float] = {}
         if args.attend:
             target = pool["named_rows"][idx]  # (B, 2, L): heads 0 and 1
             has = target.any(-1)
@@ -246,12 +266,20 @@ def main() -> None:
             xy = torch.stack(torch.meshgrid(centres, centres, indexing="xy"), -1).reshape(1, num_tokens, 2)  # (1, L, 2)
             predicted = model.position_readout(model.image_rows)  # (B, L, 2)
             loss = loss + args.aux_position * nn.functional.mse_loss(predicted, xy.expand_as(predicted))
+        if args.aux_compare:
+            signs = pool["relation_signs"][idx]  # (B, 2); -1 off relation questions
+            asked = signs[:, 0] >= 0
+            if bool(asked.any()):
+                compare_loss = nn.functional.binary_cross_entropy_with_logits(
+                    model.compare_readout(model.answer_hidden[asked]), signs[asked])
+                loss = loss + args.aux_compare * compare_loss
+                extra_losses["compare_loss"] = round(compare_loss.item(), 3)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
         if step % args.eval_every == 0 or step == args.steps:
-            row = {"step": step, "minutes": round((time.perf_counter() - start) / 60, 2), "loss": round(answer_loss.item(), 3),
+            row = {"step": step, "minutes": round((time.perf_counter() - start) / 60, 2), "loss": round(answer_loss.item(), 3), **extra_losses,
                    **accuracy_by_kind(model, test)}
             curve.append(row)
             print(json.dumps(row), flush=True)
