@@ -62,6 +62,15 @@ def encode_examples(examples: list, vae_model, tokenizer, size: int = 128) -> di
             **object_labels(examples, token_rows[0].shape[1])}
 
 
+def relation_pair(e) -> tuple | None:
+    """A relation question's two objects in the question's order (first shape, second shape), else None."""
+    if e.question.kind != "relation":
+        return None
+    first_shape = _parse_question(e.question.question)[1].group(1)
+    a, b = named_objects(e.scene, e.question)
+    return (a, b) if a.shape == first_shape else (b, a)
+
+
 def named_rows(examples: list, num_tokens: int, split_relation: bool = False) -> torch.Tensor:
     """(N, 2, L) bool: per head, the token cells covered by the object(s) each question names (none
     for a count of zero): the rows an answer has to look at. All go to head 0, unless
@@ -69,10 +78,11 @@ def named_rows(examples: list, num_tokens: int, split_relation: bool = False) ->
     side = int(num_tokens ** 0.5)
     rows = torch.zeros(len(examples), 2, num_tokens, dtype=torch.bool)
     for n, e in enumerate(examples):
-        first = _parse_question(e.question.question)[1].group(1) if e.question.kind == "relation" else None
-        for o in named_objects(e.scene, e.question):
-            head = 1 if split_relation and first is not None and o.shape != first else 0
-            rows[n, head, covered_cells(o.box, side, side)] = True
+        pair = relation_pair(e) if split_relation else None
+        by_head = [[o] for o in pair] if pair else [named_objects(e.scene, e.question)]
+        for head, objects in enumerate(by_head):
+            for o in objects:
+                rows[n, head, covered_cells(o.box, side, side)] = True
     return rows
 
 
@@ -81,10 +91,9 @@ def relation_signs(examples: list) -> torch.Tensor:
     second (centre against centre); -1 for other kinds."""
     signs = torch.full((len(examples), 2), -1.0)
     for n, e in enumerate(examples):
-        if e.question.kind == "relation":
-            first, second = named_objects(e.scene, e.question)
-            if first.shape != _parse_question(e.question.question)[1].group(1):
-                first, second = second, first
+        pair = relation_pair(e)
+        if pair:
+            first, second = pair
             signs[n] = torch.tensor([float(first.cx < second.cx), float(first.cy < second.cy)])
     return signs
 
@@ -224,9 +233,9 @@ def main() -> None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save((pool, test), cache)
     num_tokens = pool["tokens"].shape[1]
-    pool["relation_signs"] = relation_signs([i2t_example(21, i, kind=KINDS[i % 4]) for i in range(len(pool["answer"]))])
-    pool["named_rows"] = named_rows([i2t_example(21, i, kind=KINDS[i % 4]) for i in range(len(pool["answer"]))],
-                                    num_tokens, args.split_relation)
+    pool_examples = [i2t_example(21, i, kind=KINDS[i % 4]) for i in range(len(pool["answer"]))]
+    pool["relation_signs"] = relation_signs(pool_examples)
+    pool["named_rows"] = named_rows(pool_examples, num_tokens, args.split_relation)
     # Scale tokens to unit spread (as the trained MAR sees them).
     spread = pool["tokens"].std()
     pool["tokens"], test["tokens"] = pool["tokens"] / spread, test["tokens"] / spread
@@ -238,6 +247,9 @@ def main() -> None:
     trained = torch.isin(pool["kind"], torch.tensor([KINDS.index(k) for k in args.kinds.split(",")]))
     allowed_by_phase = [torch.nonzero((pool["objects"] <= k) & trained).flatten() for k in (1, 2, 3)]
     every = torch.nonzero(trained).flatten()
+    side = int(num_tokens ** 0.5)
+    centres = (torch.arange(side) + 0.5) / side
+    xy = torch.stack(torch.meshgrid(centres, centres, indexing="xy"), -1).reshape(1, num_tokens, 2)  # cell centres (1, L, 2)
     curve, start = [], time.perf_counter()
     for step in range(1, args.steps + 1):
         if step <= args.curriculum:
@@ -261,9 +273,6 @@ def main() -> None:
                 nn.functional.cross_entropy(model.shape_readout(rows).flatten(0, 1), pool["token_shape"][idx].flatten())
                 + nn.functional.cross_entropy(model.color_readout(rows).flatten(0, 1), pool["token_color"][idx].flatten()))
         if args.aux_position:
-            side = int(num_tokens ** 0.5)
-            centres = (torch.arange(side) + 0.5) / side
-            xy = torch.stack(torch.meshgrid(centres, centres, indexing="xy"), -1).reshape(1, num_tokens, 2)  # (1, L, 2)
             predicted = model.position_readout(model.image_rows)  # (B, L, 2)
             loss = loss + args.aux_position * nn.functional.mse_loss(predicted, xy.expand_as(predicted))
         if args.aux_compare:
