@@ -71,11 +71,14 @@ def test_overrides_nested_with_dots_and_typed():
     ("model.freeze_vae=false", "only allowed in stage vae"),
     ("optim.ema_decay=1.0", "ema_decay"),
     ("data.source=folder", "data.folders.t2i"),
+    ("data.source=folder data.folders.t2i=x data.i2t_questions=2", "data.i2t_questions=2 needs data.source=world"),
+    ("data.source=folder data.folders.t2i=x loss.attend_named=1", "loss.attend_named=1.0 needs data.source=world"),
+    ("data.source=folder data.folders.t2i=x loss.object_readout=1", "loss.object_readout=1.0 needs"),
     ("noequals", "key=value"),
 ])
 def test_bad_values_are_user_errors(override, fragment):
     with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace("[", r"\[")):
-        load_config(None, ["stage=pretrain", override])
+        load_config(None, ["stage=pretrain", *override.split()])
 
 
 def test_defaults_are_the_paper_optimiser():

@@ -183,6 +183,15 @@ class TrainConfig:
                 raise UserError(f"data.tasks uses {task!r} but loss.weights has no weight for it; add loss.weights.{task}")
             if self.data.source == "folder" and task not in self.data.folders:
                 raise UserError(f"data.source=folder uses task {task!r}; give its folder as data.folders.{task}=DIR")
+        if self.data.source == "folder":
+            # These read the world's scene (its objects, each question's named objects); folder rows
+            # hold an image and one question, so the options would silently do nothing.
+            for key, value, off in (("data.i2t_questions", self.data.i2t_questions, 1),
+                                    ("loss.object_readout", self.loss.object_readout, 0),
+                                    ("loss.attend_named", self.loss.attend_named, 0)):
+                if value != off:
+                    raise UserError(f"{key}={value} needs data.source=world (it reads the world's scenes); "
+                                    f"set {key}={off} for folder data")
         if self.data.image_size <= 0 or self.data.image_size % 16:
             raise UserError(f"data.image_size={self.data.image_size} must be a positive multiple of 16")
         from unipic.world.examples import LAYOUTS
