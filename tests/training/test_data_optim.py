@@ -71,7 +71,7 @@ def test_several_questions_per_understanding_image(tiny):
 
 
 def test_named_objects_are_what_each_question_points_at():
-    from unipic.world.questions import Question, named_objects
+    from unipic.world.questions import Question, named_objects, relation_order
     from unipic.world.scene import Scene, WorldObject
 
     star, circle = WorldObject("red", "star", 0.3, 0.3, 0.2), WorldObject("blue", "circle", 0.7, 0.7, 0.2)
@@ -81,7 +81,43 @@ def test_named_objects_are_what_each_question_points_at():
     assert named_objects(scene, Question("color", "What color is the circle?", "blue")) == [circle]
     assert named_objects(scene, Question("shape", "What shape is the red object?", "star")) == [star]
     assert named_objects(scene, Question("relation", "Is the star left of the circle?", "yes")) == [star, circle]
+    assert named_objects(scene, Question("relation", "Is the circle right of the star?", "yes")) == [circle, star]
     assert named_objects(scene, Question("caption", "Describe the image.", "...")) == []
+    assert relation_order(scene, Question("relation", "Is the star above the circle?", "yes")) == (True, True)
+    assert relation_order(scene, Question("relation", "Is the circle left of the star?", "no")) == (False, False)
+    assert relation_order(scene, Question("color", "What color is the circle?", "blue")) is None
+
+
+def test_relation_targets_split_the_two_named_shapes(tiny):
+    from unipic.world.examples import extra_questions, i2t_example
+    from unipic.world.questions import named_objects
+    from unipic.world.scene import covered_cells
+
+    model, tokenizer = tiny
+    cfg = DataConfig(tasks={"i2t": 1}, batch_size=4, image_size=64, i2t_questions=8, world_seed=5)
+    examples = TaskData(cfg, 0, 1).next_examples("i2t")
+    batch = BatchBuilder(model, tokenizer, cfg)("i2t", examples, np.random.default_rng(0))
+    query, order = batch["relation_query"], batch["relation_order"]
+    assert len(query) == sum(o is not None for ex in examples for o in ex["relation_order"]) > 0
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    image_rows = {b: torch.nonzero(batch["input_ids"][b] == image_id).flatten() for b in range(len(examples))}
+    rows, cols = model.understanding_grid(64)
+    checked = 0
+    for b, ex in enumerate(examples):
+        world = i2t_example(5, ex["example_id"])
+        questions = [world.question] + extra_questions(5, ex["example_id"], world.scene, world.question, 7)
+        for question in questions:
+            if question.kind != "relation":
+                continue
+            first, second = named_objects(world.scene, question)
+            k = checked
+            assert int(query[k, 0]) == b
+            assert order[k].tolist() == [float(first.cx < second.cx), float(first.cy < second.cy)]
+            for cells, obj in ((batch["relation_first"][k], first), (batch["relation_second"][k], second)):
+                found = {int((image_rows[b] == p).nonzero()) for p in torch.nonzero(cells).flatten()}
+                assert found == set(covered_cells(obj.box, rows, cols))
+            checked += 1
+    assert checked == len(query)
 
 
 def test_attention_targets_point_from_each_answer_row_to_the_named_objects(tiny):

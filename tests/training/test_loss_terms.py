@@ -1,5 +1,6 @@
 """The training-only loss terms: object-token weighting (`loss.object_weight`), the token probe
-and the understanding features' object read-outs (`loss.object_readout`)."""
+the understanding features' object read-outs (`loss.object_readout`), and the relation turns'
+split attention and order read-out (`loss.attend_relation`, `loss.relation_readout`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import math
 import pytest
 import torch
 
-from unipic.training.losses import ObjectReadout, TokenProbe, object_tokens, text_to_image_loss
+from unipic.training.losses import (
+    ObjectReadout,
+    RelationReadout,
+    TokenProbe,
+    object_tokens,
+    text_to_image_loss,
+)
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +98,44 @@ def test_world_understanding_batches_name_each_object_at_its_token():
                 for row, ex in enumerate(examples) for cx, cy, shape, color in ex["objects"]]
     found = torch.cat([batch["object_index"], batch["object_labels"]], dim=1).tolist()
     assert found == [list(e) for e in expected] and len(found) >= 4
+
+
+def test_relation_readout_scores_the_answer_rows():
+    readout = RelationReadout(hidden_size=3, weight=1.0)
+    torch.nn.init.zeros_(readout.order.weight)
+    torch.nn.init.zeros_(readout.order.bias)
+    hidden = torch.zeros(2, 6, 3)
+    query, order = torch.tensor([[0, 4], [1, 2]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # Zero logits: each bit costs log 2 whatever the answer.
+    assert readout.loss(hidden, query, order).item() == pytest.approx(math.log(2), rel=1e-6)
+    readout.order.weight.data[:] = torch.tensor([[20.0, 0.0, 0.0], [0.0, 20.0, 0.0]])
+    hidden[0, 4] = torch.tensor([1.0, -1.0, 0.0])  # the picked rows agree with their targets
+    hidden[1, 2] = torch.tensor([-1.0, 1.0, 0.0])
+    assert readout.loss(hidden, query, order).item() < 1e-6
+    hidden[1, 3] = torch.tensor([1.0, -1.0, 0.0])  # a row no query picks changes nothing
+    assert readout.loss(hidden, query, order).item() < 1e-6
+
+
+def test_relation_losses_train_two_heads_and_the_readout():
+    import numpy as np
+
+    from unipic.loading import tiny_random_model
+    from unipic.training.config import DataConfig
+    from unipic.training.data import BatchBuilder, TaskSource
+    from unipic.training.jobs import UniPicLoss
+
+    model, tokenizer = tiny_random_model(seed=0)
+    data = DataConfig(world_seed=3, image_size=64, batch_size=4, cache_latents=False, i2t_questions=8)
+    source = TaskSource("i2t", data, 0, 1)
+    batch = BatchBuilder(model, tokenizer, data)("i2t", [source.get(k) for k in range(4)], np.random.default_rng(0))
+    assert len(batch["relation_query"]) > 0
+    loss = UniPicLoss(model.train(), {"i2t": 1.0}, attend_named=1.0, attend_relation=1.0, relation_readout=1.0)
+    out = loss("i2t", batch, torch.Generator().manual_seed(0))
+    assert {"loss_i2t", "loss_attend", "loss_attend_relation", "loss_relation"} <= set(out)
+    assert all(torch.isfinite(v) for v in out.values())
+    out["loss"].backward()
+    assert loss.relation.order.weight.grad.abs().sum() > 0
+    q_proj = model.llm.model.layers[1].self_attn.q_proj.weight.grad
+    head_dim = model.llm.model.layers[1].self_attn.head_dim
+    # Both supervised heads' query rows get a gradient from the attention losses.
+    assert q_proj[:head_dim].abs().sum() > 0 and q_proj[head_dim:2 * head_dim].abs().sum() > 0

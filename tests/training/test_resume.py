@@ -22,7 +22,7 @@ from unipic.training.trainer import latest_checkpoint, train
 # Mixed tasks, accumulation, EMA and a decaying LR: everything a resume must restore.
 RUN = ["stage=joint", "data.tasks={t2i: 1, i2t: 1, edit: 1}", "train.grad_accum=2", "optim.ema_decay=0.9",
        "optim.schedule=cosine", "optim.warmup_ratio=0.2", "train.max_steps=5", "log.every=1",
-       "loss.token_probe=1", "loss.object_readout=1"]  # the loss's own trained parts must resume too
+       "loss.token_probe=1", "loss.object_readout=1", "loss.relation_readout=1"]  # the loss's own trained parts must resume too
 
 
 def _all_weights(out_dir: Path) -> dict[str, torch.Tensor]:
@@ -45,7 +45,7 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tiny):
     second = train(tiny(None, *RUN, out="resumed"), resume=True)
     assert second.finished and second.step == straight.step == 5
     assert second.weights_digest == straight.weights_digest
-    for name in ("token_probe.safetensors", "object_readout.safetensors"):
+    for name in ("token_probe.safetensors", "object_readout.safetensors", "relation_readout.safetensors"):
         a, b = (load_file(str(latest_checkpoint(r.out_dir) / name)) for r in (straight, second))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     a, b = _all_weights(straight.out_dir), _all_weights(second.out_dir)

@@ -99,6 +99,8 @@ class LossConfig:
     object_readout: float = 0.0  # i2t, world data: weight of training-only read-outs of each object's shape and colour
     attend_named: float = 0.0  # i2t, world data: weight of the attention-supervision loss on one LLM head (see docs)
     attend_layer: int = 1  # the LLM layer whose head 0 loss.attend_named supervises
+    attend_relation: float = 0.0  # i2t, world data: weight of relation turns' split supervision (head 0 on the first shape, head 1 on the second)
+    relation_readout: float = 0.0  # i2t, world data: weight of a training-only read-out of each relation's order from its answer row
     vae_l1: float = 1.0  # stage vae: per-pixel L1
     vae_l2: float = 1.0  # stage vae: per-pixel squared error
     vae_kl: float = 1e-6  # stage vae: KL (summed over latents, divided by pixel count: LDM's balance)
@@ -188,7 +190,9 @@ class TrainConfig:
             # hold an image and one question, so the options would silently do nothing.
             for key, value, off in (("data.i2t_questions", self.data.i2t_questions, 1),
                                     ("loss.object_readout", self.loss.object_readout, 0),
-                                    ("loss.attend_named", self.loss.attend_named, 0)):
+                                    ("loss.attend_named", self.loss.attend_named, 0),
+                                    ("loss.attend_relation", self.loss.attend_relation, 0),
+                                    ("loss.relation_readout", self.loss.relation_readout, 0)):
                 if value != off:
                     raise UserError(f"{key}={value} needs data.source=world (it reads the world's scenes); "
                                     f"set {key}={off} for folder data")

@@ -72,7 +72,7 @@ class TaskSource:
             example, world = self._stream.example(example_id, with_world=True)
             objects = [(o.cx, o.cy, o.shape, o.color) for o in world.scene.objects]
             row = {**example, "example_id": example_id, "objects": objects}
-            from unipic.world.questions import named_objects
+            from unipic.world.questions import named_objects, relation_order
 
             questions = [world.question]
             if self.questions > 1:
@@ -81,8 +81,10 @@ class TaskSource:
                 more = extra_questions(self.seed, example_id, world.scene, world.question, self.questions - 1)
                 row["more_questions"] = [(q.question, q.answer) for q in more]
                 questions += more
-            # Per turn, the boxes of the objects its question names (for loss.attend_named).
+            # Per turn, the boxes of the objects its question names (for loss.attend_named; a
+            # relation's two in the question's order) and a relation's order (loss.relation_readout).
             row["named_boxes"] = [[o.box for o in named_objects(world.scene, q)] for q in questions]
+            row["relation_order"] = [relation_order(world.scene, q) for q in questions]
             return row
         n = len(self._folder)
         epoch, offset = divmod(index, n)
@@ -248,15 +250,48 @@ class BatchBuilder:
         if all("named_boxes" in ex for ex in examples):
             batch["attend_query"], batch["attend_target"] = self._attention_targets(examples, batch["input_ids"],
                                                                                     answer_rows)
+        if all("relation_order" in ex for ex in examples):
+            batch.update(self._relation_targets(examples, batch["input_ids"], answer_rows))
         return batch
+
+    def _cells_of(self, boxes: Sequence, image_positions: torch.Tensor, length: int) -> torch.Tensor:
+        """(length,) bool: the `<image>` rows (at `image_positions`, grid cells first) of the
+        understanding-grid cells that `boxes` cover."""
+        from unipic.world.scene import covered_cells
+
+        rows, cols = self.model.understanding_grid(self.size)
+        target = torch.zeros(length, dtype=torch.bool)
+        for box in boxes:
+            target[image_positions[covered_cells(box, rows, cols)]] = True
+        return target
+
+    def _relation_targets(self, examples: Sequence[dict], input_ids: torch.Tensor,
+                          answer_rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Per relation turn: relation_query (R, 2) (batch row, answer row); relation_order (R, 2)
+        float, whether the first named shape lies left of / above the second; relation_first and
+        relation_second (R, T) bool, the `<image>` rows each of the two covers."""
+        image_id, length = self.model.image_token_id, input_ids.shape[1]
+        queries, orders, first, second = [], [], [], []
+        for b, ex in enumerate(examples):
+            image_positions = torch.nonzero(input_ids[b] == image_id).flatten()
+            for answer_row, order, boxes in zip(answer_rows[b], ex["relation_order"], ex["named_boxes"]):
+                if order is None:
+                    continue
+                queries.append((b, answer_row))
+                orders.append([float(order[0]), float(order[1])])
+                first.append(self._cells_of(boxes[:1], image_positions, length))
+                second.append(self._cells_of(boxes[1:], image_positions, length))
+        if not queries:
+            empty = torch.zeros((0, length), dtype=torch.bool)
+            return {"relation_query": torch.zeros((0, 2), dtype=torch.long), "relation_order": torch.zeros((0, 2)),
+                    "relation_first": empty, "relation_second": empty}
+        return {"relation_query": torch.tensor(queries, dtype=torch.long), "relation_order": torch.tensor(orders),
+                "relation_first": torch.stack(first), "relation_second": torch.stack(second)}
 
     def _attention_targets(self, examples: Sequence[dict], input_ids: torch.Tensor,
                            answer_rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, 2) (batch row, answer row) of every turn that names an object, and (K, T) bool: the
         `<image>` rows of the token cells that those objects' boxes cover."""
-        from unipic.world.scene import covered_cells
-
-        rows, cols = self.model.understanding_grid(self.size)
         image_id = self.model.image_token_id
         queries, targets = [], []
         for b, ex in enumerate(examples):
@@ -264,11 +299,8 @@ class BatchBuilder:
             for answer_row, boxes in zip(answer_rows[b], ex["named_boxes"]):
                 if not boxes:
                     continue
-                target = torch.zeros(input_ids.shape[1], dtype=torch.bool)
-                for box in boxes:
-                    target[image_positions[covered_cells(box, rows, cols)]] = True
                 queries.append((b, answer_row))
-                targets.append(target)
+                targets.append(self._cells_of(boxes, image_positions, input_ids.shape[1]))
         if not queries:
             return torch.zeros((0, 2), dtype=torch.long), torch.zeros((0, input_ids.shape[1]), dtype=torch.bool)
         return torch.tensor(queries, dtype=torch.long), torch.stack(targets)

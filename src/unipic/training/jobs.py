@@ -33,6 +33,7 @@ from unipic.training.config import TrainConfig
 from unipic.training.data import BatchBuilder, vae_pixels
 from unipic.training.losses import (
     ObjectReadout,
+    RelationReadout,
     TokenProbe,
     captured_inputs,
     edit_loss,
@@ -49,7 +50,8 @@ MODEL_DIR = "model"  # a checkpoint's model folder (loadable with `unipic genera
 FINAL_DIR = "final"
 PROBE_FILE = "token_probe.safetensors"  # a checkpoint's training-only token probe (loss.token_probe)
 READOUT_FILE = "object_readout.safetensors"  # a checkpoint's training-only object read-outs (loss.object_readout)
-TRAINING_ONLY_FILES = (PROBE_FILE, READOUT_FILE)  # also in a run's final/; never part of a shipped model
+RELATION_FILE = "relation_readout.safetensors"  # a checkpoint's training-only relation read-out (loss.relation_readout)
+TRAINING_ONLY_FILES = (PROBE_FILE, READOUT_FILE, RELATION_FILE)  # also in a run's final/; never part of a shipped model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +64,7 @@ class UniPicLoss(nn.Module):
 
     def __init__(self, model, weights: dict[str, float], token_probe: float = 0.0, grad_scale: float = 0.1,
                  object_weight: float = 0.0, object_readout: float = 0.0, attend_named: float = 0.0,
-                 attend_layer: int = 1) -> None:
+                 attend_layer: int = 1, attend_relation: float = 0.0, relation_readout: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.weights = dict(weights)
@@ -70,7 +72,8 @@ class UniPicLoss(nn.Module):
         self.object_weight = object_weight
         config = model.config
         self.probe = TokenProbe(config.mar.decoder_embed_dim, config.token_dim, token_probe) if token_probe > 0 else None
-        self.attend_named, self.attend_layer = attend_named, attend_layer
+        self.attend_named, self.attend_layer, self.attend_relation = attend_named, attend_layer, attend_relation
+        self.relation = RelationReadout(config.llm.hidden_size, relation_readout) if relation_readout > 0 else None
         self.readout = None
         if object_readout > 0:
             from unipic.world.spec import COLORS, SHAPES
@@ -79,7 +82,8 @@ class UniPicLoss(nn.Module):
 
     def forward(self, task: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict:
         m = self.model
-        readout = attend = None  # understanding's object read-out and attention losses, when on (i2t world batches)
+        # Understanding's training-only losses, when on (i2t world batches): name -> (weight, loss).
+        extra: dict[str, tuple[float, torch.Tensor]] = {}
         # Cached VAE tokens (finite data) stand in for encoding the pixels again.
         if task == "t2i":
             raw = text_to_image_loss(m, batch["pixels"], batch["input_ids"], batch["attention_mask"],
@@ -87,19 +91,36 @@ class UniPicLoss(nn.Module):
                                      object_weight=self.object_weight)
         elif task == "i2t":
             features = m.understanding_features(batch["pixels"], tokens=batch.get("pixels_tokens"))
+            if self.readout is not None and "object_index" in batch:
+                extra["readout"] = (self.readout.weight,
+                                    self.readout.loss(features, batch["object_index"], batch["object_labels"]))
             attend_on = self.attend_named > 0 and len(batch.get("attend_query", ())) > 0
-            # The supervised head's weights are recomputed from the layer's input, so the LLM itself
+            relations = len(batch.get("relation_query", ())) > 0
+            split_on = self.attend_relation > 0 and relations
+            # The supervised heads' weights are recomputed from the layer's input, so the LLM itself
             # keeps its fast attention kernel.
             layer = m.llm.model.layers[self.attend_layer].self_attn
-            with captured_inputs(layer, active=attend_on) as layer_input:
+            output: dict = {}
+            with captured_inputs(layer, active=attend_on or split_on) as layer_input:
                 raw = image_to_text_loss(m, batch["pixels"], batch["input_ids"], batch["attention_mask"],
-                                         batch["labels"], grad_scale=self.grad_scale, features=features)
-            if attend_on:
+                                         batch["labels"], grad_scale=self.grad_scale, features=features,
+                                         hidden_out=output)
+
+            def attention_loss(query: torch.Tensor, target: torch.Tensor, head: int) -> torch.Tensor:
                 weights = head_attention(layer, layer_input["hidden_states"], layer_input["position_embeddings"],
-                                         batch["attention_mask"], batch["attend_query"])
-                attend = named_attention_loss(weights, batch["attend_target"])
-            if self.readout is not None and "object_index" in batch:
-                readout = self.readout.loss(features, batch["object_index"], batch["object_labels"])
+                                         batch["attention_mask"], query, head)
+                return named_attention_loss(weights, target)
+
+            if attend_on:
+                extra["attend"] = (self.attend_named, attention_loss(batch["attend_query"], batch["attend_target"], 0))
+            if split_on:
+                # Two heads, one per named shape, so that the answer row receives both positions apart.
+                query = batch["relation_query"]
+                split = attention_loss(query, batch["relation_first"], 0) + attention_loss(query, batch["relation_second"], 1)
+                extra["attend_relation"] = (self.attend_relation, split / 2)
+            if self.relation is not None and relations:
+                extra["relation"] = (self.relation.weight, self.relation.loss(output["hidden"], batch["relation_query"],
+                                                                             batch["relation_order"]))
         elif task == "edit":
             raw = edit_loss(m, batch["source"], batch["target"], batch["input_ids"], batch["attention_mask"],
                             generator=generator, source_tokens=batch.get("source_tokens"),
@@ -108,12 +129,9 @@ class UniPicLoss(nn.Module):
         else:
             raise ValueError(f"unknown task {task!r}")
         out = {"loss": raw * self.weights[task], f"loss_{task}": raw.detach().float()}
-        if readout is not None:
-            out["loss"] = out["loss"] + self.readout.weight * readout
-            out["loss_readout"] = readout.detach().float()
-        if attend is not None:
-            out["loss"] = out["loss"] + self.attend_named * attend
-            out["loss_attend"] = attend.detach().float()
+        for name, (weight, value) in extra.items():
+            out["loss"] = out["loss"] + weight * value
+            out[f"loss_{name}"] = value.detach().float()
         return out
 
 
@@ -149,6 +167,11 @@ class UniPicJob:
         if config.loss.attend_named < 0 or not 0 <= config.loss.attend_layer < layers:
             raise UserError(f"loss.attend_named must be >= 0 and loss.attend_layer in 0..{layers - 1}, got "
                             f"{config.loss.attend_named} and {config.loss.attend_layer}")
+        if config.loss.attend_relation < 0 or config.loss.relation_readout < 0:
+            raise UserError(f"loss.attend_relation and loss.relation_readout must be >= 0, got "
+                            f"{config.loss.attend_relation} and {config.loss.relation_readout}")
+        if config.loss.attend_relation > 0 and model.config.llm.num_attention_heads < 2:
+            raise UserError("loss.attend_relation supervises two heads; this LLM has one")
         self.model, self.tokenizer = model.train(), tokenizer
         # The loss's own parts (probe, read-outs) are initialised from the run's seed, not from
         # whatever the global RNG holds, so that two runs of one config are identical.
@@ -156,7 +179,8 @@ class UniPicJob:
             torch.manual_seed(config.seed)
             self.module = UniPicLoss(model, config.loss.weights, config.loss.token_probe, config.loss.grad_scale,
                                      config.loss.object_weight, config.loss.object_readout,
-                                     config.loss.attend_named, config.loss.attend_layer)
+                                     config.loss.attend_named, config.loss.attend_layer,
+                                     config.loss.attend_relation, config.loss.relation_readout)
         # Resuming restores the loss's own parts from the checkpoint; a stage that starts from the
         # previous stage's result continues with that run's probe and read-outs when it saved them
         # (a fresh probe would first pull z towards its random read-out).
@@ -174,8 +198,12 @@ class UniPicJob:
         self.metric_names = [f"loss_{t}" for t in config.active_tasks]
         if self.module.readout is not None and "i2t" in config.active_tasks:
             self.metric_names.append("loss_readout")
-        if config.loss.attend_named > 0 and "i2t" in config.active_tasks:
-            self.metric_names.append("loss_attend")
+        if "i2t" in config.active_tasks:
+            for name, weight in (("loss_attend", config.loss.attend_named),
+                                 ("loss_attend_relation", config.loss.attend_relation),
+                                 ("loss_relation", config.loss.relation_readout)):
+                if weight > 0:
+                    self.metric_names.append(name)
         self.eval_names = [f"eval_{t}" for t in config.active_tasks]
         logger.info("model: %s", parameter_summary(model))
 
@@ -212,7 +240,8 @@ class UniPicJob:
 
     def _training_only_parts(self) -> list[tuple[nn.Module, str]]:
         """The loss's own trained modules (not part of the model) and their checkpoint file names."""
-        parts = [(self.module.probe, PROBE_FILE), (self.module.readout, READOUT_FILE)]
+        parts = [(self.module.probe, PROBE_FILE), (self.module.readout, READOUT_FILE),
+                 (self.module.relation, RELATION_FILE)]
         return [(part, name) for part, name in parts if part is not None]
 
     def export_final(self, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> Path:

@@ -146,6 +146,28 @@ class ObjectReadout(nn.Module):
         return F.cross_entropy(self.shape(picked), labels[:, 0]) + F.cross_entropy(self.color(picked), labels[:, 1])
 
 
+class RelationReadout(nn.Module):
+    """Training-only linear read-out, from the final hidden state of the row that answers a relation
+    question, of whether its first named shape lies left of and above its second (Shapes world).
+
+    Attention supervision tells an answer where the named objects are, but the answer alone does
+    not teach the LLM to compare two positions: relation answers stay at chance (docs/training.md,
+    "Eleventh session"). Reading the two comparisons out of the answer row gives that row a direct
+    signal. Inference never uses it; the trainer keeps its weights beside the model in checkpoints.
+    """
+
+    def __init__(self, hidden_size: int, weight: float) -> None:
+        super().__init__()
+        self.order = nn.Linear(hidden_size, 2)
+        self.weight = weight
+
+    def loss(self, hidden: torch.Tensor, query: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """Binary cross-entropy: hidden (B, T, hidden) the LLM's output, query (R, 2) = (batch row,
+        answer row), order (R, 2) = (first left of second, first above second) as 0/1."""
+        picked = hidden[query[:, 0], query[:, 1]].float()  # (R, hidden)
+        return F.binary_cross_entropy_with_logits(self.order(picked), order.float())
+
+
 @contextmanager
 def captured_inputs(module: nn.Module, active: bool = True) -> Iterator[dict]:
     """While open, the dict holds the keyword inputs of `module`'s latest call (nothing when inactive)."""
@@ -197,14 +219,17 @@ def named_attention_loss(weights: torch.Tensor, target: torch.Tensor) -> torch.T
 
 def image_to_text_loss(model, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        labels: torch.Tensor, tokens: torch.Tensor | None = None, grad_scale: float = 0.1,
-                       features: torch.Tensor | None = None) -> torch.Tensor:
+                       features: torch.Tensor | None = None, hidden_out: dict | None = None) -> torch.Tensor:
     """Next-token cross-entropy on positions whose label is ≥ 0 (-100 = ignore), image rows filled;
-    `features`: the understanding features of `pixels`, when already computed."""
+    `features`: the understanding features of `pixels`, when already computed; `hidden_out`, when
+    given, receives the LLM's output (B, T, hidden) under "hidden"."""
     if features is None:
         features = model.understanding_features(pixels, tokens=tokens)
     features = scale_gradient(features, grad_scale)
     embeds = model.fill_image_rows(input_ids, features)
     hidden = model.llm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+    if hidden_out is not None:
+        hidden_out["hidden"] = hidden
     # Predict token t+1 from position t; only supervised positions go through the output matrix.
     shifted = labels[:, 1:]
     keep = shifted >= 0

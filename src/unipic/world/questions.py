@@ -166,17 +166,27 @@ def answer_question(objects: Sequence, question: str) -> str | None:
 def named_objects(scene: Scene, question: Question) -> list:
     """The objects a question points at, the ones its answer has to look at: every object of the
     named shape (count; none for a count of zero), the one of the named shape (color), the one of
-    the named color (shape), both named shapes (relation); none for a caption."""
+    the named color (shape), both named shapes in the question's order (relation); none for a caption."""
     parsed = _parse_question(question.question)
     if parsed is None or parsed[0] == "caption":
         return []
     kind, m = parsed
     if kind == "shape":
         return [o for o in scene.objects if o.color == m.group(1)]
-    if kind == "count":
-        shapes = {SINGULARS.get(m.group(1))}
-    elif kind == "relation":
-        shapes = {m.group(1), m.group(3)}
-    else:  # color
-        shapes = {m.group(1)}
-    return [o for o in scene.objects if o.shape in shapes]
+    if kind == "relation":
+        return [o for shape in (m.group(1), m.group(3)) for o in scene.objects if o.shape == shape]
+    shape = SINGULARS.get(m.group(1)) if kind == "count" else m.group(1)
+    return [o for o in scene.objects if o.shape == shape]
+
+
+def relation_order(scene: Scene, question: Question) -> tuple[bool, bool] | None:
+    """For a relation question: whether its first named shape's centre lies left of, and above,
+    its second's; None for other questions (or when either shape is not there exactly once)."""
+    parsed = _parse_question(question.question)
+    if parsed is None or parsed[0] != "relation":
+        return None
+    pair = named_objects(scene, question)
+    if len(pair) != 2:
+        return None
+    first, second = pair
+    return first.cx < second.cx, first.cy < second.cy
