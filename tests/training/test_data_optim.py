@@ -282,3 +282,24 @@ def test_endless_stream_has_no_latent_cache(tiny):
     model, tokenizer = tiny
     builder = BatchBuilder(model, tokenizer, DataConfig(batch_size=2, image_size=64))
     assert builder.latent_cache is None  # nothing repeats, so nothing is kept
+
+
+def test_question_kinds_restrict_every_turn():
+    from unipic.training.data import TaskSource
+    from unipic.world.questions import _parse_question
+
+    cfg = DataConfig(tasks={"i2t": 1}, image_size=64, i2t_questions=4, i2t_kinds=["relation", "count"], world_seed=5)
+    source = TaskSource("i2t", cfg, 0, 1)
+    kinds = set()
+    for k in range(12):
+        ex = source.get(k)
+        for question in [ex["question"]] + [q for q, _ in ex["more_questions"]]:
+            kinds.add(_parse_question(question)[0])
+    assert kinds == {"relation", "count"}
+    # With all kinds given, the examples are those of the default (empty) setting.
+    everything = TaskSource("i2t", DataConfig(tasks={"i2t": 1}, image_size=64, i2t_questions=4, world_seed=5,
+                                              i2t_kinds=["caption", "count", "color", "shape", "relation"]), 0, 1)
+    default = TaskSource("i2t", DataConfig(tasks={"i2t": 1}, image_size=64, i2t_questions=4, world_seed=5), 0, 1)
+    for k in range(4):
+        a, b = everything.get(k), default.get(k)
+        assert a["question"] == b["question"] and a["more_questions"] == b["more_questions"]

@@ -12,7 +12,7 @@ into tensors (it runs inside the DataLoader workers).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from unipic.data.disk import read_folder
 from unipic.distributed import process_rank_and_world
 from unipic.world.examples import LAYOUTS, TASKS, make_example
+from unipic.world.questions import QUESTION_KINDS
 from unipic.world.render import render
 from unipic.world.scene import rng_for
 
@@ -97,22 +98,28 @@ class ShapesStream(_Stream):
         rank, world_size: override the launcher's process rank (default: from the environment).
         layout: text-to-image scenes: "random" (the world's) or "canonical" (one fixed scene per
             text, `unipic.world.canonical`).
+        question_kinds: image-to-text: the kinds each example's question is drawn from (uniformly).
     """
 
     def __init__(self, task: str, seed: int = 0, size: int = 128, length: int | None = None, start: int = 0,
                  train: bool = True, transform: Callable | None = None, rank: int | None = None,
-                 world_size: int | None = None, layout: str = "random") -> None:
+                 world_size: int | None = None, layout: str = "random",
+                 question_kinds: Sequence[str] = QUESTION_KINDS) -> None:
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
         super().__init__(seed, size, length, start, transform, rank, world_size)
+        unknown = sorted(set(question_kinds) - set(QUESTION_KINDS))
+        if unknown or not question_kinds:
+            raise ValueError(f"question kinds {list(question_kinds)} must be some of {', '.join(QUESTION_KINDS)}")
         self.task, self.train, self.layout = task, train, layout
+        self.question_kinds = tuple(question_kinds)
 
     def example(self, index: int, with_world: bool = False):
         """Example `index` as a dict of the disk layout's keys; with `with_world`, a pair (that dict,
         the world's example object with its scene)."""
-        example = make_example(self.task, self.seed, index, self.train, self.layout)
+        example = make_example(self.task, self.seed, index, self.train, self.layout, self.question_kinds)
         rendered = render_example(self.task, example, index, self.size)
         return (rendered, example) if with_world else rendered
 

@@ -86,6 +86,7 @@ class DataConfig:
     cache_latents: bool = True  # finite data (a world pool or folders): VAE-encode each image once
     world_layout: str = "random"  # source world, t2i: random (the world's scenes) | canonical (one scene per text)
     i2t_questions: int = 1  # source world: question-answer turns per understanding image (the first as evaluated)
+    i2t_kinds: list[str] = field(default_factory=list)  # source world: question kinds to ask (empty = all five)
 
 
 @dataclass
@@ -185,6 +186,11 @@ class TrainConfig:
                 raise UserError(f"data.tasks uses {task!r} but loss.weights has no weight for it; add loss.weights.{task}")
             if self.data.source == "folder" and task not in self.data.folders:
                 raise UserError(f"data.source=folder uses task {task!r}; give its folder as data.folders.{task}=DIR")
+        from unipic.world.questions import QUESTION_KINDS
+
+        unknown = sorted(set(self.data.i2t_kinds) - set(QUESTION_KINDS))
+        if unknown:
+            raise UserError(f"data.i2t_kinds: unknown kind(s) {unknown}; valid kinds: {list(QUESTION_KINDS)}")
         if self.data.source == "folder":
             # These read the world's scene (its objects, each question's named objects); folder rows
             # hold an image and one question, so the options would silently do nothing.

@@ -45,8 +45,12 @@ class TaskSource:
         if cfg.source == "world":
             from unipic.data.datasets import ShapesStream
 
+            from unipic.world.questions import QUESTION_KINDS
+
+            self.kinds = tuple(cfg.i2t_kinds) or QUESTION_KINDS
             self._stream = ShapesStream(task, seed=cfg.world_seed, size=cfg.image_size, train=True,
-                                        rank=rank, world_size=world_size, layout=cfg.world_layout)
+                                        rank=rank, world_size=world_size, layout=cfg.world_layout,
+                                        question_kinds=self.kinds)
             self._folder = None
         else:
             from unipic.data.disk import read_folder
@@ -78,7 +82,8 @@ class TaskSource:
             if self.questions > 1:
                 from unipic.world.examples import extra_questions
 
-                more = extra_questions(self.seed, example_id, world.scene, world.question, self.questions - 1)
+                more = extra_questions(self.seed, example_id, world.scene, world.question, self.questions - 1,
+                                       self.kinds)
                 row["more_questions"] = [(q.question, q.answer) for q in more]
                 questions += more
             # Per turn, the boxes of the objects its question names (for loss.attend_named; a

@@ -23,6 +23,7 @@ not depend on the layout.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from unipic.world.canonical import (
@@ -103,11 +104,12 @@ def _caption_ready(scene: Scene) -> bool:
     return all(b - a >= CAPTION_SEP for a, b in zip(xs, xs[1:]))
 
 
-def i2t_example(seed: int, index: int, train: bool = True, kind: str | None = None) -> I2TExample:
-    """Image-to-text example `index`: a scene and one question (kind uniform unless given)."""
+def i2t_example(seed: int, index: int, train: bool = True, kind: str | None = None,
+                kinds: Sequence[str] = QUESTION_KINDS) -> I2TExample:
+    """Image-to-text example `index`: a scene and one question (kind uniform over `kinds` unless given)."""
     rng = _rng("i2t", seed, index, train)
     if kind is None:
-        kind = QUESTION_KINDS[int(rng.integers(len(QUESTION_KINDS)))]
+        kind = kinds[int(rng.integers(len(kinds)))]
     elif kind not in QUESTION_KINDS:
         raise ValueError(f"unknown question kind {kind!r}; expected one of {', '.join(QUESTION_KINDS)}")
     for _ in range(200):
@@ -121,15 +123,16 @@ def i2t_example(seed: int, index: int, train: bool = True, kind: str | None = No
     raise RuntimeError(f"could not generate a {kind} question")  # pragma: no cover
 
 
-def extra_questions(seed: int, index: int, scene: Scene, first: Question, count: int) -> list[Question]:
+def extra_questions(seed: int, index: int, scene: Scene, first: Question, count: int,
+                    kinds: Sequence[str] = QUESTION_KINDS) -> list[Question]:
     """Up to `count` further questions about understanding example `index`'s scene, none repeating
-    `first` or each other (kinds uniform; a pure function of (seed, index))."""
+    `first` or each other (kinds uniform over `kinds`; a pure function of (seed, index))."""
     rng = rng_for(seed, _TASK_KEYS["i2t"], index, 1)  # a stream apart from the example's own
     asked, out = {first.question}, []
     for _ in range(8 * count):
         if len(out) == count:
             break
-        kind = QUESTION_KINDS[int(rng.integers(len(QUESTION_KINDS)))]
+        kind = kinds[int(rng.integers(len(kinds)))]
         if kind == "caption" and not _caption_ready(scene):
             continue  # its left-to-right order would be ambiguous
         question = sample_question(rng, scene, kind)
@@ -147,12 +150,14 @@ def edit_example(seed: int, index: int, train: bool = True, kind: str | None = N
     return sample_edit(rng, kind, allow_held_out=not train)
 
 
-def make_example(task: str, seed: int, index: int, train: bool = True, layout: str = "random"):
-    """Dispatch to `t2i_example`, `i2t_example` or `edit_example` (`layout`: text-to-image only)."""
+def make_example(task: str, seed: int, index: int, train: bool = True, layout: str = "random",
+                 question_kinds: Sequence[str] = QUESTION_KINDS):
+    """Dispatch to `t2i_example`, `i2t_example` or `edit_example` (`layout`: text-to-image only;
+    `question_kinds`: image-to-text only)."""
     if task == "t2i":
         return t2i_example(seed, index, train, layout)
     if task == "i2t":
-        return i2t_example(seed, index, train)
+        return i2t_example(seed, index, train, kinds=question_kinds)
     if task == "edit":
         return edit_example(seed, index, train)
     raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
