@@ -44,7 +44,6 @@ class TaskSource:
         self.questions = cfg.i2t_questions
         if cfg.source == "world":
             from unipic.data.datasets import ShapesStream
-
             from unipic.world.questions import QUESTION_KINDS
 
             self.kinds = tuple(cfg.i2t_kinds) or QUESTION_KINDS
