@@ -88,15 +88,21 @@ def test_named_objects_are_what_each_question_points_at():
     assert relation_order(scene, Question("color", "What color is the circle?", "blue")) is None
 
 
+def _world_i2t_batch(tiny, questions: int) -> tuple[list[dict], dict]:
+    """Four world understanding examples (seed 5, 64 px) with `questions` turns each, and their batch."""
+    model, tokenizer = tiny
+    cfg = DataConfig(tasks={"i2t": 1}, batch_size=4, image_size=64, i2t_questions=questions, world_seed=5)
+    examples = TaskData(cfg, 0, 1).next_examples("i2t")
+    return examples, BatchBuilder(model, tokenizer, cfg)("i2t", examples, np.random.default_rng(0))
+
+
 def test_relation_targets_split_the_two_named_shapes(tiny):
     from unipic.world.examples import extra_questions, i2t_example
     from unipic.world.questions import named_objects
     from unipic.world.scene import covered_cells
 
     model, tokenizer = tiny
-    cfg = DataConfig(tasks={"i2t": 1}, batch_size=4, image_size=64, i2t_questions=8, world_seed=5)
-    examples = TaskData(cfg, 0, 1).next_examples("i2t")
-    batch = BatchBuilder(model, tokenizer, cfg)("i2t", examples, np.random.default_rng(0))
+    examples, batch = _world_i2t_batch(tiny, questions=8)
     query, order = batch["relation_query"], batch["relation_order"]
     assert len(query) == sum(o is not None for ex in examples for o in ex["relation_order"]) > 0
     image_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -124,9 +130,7 @@ def test_attention_targets_point_from_each_answer_row_to_the_named_objects(tiny)
     from unipic.world.examples import i2t_example
 
     model, tokenizer = tiny
-    cfg = DataConfig(tasks={"i2t": 1}, batch_size=4, image_size=64, i2t_questions=3, world_seed=5)
-    examples = TaskData(cfg, 0, 1).next_examples("i2t")
-    batch = BatchBuilder(model, tokenizer, cfg)("i2t", examples, np.random.default_rng(0))
+    examples, batch = _world_i2t_batch(tiny, questions=3)
     query, target = batch["attend_query"], batch["attend_target"]
     assert len(query) == sum(1 for ex in examples for boxes in ex["named_boxes"] if boxes) > 0
     image_id = tokenizer.convert_tokens_to_ids("<image>")
