@@ -139,3 +139,32 @@ def test_relation_losses_train_two_heads_and_the_readout():
     head_dim = model.llm.model.layers[1].self_attn.head_dim
     # Both supervised heads' query rows get a gradient from the attention losses.
     assert q_proj[:head_dim].abs().sum() > 0 and q_proj[head_dim:2 * head_dim].abs().sum() > 0
+
+
+def test_relation_readout_reads_the_chosen_layer():
+    import numpy as np
+
+    from unipic.loading import tiny_random_model
+    from unipic.training.config import DataConfig
+    from unipic.training.data import BatchBuilder, TaskSource
+    from unipic.training.jobs import UniPicLoss
+
+    model, tokenizer = tiny_random_model(seed=0)
+    model.eval()  # no dropout: the two passes below must see the same hidden states
+    data = DataConfig(world_seed=3, image_size=64, batch_size=4, cache_latents=False, i2t_questions=8)
+    source = TaskSource("i2t", data, 0, 1)
+    batch = BatchBuilder(model, tokenizer, data)("i2t", [source.get(k) for k in range(4)], np.random.default_rng(0))
+    with torch.no_grad():
+        features = model.understanding_features(batch["pixels"])
+        embeds = model.fill_image_rows(batch["input_ids"], features)
+        states = model.llm.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                 output_hidden_states=True).hidden_states  # embeddings, then each layer
+        for layer in (0, -1):
+            loss = UniPicLoss(model, {"i2t": 1.0}, relation_readout=1.0, relation_layer=layer)
+            got = loss("i2t", batch, torch.Generator().manual_seed(0))["loss_relation"]
+            hidden = states[1] if layer == 0 else model.llm.model(
+                inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
+            want = loss.relation.loss(hidden, batch["relation_query"], batch["relation_order"])
+            assert torch.allclose(got, want, atol=1e-5), layer
+        # An early layer's rows differ from the final output's: the option reads what it says.
+        assert not torch.allclose(states[1], states[-1])

@@ -102,6 +102,7 @@ class LossConfig:
     attend_layer: int = 1  # the LLM layer whose head 0 loss.attend_named supervises
     attend_relation: float = 0.0  # i2t, world data: weight of relation turns' split supervision (head 0 on the first shape, head 1 on the second)
     relation_readout: float = 0.0  # i2t, world data: weight of a training-only read-out of each relation's order from its answer row
+    relation_layer: int = -1  # the LLM layer whose output loss.relation_readout reads (-1: the final, normalised output)
     vae_l1: float = 1.0  # stage vae: per-pixel L1
     vae_l2: float = 1.0  # stage vae: per-pixel squared error
     vae_kl: float = 1e-6  # stage vae: KL (summed over latents, divided by pixel count: LDM's balance)

@@ -36,6 +36,7 @@ from unipic.training.losses import (
     RelationReadout,
     TokenProbe,
     captured_inputs,
+    captured_output,
     edit_loss,
     head_attention,
     image_to_text_loss,
@@ -64,7 +65,8 @@ class UniPicLoss(nn.Module):
 
     def __init__(self, model, weights: dict[str, float], token_probe: float = 0.0, grad_scale: float = 0.1,
                  object_weight: float = 0.0, object_readout: float = 0.0, attend_named: float = 0.0,
-                 attend_layer: int = 1, attend_relation: float = 0.0, relation_readout: float = 0.0) -> None:
+                 attend_layer: int = 1, attend_relation: float = 0.0, relation_readout: float = 0.0,
+                 relation_layer: int = -1) -> None:
         super().__init__()
         self.model = model
         self.weights = dict(weights)
@@ -74,6 +76,7 @@ class UniPicLoss(nn.Module):
         self.probe = TokenProbe(config.mar.decoder_embed_dim, config.token_dim, token_probe) if token_probe > 0 else None
         self.attend_named, self.attend_layer, self.attend_relation = attend_named, attend_layer, attend_relation
         self.relation = RelationReadout(config.llm.hidden_size, relation_readout) if relation_readout > 0 else None
+        self.relation_layer = relation_layer
         self.readout = None
         if object_readout > 0:
             from unipic.world.spec import COLORS, SHAPES
@@ -101,7 +104,12 @@ class UniPicLoss(nn.Module):
             # keeps its fast attention kernel.
             layer = m.llm.model.layers[self.attend_layer].self_attn
             output: dict = {}
-            with captured_inputs(layer, active=attend_on or split_on) as layer_input:
+            # The relation read-out may read an earlier layer, leaving later ones to combine the order
+            # with the question's relation word.
+            read_layer = self.relation is not None and relations and self.relation_layer >= 0
+            source = m.llm.model.layers[self.relation_layer if read_layer else 0]
+            with captured_inputs(layer, active=attend_on or split_on) as layer_input, \
+                    captured_output(source, active=read_layer) as layer_output:
                 raw = image_to_text_loss(m, batch["pixels"], batch["input_ids"], batch["attention_mask"],
                                          batch["labels"], grad_scale=self.grad_scale, features=features,
                                          hidden_out=output)
@@ -119,7 +127,8 @@ class UniPicLoss(nn.Module):
                 split = attention_loss(query, batch["relation_first"], 0) + attention_loss(query, batch["relation_second"], 1)
                 extra["attend_relation"] = (self.attend_relation, split / 2)
             if self.relation is not None and relations:
-                extra["relation"] = (self.relation.weight, self.relation.loss(output["hidden"], batch["relation_query"],
+                hidden = layer_output["output"] if read_layer else output["hidden"]
+                extra["relation"] = (self.relation.weight, self.relation.loss(hidden, batch["relation_query"],
                                                                              batch["relation_order"]))
         elif task == "edit":
             raw = edit_loss(m, batch["source"], batch["target"], batch["input_ids"], batch["attention_mask"],
@@ -170,6 +179,9 @@ class UniPicJob:
         if config.loss.attend_relation < 0 or config.loss.relation_readout < 0:
             raise UserError(f"loss.attend_relation and loss.relation_readout must be >= 0, got "
                             f"{config.loss.attend_relation} and {config.loss.relation_readout}")
+        if not -1 <= config.loss.relation_layer < layers:
+            raise UserError(f"loss.relation_layer must be -1 (the final output) or in 0..{layers - 1}, "
+                            f"got {config.loss.relation_layer}")
         if config.loss.attend_relation > 0 and model.config.llm.num_attention_heads < 2:
             raise UserError("loss.attend_relation supervises two heads; this LLM has one")
         self.model, self.tokenizer = model.train(), tokenizer
@@ -180,7 +192,8 @@ class UniPicJob:
             self.module = UniPicLoss(model, config.loss.weights, config.loss.token_probe, config.loss.grad_scale,
                                      config.loss.object_weight, config.loss.object_readout,
                                      config.loss.attend_named, config.loss.attend_layer,
-                                     config.loss.attend_relation, config.loss.relation_readout)
+                                     config.loss.attend_relation, config.loss.relation_readout,
+                                     config.loss.relation_layer)
         # Resuming restores the loss's own parts from the checkpoint; a stage that starts from the
         # previous stage's result continues with that run's probe and read-outs when it saved them
         # (a fresh probe would first pull z towards its random read-out).

@@ -169,6 +169,23 @@ class RelationReadout(nn.Module):
 
 
 @contextmanager
+def captured_output(module: nn.Module, active: bool = True) -> Iterator[dict]:
+    """While open, the dict holds `module`'s latest output under "output" (its first element when
+    the module returns a tuple; nothing when inactive)."""
+    outputs: dict = {}
+
+    def keep(_, __, output) -> None:
+        outputs["output"] = output[0] if isinstance(output, tuple) else output
+
+    hook = module.register_forward_hook(keep) if active else None
+    try:
+        yield outputs
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+@contextmanager
 def captured_inputs(module: nn.Module, active: bool = True) -> Iterator[dict]:
     """While open, the dict holds the keyword inputs of `module`'s latest call (nothing when inactive)."""
     inputs: dict = {}
