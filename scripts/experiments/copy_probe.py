@@ -1,0 +1,74 @@
+"""Can a model's editing path copy its source? Two measurements on world edit sources.
+
+    python scripts/experiments/copy_probe.py --model default --n 24 --seed 1
+
+1. Copy: the edit sampler with the instruction "Repeat this image." (the guidance prompt editing
+   trains with `data.edit_repeat_prob`), judged against the source scene (`matches_scene`), next
+   to the VAE's own reconstruction of the same sources (the ceiling).
+2. Identity in `x_con`: a ridge regression, fitted on half the scenes and scored (R²) on the
+   other half, of each token from the MAR-encoder feature at its own position (`x_con`, the
+   decoder's starting point for every hidden target position) and from the projected rows the
+   LLM reads (`z_src`). A feature that does not hold its token cannot be copied from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from unipic.sampling.prompts import images_to_tensor, tensor_to_images
+from unipic.world import judge, matches_scene, render
+from unipic.world.examples import edit_eval_set
+
+
+def ridge_r2(features: torch.Tensor, targets: torch.Tensor, split: int, ridge: float = 1e-2) -> float:
+    """R² on rows [split:] of a ridge fit (with bias) on rows [:split]."""
+    x = torch.cat([features, torch.ones(len(features), 1)], dim=1).double()
+    y = targets.double()
+    a, b = x[:split], y[:split]
+    weights = torch.linalg.solve(a.T @ a + ridge * torch.eye(a.shape[1], dtype=a.dtype), a.T @ b)
+    residual = y[split:] - x[split:] @ weights
+    return float(1 - residual.pow(2).sum() / (y[split:] - y[split:].mean(0)).pow(2).sum())
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default", help="model folder or built-in name")
+    parser.add_argument("--n", type=int, default=24, help="edit sources (a multiple of 5 is spread over the kinds)")
+    parser.add_argument("--seed", type=int, default=1, help="edit evaluation-set seed")
+    parser.add_argument("--size", type=int, default=128, help="canvas side in pixels")
+    parser.add_argument("--steps", type=int, default=None, help="MAR steps (default: the model's)")
+    parser.add_argument("--cfg", type=float, default=1.0, help="guidance for the copy (1: none)")
+    args = parser.parse_args()
+
+    from unipic.loading import load_pipeline
+
+    pipe = load_pipeline(args.model, device="cpu")
+    model = pipe.model.eval()
+    edits = edit_eval_set((args.n + 4) // 5, seed=args.seed)[: args.n]
+    scenes = [e.source for e in edits]
+    images = [render(s, args.size) for s in scenes]
+    pixels = images_to_tensor(images, torch.device("cpu"))
+    tokens = model.encode_images(pixels)  # (N, L, token_dim)
+    recon = tensor_to_images(model.decode_tokens(tokens, model.grid_for(args.size, args.size)))
+    ceiling = sum(matches_scene(judge(im), s) for im, s in zip(recon, scenes))
+    options = {"cfg": args.cfg} if args.steps is None else {"cfg": args.cfg, "steps": args.steps}
+    copies = pipe.edit_image(images, ["Repeat this image."] * len(images), seed=0, **options)
+    copied = sum(matches_scene(judge(im), s) for im, s in zip(copies, scenes))
+    print(f"copy with 'Repeat this image.': {copied}/{len(scenes)} exact (VAE reconstruction: {ceiling})")
+
+    grid = model.grid_for(args.size, args.size)
+    x_con, z_src = model.extract_visual_feature(tokens, None, grid)
+    length = tokens.shape[1]
+    split = len(scenes) // 2 * length
+    flat_tokens = tokens.reshape(-1, tokens.shape[-1])  # (N·L, token_dim)
+    # x_con keeps the MAR's buffer rows first, z_src moves them last.
+    for name, grid_rows in (("x_con", x_con[:, -length:]), ("z_src", z_src[:, :length])):
+        rows = grid_rows.reshape(-1, grid_rows.shape[-1])  # (N·L, dim)
+        print(f"token from {name} at its own position: held-out R² {ridge_r2(rows, flat_tokens, split):.3f}")
+
+
+if __name__ == "__main__":
+    main()
