@@ -1,4 +1,4 @@
-"""Can a model's editing path copy its source? Two measurements on world edit sources.
+"""Can a model's editing path copy its source? Three measurements on world edit sources.
 
     python scripts/experiments/copy_probe.py --model default --n 24 --seed 1
 
@@ -61,7 +61,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="edit evaluation-set seed")
     parser.add_argument("--size", type=int, default=128, help="canvas side in pixels")
     parser.add_argument("--steps", type=int, default=None, help="MAR steps (default: the model's)")
-    parser.add_argument("--cfg", type=float, default=1.0, help="guidance for the copy (1: none)")
     args = parser.parse_args()
 
     from unipic.loading import load_pipeline
@@ -72,15 +71,16 @@ def main() -> None:
     scenes = [e.source for e in edits]
     images = [render(s, args.size) for s in scenes]
     pixels = images_to_tensor(images, torch.device("cpu"))
+    grid = model.grid_for(args.size, args.size)
     tokens = model.encode_images(pixels)  # (N, L, token_dim)
-    recon = tensor_to_images(model.decode_tokens(tokens, model.grid_for(args.size, args.size)))
+    recon = tensor_to_images(model.decode_tokens(tokens, grid))
     ceiling = sum(matches_scene(judge(im), s) for im, s in zip(recon, scenes))
-    options = {"cfg": args.cfg} if args.steps is None else {"cfg": args.cfg, "steps": args.steps}
-    copies = pipe.edit_image(images, ["Repeat this image."] * len(images), seed=0, **options)
+    steps = {} if args.steps is None else {"steps": args.steps}
+    # Guidance contrasts the instruction with this same prompt, so the copy runs unguided.
+    copies = pipe.edit_image(images, ["Repeat this image."] * len(images), seed=0, cfg=1.0, **steps)
     copied = sum(matches_scene(judge(im), s) for im, s in zip(copies, scenes))
     print(f"copy with 'Repeat this image.': {copied}/{len(scenes)} exact (VAE reconstruction: {ceiling})")
 
-    grid = model.grid_for(args.size, args.size)
     x_con, z_src = model.extract_visual_feature(tokens, None, grid)
     length = tokens.shape[1]
     split = len(scenes) // 2 * length
@@ -91,8 +91,7 @@ def main() -> None:
         print(f"token from {name} at its own position: held-out R² {ridge_r2(rows, flat_tokens, split):.3f}")
 
     for cfg in (1.0, 3.0):
-        options = {"cfg": cfg} if args.steps is None else {"cfg": cfg, "steps": args.steps}
-        outputs = pipe.edit_image(images, [e.instruction for e in edits], seed=0, **options)
+        outputs = pipe.edit_image(images, [e.instruction for e in edits], seed=0, cfg=cfg, **steps)
         found = [judge(im) for im in outputs]
         success = sum(edit_succeeded(e, f)[0] for e, f in zip(edits, found))
         kept = [untouched_kept(e, f) for e, f in zip(edits, found)]
