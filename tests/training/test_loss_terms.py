@@ -1,4 +1,5 @@
-"""The training-only loss terms: object-token weighting (`loss.object_weight`), the token probe
+"""The training-only loss terms: object-token weighting (`loss.object_weight`), changed-token
+weighting of edits (`loss.edit_changed_weight`), the token probe
 the understanding features' object read-outs (`loss.object_readout`), and the relation turns'
 split attention and order read-out (`loss.attend_relation`, `loss.relation_readout`)."""
 
@@ -13,6 +14,8 @@ from unipic.training.losses import (
     ObjectReadout,
     RelationReadout,
     TokenProbe,
+    changed_tokens,
+    edit_loss,
     object_tokens,
     text_to_image_loss,
 )
@@ -51,6 +54,38 @@ def test_object_weight_reweights_only_images_with_objects(tiny):
     scene = flat.clone()
     scene[:, [0, 1, 4, 5]] = 3.0  # an object in the top-left 2×2 tokens
     plain, weighted = _t2i_loss(tiny, scene, 0.0), _t2i_loss(tiny, scene, 4.0)
+    assert torch.isfinite(weighted) and not torch.allclose(plain, weighted)
+
+
+def test_changed_tokens_are_where_the_target_differs_from_the_source():
+    source = torch.zeros(2, 6, 4)
+    target = source.clone()
+    target[0, [1, 5]] = torch.tensor([0.0, 2.0, 0.0, 0.0])
+    target[1, 3] += 0.3  # a small wobble (VAE noise around an unchanged object) is not a change
+    found = changed_tokens(source, target)
+    assert found[0].nonzero().flatten().tolist() == [1, 5]
+    assert not found[1].any()
+
+
+def _edit_loss(model, source, target, changed_weight):
+    count = model.num_image_tokens((4, 4))
+    ids = torch.full((source.shape[0], count + 4), 65)
+    ids[:, 2:2 + count] = model.image_token_id  # the source's <image> rows
+    generator = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)  # dropout
+    pixels = torch.zeros(source.shape[0], 3, 64, 64)  # only its size is read: the tokens are given
+    return edit_loss(model, pixels, pixels, ids, torch.ones_like(ids), generator=generator, source_tokens=source,
+                     target_tokens=target, changed_weight=changed_weight)
+
+
+def test_edit_changed_weight_reweights_only_edits_that_change_tokens(tiny):
+    source = torch.full((2, 16, tiny.config.token_dim), 0.1)
+    source[:, [0, 1, 4, 5]] = 3.0  # an object in the top-left 2×2 tokens
+    # A copy changes nothing: the weighted loss is the plain one.
+    assert torch.allclose(_edit_loss(tiny, source, source, 0.0), _edit_loss(tiny, source, source, 4.0))
+    target = source.clone()
+    target[:, [0, 1, 4, 5]] = -3.0  # the object recoloured
+    plain, weighted = _edit_loss(tiny, source, target, 0.0), _edit_loss(tiny, source, target, 4.0)
     assert torch.isfinite(weighted) and not torch.allclose(plain, weighted)
 
 

@@ -97,6 +97,7 @@ class LossConfig:
     grad_scale: float = 0.1  # gradient scale on visual features entering the LLM (spec §10-11)
     token_probe: float = 0.0  # weight of a training-only linear regression of each hidden token from z
     object_weight: float = 0.0  # t2i/edit: extra diffusion-loss weight on object tokens (unlike the image's median token)
+    edit_changed_weight: float = 0.0  # edit: extra diffusion-loss weight on target tokens unlike the source's
     object_readout: float = 0.0  # i2t, world data: weight of training-only read-outs of each object's shape and colour
     attend_named: float = 0.0  # i2t, world data: weight of the attention-supervision loss on one LLM head (see docs)
     attend_layer: int = 1  # the LLM layer whose head 0 loss.attend_named supervises

@@ -66,12 +66,13 @@ class UniPicLoss(nn.Module):
     def __init__(self, model, weights: dict[str, float], token_probe: float = 0.0, grad_scale: float = 0.1,
                  object_weight: float = 0.0, object_readout: float = 0.0, attend_named: float = 0.0,
                  attend_layer: int = 1, attend_relation: float = 0.0, relation_readout: float = 0.0,
-                 relation_layer: int = -1) -> None:
+                 relation_layer: int = -1, edit_changed_weight: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.weights = dict(weights)
         self.grad_scale = grad_scale
         self.object_weight = object_weight
+        self.edit_changed_weight = edit_changed_weight
         config = model.config
         self.probe = TokenProbe(config.mar.decoder_embed_dim, config.token_dim, token_probe) if token_probe > 0 else None
         self.attend_named, self.attend_layer, self.attend_relation = attend_named, attend_layer, attend_relation
@@ -134,7 +135,8 @@ class UniPicLoss(nn.Module):
             raw = edit_loss(m, batch["source"], batch["target"], batch["input_ids"], batch["attention_mask"],
                             generator=generator, source_tokens=batch.get("source_tokens"),
                             target_tokens=batch.get("target_tokens"), probe=self.probe,
-                            grad_scale=self.grad_scale, object_weight=self.object_weight)
+                            grad_scale=self.grad_scale, object_weight=self.object_weight,
+                            changed_weight=self.edit_changed_weight)
         else:
             raise ValueError(f"unknown task {task!r}")
         out = {"loss": raw * self.weights[task], f"loss_{task}": raw.detach().float()}
@@ -193,7 +195,7 @@ class UniPicJob:
                                      config.loss.object_weight, config.loss.object_readout,
                                      config.loss.attend_named, config.loss.attend_layer,
                                      config.loss.attend_relation, config.loss.relation_readout,
-                                     config.loss.relation_layer)
+                                     config.loss.relation_layer, config.loss.edit_changed_weight)
         # Resuming restores the loss's own parts from the checkpoint; a stage that starts from the
         # previous stage's result continues with that run's probe and read-outs when it saved them
         # (a fresh probe would first pull z towards its random read-out).

@@ -53,13 +53,24 @@ def object_tokens(tokens: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
     return (tokens.float() - background.float()).norm(dim=-1) > threshold
 
 
+def changed_tokens(source: torch.Tensor, target: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
+    """(B, L) bool: target tokens farther than `threshold` (scaled latent units) from the source token
+    at the same position, i.e. where an edit changes the image."""
+    return (target.float() - source.float()).norm(dim=-1) > threshold
+
+
 def _diffusion_loss(model, tokens: torch.Tensor, z: torch.Tensor, mask: torch.Tensor,
                     generator: torch.Generator | None, probe: TokenProbe | None = None,
-                    object_weight: float = 0.0) -> torch.Tensor:
+                    object_weight: float = 0.0, changed: torch.Tensor | None = None,
+                    changed_weight: float = 0.0) -> torch.Tensor:
     weights = mask
     if object_weight > 0:
         # Object tokens are ~20% of a world image; weighting them is weighting what the prompt says.
-        weights = mask * (1.0 + object_weight * object_tokens(tokens).to(mask.dtype))
+        weights = weights * (1.0 + object_weight * object_tokens(tokens).to(mask.dtype))
+    if changed is not None and changed_weight > 0:
+        # An edit changes a few tokens; the rest are a copy of x_con. Weighting the changed ones is
+        # weighting what the instruction says, so its signal is not diluted by the easy copy.
+        weights = weights * (1.0 + changed_weight * changed.to(mask.dtype))
     loss = model.mar.diffloss(tokens.reshape(-1, tokens.shape[-1]), z.reshape(-1, z.shape[-1]),
                               weights.reshape(-1), generator=generator)
     if probe is not None:
@@ -105,10 +116,11 @@ def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, i
               attention_mask: torch.Tensor, *, generator: torch.Generator | None = None,
               source_tokens: torch.Tensor | None = None, target_tokens: torch.Tensor | None = None,
               probe: TokenProbe | None = None, grad_scale: float = 0.1,
-              object_weight: float = 0.0) -> torch.Tensor:
+              object_weight: float = 0.0, changed_weight: float = 0.0) -> torch.Tensor:
     """Diffusion loss for producing `target_pixels` from `source_pixels` and an instruction prompt.
 
-    `input_ids` must contain h·w + buffer `<image>` ids for the source (see `UniPic.num_image_tokens`).
+    `input_ids` must contain h·w + buffer `<image>` ids for the source (see `UniPic.num_image_tokens`);
+    `changed_weight`: extra weight on hidden `changed_tokens` (target unlike source).
     """
     grid = model.grid_for(target_pixels.shape[-2], target_pixels.shape[-1])
     source = _tokens_of(model, source_pixels, source_tokens)
@@ -119,7 +131,8 @@ def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, i
     mask = _masked_targets(model, target, generator)
     x_enc = model.encode_with_llm(target, mask, grid, attention_mask, prefix_embeds=prefix)
     z = model.mar.forward_decoder(x_enc, mask, grid, x_con=x_con)
-    return _diffusion_loss(model, target, z, mask, generator, probe, object_weight)
+    changed = changed_tokens(source, target) if changed_weight > 0 else None
+    return _diffusion_loss(model, target, z, mask, generator, probe, object_weight, changed, changed_weight)
 
 
 class ObjectReadout(nn.Module):
