@@ -73,6 +73,7 @@ def test_overrides_nested_with_dots_and_typed():
     ("data.source=folder", "data.folders.t2i"),
     ("data.source=folder data.folders.t2i=x data.i2t_questions=2", "data.i2t_questions=2 needs data.source=world"),
     ("data.source=folder data.folders.t2i=x loss.attend_named=1", "loss.attend_named=1.0 needs data.source=world"),
+    ("data.source=folder data.folders.t2i=x loss.attend_edit=1", "loss.attend_edit=1.0 needs data.source=world"),
     ("data.source=folder data.folders.t2i=x loss.object_readout=1", "loss.object_readout=1.0 needs"),
     ("data.source=folder data.folders.t2i=x loss.relation_readout=1", "loss.relation_readout=1.0 needs"),
     ("data.i2t_kinds=[colour]", "data.i2t_kinds: unknown kind"),

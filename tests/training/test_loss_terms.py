@@ -1,5 +1,5 @@
 """The training-only loss terms: object-token weighting (`loss.object_weight`), changed-token
-weighting of edits (`loss.edit_changed_weight`), the token probe
+weighting of edits (`loss.edit_changed_weight`) and their attention supervision (`loss.attend_edit`), the token probe
 the understanding features' object read-outs (`loss.object_readout`), and the relation turns'
 split attention and order read-out (`loss.attend_relation`, `loss.relation_readout`)."""
 
@@ -203,3 +203,46 @@ def test_relation_readout_reads_the_chosen_layer():
             assert torch.allclose(got, want, atol=1e-5), layer
         # An early layer's rows differ from the final output's: the option reads what it says.
         assert not torch.allclose(states[1], states[-1])
+
+
+def test_edit_attention_points_the_buffer_rows_at_the_named_object():
+    import numpy as np
+
+    from unipic.loading import tiny_random_model
+    from unipic.training.config import DataConfig
+    from unipic.training.data import BatchBuilder, TaskSource
+    from unipic.training.jobs import UniPicLoss
+    from unipic.world.examples import edit_example
+    from unipic.world.scene import covered_cells
+
+    model, tokenizer = tiny_random_model(seed=0)
+    data = DataConfig(world_seed=3, image_size=64, batch_size=6, cache_latents=False, edit_repeat_prob=0.0)
+    source = TaskSource("edit", data, 0, 1)
+    examples = [source.get(k) for k in range(6)]
+    batch = BatchBuilder(model, tokenizer, data)("edit", examples, np.random.default_rng(0))
+    targets = batch["edit_attend_target"]
+    image_id = model.image_token_id
+    grid = model.grid_for(64, 64)
+    named = 0
+    for b, ex in enumerate(examples):
+        edit = edit_example(3, ex["example_id"])
+        if edit.index is None:  # add names no object of the source
+            assert not targets[b].any()
+            continue
+        named += 1
+        image_rows = torch.nonzero(batch["input_ids"][b] == image_id).flatten()
+        found = {int((image_rows == p).nonzero()) for p in torch.nonzero(targets[b]).flatten()}
+        assert found == set(covered_cells(edit.source.objects[edit.index].box, *grid)) and found
+    assert named > 0
+    loss = UniPicLoss(model.train(), {"edit": 1.0}, attend_edit=1.0)
+    out = loss("edit", batch, torch.Generator().manual_seed(0))
+    assert {"loss_edit", "loss_attend_edit"} <= set(out) and all(torch.isfinite(v) for v in out.values())
+    out["loss"].backward()
+    q_proj = model.llm.model.layers[1].self_attn.q_proj.weight.grad
+    assert q_proj[:model.llm.model.layers[1].self_attn.head_dim].abs().sum() > 0  # head 0 is supervised
+    # A "repeat this image" batch names nothing: no attention term.
+    repeat = BatchBuilder(model, tokenizer, DataConfig(world_seed=3, image_size=64, batch_size=6,
+                                                       cache_latents=False, edit_repeat_prob=1.0))
+    batch = repeat("edit", examples, np.random.default_rng(0))
+    assert not batch["edit_attend_target"].any()
+    assert "loss_attend_edit" not in loss("edit", batch, torch.Generator().manual_seed(0))

@@ -100,7 +100,8 @@ class LossConfig:
     edit_changed_weight: float = 0.0  # edit: extra diffusion-loss weight on target tokens unlike the source's
     object_readout: float = 0.0  # i2t, world data: weight of training-only read-outs of each object's shape and colour
     attend_named: float = 0.0  # i2t, world data: weight of the attention-supervision loss on one LLM head (see docs)
-    attend_layer: int = 1  # the LLM layer whose head 0 loss.attend_named supervises
+    attend_edit: float = 0.0  # edit, world data: weight of attention supervision from the image buffer rows to the named object's source rows
+    attend_layer: int = 1  # the LLM layer whose head 0 loss.attend_named and loss.attend_edit supervise
     attend_relation: float = 0.0  # i2t, world data: weight of relation turns' split supervision (head 0 on the first shape, head 1 on the second)
     relation_readout: float = 0.0  # i2t, world data: weight of a training-only read-out of each relation's order from its answer row
     relation_layer: int = -1  # the LLM layer whose output loss.relation_readout reads (-1: the final, normalised output)
@@ -199,6 +200,7 @@ class TrainConfig:
             for key, value, off in (("data.i2t_questions", self.data.i2t_questions, 1),
                                     ("loss.object_readout", self.loss.object_readout, 0),
                                     ("loss.attend_named", self.loss.attend_named, 0),
+                                    ("loss.attend_edit", self.loss.attend_edit, 0),
                                     ("loss.attend_relation", self.loss.attend_relation, 0),
                                     ("loss.relation_readout", self.loss.relation_readout, 0)):
                 if value != off:

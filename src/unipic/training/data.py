@@ -69,6 +69,12 @@ class TaskSource:
         index = k * self.world_size + self.rank  # global example index
         if self._stream is not None:
             example_id = index % self.pool if self.pool else index
+            if self.task == "edit":
+                # Editing examples also carry the box of the object their instruction names (none
+                # for add), for loss.attend_edit.
+                example, edit = self._stream.example(example_id, with_world=True)
+                boxes = [] if edit.index is None else [edit.source.objects[edit.index].box]
+                return {**example, "example_id": example_id, "edited_boxes": boxes}
             if self.task != "i2t":
                 return {**self._stream.example(example_id), "example_id": example_id}
             # Understanding examples also carry their objects, for loss.object_readout.
@@ -258,12 +264,13 @@ class BatchBuilder:
             batch.update(self._relation_targets(examples, batch["input_ids"], answer_rows))
         return batch
 
-    def _cells_of(self, boxes: Sequence, image_positions: torch.Tensor, length: int) -> torch.Tensor:
-        """(length,) bool: the `<image>` rows (at `image_positions`, grid cells first) of the
-        understanding-grid cells that `boxes` cover."""
+    def _cells_of(self, boxes: Sequence, image_positions: torch.Tensor, length: int,
+                  grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """(length,) bool: the `<image>` rows (at `image_positions`, grid cells first) of the cells
+        that `boxes` cover on `grid` (default: the understanding grid)."""
         from unipic.world.scene import covered_cells
 
-        rows, cols = self.model.understanding_grid(self.size)
+        rows, cols = grid or self.model.understanding_grid(self.size)
         target = torch.zeros(length, dtype=torch.bool)
         for box in boxes:
             target[image_positions[covered_cells(box, rows, cols)]] = True
@@ -341,7 +348,21 @@ class BatchBuilder:
         batch["source"] = self._pixels(sources)
         batch["target"] = self._pixels(targets)
         batch["target_is_source"] = torch.tensor(repeats, dtype=torch.bool)
+        if all("edited_boxes" in ex for ex in examples):
+            batch["edit_attend_target"] = self._edit_attention_targets(examples, batch["input_ids"], repeats)
         return batch
+
+    def _edit_attention_targets(self, examples: Sequence[dict], input_ids: torch.Tensor,
+                                repeats: Sequence[bool]) -> torch.Tensor:
+        """(B, T) bool: the source `<image>` rows of the token cells that the instruction's named
+        object covers; all False for add and for "repeat this image" examples (nothing is named)."""
+        grid = self.model.grid_for(self.size, self.size)
+        targets = torch.zeros(input_ids.shape, dtype=torch.bool)
+        for b, (ex, repeat) in enumerate(zip(examples, repeats)):
+            if ex["edited_boxes"] and not repeat:
+                image_positions = torch.nonzero(input_ids[b] == self.model.image_token_id).flatten()
+                targets[b] = self._cells_of(ex["edited_boxes"], image_positions, input_ids.shape[1], grid)
+        return targets
 
 
 class LatentCache:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from unipic.api import UserError
@@ -66,13 +67,13 @@ class UniPicLoss(nn.Module):
     def __init__(self, model, weights: dict[str, float], token_probe: float = 0.0, grad_scale: float = 0.1,
                  object_weight: float = 0.0, object_readout: float = 0.0, attend_named: float = 0.0,
                  attend_layer: int = 1, attend_relation: float = 0.0, relation_readout: float = 0.0,
-                 relation_layer: int = -1, edit_changed_weight: float = 0.0) -> None:
+                 relation_layer: int = -1, edit_changed_weight: float = 0.0, attend_edit: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.weights = dict(weights)
         self.grad_scale = grad_scale
         self.object_weight = object_weight
-        self.edit_changed_weight = edit_changed_weight
+        self.edit_changed_weight, self.attend_edit = edit_changed_weight, attend_edit
         config = model.config
         self.probe = TokenProbe(config.mar.decoder_embed_dim, config.token_dim, token_probe) if token_probe > 0 else None
         self.attend_named, self.attend_layer, self.attend_relation = attend_named, attend_layer, attend_relation
@@ -83,6 +84,25 @@ class UniPicLoss(nn.Module):
             from unipic.world.spec import COLORS, SHAPES
 
             self.readout = ObjectReadout(config.llm.hidden_size, len(SHAPES), len(COLORS), object_readout)
+
+    def _edit_attention_loss(self, layer: nn.Module, layer_input: dict, prefix_mask: torch.Tensor,
+                             targets: torch.Tensor) -> torch.Tensor:
+        """Head 0's attention from each image buffer row to the source rows of the named object.
+
+        At the first sampling step every target token is hidden, so the buffer rows, last in the
+        LLM's image rows, are all that carries the instruction to the MAR decoder; this tells them
+        where in the source the instruction's object lies. targets: (B, T) over the prefix rows.
+        """
+        hidden = layer_input["hidden_states"]  # (B, T + L_vis + buffer, hidden)
+        batch, prefix = targets.shape
+        length, buffer = hidden.shape[1], self.model.config.mar.buffer_size
+        rows = targets.any(dim=1).nonzero().flatten()
+        query = torch.stack([rows.repeat_interleave(buffer),
+                             torch.arange(length - buffer, length).repeat(len(rows))], dim=1)  # (K, 2)
+        keys_valid = torch.cat([prefix_mask.bool(), prefix_mask.new_ones(batch, length - prefix, dtype=torch.bool)],
+                               dim=1)  # (B, T + Lz): image rows follow every row's valid prefix
+        weights = head_attention(layer, hidden, layer_input["position_embeddings"], keys_valid, query, 0)
+        return named_attention_loss(weights, F.pad(targets, (0, length - prefix))[query[:, 0]])
 
     def forward(self, task: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict:
         m = self.model
@@ -132,11 +152,18 @@ class UniPicLoss(nn.Module):
                 extra["relation"] = (self.relation.weight, self.relation.loss(hidden, batch["relation_query"],
                                                                              batch["relation_order"]))
         elif task == "edit":
-            raw = edit_loss(m, batch["source"], batch["target"], batch["input_ids"], batch["attention_mask"],
-                            generator=generator, source_tokens=batch.get("source_tokens"),
-                            target_tokens=batch.get("target_tokens"), probe=self.probe,
-                            grad_scale=self.grad_scale, object_weight=self.object_weight,
-                            changed_weight=self.edit_changed_weight)
+            targets = batch.get("edit_attend_target")
+            attend_on = self.attend_edit > 0 and targets is not None and bool(targets.any())
+            layer = m.llm.model.layers[self.attend_layer].self_attn
+            with captured_inputs(layer, active=attend_on) as layer_input:
+                raw = edit_loss(m, batch["source"], batch["target"], batch["input_ids"], batch["attention_mask"],
+                                generator=generator, source_tokens=batch.get("source_tokens"),
+                                target_tokens=batch.get("target_tokens"), probe=self.probe,
+                                grad_scale=self.grad_scale, object_weight=self.object_weight,
+                                changed_weight=self.edit_changed_weight)
+            if attend_on:
+                extra["attend_edit"] = (self.attend_edit,
+                                        self._edit_attention_loss(layer, layer_input, batch["attention_mask"], targets))
         else:
             raise ValueError(f"unknown task {task!r}")
         out = {"loss": raw * self.weights[task], f"loss_{task}": raw.detach().float()}
@@ -175,9 +202,10 @@ class UniPicJob:
             raise UserError(f"model.sampling: {error}") from None
         apply_freezing(model, config.model)
         layers = model.config.llm.num_hidden_layers
-        if config.loss.attend_named < 0 or not 0 <= config.loss.attend_layer < layers:
-            raise UserError(f"loss.attend_named must be >= 0 and loss.attend_layer in 0..{layers - 1}, got "
-                            f"{config.loss.attend_named} and {config.loss.attend_layer}")
+        if min(config.loss.attend_named, config.loss.attend_edit) < 0 or not 0 <= config.loss.attend_layer < layers:
+            raise UserError(f"loss.attend_named and loss.attend_edit must be >= 0 and loss.attend_layer in "
+                            f"0..{layers - 1}, got {config.loss.attend_named}, {config.loss.attend_edit} and "
+                            f"{config.loss.attend_layer}")
         if config.loss.attend_relation < 0 or config.loss.relation_readout < 0:
             raise UserError(f"loss.attend_relation and loss.relation_readout must be >= 0, got "
                             f"{config.loss.attend_relation} and {config.loss.relation_readout}")
@@ -195,7 +223,8 @@ class UniPicJob:
                                      config.loss.object_weight, config.loss.object_readout,
                                      config.loss.attend_named, config.loss.attend_layer,
                                      config.loss.attend_relation, config.loss.relation_readout,
-                                     config.loss.relation_layer, config.loss.edit_changed_weight)
+                                     config.loss.relation_layer, config.loss.edit_changed_weight,
+                                     config.loss.attend_edit)
         # Resuming restores the loss's own parts from the checkpoint; a stage that starts from the
         # previous stage's result continues with that run's probe and read-outs when it saved them
         # (a fresh probe would first pull z towards its random read-out).
@@ -219,6 +248,8 @@ class UniPicJob:
                                  ("loss_relation", config.loss.relation_readout)):
                 if weight > 0:
                     self.metric_names.append(name)
+        if "edit" in config.active_tasks and config.loss.attend_edit > 0:
+            self.metric_names.append("loss_attend_edit")
         self.eval_names = [f"eval_{t}" for t in config.active_tasks]
         logger.info("model: %s", parameter_summary(model))
 
@@ -317,6 +348,25 @@ class VAELoss(nn.Module):
 
             colors = torch.tensor([BACKGROUND, *COLORS.values()], dtype=torch.float32) / 127.5 - 1.0
             self.register_buffer("colors", colors, persistent=False)  # (11, 3) in [-1, 1]
+
+    def _edit_attention_loss(self, layer: nn.Module, layer_input: dict, prefix_mask: torch.Tensor,
+                             targets: torch.Tensor) -> torch.Tensor:
+        """Head 0's attention from each image buffer row to the source rows of the named object.
+
+        At the first sampling step every target token is hidden, so the buffer rows, last in the
+        LLM's image rows, are all that carries the instruction to the MAR decoder; this tells them
+        where in the source the instruction's object lies. targets: (B, T) over the prefix rows.
+        """
+        hidden = layer_input["hidden_states"]  # (B, T + L_vis + buffer, hidden)
+        batch, prefix = targets.shape
+        length, buffer = hidden.shape[1], self.model.config.mar.buffer_size
+        rows = targets.any(dim=1).nonzero().flatten()
+        query = torch.stack([rows.repeat_interleave(buffer),
+                             torch.arange(length - buffer, length).repeat(len(rows))], dim=1)  # (K, 2)
+        keys_valid = torch.cat([prefix_mask.bool(), prefix_mask.new_ones(batch, length - prefix, dtype=torch.bool)],
+                               dim=1)  # (B, T + Lz): image rows follow every row's valid prefix
+        weights = head_attention(layer, hidden, layer_input["position_embeddings"], keys_valid, query, 0)
+        return named_attention_loss(weights, F.pad(targets, (0, length - prefix))[query[:, 0]])
 
     def forward(self, task: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict:
         pixels = batch["pixels"]
