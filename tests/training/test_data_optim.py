@@ -96,6 +96,19 @@ def _world_i2t_batch(tiny, questions: int) -> tuple[list[dict], dict]:
     return examples, BatchBuilder(model, tokenizer, cfg)("i2t", examples, np.random.default_rng(0))
 
 
+def test_batches_carry_only_the_targets_their_run_reads(tiny):
+    model, tokenizer = tiny
+    cfg = DataConfig(tasks={"i2t": 1}, batch_size=4, image_size=64, i2t_questions=3, world_seed=5)
+    examples = TaskData(cfg, 0, 1).next_examples("i2t")
+    every = BatchBuilder(model, tokenizer, cfg)("i2t", examples, np.random.default_rng(0))
+    assert {"object_index", "attend_query", "relation_query"} <= set(every)
+    only = BatchBuilder(model, tokenizer, cfg, ["attend"])("i2t", examples, np.random.default_rng(0))
+    assert "attend_query" in only and not {"object_index", "relation_query"} & set(only)
+    assert torch.equal(only["input_ids"], every["input_ids"]) and torch.equal(only["attend_target"], every["attend_target"])
+    with pytest.raises(ValueError, match="unknown batch targets"):
+        BatchBuilder(model, tokenizer, cfg, ["attention"])
+
+
 def test_relation_targets_split_the_two_named_shapes(tiny):
     from unipic.world.examples import extra_questions, i2t_example
     from unipic.world.questions import named_objects

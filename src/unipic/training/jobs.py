@@ -238,7 +238,10 @@ class UniPicJob:
                 if (start / name).is_file():
                     part.load_state_dict(load_file(str(start / name)))
                     logger.info("loss part %s continues from %s", name, start)
-        self.builder = BatchBuilder(model, tokenizer, config.data)
+        loss = config.loss
+        wanted = {"objects": loss.object_readout > 0, "attend": loss.attend_named > 0,
+                  "relation": loss.attend_relation > 0 or loss.relation_readout > 0, "edit_attend": loss.attend_edit > 0}
+        self.builder = BatchBuilder(model, tokenizer, config.data, [name for name, on in wanted.items() if on])
         self.metric_names = [f"loss_{t}" for t in config.active_tasks]
         if self.module.readout is not None and "i2t" in config.active_tasks:
             self.metric_names.append("loss_readout")
