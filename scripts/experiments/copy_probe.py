@@ -9,9 +9,10 @@
    other half, of each token from the MAR-encoder feature at its own position (`x_con`, the
    decoder's starting point for every hidden target position) and from the projected rows the
    LLM reads (`z_src`). A feature that does not hold its token cannot be copied from it.
-3. The same sources under their real instructions, at guidance 1 and 3: edit success, and the
+3. The same sources under their real instructions, at guidance 1 and 3: edit success, the
    fraction of untouched objects the judge still finds (same colour and shape within 0.05·S of
-   where it sees them in the source).
+   where it sees them in the source), and how often the instructed change itself is there,
+   whatever happens to the rest (`edited_part_done`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import torch
 
 from unipic.sampling.prompts import images_to_tensor, tensor_to_images
 from unipic.world import judge, matches_scene, render
-from unipic.world.edits import EDIT_TOL, edit_succeeded, visual_centre
+from unipic.world.edits import _DIR_VECTORS, EDIT_TOL, edit_succeeded, visual_centre
 from unipic.world.examples import edit_eval_set
+from unipic.world.spec import MOVE_MIN
 
 
 def untouched_kept(edit, found) -> tuple[int, int]:
@@ -41,6 +43,27 @@ def untouched_kept(edit, found) -> tuple[int, int]:
                 del pool[j]
                 break
     return kept, total
+
+
+def edited_part_done(edit, found) -> bool:
+    """Whether `found` shows the instructed change, ignoring the untouched objects: the new object
+    at the old centre (recolor, replace), no object of the removed pair there (remove), one more of
+    the added pair (add), the object at least 0.15·S further in its direction (move)."""
+    def near(f, centre) -> bool:
+        return ((f.cx - centre[0]) ** 2 + (f.cy - centre[1]) ** 2) ** 0.5 <= EDIT_TOL
+
+    if edit.kind in ("recolor", "replace"):
+        new = edit.target.objects[edit.new_index]
+        return any(f.pair == new.pair and near(f, visual_centre(new)) for f in found)
+    if edit.kind == "remove":
+        old = edit.source.objects[edit.index]
+        return not any(f.pair == old.pair and near(f, visual_centre(old)) for f in found)
+    if edit.kind == "add":
+        pair = edit.target.objects[edit.new_index].pair
+        return sum(f.pair == pair for f in found) >= sum(o.pair == pair for o in edit.target.objects)
+    old = edit.source.objects[edit.index]  # move
+    (ox, oy), (dx, dy) = visual_centre(old), _DIR_VECTORS[edit.direction]
+    return any(f.pair == old.pair and (f.cx - ox) * dx + (f.cy - oy) * dy >= MOVE_MIN for f in found)
 
 
 def ridge_r2(features: torch.Tensor, targets: torch.Tensor, split: int, ridge: float = 1e-2) -> float:
@@ -95,8 +118,12 @@ def main() -> None:
         found = [judge(im) for im in outputs]
         success = sum(edit_succeeded(e, f)[0] for e, f in zip(edits, found))
         kept = [untouched_kept(e, f) for e, f in zip(edits, found)]
+        done = [edited_part_done(e, f) for e, f in zip(edits, found)]
+        by_kind = " · ".join(f"{kind} {sum(d for e, d in zip(edits, done) if e.kind == kind)}"
+                             for kind in dict.fromkeys(e.kind for e in edits))
         print(f"real instructions, cfg {cfg:g}: success {success}/{len(edits)}, untouched objects kept "
-              f"{sum(k for k, _ in kept)}/{sum(t for _, t in kept)}")
+              f"{sum(k for k, _ in kept)}/{sum(t for _, t in kept)}, instructed change there "
+              f"{sum(done)}/{len(edits)} ({by_kind})")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,8 @@ def test_overrides_nested_with_dots_and_typed():
     ("data.source=folder data.folders.t2i=x loss.object_readout=1", "loss.object_readout=1.0 needs"),
     ("data.source=folder data.folders.t2i=x loss.relation_readout=1", "loss.relation_readout=1.0 needs"),
     ("data.i2t_kinds=[colour]", "data.i2t_kinds: unknown kind"),
+    ("data.edit_kinds=[recolour]", "data.edit_kinds: unknown kind"),
+    ("data.source=folder data.folders.t2i=x data.edit_kinds=[add]", "data.edit_kinds=['add'] needs data.source=world"),
     ("noequals", "key=value"),
 ])
 def test_bad_values_are_user_errors(override, fragment):

@@ -320,3 +320,19 @@ def test_question_kinds_restrict_every_turn():
     for k in range(4):
         a, b = everything.get(k), default.get(k)
         assert a["question"] == b["question"] and a["more_questions"] == b["more_questions"]
+
+
+def test_edit_kinds_restrict_the_edits():
+    from unipic.training.data import TaskSource
+    from unipic.world.edits import parse_instruction
+
+    def kinds_of(cfg: DataConfig) -> list[str]:
+        source = TaskSource("edit", cfg, 0, 1)
+        return [parse_instruction(source.get(k)["instruction"])["kind"] for k in range(12)]
+
+    assert set(kinds_of(DataConfig(tasks={"edit": 1}, image_size=64, edit_kinds=["recolor"], world_seed=5))) == {"recolor"}
+    # With all kinds given, the examples are those of the default (empty) setting.
+    default = kinds_of(DataConfig(tasks={"edit": 1}, image_size=64, world_seed=5))
+    assert len(set(default)) > 1
+    assert kinds_of(DataConfig(tasks={"edit": 1}, image_size=64, world_seed=5,
+                               edit_kinds=["recolor", "remove", "add", "replace", "move"])) == default

@@ -24,6 +24,7 @@ from unipic.world.examples import LAYOUTS, TASKS, make_example
 from unipic.world.questions import QUESTION_KINDS
 from unipic.world.render import render
 from unipic.world.scene import rng_for
+from unipic.world.spec import EDIT_KINDS
 
 
 def render_example(task: str, example, index: int, size: int) -> dict:
@@ -99,12 +100,13 @@ class ShapesStream(_Stream):
         layout: text-to-image scenes: "random" (the world's) or "canonical" (one fixed scene per
             text, `unipic.world.canonical`).
         question_kinds: image-to-text: the kinds each example's question is drawn from (uniformly).
+        edit_kinds: editing: the kinds each example's edit is drawn from (uniformly).
     """
 
     def __init__(self, task: str, seed: int = 0, size: int = 128, length: int | None = None, start: int = 0,
                  train: bool = True, transform: Callable | None = None, rank: int | None = None,
                  world_size: int | None = None, layout: str = "random",
-                 question_kinds: Sequence[str] = QUESTION_KINDS) -> None:
+                 question_kinds: Sequence[str] = QUESTION_KINDS, edit_kinds: Sequence[str] = EDIT_KINDS) -> None:
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
         if layout not in LAYOUTS:
@@ -113,13 +115,17 @@ class ShapesStream(_Stream):
         unknown = sorted(set(question_kinds) - set(QUESTION_KINDS))
         if unknown or not question_kinds:
             raise ValueError(f"question kinds {list(question_kinds)} must be some of {', '.join(QUESTION_KINDS)}")
+        unknown = sorted(set(edit_kinds) - set(EDIT_KINDS))
+        if unknown or not edit_kinds:
+            raise ValueError(f"edit kinds {list(edit_kinds)} must be some of {', '.join(EDIT_KINDS)}")
         self.task, self.train, self.layout = task, train, layout
-        self.question_kinds = tuple(question_kinds)
+        self.question_kinds, self.edit_kinds = tuple(question_kinds), tuple(edit_kinds)
 
     def example(self, index: int, with_world: bool = False):
         """Example `index` as a dict of the disk layout's keys; with `with_world`, a pair (that dict,
         the world's example object with its scene)."""
-        example = make_example(self.task, self.seed, index, self.train, self.layout, self.question_kinds)
+        example = make_example(self.task, self.seed, index, self.train, self.layout, self.question_kinds,
+                               self.edit_kinds)
         rendered = render_example(self.task, example, index, self.size)
         return (rendered, example) if with_world else rendered
 

@@ -87,6 +87,7 @@ class DataConfig:
     world_layout: str = "random"  # source world, t2i: random (the world's scenes) | canonical (one scene per text)
     i2t_questions: int = 1  # source world: question-answer turns per understanding image (the first as evaluated)
     i2t_kinds: list[str] = field(default_factory=list)  # source world: question kinds to ask (empty = all five)
+    edit_kinds: list[str] = field(default_factory=list)  # source world: edit kinds to draw (empty = all five)
 
 
 @dataclass
@@ -194,12 +195,18 @@ class TrainConfig:
         unknown = sorted(set(self.data.i2t_kinds) - set(QUESTION_KINDS))
         if unknown:
             raise UserError(f"data.i2t_kinds: unknown kind(s) {unknown}; valid kinds: {list(QUESTION_KINDS)}")
+        from unipic.world.spec import EDIT_KINDS
+
+        unknown = sorted(set(self.data.edit_kinds) - set(EDIT_KINDS))
+        if unknown:
+            raise UserError(f"data.edit_kinds: unknown kind(s) {unknown}; valid kinds: {list(EDIT_KINDS)}")
         if self.data.source == "folder":
             # These read the world's scene (its objects, each question's named objects); folder rows
             # hold an image and one question, so the options would silently do nothing.
             for key, value, off in (("data.i2t_questions", self.data.i2t_questions, 1),
                                     ("loss.object_readout", self.loss.object_readout, 0),
                                     ("loss.attend_named", self.loss.attend_named, 0),
+                                    ("data.edit_kinds", self.data.edit_kinds, []),
                                     ("loss.attend_edit", self.loss.attend_edit, 0),
                                     ("loss.attend_relation", self.loss.attend_relation, 0),
                                     ("loss.relation_readout", self.loss.relation_readout, 0)):

@@ -49,11 +49,12 @@ class TaskSource:
         if cfg.source == "world":
             from unipic.data.datasets import ShapesStream
             from unipic.world.questions import QUESTION_KINDS
+            from unipic.world.spec import EDIT_KINDS
 
             self.kinds = tuple(cfg.i2t_kinds) or QUESTION_KINDS
             self._stream = ShapesStream(task, seed=cfg.world_seed, size=cfg.image_size, train=True,
                                         rank=rank, world_size=world_size, layout=cfg.world_layout,
-                                        question_kinds=self.kinds)
+                                        question_kinds=self.kinds, edit_kinds=tuple(cfg.edit_kinds) or EDIT_KINDS)
             self._folder = None
         else:
             from unipic.data.disk import read_folder

@@ -142,24 +142,26 @@ def extra_questions(seed: int, index: int, scene: Scene, first: Question, count:
     return out
 
 
-def edit_example(seed: int, index: int, train: bool = True, kind: str | None = None) -> Edit:
-    """Editing example `index`: source scene, instruction, target scene (kind uniform unless given)."""
+def edit_example(seed: int, index: int, train: bool = True, kind: str | None = None,
+                 kinds: Sequence[str] = EDIT_KINDS) -> Edit:
+    """Editing example `index`: source scene, instruction, target scene (kind uniform over `kinds`
+    unless given)."""
     rng = _rng("edit", seed, index, train)
     if kind is None:
-        kind = EDIT_KINDS[int(rng.integers(len(EDIT_KINDS)))]
+        kind = kinds[int(rng.integers(len(kinds)))]
     return sample_edit(rng, kind, allow_held_out=not train)
 
 
 def make_example(task: str, seed: int, index: int, train: bool = True, layout: str = "random",
-                 question_kinds: Sequence[str] = QUESTION_KINDS):
+                 question_kinds: Sequence[str] = QUESTION_KINDS, edit_kinds: Sequence[str] = EDIT_KINDS):
     """Dispatch to `t2i_example`, `i2t_example` or `edit_example` (`layout`: text-to-image only;
-    `question_kinds`: image-to-text only)."""
+    `question_kinds`: image-to-text only; `edit_kinds`: editing only)."""
     if task == "t2i":
         return t2i_example(seed, index, train, layout)
     if task == "i2t":
         return i2t_example(seed, index, train, kinds=question_kinds)
     if task == "edit":
-        return edit_example(seed, index, train)
+        return edit_example(seed, index, train, kinds=edit_kinds)
     raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
 
 
