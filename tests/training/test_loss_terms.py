@@ -246,3 +246,40 @@ def test_edit_attention_points_the_buffer_rows_at_the_named_object():
     batch = repeat("edit", examples, np.random.default_rng(0))
     assert not batch["edit_attend_target"].any()
     assert "loss_attend_edit" not in loss("edit", batch, torch.Generator().manual_seed(0))
+
+
+def test_edit_region_readout_learns_which_cells_the_named_object_covers():
+    import numpy as np
+
+    from unipic.loading import tiny_random_model
+    from unipic.training.config import DataConfig
+    from unipic.training.data import BatchBuilder, TaskSource
+    from unipic.training.jobs import UniPicLoss
+    from unipic.training.losses import EditRegionReadout
+    from unipic.world.examples import edit_example
+    from unipic.world.scene import covered_cells
+
+    model, tokenizer = tiny_random_model(seed=0)
+    data = DataConfig(world_seed=3, image_size=64, batch_size=6, cache_latents=False, edit_repeat_prob=0.0)
+    examples = [TaskSource("edit", data, 0, 1).get(k) for k in range(6)]
+    batch = BatchBuilder(model, tokenizer, data, ["edit_region"])("edit", examples, np.random.default_rng(0))
+    assert "edit_attend_target" not in batch  # only the targets asked for
+    grid = model.grid_for(64, 64)
+    for b, ex in enumerate(examples):
+        edit = edit_example(3, ex["example_id"])
+        assert bool(batch["edit_named"][b]) == (edit.index is not None)
+        cells = set(covered_cells(edit.source.objects[edit.index].box, *grid)) if edit.index is not None else set()
+        assert set(torch.nonzero(batch["edit_region"][b]).flatten().tolist()) == cells
+    assert batch["edit_named"].any()
+    loss = UniPicLoss(model.train(), {"edit": 1.0}, edit_region_readout=1.0)
+    out = loss("edit", batch, torch.Generator().manual_seed(0))
+    assert {"loss_edit", "loss_edit_region"} <= set(out) and torch.isfinite(out["loss_edit_region"])
+    out["loss"].backward()
+    assert loss.region.region.weight.grad.abs().sum() > 0
+    assert model.mar.decoder_blocks[0].mlp.fc1.weight.grad.abs().sum() > 0  # the decoder is taught, too
+    # The read-out scores exactly the named rows: zero logits cost log 2 per cell.
+    readout = EditRegionReadout(decoder_dim=4, weight=1.0)
+    torch.nn.init.zeros_(readout.region.weight)
+    torch.nn.init.zeros_(readout.region.bias)
+    region, named = torch.zeros(2, 3, dtype=torch.bool), torch.tensor([True, False])
+    assert readout.loss(torch.randn(2, 3, 4), region, named).item() == pytest.approx(math.log(2), rel=1e-6)

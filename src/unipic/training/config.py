@@ -102,6 +102,7 @@ class LossConfig:
     object_readout: float = 0.0  # i2t, world data: weight of training-only read-outs of each object's shape and colour
     attend_named: float = 0.0  # i2t, world data: weight of the attention-supervision loss on one LLM head (see docs)
     attend_edit: float = 0.0  # edit, world data: weight of attention supervision from the image buffer rows to the named object's source rows
+    edit_region_readout: float = 0.0  # edit, world data: weight of a training-only read-out, from each MAR decoder position, of whether the named object covers it
     attend_layer: int = 1  # the LLM layer whose head 0 loss.attend_named and loss.attend_edit supervise
     attend_relation: float = 0.0  # i2t, world data: weight of relation turns' split supervision (head 0 on the first shape, head 1 on the second)
     relation_readout: float = 0.0  # i2t, world data: weight of a training-only read-out of each relation's order from its answer row
@@ -208,6 +209,7 @@ class TrainConfig:
                                     ("loss.attend_named", self.loss.attend_named, 0),
                                     ("data.edit_kinds", self.data.edit_kinds, []),
                                     ("loss.attend_edit", self.loss.attend_edit, 0),
+                                    ("loss.edit_region_readout", self.loss.edit_region_readout, 0),
                                     ("loss.attend_relation", self.loss.attend_relation, 0),
                                     ("loss.relation_readout", self.loss.relation_readout, 0)):
                 if value != off:

@@ -34,8 +34,8 @@ from unipic.training.config import TASKS, DataConfig
 IMAGE_KEYS = {"t2i": ("image",), "i2t": ("image",), "edit": ("source", "target")}
 # The training-only targets a world batch can carry, each read by one family of losses:
 # objects (loss.object_readout), attend (loss.attend_named), relation (loss.attend_relation,
-# loss.relation_readout), edit_attend (loss.attend_edit).
-TARGETS = ("objects", "attend", "relation", "edit_attend")
+# loss.relation_readout), edit_attend (loss.attend_edit), edit_region (loss.edit_region_readout).
+TARGETS = ("objects", "attend", "relation", "edit_attend", "edit_region")
 
 
 class TaskSource:
@@ -361,7 +361,24 @@ class BatchBuilder:
         batch["target_is_source"] = torch.tensor(repeats, dtype=torch.bool)
         if "edit_attend" in self.targets and all("edited_boxes" in ex for ex in examples):
             batch["edit_attend_target"] = self._edit_attention_targets(examples, batch["input_ids"], repeats)
+        if "edit_region" in self.targets and all("edited_boxes" in ex for ex in examples):
+            batch["edit_named"], batch["edit_region"] = self._edit_regions(examples, repeats)
         return batch
+
+    def _edit_regions(self, examples: Sequence[dict], repeats: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) bool: whether the example's instruction names a source object (not add, not a
+        repeat), and (B, L) bool: the token cells, in raster order, that object covers."""
+        from unipic.world.scene import covered_cells
+
+        rows, cols = self.model.grid_for(self.size, self.size)
+        named = torch.zeros(len(examples), dtype=torch.bool)
+        region = torch.zeros(len(examples), rows * cols, dtype=torch.bool)
+        for b, (ex, repeat) in enumerate(zip(examples, repeats)):
+            if ex["edited_boxes"] and not repeat:
+                named[b] = True
+                for box in ex["edited_boxes"]:
+                    region[b, covered_cells(box, rows, cols)] = True
+        return named, region
 
     def _edit_attention_targets(self, examples: Sequence[dict], input_ids: torch.Tensor,
                                 repeats: Sequence[bool]) -> torch.Tensor:

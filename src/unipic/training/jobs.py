@@ -33,6 +33,7 @@ from unipic.training.build import (
 from unipic.training.config import TrainConfig
 from unipic.training.data import BatchBuilder, vae_pixels
 from unipic.training.losses import (
+    EditRegionReadout,
     ObjectReadout,
     RelationReadout,
     TokenProbe,
@@ -53,7 +54,8 @@ FINAL_DIR = "final"
 PROBE_FILE = "token_probe.safetensors"  # a checkpoint's training-only token probe (loss.token_probe)
 READOUT_FILE = "object_readout.safetensors"  # a checkpoint's training-only object read-outs (loss.object_readout)
 RELATION_FILE = "relation_readout.safetensors"  # a checkpoint's training-only relation read-out (loss.relation_readout)
-TRAINING_ONLY_FILES = (PROBE_FILE, READOUT_FILE, RELATION_FILE)  # also in a run's final/; never part of a shipped model
+REGION_FILE = "edit_region_readout.safetensors"  # a checkpoint's training-only edit-region read-out (loss.edit_region_readout)
+TRAINING_ONLY_FILES = (PROBE_FILE, READOUT_FILE, RELATION_FILE, REGION_FILE)  # also in a run's final/; never part of a shipped model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,7 +69,8 @@ class UniPicLoss(nn.Module):
     def __init__(self, model, weights: dict[str, float], token_probe: float = 0.0, grad_scale: float = 0.1,
                  object_weight: float = 0.0, object_readout: float = 0.0, attend_named: float = 0.0,
                  attend_layer: int = 1, attend_relation: float = 0.0, relation_readout: float = 0.0,
-                 relation_layer: int = -1, edit_changed_weight: float = 0.0, attend_edit: float = 0.0) -> None:
+                 relation_layer: int = -1, edit_changed_weight: float = 0.0, attend_edit: float = 0.0,
+                 edit_region_readout: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.weights = dict(weights)
@@ -79,6 +82,8 @@ class UniPicLoss(nn.Module):
         self.attend_named, self.attend_layer, self.attend_relation = attend_named, attend_layer, attend_relation
         self.relation = RelationReadout(config.llm.hidden_size, relation_readout) if relation_readout > 0 else None
         self.relation_layer = relation_layer
+        self.region = (EditRegionReadout(config.mar.decoder_embed_dim, edit_region_readout)
+                       if edit_region_readout > 0 else None)
         self.readout = None
         if object_readout > 0:
             from unipic.world.spec import COLORS, SHAPES
@@ -155,12 +160,17 @@ class UniPicLoss(nn.Module):
             targets = batch.get("edit_attend_target")
             attend_on = self.attend_edit > 0 and targets is not None and bool(targets.any())
             layer = m.llm.model.layers[self.attend_layer].self_attn
+            named = batch.get("edit_named")
+            region_on = self.region is not None and named is not None and bool(named.any())
+            decoder: dict = {}
             with captured_inputs(layer, active=attend_on) as layer_input:
                 raw = edit_loss(m, batch["source"], batch["target"], batch["input_ids"], batch["attention_mask"],
                                 generator=generator, source_tokens=batch.get("source_tokens"),
                                 target_tokens=batch.get("target_tokens"), probe=self.probe,
                                 grad_scale=self.grad_scale, object_weight=self.object_weight,
-                                changed_weight=self.edit_changed_weight)
+                                changed_weight=self.edit_changed_weight, decoder_out=decoder if region_on else None)
+            if region_on:
+                extra["edit_region"] = (self.region.weight, self.region.loss(decoder["z"], batch["edit_region"], named))
             if attend_on:
                 extra["attend_edit"] = (self.attend_edit,
                                         self._edit_attention_loss(layer, layer_input, batch["attention_mask"], targets))
@@ -224,7 +234,7 @@ class UniPicJob:
                                      config.loss.attend_named, config.loss.attend_layer,
                                      config.loss.attend_relation, config.loss.relation_readout,
                                      config.loss.relation_layer, config.loss.edit_changed_weight,
-                                     config.loss.attend_edit)
+                                     config.loss.attend_edit, config.loss.edit_region_readout)
         # Resuming restores the loss's own parts from the checkpoint; a stage that starts from the
         # previous stage's result continues with that run's probe and read-outs when it saved them
         # (a fresh probe would first pull z towards its random read-out).
@@ -240,7 +250,8 @@ class UniPicJob:
                     logger.info("loss part %s continues from %s", name, start)
         loss = config.loss
         wanted = {"objects": loss.object_readout > 0, "attend": loss.attend_named > 0,
-                  "relation": loss.attend_relation > 0 or loss.relation_readout > 0, "edit_attend": loss.attend_edit > 0}
+                  "relation": loss.attend_relation > 0 or loss.relation_readout > 0, "edit_attend": loss.attend_edit > 0,
+                  "edit_region": loss.edit_region_readout > 0}
         self.builder = BatchBuilder(model, tokenizer, config.data, [name for name, on in wanted.items() if on])
         self.metric_names = [f"loss_{t}" for t in config.active_tasks]
         if self.module.readout is not None and "i2t" in config.active_tasks:
@@ -251,8 +262,11 @@ class UniPicJob:
                                  ("loss_relation", config.loss.relation_readout)):
                 if weight > 0:
                     self.metric_names.append(name)
-        if "edit" in config.active_tasks and config.loss.attend_edit > 0:
-            self.metric_names.append("loss_attend_edit")
+        if "edit" in config.active_tasks:
+            for name, weight in (("loss_attend_edit", config.loss.attend_edit),
+                                 ("loss_edit_region", config.loss.edit_region_readout)):
+                if weight > 0:
+                    self.metric_names.append(name)
         self.eval_names = [f"eval_{t}" for t in config.active_tasks]
         logger.info("model: %s", parameter_summary(model))
 
@@ -290,7 +304,7 @@ class UniPicJob:
     def _training_only_parts(self) -> list[tuple[nn.Module, str]]:
         """The loss's own trained modules (not part of the model) and their checkpoint file names."""
         parts = [(self.module.probe, PROBE_FILE), (self.module.readout, READOUT_FILE),
-                 (self.module.relation, RELATION_FILE)]
+                 (self.module.relation, RELATION_FILE), (self.module.region, REGION_FILE)]
         return [(part, name) for part, name in parts if part is not None]
 
     def export_final(self, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> Path:

@@ -116,11 +116,13 @@ def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, i
               attention_mask: torch.Tensor, *, generator: torch.Generator | None = None,
               source_tokens: torch.Tensor | None = None, target_tokens: torch.Tensor | None = None,
               probe: TokenProbe | None = None, grad_scale: float = 0.1,
-              object_weight: float = 0.0, changed_weight: float = 0.0) -> torch.Tensor:
+              object_weight: float = 0.0, changed_weight: float = 0.0,
+              decoder_out: dict | None = None) -> torch.Tensor:
     """Diffusion loss for producing `target_pixels` from `source_pixels` and an instruction prompt.
 
     `input_ids` must contain h·w + buffer `<image>` ids for the source (see `UniPic.num_image_tokens`);
-    `changed_weight`: extra weight on hidden `changed_tokens` (target unlike source).
+    `changed_weight`: extra weight on hidden `changed_tokens` (target unlike source); `decoder_out`,
+    when given, receives the MAR decoder's conditions z (B, L, decoder_dim) under "z".
     """
     grid = model.grid_for(target_pixels.shape[-2], target_pixels.shape[-1])
     source = _tokens_of(model, source_pixels, source_tokens)
@@ -131,6 +133,8 @@ def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, i
     mask = _masked_targets(model, target, generator)
     x_enc = model.encode_with_llm(target, mask, grid, attention_mask, prefix_embeds=prefix)
     z = model.mar.forward_decoder(x_enc, mask, grid, x_con=x_con)
+    if decoder_out is not None:
+        decoder_out["z"] = z
     changed = changed_tokens(source, target) if changed_weight > 0 else None
     return _diffusion_loss(model, target, z, mask, generator, probe, object_weight, changed, changed_weight)
 
@@ -157,6 +161,28 @@ class ObjectReadout(nn.Module):
         labels (K, 2) = (shape, colour)."""
         picked = features[index[:, 0], index[:, 1]].float()  # (K, hidden)
         return F.cross_entropy(self.shape(picked), labels[:, 0]) + F.cross_entropy(self.color(picked), labels[:, 1])
+
+
+class EditRegionReadout(nn.Module):
+    """Training-only linear read-out, from each position's MAR decoder condition z, of whether the
+    source object the edit instruction names covers that token cell (Shapes world).
+
+    Editing models learn the instruction's colour or shape but apply it to every object: nothing
+    tells a decoder position whether it is the one named (docs/training.md, "Fourteenth session").
+    This read-out asks each position exactly that. Inference never uses it; the trainer keeps its
+    weights beside the model in checkpoints.
+    """
+
+    def __init__(self, decoder_dim: int, weight: float) -> None:
+        super().__init__()
+        self.region = nn.Linear(decoder_dim, 1)
+        self.weight = weight
+
+    def loss(self, z: torch.Tensor, region: torch.Tensor, named: torch.Tensor) -> torch.Tensor:
+        """Binary cross-entropy over every token of the rows that name an object: z (B, L, D),
+        region (B, L) bool (cells the named object covers), named (B,) bool."""
+        logits = self.region(z[named]).squeeze(-1).float()  # (B_named, L)
+        return F.binary_cross_entropy_with_logits(logits, region[named].float())
 
 
 class RelationReadout(nn.Module):
