@@ -366,25 +366,6 @@ class VAELoss(nn.Module):
             colors = torch.tensor([BACKGROUND, *COLORS.values()], dtype=torch.float32) / 127.5 - 1.0
             self.register_buffer("colors", colors, persistent=False)  # (11, 3) in [-1, 1]
 
-    def _edit_attention_loss(self, layer: nn.Module, layer_input: dict, prefix_mask: torch.Tensor,
-                             targets: torch.Tensor) -> torch.Tensor:
-        """Head 0's attention from each image buffer row to the source rows of the named object.
-
-        At the first sampling step every target token is hidden, so the buffer rows, last in the
-        LLM's image rows, are all that carries the instruction to the MAR decoder; this tells them
-        where in the source the instruction's object lies. targets: (B, T) over the prefix rows.
-        """
-        hidden = layer_input["hidden_states"]  # (B, T + L_vis + buffer, hidden)
-        batch, prefix = targets.shape
-        length, buffer = hidden.shape[1], self.model.config.mar.buffer_size
-        rows = targets.any(dim=1).nonzero().flatten()
-        query = torch.stack([rows.repeat_interleave(buffer),
-                             torch.arange(length - buffer, length).repeat(len(rows))], dim=1)  # (K, 2)
-        keys_valid = torch.cat([prefix_mask.bool(), prefix_mask.new_ones(batch, length - prefix, dtype=torch.bool)],
-                               dim=1)  # (B, T + Lz): image rows follow every row's valid prefix
-        weights = head_attention(layer, hidden, layer_input["position_embeddings"], keys_valid, query, 0)
-        return named_attention_loss(weights, F.pad(targets, (0, length - prefix))[query[:, 0]])
-
     def forward(self, task: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict:
         pixels = batch["pixels"]
         mean, logvar = self.vae.encode_moments(pixels)  # unscaled posterior
