@@ -78,6 +78,9 @@ def test_overrides_nested_with_dots_and_typed():
     ("data.source=folder data.folders.t2i=x loss.relation_readout=1", "loss.relation_readout=1.0 needs"),
     ("data.i2t_kinds=[colour]", "data.i2t_kinds: unknown kind"),
     ("data.edit_kinds=[recolour]", "data.edit_kinds: unknown kind"),
+    ("loss.attend_edit=-1", "loss.attend_edit must be >= 0"),
+    ("loss.edit_region_readout=-0.5", "loss.edit_region_readout must be >= 0"),
+    ("loss.edit_changed_weight=-4", "loss.edit_changed_weight must be >= 0"),
     ("data.source=folder data.folders.t2i=x data.edit_kinds=[add]", "data.edit_kinds=['add'] needs data.source=world"),
     ("noequals", "key=value"),
 ])

@@ -196,6 +196,10 @@ class TrainConfig:
         unknown = sorted(set(self.data.i2t_kinds) - set(QUESTION_KINDS))
         if unknown:
             raise UserError(f"data.i2t_kinds: unknown kind(s) {unknown}; valid kinds: {list(QUESTION_KINDS)}")
+        for key in ("object_weight", "edit_changed_weight", "object_readout", "attend_named", "attend_edit",
+                    "edit_region_readout", "attend_relation", "relation_readout"):
+            if getattr(self.loss, key) < 0:
+                raise UserError(f"loss.{key} must be >= 0, got {getattr(self.loss, key)}")
         from unipic.world.spec import EDIT_KINDS
 
         unknown = sorted(set(self.data.edit_kinds) - set(EDIT_KINDS))

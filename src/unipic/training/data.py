@@ -76,7 +76,7 @@ class TaskSource:
             example_id = index % self.pool if self.pool else index
             if self.task == "edit":
                 # Editing examples also carry the box of the object their instruction names (none
-                # for add), for loss.attend_edit.
+                # for add), for loss.attend_edit and loss.edit_region_readout.
                 example, edit = self._stream.example(example_id, with_world=True)
                 boxes = [] if edit.index is None else [edit.source.objects[edit.index].box]
                 return {**example, "example_id": example_id, "edited_boxes": boxes}

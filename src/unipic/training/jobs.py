@@ -212,13 +212,8 @@ class UniPicJob:
             raise UserError(f"model.sampling: {error}") from None
         apply_freezing(model, config.model)
         layers = model.config.llm.num_hidden_layers
-        if min(config.loss.attend_named, config.loss.attend_edit) < 0 or not 0 <= config.loss.attend_layer < layers:
-            raise UserError(f"loss.attend_named and loss.attend_edit must be >= 0 and loss.attend_layer in "
-                            f"0..{layers - 1}, got {config.loss.attend_named}, {config.loss.attend_edit} and "
-                            f"{config.loss.attend_layer}")
-        if config.loss.attend_relation < 0 or config.loss.relation_readout < 0:
-            raise UserError(f"loss.attend_relation and loss.relation_readout must be >= 0, got "
-                            f"{config.loss.attend_relation} and {config.loss.relation_readout}")
+        if not 0 <= config.loss.attend_layer < layers:
+            raise UserError(f"loss.attend_layer must be in 0..{layers - 1}, got {config.loss.attend_layer}")
         if not -1 <= config.loss.relation_layer < layers:
             raise UserError(f"loss.relation_layer must be -1 (the final output) or in 0..{layers - 1}, "
                             f"got {config.loss.relation_layer}")
