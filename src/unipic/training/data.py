@@ -275,13 +275,12 @@ class BatchBuilder:
             batch.update(self._relation_targets(examples, batch["input_ids"], answer_rows))
         return batch
 
-    def _cells_of(self, boxes: Sequence, image_positions: torch.Tensor, length: int,
-                  grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """(length,) bool: the `<image>` rows (at `image_positions`, grid cells first) of the cells
-        that `boxes` cover on `grid` (default: the understanding grid)."""
+    def _cells_of(self, boxes: Sequence, image_positions: torch.Tensor, length: int) -> torch.Tensor:
+        """(length,) bool: the `<image>` rows (at `image_positions`, grid cells first) of the
+        understanding-grid cells that `boxes` cover."""
         from unipic.world.scene import covered_cells
 
-        rows, cols = grid or self.model.understanding_grid(self.size)
+        rows, cols = self.model.understanding_grid(self.size)
         target = torch.zeros(length, dtype=torch.bool)
         for box in boxes:
             target[image_positions[covered_cells(box, rows, cols)]] = True
@@ -359,10 +358,13 @@ class BatchBuilder:
         batch["source"] = self._pixels(sources)
         batch["target"] = self._pixels(targets)
         batch["target_is_source"] = torch.tensor(repeats, dtype=torch.bool)
-        if "edit_attend" in self.targets and all("edited_boxes" in ex for ex in examples):
-            batch["edit_attend_target"] = self._edit_attention_targets(examples, batch["input_ids"], repeats)
-        if "edit_region" in self.targets and all("edited_boxes" in ex for ex in examples):
-            batch["edit_named"], batch["edit_region"] = self._edit_regions(examples, repeats)
+        wanted = {"edit_attend", "edit_region"} & self.targets
+        if wanted and all("edited_boxes" in ex for ex in examples):
+            named, region = self._edit_regions(examples, repeats)
+            if "edit_region" in wanted:
+                batch["edit_named"], batch["edit_region"] = named, region
+            if "edit_attend" in wanted:
+                batch["edit_attend_target"] = self._edit_attention_targets(batch["input_ids"], region)
         return batch
 
     def _edit_regions(self, examples: Sequence[dict], repeats: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -380,16 +382,14 @@ class BatchBuilder:
                     region[b, covered_cells(box, rows, cols)] = True
         return named, region
 
-    def _edit_attention_targets(self, examples: Sequence[dict], input_ids: torch.Tensor,
-                                repeats: Sequence[bool]) -> torch.Tensor:
-        """(B, T) bool: the source `<image>` rows of the token cells that the instruction's named
-        object covers; all False for add and for "repeat this image" examples (nothing is named)."""
-        grid = self.model.grid_for(self.size, self.size)
+    def _edit_attention_targets(self, input_ids: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool: the source `<image>` rows of the cells in `region` (B, L), the named object's
+        (none for add and "repeat this image" examples)."""
         targets = torch.zeros(input_ids.shape, dtype=torch.bool)
-        for b, (ex, repeat) in enumerate(zip(examples, repeats)):
-            if ex["edited_boxes"] and not repeat:
-                image_positions = torch.nonzero(input_ids[b] == self.model.image_token_id).flatten()
-                targets[b] = self._cells_of(ex["edited_boxes"], image_positions, input_ids.shape[1], grid)
+        for b in torch.nonzero(region.any(dim=1)).flatten().tolist():
+            # The source's first L `<image>` rows are its grid cells in raster order (buffers last).
+            image_positions = torch.nonzero(input_ids[b] == self.model.image_token_id).flatten()
+            targets[b, image_positions[: region.shape[1]][region[b]]] = True
         return targets
 
 
