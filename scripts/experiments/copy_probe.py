@@ -23,9 +23,8 @@ import torch
 
 from unipic.sampling.prompts import images_to_tensor, tensor_to_images
 from unipic.world import judge, matches_scene, render
-from unipic.world.edits import _DIR_VECTORS, EDIT_TOL, edit_succeeded, visual_centre
+from unipic.world.edits import edit_succeeded, moved_far_enough, near_centre, visual_centre
 from unipic.world.examples import edit_eval_set
-from unipic.world.spec import MOVE_MIN
 
 
 def untouched_kept(edit, found) -> tuple[int, int]:
@@ -36,9 +35,9 @@ def untouched_kept(edit, found) -> tuple[int, int]:
         if i == edit.index:
             continue
         total += 1
-        cx, cy = visual_centre(obj)
+        centre = visual_centre(obj)
         for j, f in enumerate(pool):
-            if f.pair == obj.pair and ((f.cx - cx) ** 2 + (f.cy - cy) ** 2) ** 0.5 <= EDIT_TOL:
+            if f.pair == obj.pair and near_centre(f, centre):
                 kept += 1
                 del pool[j]
                 break
@@ -49,21 +48,17 @@ def edited_part_done(edit, found) -> bool:
     """Whether `found` shows the instructed change, ignoring the untouched objects: the new object
     at the old centre (recolor, replace), no object of the removed pair there (remove), one more of
     the added pair (add), the object at least 0.15·S further in its direction (move)."""
-    def near(f, centre) -> bool:
-        return ((f.cx - centre[0]) ** 2 + (f.cy - centre[1]) ** 2) ** 0.5 <= EDIT_TOL
-
     if edit.kind in ("recolor", "replace"):
         new = edit.target.objects[edit.new_index]
-        return any(f.pair == new.pair and near(f, visual_centre(new)) for f in found)
+        return any(f.pair == new.pair and near_centre(f, visual_centre(new)) for f in found)
     if edit.kind == "remove":
         old = edit.source.objects[edit.index]
-        return not any(f.pair == old.pair and near(f, visual_centre(old)) for f in found)
+        return not any(f.pair == old.pair and near_centre(f, visual_centre(old)) for f in found)
     if edit.kind == "add":
         pair = edit.target.objects[edit.new_index].pair
         return sum(f.pair == pair for f in found) >= sum(o.pair == pair for o in edit.target.objects)
-    old = edit.source.objects[edit.index]  # move
-    (ox, oy), (dx, dy) = visual_centre(old), _DIR_VECTORS[edit.direction]
-    return any(f.pair == old.pair and (f.cx - ox) * dx + (f.cy - oy) * dy >= MOVE_MIN for f in found)
+    pair = edit.source.objects[edit.index].pair  # move
+    return any(f.pair == pair and moved_far_enough(edit, f) for f in found)
 
 
 def ridge_r2(features: torch.Tensor, targets: torch.Tensor, split: int, ridge: float = 1e-2) -> float:

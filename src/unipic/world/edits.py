@@ -243,6 +243,18 @@ def visual_centre(obj: WorldObject) -> tuple[float, float]:
     return x0 + (u0 + u1) / 2 * obj.size, y0 + (v0 + v1) / 2 * obj.size
 
 
+def near_centre(obj, centre: tuple[float, float]) -> bool:
+    """Whether a found object's centre lies within 0.05*S (`EDIT_TOL`) of `centre`."""
+    return math.hypot(obj.cx - centre[0], obj.cy - centre[1]) <= EDIT_TOL
+
+
+def moved_far_enough(edit: Edit, obj) -> bool:
+    """Whether a found object's centre lies at least 0.15*S (`MOVE_MIN`) beyond the moved object's
+    old centre in the move's direction."""
+    (ox, oy), (dx, dy) = visual_centre(edit.source.objects[edit.index]), _DIR_VECTORS[edit.direction]
+    return (obj.cx - ox) * dx + (obj.cy - oy) * dy >= MOVE_MIN
+
+
 def edit_succeeded(edit: Edit, found: Sequence) -> tuple[bool, str]:
     """docs/world.md's success rule for the judge's objects `found` in the edited image.
 
@@ -252,7 +264,6 @@ def edit_succeeded(edit: Edit, found: Sequence) -> tuple[bool, str]:
     Old centres are where the judge sees them in the source render (`visual_centre`).
     """
     expected = edit.target.objects
-    moved_from = visual_centre(edit.source.objects[edit.index]) if edit.kind == "move" else None
 
     def ok(i: int, j: int) -> bool:
         e, f = expected[i], found[j]
@@ -261,11 +272,8 @@ def edit_succeeded(edit: Edit, found: Sequence) -> tuple[bool, str]:
         if i == edit.new_index and edit.kind == "add":
             return True
         if i == edit.new_index and edit.kind == "move":
-            dx, dy = _DIR_VECTORS[edit.direction]
-            travel = (f.cx - moved_from[0]) * dx + (f.cy - moved_from[1]) * dy
-            return travel >= MOVE_MIN
-        ex, ey = visual_centre(e)
-        return math.hypot(f.cx - ex, f.cy - ey) <= EDIT_TOL
+            return moved_far_enough(edit, f)
+        return near_centre(f, visual_centre(e))
 
     if sorted(e.pair for e in expected) != sorted(f.pair for f in found):
         want = ", ".join(f"{c} {s}" for c, s in sorted(e.pair for e in expected))
