@@ -46,6 +46,7 @@ from unipic.sampling.inpaint import inpaint_images
 from unipic.sampling.mar_decode import SpeedOptions
 from unipic.sampling.prompts import (
     center_crop_resize,
+    edit_user_text,
     format_instruction,
     images_to_tensor,
     pad_to_square,
@@ -234,16 +235,15 @@ class UniPicPipeline:
         image_rows = (height // stride) * (width // stride) + buffers
         editing = job == "edit_image"
         per_image = 2 if editing else 1  # an edit also holds the source image's rows in its prompt
-        image_token = self.config.image_token
 
         def text_tokens(text: str) -> int:
             # Prompt tokens besides image rows (the single <image> placeholder is not counted).
             if editing:
-                return self._prompt_tokens(f"{image_token}\n{text}") - 1
+                return self._prompt_tokens(edit_user_text(self.config, text)) - 1
             return self._prompt_tokens(s.t2i_prompt.format(prompt=text))
 
         lengths = [text_tokens(t.strip()) for t in texts]
-        null_length = (self._prompt_tokens(f"{image_token}\n{s.edit_cfg_prompt}") - 1 if editing
+        null_length = (self._prompt_tokens(edit_user_text(self.config, s.edit_cfg_prompt)) - 1 if editing
                        else self._prompt_tokens(s.cfg_prompt))
         shortest = min(lengths + [null_length])
         if shortest + per_image * image_rows > limit:

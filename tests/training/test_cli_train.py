@@ -37,3 +37,18 @@ def test_train_command_runs_a_stage(tmp_path, capsys):
     assert (out / "final" / "config.json").is_file() and (out / "metrics.csv").is_file()
     assert main(["train", str(CONFIGS / "shapes" / "pretrain.yaml"), *TINY, f"out_dir={out}"]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_a_run_can_switch_on_the_edit_extension_and_the_saved_model_keeps_it(tmp_path):
+    import json
+
+    from tiny_overrides import TINY
+
+    out = tmp_path / "run"
+    assert main(["train", str(CONFIGS / "shapes" / "sft.yaml"), *TINY, f"out_dir={out}", "train.max_steps=1",
+                 "data.tasks={edit: 1}", "model.edit_source_through_llm=true"]) == 0
+    assert json.loads((out / "final" / "config.json").read_text())["edit_source_through_llm"] is True
+    # null (the default) keeps the starting model's setting: a continuation stays switched on.
+    assert main(["train", str(CONFIGS / "shapes" / "sft.yaml"), *TINY, f"out_dir={tmp_path / 'next'}",
+                 f"model.init_from={out}", "train.max_steps=1", "data.tasks={edit: 1}"]) == 0
+    assert json.loads((tmp_path / "next" / "final" / "config.json").read_text())["edit_source_through_llm"] is True

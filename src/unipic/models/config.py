@@ -114,6 +114,10 @@ class UniPicConfig:
     image_token: str = "<image>"
     prompt_template: dict[str, Any] = field(default_factory=lambda: dict(CHATML_TEMPLATE))
     grad_scale: float = 0.1  # the released config records it (spec §10-11); training uses its own loss.grad_scale
+    # Editing, our extension (upstream: False). True: the instruction precedes the source's `<image>`
+    # rows, and those rows' LLM states add to x_con through proj_out, so every hidden position starts
+    # from a source feature that has read the instruction (docs/training.md, "Fifteenth session").
+    edit_source_through_llm: bool = False
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     model_type: str = "unipic1"
 

@@ -212,7 +212,7 @@ class UniPic(nn.Module):
 
     def llm_image_hidden(self, z_enc: torch.Tensor, attention_mask: torch.Tensor, *,
                          prefix_embeds: torch.Tensor | None = None,
-                         past_key_values=None) -> torch.Tensor:
+                         past_key_values=None, prefix_out: dict | None = None) -> torch.Tensor:
         """Run image rows through the LLM after a text prefix; return their last hidden states.
 
         Args:
@@ -220,6 +220,8 @@ class UniPic(nn.Module):
             attention_mask: (B, T) validity of the prefix rows (right padding).
             prefix_embeds: (B, T, hidden) prefix embeddings, when no cache is given.
             past_key_values: a transformers cache already holding the T prefix rows.
+            prefix_out: when given (and no cache), receives the prefix rows' last hidden states
+                (B, T, hidden) under "hidden".
         """
         batch, length = z_enc.shape[:2]
         full_mask = torch.cat([attention_mask.bool(),
@@ -234,17 +236,20 @@ class UniPic(nn.Module):
         cache = {} if past_key_values is None else {cache_argument(type(self.llm.model)): past_key_values}
         out = self.llm.model(inputs_embeds=inputs, attention_mask=full_mask.long(), position_ids=position_ids,
                              use_cache=past_key_values is not None, **cache)
+        if prefix_out is not None:
+            prefix_out["hidden"] = out.last_hidden_state[:, :-length]  # (B, T, hidden)
         return out.last_hidden_state[:, -length:]  # (B, Lz, hidden)
 
     def encode_with_llm(self, tokens: torch.Tensor, mask: torch.Tensor | None, grid: tuple[int, int],
                         attention_mask: torch.Tensor, *, prefix_embeds: torch.Tensor | None = None,
-                        past_key_values=None, copies: int = 1) -> torch.Tensor:
+                        past_key_values=None, copies: int = 1, prefix_out: dict | None = None) -> torch.Tensor:
         """MAR encoder → LLM (after the prefix) → residual back into MAR space: (B, buf + L_vis, enc_dim).
 
         Upstream calls this `forward_mae_encoder`; it runs the LLM too, hence the name. `copies`:
         the B rows are that many repeats of the first B / copies rows' tokens and mask (guidance's
         `[conditional; unconditional]` halves differ only in the prefix), so the MAR encoder, which
-        does not see the prefix, runs on one block and its output is repeated.
+        does not see the prefix, runs on one block and its output is repeated. `prefix_out`: see
+        `llm_image_hidden`.
         """
         block = tokens.shape[0] // copies
         x_enc, z_enc = self.extract_visual_feature(tokens[:block], None if mask is None else mask[:block],
@@ -252,10 +257,20 @@ class UniPic(nn.Module):
         if copies > 1:
             x_enc, z_enc = x_enc.repeat(copies, 1, 1), z_enc.repeat(copies, 1, 1)  # (B, ...)
         hidden = self.llm_image_hidden(z_enc, attention_mask, prefix_embeds=prefix_embeds,
-                                       past_key_values=past_key_values)  # (B, L_vis + buf, hidden)
+                                       past_key_values=past_key_values, prefix_out=prefix_out)  # (B, L_vis + buf, hidden)
         buf = self.config.mar.buffer_size
         hidden = torch.cat([hidden[:, -buf:], hidden[:, :-buf]], dim=1)  # (B, buf + L_vis, hidden): buffers first
         return x_enc + self.proj_out(hidden.to(self.proj_out[0].weight.dtype))
+
+    def instructed_x_con(self, x_con: torch.Tensor, prefix_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """x_con (B, buf + L, enc_dim) plus, through proj_out, the LLM states of the prompt's source
+        `<image>` rows (`edit_source_through_llm`): prefix_hidden (B, T, hidden), input_ids (B, T)."""
+        buf = self.config.mar.buffer_size
+        rows = prefix_hidden[input_ids == self.image_token_id].view(x_con.shape[0], -1, prefix_hidden.shape[-1])
+        if rows.shape[1] != x_con.shape[1]:
+            raise ValueError(f"prompt has {rows.shape[1]} source rows per image but x_con has {x_con.shape[1]}")
+        rows = torch.cat([rows[:, -buf:], rows[:, :-buf]], dim=1)  # (B, buf + L, hidden): buffers first, as x_con
+        return x_con + self.proj_out(rows.to(self.proj_out[0].weight.dtype))
 
     def understanding_features(self, pixels: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Visual features for the `<image>` rows of an understanding prompt: (B, N, hidden);

@@ -1,6 +1,8 @@
 """Instruction-based editing with UniPic-1 (spec §10): the source image enters twice — as `<image>`
 rows of the prompt (MAR-encoder features through `proj_in`) and as `x_con`, the starting point of
 every hidden position in the MAR decoder. Guidance contrasts the instruction with "Repeat this image."
+Models with `edit_source_through_llm` (ours, not upstream's) read the instruction first and start
+hidden positions from x_con plus the source rows' LLM states.
 """
 
 from __future__ import annotations
@@ -11,24 +13,31 @@ from typing import TYPE_CHECKING
 import torch
 
 from unipic.sampling.mar_decode import EXACT, SpeedOptions, mar_generate_tokens, with_unconditional
-from unipic.sampling.prompts import tokenize_chat
+from unipic.sampling.prompts import edit_user_text, tokenize_chat
 from unipic.sampling.rng import Randomness
 
 if TYPE_CHECKING:
     from unipic.models.unipic import UniPic
 
 
-def build_edit_prefix(model: UniPic, tokenizer, instructions: Sequence[str], source_features: torch.Tensor, *,
-                      cfg: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefix embeddings (rows: instructions, then "Repeat this image." with guidance) with image rows filled."""
+def build_edit_condition(model: UniPic, tokenizer, instructions: Sequence[str], x_con: torch.Tensor,
+                         source_features: torch.Tensor, *, cfg: float,
+                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prefix embeddings, prefix mask, x_con) of an edit, rows: instructions, then "Repeat this
+    image." with guidance; the prompt's image rows hold `source_features`."""
     config = model.config
-    image_token = config.image_token
     count = source_features.shape[1]
-    texts = with_unconditional([f"{image_token}\n{inst.strip()}" for inst in instructions],
-                               [f"{image_token}\n{config.sampling.edit_cfg_prompt}"] * len(instructions), cfg)
+    texts = with_unconditional([edit_user_text(config, inst.strip()) for inst in instructions],
+                               [edit_user_text(config, config.sampling.edit_cfg_prompt)] * len(instructions), cfg)
     features = with_unconditional(source_features, source_features, cfg)  # (R, buf + L, hidden)
     input_ids, mask = tokenize_chat(config, tokenizer, texts, device=device, image_rows=count)
-    return model.fill_image_rows(input_ids, features), mask
+    prefix = model.fill_image_rows(input_ids, features)
+    x_con = with_unconditional(x_con, x_con, cfg)  # (R, buf + L, enc_dim)
+    if config.edit_source_through_llm:
+        # One extra pass over the prefix; the sampler caches the same prefix's keys and values again.
+        hidden = model.llm.model(inputs_embeds=prefix.to(model.dtype), attention_mask=mask.long()).last_hidden_state
+        x_con = model.instructed_x_con(x_con, hidden, input_ids)
+    return prefix, mask, x_con
 
 
 @torch.no_grad()
@@ -51,8 +60,8 @@ def edit_images(
     grid = model.grid_for(source_pixels.shape[-2], source_pixels.shape[-1])
     source_tokens = model.encode_images(source_pixels.to(model.device))
     x_con, z_src = model.extract_visual_feature(source_tokens, None, grid)
-    prefix, mask = build_edit_prefix(model, tokenizer, instructions, z_src, cfg=cfg, device=model.device)
-    x_con = with_unconditional(x_con, x_con, cfg)  # (R, buf + L, enc_dim)
+    prefix, mask, x_con = build_edit_condition(model, tokenizer, instructions, x_con, z_src, cfg=cfg,
+                                               device=model.device)
     tokens = mar_generate_tokens(model, prefix, mask, grid, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
                                  temperature=temperature, head_steps=head_steps, x_con=x_con,
                                  generator=generator, progress=progress, speed=speed)

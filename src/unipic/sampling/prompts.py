@@ -21,6 +21,14 @@ def expand_image_placeholder(text: str, image_token: str, count: int) -> str:
     return text.replace(image_token, image_token * count)
 
 
+def edit_user_text(config, instruction: str) -> str:
+    """The user turn of an edit prompt: the source image's placeholder and the instruction, in the
+    order the model was trained on (`config.edit_source_through_llm` puts the instruction first)."""
+    if config.edit_source_through_llm:
+        return f"{instruction}\n{config.image_token}"
+    return f"{config.image_token}\n{instruction}"
+
+
 def tokenize_padded(tokenizer, texts: Sequence[str], *, pad_id: int, device: torch.device,
                     side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenise texts without extra specials and pad them; returns (input_ids, attention_mask) as (B, T)."""

@@ -17,7 +17,7 @@ import torch
 
 from unipic.sampling import rng
 from unipic.sampling.diffusion import HeadScheduler
-from unipic.sampling.edit import build_edit_prefix
+from unipic.sampling.edit import build_edit_condition
 from unipic.sampling.mar_decode import guidance_enabled, with_unconditional
 from unipic.sampling.schedules import cfg_at_step, mask_by_order, reveal_mask_len, sample_orders
 from unipic.sampling.text_to_image import build_t2i_prefix
@@ -118,8 +118,9 @@ def reference_edit_images(model: UniPic, tokenizer, source_pixels: torch.Tensor,
     """Editing the plain way: (B, 3, H, W) pixels (every row decoded, the conditional ones kept)."""
     grid = model.grid_for(source_pixels.shape[-2], source_pixels.shape[-1])
     x_con, z_src = model.extract_visual_feature(model.encode_images(source_pixels.to(model.device)), None, grid)
-    prefix, mask = build_edit_prefix(model, tokenizer, instructions, z_src, cfg=cfg, device=model.device)
+    prefix, mask, x_con = build_edit_condition(model, tokenizer, instructions, x_con, z_src, cfg=cfg,
+                                               device=model.device)
     tokens = reference_generate_tokens(model, prefix, mask, grid, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
-                                       temperature=temperature, head_steps=head_steps,
-                                       x_con=with_unconditional(x_con, x_con, cfg), generator=generator)
+                                       temperature=temperature, head_steps=head_steps, x_con=x_con,
+                                       generator=generator)
     return model.decode_tokens(tokens, grid)[:len(instructions)]

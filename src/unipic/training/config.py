@@ -60,6 +60,9 @@ class ModelConfig:
     freeze_mar_decoder: bool = False  # decoder_embed/blocks/norm, mask token, decoder + diffusion position tables
     grad_checkpointing: bool = False  # MAR blocks and LLM layers recompute activations in backward
     vae_init_logvar: float | None = -6.0  # stage vae from a preset: start the posterior log-variance here
+    # Set the model's edit_source_through_llm (instruction first; x_con reads the source rows' LLM
+    # states); null keeps the starting model's (false for presets and the upstream release).
+    edit_source_through_llm: bool | None = None
     # Preset only: nested changes to its architecture, e.g. {vae: {embed_dim: 32}, mar: {encoder_depth: 4}}.
     architecture: dict[str, Any] = field(default_factory=dict)
     # Sampling defaults the saved model gets (its config.json "sampling"), e.g. {num_iter: 16}. The

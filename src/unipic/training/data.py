@@ -23,6 +23,7 @@ import torch
 
 from unipic.sampling.prompts import (
     center_crop_resize,
+    edit_user_text,
     expand_image_placeholder,
     format_instruction,
     images_to_tensor,
@@ -350,7 +351,8 @@ class BatchBuilder:
             repeat = rng.random() < self.cfg.edit_repeat_prob
             if repeat:
                 instruction, target = self.config.sampling.edit_cfg_prompt, ex["source"]
-            texts.append(expand_image_placeholder(self._prompt(f"{image_token}\n{instruction}"), image_token, count))
+            texts.append(expand_image_placeholder(self._prompt(edit_user_text(self.config, instruction)), image_token,
+                                                  count))
             sources.append(ex["source"])
             targets.append(target)
             repeats.append(repeat)

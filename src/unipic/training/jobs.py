@@ -206,6 +206,8 @@ class UniPicJob:
         # The run's settings travel with the model: the saved folder samples at the trained size, or
         # with what model.sampling says (TrainConfig.model_sampling, recorded in the run's config.yaml).
         model.config.sampling = _sampling_for_run(model.config.sampling, config.model_sampling())
+        if config.model.edit_source_through_llm is not None:
+            model.config.edit_source_through_llm = config.model.edit_source_through_llm
         try:
             model.config.validate()
         except ValueError as error:

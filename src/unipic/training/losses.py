@@ -131,7 +131,10 @@ def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, i
     x_con, z_src = scale_gradient(x_con, grad_scale), scale_gradient(z_src, grad_scale)
     prefix = model.fill_image_rows(input_ids, z_src)
     mask = _masked_targets(model, target, generator)
-    x_enc = model.encode_with_llm(target, mask, grid, attention_mask, prefix_embeds=prefix)
+    prefix_out = {} if model.config.edit_source_through_llm else None
+    x_enc = model.encode_with_llm(target, mask, grid, attention_mask, prefix_embeds=prefix, prefix_out=prefix_out)
+    if prefix_out is not None:
+        x_con = model.instructed_x_con(x_con, prefix_out["hidden"], input_ids)
     z = model.mar.forward_decoder(x_enc, mask, grid, x_con=x_con)
     if decoder_out is not None:
         decoder_out["z"] = z
