@@ -278,8 +278,44 @@ def test_edit_region_readout_learns_which_cells_the_named_object_covers():
     assert loss.region.region.weight.grad.abs().sum() > 0
     assert model.mar.decoder_blocks[0].mlp.fc1.weight.grad.abs().sum() > 0  # the decoder is taught, too
     # The read-out scores exactly the named rows: zero logits cost log 2 per cell.
-    readout = EditRegionReadout(decoder_dim=4, weight=1.0)
+    readout = EditRegionReadout(width=4, weight=1.0)
     torch.nn.init.zeros_(readout.region.weight)
     torch.nn.init.zeros_(readout.region.bias)
     region, named = torch.zeros(2, 3, dtype=torch.bool), torch.tensor([True, False])
     assert readout.loss(torch.randn(2, 3, 4), region, named).item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_edit_region_readout_can_read_the_source_rows_that_see_the_instruction():
+    import copy
+
+    import numpy as np
+
+    from unipic.api import UserError
+    from unipic.loading import tiny_random_model
+    from unipic.training.config import DataConfig
+    from unipic.training.data import BatchBuilder, TaskSource
+    from unipic.training.jobs import UniPicLoss
+
+    model, tokenizer = tiny_random_model(seed=0)
+    with pytest.raises(UserError, match="needs model.edit_source_through_llm=true"):
+        UniPicLoss(model, {"edit": 1.0}, edit_region_readout=1.0, edit_region_at="source")
+    model = copy.deepcopy(model)
+    model.config.edit_source_through_llm = True
+    data = DataConfig(world_seed=3, image_size=64, batch_size=4, cache_latents=False, edit_repeat_prob=0.0)
+    examples = [TaskSource("edit", data, 0, 1).get(k) for k in range(4)]
+    batch = BatchBuilder(model, tokenizer, data, ["edit_region"])("edit", examples, np.random.default_rng(0))
+    assert batch["edit_named"].any()
+    loss = UniPicLoss(model.train(), {"edit": 1.0}, edit_region_readout=1.0, edit_region_at="source")
+    assert loss.region.region.in_features == model.config.llm.hidden_size
+    out = loss("edit", batch, torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["loss_edit_region"])
+    out["loss"].backward()
+    # The source rows' LLM states are what it reads: the LLM learns from it, the MAR decoder does not.
+    assert model.llm.model.layers[-1].mlp.down_proj.weight.grad.abs().sum() > 0
+    region_only = copy.deepcopy(model)
+    region_only.zero_grad()
+    out = UniPicLoss(region_only.train(), {"edit": 0.0}, edit_region_readout=1.0, edit_region_at="source")(
+        "edit", batch, torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert region_only.llm.model.layers[-1].mlp.down_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for p in region_only.mar.decoder_blocks.parameters())

@@ -106,6 +106,9 @@ class LossConfig:
     attend_named: float = 0.0  # i2t, world data: weight of the attention-supervision loss on one LLM head (see docs)
     attend_edit: float = 0.0  # edit, world data: weight of attention supervision from the image buffer rows to the named object's source rows
     edit_region_readout: float = 0.0  # edit, world data: weight of a training-only read-out, from each MAR decoder position, of whether the named object covers it
+    # Where loss.edit_region_readout reads: decoder (each MAR decoder position's z) or source (the LLM's
+    # final state of each source grid row; needs model.edit_source_through_llm, else no row sees the instruction)
+    edit_region_at: str = "decoder"
     attend_layer: int = 1  # the LLM layer whose head 0 loss.attend_named and loss.attend_edit supervise
     attend_relation: float = 0.0  # i2t, world data: weight of relation turns' split supervision (head 0 on the first shape, head 1 on the second)
     relation_readout: float = 0.0  # i2t, world data: weight of a training-only read-out of each relation's order from its answer row
@@ -203,6 +206,8 @@ class TrainConfig:
                     "edit_region_readout", "attend_relation", "relation_readout"):
             if getattr(self.loss, key) < 0:
                 raise UserError(f"loss.{key} must be >= 0, got {getattr(self.loss, key)}")
+        if self.loss.edit_region_at not in ("decoder", "source"):
+            raise UserError(f"loss.edit_region_at must be 'decoder' or 'source', got {self.loss.edit_region_at!r}")
         from unipic.world.spec import EDIT_KINDS
 
         unknown = sorted(set(self.data.edit_kinds) - set(EDIT_KINDS))

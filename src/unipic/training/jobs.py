@@ -70,7 +70,7 @@ class UniPicLoss(nn.Module):
                  object_weight: float = 0.0, object_readout: float = 0.0, attend_named: float = 0.0,
                  attend_layer: int = 1, attend_relation: float = 0.0, relation_readout: float = 0.0,
                  relation_layer: int = -1, edit_changed_weight: float = 0.0, attend_edit: float = 0.0,
-                 edit_region_readout: float = 0.0) -> None:
+                 edit_region_readout: float = 0.0, edit_region_at: str = "decoder") -> None:
         super().__init__()
         self.model = model
         self.weights = dict(weights)
@@ -82,8 +82,12 @@ class UniPicLoss(nn.Module):
         self.attend_named, self.attend_layer, self.attend_relation = attend_named, attend_layer, attend_relation
         self.relation = RelationReadout(config.llm.hidden_size, relation_readout) if relation_readout > 0 else None
         self.relation_layer = relation_layer
-        self.region = (EditRegionReadout(config.mar.decoder_embed_dim, edit_region_readout)
-                       if edit_region_readout > 0 else None)
+        if edit_region_at == "source" and not config.edit_source_through_llm:
+            raise UserError("loss.edit_region_at=source reads source rows that see the instruction: it needs "
+                            "model.edit_source_through_llm=true")
+        self.region_key = "source_rows" if edit_region_at == "source" else "z"
+        region_width = config.llm.hidden_size if edit_region_at == "source" else config.mar.decoder_embed_dim
+        self.region = EditRegionReadout(region_width, edit_region_readout) if edit_region_readout > 0 else None
         self.readout = None
         if object_readout > 0:
             from unipic.world.spec import COLORS, SHAPES
@@ -170,7 +174,8 @@ class UniPicLoss(nn.Module):
                                 grad_scale=self.grad_scale, object_weight=self.object_weight,
                                 changed_weight=self.edit_changed_weight, decoder_out=decoder if region_on else None)
             if region_on:
-                extra["edit_region"] = (self.region.weight, self.region.loss(decoder["z"], batch["edit_region"], named))
+                extra["edit_region"] = (self.region.weight, self.region.loss(decoder[self.region_key], batch["edit_region"],
+                                                                           named))
             if attend_on:
                 extra["attend_edit"] = (self.attend_edit,
                                         self._edit_attention_loss(layer, layer_input, batch["attention_mask"], targets))
@@ -231,7 +236,8 @@ class UniPicJob:
                                      config.loss.attend_named, config.loss.attend_layer,
                                      config.loss.attend_relation, config.loss.relation_readout,
                                      config.loss.relation_layer, config.loss.edit_changed_weight,
-                                     config.loss.attend_edit, config.loss.edit_region_readout)
+                                     config.loss.attend_edit, config.loss.edit_region_readout,
+                                     config.loss.edit_region_at)
         # Resuming restores the loss's own parts from the checkpoint; a stage that starts from the
         # previous stage's result continues with that run's probe and read-outs when it saved them
         # (a fresh probe would first pull z towards its random read-out).

@@ -122,7 +122,9 @@ def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, i
 
     `input_ids` must contain h·w + buffer `<image>` ids for the source (see `UniPic.num_image_tokens`);
     `changed_weight`: extra weight on hidden `changed_tokens` (target unlike source); `decoder_out`,
-    when given, receives the MAR decoder's conditions z (B, L, decoder_dim) under "z".
+    when given, receives the MAR decoder's conditions z (B, L, decoder_dim) under "z" and, for models
+    with `edit_source_through_llm`, the LLM's final states of the source grid rows (B, L, hidden), in
+    raster order, under "source_rows".
     """
     grid = model.grid_for(target_pixels.shape[-2], target_pixels.shape[-1])
     source = _tokens_of(model, source_pixels, source_tokens)
@@ -138,6 +140,9 @@ def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, i
     z = model.mar.forward_decoder(x_enc, mask, grid, x_con=x_con)
     if decoder_out is not None:
         decoder_out["z"] = z
+        if prefix_out is not None:
+            rows = prefix_out["hidden"][input_ids == model.image_token_id]
+            decoder_out["source_rows"] = rows.view(z.shape[0], -1, rows.shape[-1])[:, : z.shape[1]]  # (B, L, hidden)
     changed = changed_tokens(source, target) if changed_weight > 0 else None
     return _diffusion_loss(model, target, z, mask, generator, probe, object_weight, changed, changed_weight)
 
@@ -167,8 +172,9 @@ class ObjectReadout(nn.Module):
 
 
 class EditRegionReadout(nn.Module):
-    """Training-only linear read-out, from each position's MAR decoder condition z, of whether the
-    source object the edit instruction names covers that token cell (Shapes world).
+    """Training-only linear read-out, from each position's MAR decoder condition z (or, with
+    `loss.edit_region_at=source`, each source grid row's final LLM state), of whether the source
+    object the edit instruction names covers that token cell (Shapes world).
 
     Editing models learn the instruction's colour or shape but apply it to every object: nothing
     tells a decoder position whether it is the one named (docs/training.md, "Fourteenth session").
@@ -176,9 +182,9 @@ class EditRegionReadout(nn.Module):
     weights beside the model in checkpoints.
     """
 
-    def __init__(self, decoder_dim: int, weight: float) -> None:
+    def __init__(self, width: int, weight: float) -> None:
         super().__init__()
-        self.region = nn.Linear(decoder_dim, 1)
+        self.region = nn.Linear(width, 1)
         self.weight = weight
 
     def loss(self, z: torch.Tensor, region: torch.Tensor, named: torch.Tensor) -> torch.Tensor:
