@@ -135,6 +135,38 @@ def test_world_understanding_batches_name_each_object_at_its_token():
     assert found == [list(e) for e in expected] and len(found) >= 4
 
 
+def test_covered_object_cells_name_every_cell_one_object_alone_covers():
+    import numpy as np
+
+    from unipic.loading import tiny_random_model
+    from unipic.training.config import DataConfig
+    from unipic.training.data import BatchBuilder, TaskSource
+    from unipic.world.scene import covered_cells
+    from unipic.world.spec import SHAPES
+
+    model, tokenizer = tiny_random_model(seed=0)
+    data = DataConfig(world_seed=3, image_size=64, batch_size=6, cache_latents=False)
+    examples = [TaskSource("i2t", data, 0, 1).get(k) for k in range(6)]
+    batch = BatchBuilder(model, tokenizer, data, ["object_cells"])("i2t", examples, np.random.default_rng(0))
+    grid = model.grid_for(64, 64)
+    found = {(row, cell): shape for (row, cell), (shape, _) in zip(batch["object_index"].tolist(),
+                                                                  batch["object_labels"].tolist())}
+    assert len(found) == len(batch["object_index"])  # each cell once
+    shared = 0
+    for row, ex in enumerate(examples):
+        cells = [set(covered_cells(box, *grid)) for box in ex["object_boxes"]]
+        for k, (_, _, shape, _) in enumerate(ex["objects"]):
+            alone = cells[k] - set().union(*(c for j, c in enumerate(cells) if j != k))
+            shared += len(cells[k] - alone)
+            assert {cell for (r, cell) in found if r == row and found[(r, cell)] == SHAPES.index(shape)} >= alone
+        assert {cell for (r, cell) in found if r == row} == set().union(*cells) - {
+            cell for k, c in enumerate(cells) for cell in c if any(cell in o for j, o in enumerate(cells) if j != k)}
+    assert shared > 0  # the batch does test overlapping boxes
+    # The default reads one cell per object, as before.
+    centre = BatchBuilder(model, tokenizer, data, ["objects"])("i2t", examples, np.random.default_rng(0))
+    assert len(centre["object_index"]) == sum(len(ex["objects"]) for ex in examples) < len(found)
+
+
 def test_relation_readout_scores_the_answer_rows():
     readout = RelationReadout(hidden_size=3, weight=1.0)
     torch.nn.init.zeros_(readout.order.weight)

@@ -103,6 +103,7 @@ class LossConfig:
     object_weight: float = 0.0  # t2i/edit: extra diffusion-loss weight on object tokens (unlike the image's median token)
     edit_changed_weight: float = 0.0  # edit: extra diffusion-loss weight on target tokens unlike the source's
     object_readout: float = 0.0  # i2t, world data: weight of training-only read-outs of each object's shape and colour
+    object_readout_cells: str = "centre"  # which cells loss.object_readout reads: centre (the object's centre cell) | covered (every cell its box alone covers)
     attend_named: float = 0.0  # i2t, world data: weight of the attention-supervision loss on one LLM head (see docs)
     attend_edit: float = 0.0  # edit, world data: weight of attention supervision from the image buffer rows to the named object's source rows
     edit_region_readout: float = 0.0  # edit, world data: weight of a training-only read-out, from each MAR decoder position, of whether the named object covers it
@@ -206,6 +207,9 @@ class TrainConfig:
                     "edit_region_readout", "attend_relation", "relation_readout"):
             if getattr(self.loss, key) < 0:
                 raise UserError(f"loss.{key} must be >= 0, got {getattr(self.loss, key)}")
+        if self.loss.object_readout_cells not in ("centre", "covered"):
+            raise UserError("loss.object_readout_cells must be 'centre' or 'covered', "
+                            f"got {self.loss.object_readout_cells!r}")
         if self.loss.edit_region_at not in ("decoder", "source"):
             raise UserError(f"loss.edit_region_at must be 'decoder' or 'source', got {self.loss.edit_region_at!r}")
         from unipic.world.spec import EDIT_KINDS

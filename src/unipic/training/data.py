@@ -34,9 +34,11 @@ from unipic.training.config import TASKS, DataConfig
 
 IMAGE_KEYS = {"t2i": ("image",), "i2t": ("image",), "edit": ("source", "target")}
 # The training-only targets a world batch can carry, each read by one family of losses:
-# objects (loss.object_readout), attend (loss.attend_named), relation (loss.attend_relation,
-# loss.relation_readout), edit_attend (loss.attend_edit), edit_region (loss.edit_region_readout).
-TARGETS = ("objects", "attend", "relation", "edit_attend", "edit_region")
+# objects (loss.object_readout at each object's centre cell), object_cells (the same at every cell
+# one object alone covers: loss.object_readout_cells=covered), attend (loss.attend_named), relation
+# (loss.attend_relation, loss.relation_readout), edit_attend (loss.attend_edit), edit_region
+# (loss.edit_region_readout).
+TARGETS = ("objects", "object_cells", "attend", "relation", "edit_attend", "edit_region")
 
 
 class TaskSource:
@@ -86,7 +88,8 @@ class TaskSource:
             # Understanding examples also carry their objects, for loss.object_readout.
             example, world = self._stream.example(example_id, with_world=True)
             objects = [(o.cx, o.cy, o.shape, o.color) for o in world.scene.objects]
-            row = {**example, "example_id": example_id, "objects": objects}
+            row = {**example, "example_id": example_id, "objects": objects,
+                   "object_boxes": [o.box for o in world.scene.objects]}
             from unipic.world.questions import named_objects, relation_order
 
             questions = [world.question]
@@ -170,12 +173,14 @@ class BatchBuilder:
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = cfg
-        # Which training-only targets world batches carry (TARGETS); None = all. A run builds only
-        # those its losses read: building them costs about 1.6 ms a batch.
-        self.targets = set(TARGETS if targets is None else targets)
+        # Which training-only targets world batches carry (TARGETS); None = all, with the object
+        # read-out at centre cells. A run builds only those its losses read: about 1.6 ms a batch.
+        self.targets = set(TARGETS) - {"object_cells"} if targets is None else set(targets)
         unknown = self.targets - set(TARGETS)
         if unknown:
             raise ValueError(f"unknown batch targets {sorted(unknown)}; known: {list(TARGETS)}")
+        if {"objects", "object_cells"} <= self.targets:
+            raise ValueError("batch targets 'objects' and 'object_cells' are alternatives; give one")
         self.size = cfg.image_size
         self.pad_id = padding_id(tokenizer)
         # A finite data set (a world pool or folders) repeats its images, and the VAE is frozen.
@@ -267,8 +272,9 @@ class BatchBuilder:
             answer_rows.append(rows)
         batch = self._pad(sequences, labels)
         batch["pixels"] = self._pixels([ex["image"] for ex in examples], pad=True)
-        if "objects" in self.targets and all("objects" in ex for ex in examples):
-            batch["object_index"], batch["object_labels"] = self._object_targets(examples)
+        if {"objects", "object_cells"} & self.targets and all("objects" in ex for ex in examples):
+            batch["object_index"], batch["object_labels"] = self._object_targets(examples,
+                                                                                 "object_cells" in self.targets)
         if "attend" in self.targets and all("named_boxes" in ex for ex in examples):
             batch["attend_query"], batch["attend_target"] = self._attention_targets(examples, batch["input_ids"],
                                                                                     answer_rows)
@@ -327,20 +333,29 @@ class BatchBuilder:
             return torch.zeros((0, 2), dtype=torch.long), torch.zeros((0, input_ids.shape[1]), dtype=torch.bool)
         return torch.tensor(queries, dtype=torch.long), torch.stack(targets)
 
-    def _object_targets(self, examples: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, 2) (row, feature index of the token under the object's centre) and (K, 2) (shape,
-        colour) indices of every object of the batch's world scenes."""
+    def _object_targets(self, examples: Sequence[dict], covered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, 2) (row, feature index) and (K, 2) (shape, colour) indices: per object of the batch's
+        world scenes, the token under its centre, or with `covered` every cell its box alone covers."""
+        from unipic.world.scene import covered_cells
         from unipic.world.spec import COLORS, SHAPES
 
         rows, cols = self.model.understanding_grid(self.size)
         colors = list(COLORS)
         index, labels = [], []
         for row, ex in enumerate(examples):
-            for cx, cy, shape, color in ex["objects"]:
-                cell = min(int(cy * rows), rows - 1) * cols + min(int(cx * cols), cols - 1)
-                index.append((row, cell))
-                labels.append((SHAPES.index(shape), colors.index(color)))
-        return torch.tensor(index, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+            owner: dict[int, int] = {}  # cell -> the one object covering it, -1 where several do
+            if covered:
+                for k, box in enumerate(ex["object_boxes"]):
+                    for cell in covered_cells(box, rows, cols):
+                        owner[cell] = -1 if cell in owner else k
+            for k, (cx, cy, shape, color) in enumerate(ex["objects"]):
+                if covered:
+                    cells = [cell for cell, who in owner.items() if who == k]
+                else:
+                    cells = [min(int(cy * rows), rows - 1) * cols + min(int(cx * cols), cols - 1)]
+                index += [(row, cell) for cell in cells]
+                labels += [(SHAPES.index(shape), colors.index(color))] * len(cells)
+        return torch.tensor(index, dtype=torch.long).view(-1, 2), torch.tensor(labels, dtype=torch.long).view(-1, 2)
 
     def _edit(self, examples: Sequence[dict], rng: np.random.Generator) -> dict[str, torch.Tensor]:
         image_token = self.config.image_token

@@ -252,7 +252,8 @@ class UniPicJob:
                     part.load_state_dict(load_file(str(start / name)))
                     logger.info("loss part %s continues from %s", name, start)
         loss = config.loss
-        wanted = {"objects": loss.object_readout > 0, "attend": loss.attend_named > 0,
+        readout_cells = "object_cells" if loss.object_readout_cells == "covered" else "objects"
+        wanted = {readout_cells: loss.object_readout > 0, "attend": loss.attend_named > 0,
                   "relation": loss.attend_relation > 0 or loss.relation_readout > 0, "edit_attend": loss.attend_edit > 0,
                   "edit_region": loss.edit_region_readout > 0}
         self.builder = BatchBuilder(model, tokenizer, config.data, [name for name, on in wanted.items() if on])
