@@ -18,8 +18,7 @@ import argparse
 import torch
 from torch import nn
 
-from unipic.sampling.edit import build_edit_condition
-from unipic.sampling.prompts import images_to_tensor
+from unipic.sampling.prompts import edit_user_text, images_to_tensor, tokenize_chat
 from unipic.world import render
 from unipic.world.examples import edit_example
 from unipic.world.scene import covered_cells
@@ -71,11 +70,12 @@ def cell_features(pipe, n: int, seed: int, size: int) -> tuple[dict[str, torch.T
         pixels = images_to_tensor([render(e.source, size) for e in edits], model.device)
         tokens = model.encode_images(pixels)  # (b, L, token_dim)
         x_con, z_src = model.extract_visual_feature(tokens, None, grid)
-        repeat = [model.config.sampling.edit_cfg_prompt] * len(edits)
-        prefix, mask, _ = build_edit_condition(model, tokenizer, repeat, x_con, z_src, cfg=1.0, device=model.device)
+        # The edit prompt under "Repeat this image.", in the model's own layout, run once.
+        texts = [edit_user_text(model.config, model.config.sampling.edit_cfg_prompt)] * len(edits)
+        ids, mask = tokenize_chat(model.config, tokenizer, texts, device=model.device, image_rows=length + buf)
+        prefix = model.fill_image_rows(ids, z_src)
         hidden = model.llm.model(inputs_embeds=prefix.to(model.dtype), attention_mask=mask.long()).last_hidden_state
-        is_image = _ids_of(model, tokenizer, repeat, length + buf) == model.image_token_id  # (b, T)
-        llm_rows = hidden[is_image].view(len(edits), length + buf, -1)[:, :length]  # (b, L, hidden): cells first
+        llm_rows = model.image_rows(hidden, ids)[:, :length]  # (b, L, hidden): grid cells first
         for b, edit in enumerate(edits):
             owner: dict[int, int] = {}
             for index, obj in enumerate(edit.source.objects):
@@ -94,14 +94,6 @@ def cell_features(pipe, n: int, seed: int, size: int) -> tuple[dict[str, torch.T
                 scene_of.append(start + b)
     stacked = {name: torch.stack(rows) for name, rows in points.items()}
     return stacked, torch.tensor(shapes), torch.tensor(colors), torch.tensor(scene_of)
-
-
-def _ids_of(model, tokenizer, instructions, image_rows: int) -> torch.Tensor:
-    """The edit prompts' token ids (b, T), as `build_edit_condition` lays them out."""
-    from unipic.sampling.prompts import edit_user_text, tokenize_chat
-
-    texts = [edit_user_text(model.config, text) for text in instructions]
-    return tokenize_chat(model.config, tokenizer, texts, device=model.device, image_rows=image_rows)[0]
 
 
 def main() -> None:

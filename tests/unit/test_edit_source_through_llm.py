@@ -59,14 +59,14 @@ def test_instructed_x_con_adds_each_source_row_to_its_own_position(instructed_mo
     prefix_hidden = torch.zeros(1, input_ids.shape[1], hidden)
     grid_row = 2 + 1  # the second grid cell's row: text rows first, then cells in raster order
     prefix_hidden[0, grid_row] = torch.randn(hidden, generator=torch.Generator().manual_seed(0))
-    out = model.instructed_x_con(x_con, prefix_hidden, input_ids)
+    out = model.instructed_x_con(x_con, model.image_rows(prefix_hidden, input_ids))
     empty = model.proj_out(torch.zeros(1, hidden))[0]
     moved = model.proj_out(prefix_hidden[:, grid_row])[0]
     # x_con lays out buffers first, so the second cell sits at buf + 1.
     assert torch.allclose(out[0, buf + 1], moved, atol=1e-6)
     assert all(torch.allclose(out[0, i], empty, atol=1e-6) for i in range(buf + length) if i != buf + 1)
     with pytest.raises(ValueError, match="source rows"):
-        model.instructed_x_con(x_con[:, 1:], prefix_hidden, input_ids)
+        model.instructed_x_con(x_con[:, 1:], model.image_rows(prefix_hidden, input_ids))
 
 
 def test_the_extensions_edit_loss_trains_proj_out_through_the_source_rows(instructed_model) -> None:
@@ -79,14 +79,15 @@ def test_the_extensions_edit_loss_trains_proj_out_through_the_source_rows(instru
     seen = {}
     original = model.instructed_x_con
 
-    def spy(x_con, prefix_hidden, input_ids):
-        seen["called"] = prefix_hidden.shape
-        return original(x_con, prefix_hidden, input_ids)
+    def spy(x_con, source_rows):
+        seen["called"] = source_rows.shape
+        return original(x_con, source_rows)
 
     model.instructed_x_con = spy
     source = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
     loss = edit_loss(model, source, source.flip(-1), ids, mask, generator=torch.Generator().manual_seed(0))
-    assert seen["called"] == (1, ids.shape[1], model.config.llm.hidden_size)
+    # Every source `<image>` row of the prompt reaches x_con (grid cells and buffers).
+    assert seen["called"] == (1, model.num_image_tokens(grid), model.config.llm.hidden_size)
     assert torch.isfinite(loss)
 
 

@@ -258,19 +258,25 @@ class UniPic(nn.Module):
             x_enc, z_enc = x_enc.repeat(copies, 1, 1), z_enc.repeat(copies, 1, 1)  # (B, ...)
         hidden = self.llm_image_hidden(z_enc, attention_mask, prefix_embeds=prefix_embeds,
                                        past_key_values=past_key_values, prefix_out=prefix_out)  # (B, L_vis + buf, hidden)
-        buf = self.config.mar.buffer_size
-        hidden = torch.cat([hidden[:, -buf:], hidden[:, :-buf]], dim=1)  # (B, buf + L_vis, hidden): buffers first
-        return x_enc + self.proj_out(hidden.to(self.proj_out[0].weight.dtype))
+        return x_enc + self.proj_out(self._buffers_first(hidden).to(self.proj_out[0].weight.dtype))
 
-    def instructed_x_con(self, x_con: torch.Tensor, prefix_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """x_con (B, buf + L, enc_dim) plus, through proj_out, the LLM states of the prompt's source
-        `<image>` rows (`edit_source_through_llm`): prefix_hidden (B, T, hidden), input_ids (B, T)."""
+    def _buffers_first(self, rows: torch.Tensor) -> torch.Tensor:
+        """LLM image rows (B, L + buf, hidden), buffers last as the LLM reads them, reordered to the
+        MAR layout (B, buf + L, hidden), buffers first."""
         buf = self.config.mar.buffer_size
-        rows = prefix_hidden[input_ids == self.image_token_id].view(x_con.shape[0], -1, prefix_hidden.shape[-1])
-        if rows.shape[1] != x_con.shape[1]:
-            raise ValueError(f"prompt has {rows.shape[1]} source rows per image but x_con has {x_con.shape[1]}")
-        rows = torch.cat([rows[:, -buf:], rows[:, :-buf]], dim=1)  # (B, buf + L, hidden): buffers first, as x_con
-        return x_con + self.proj_out(rows.to(self.proj_out[0].weight.dtype))
+        return torch.cat([rows[:, -buf:], rows[:, :-buf]], dim=1)
+
+    def instructed_x_con(self, x_con: torch.Tensor, source_rows: torch.Tensor) -> torch.Tensor:
+        """x_con (B, buf + L, enc_dim) plus, through proj_out, the LLM states of the prompt's source
+        `<image>` rows (`edit_source_through_llm`): source_rows (B, L + buf, hidden), see `image_rows`."""
+        if source_rows.shape[1] != x_con.shape[1]:
+            raise ValueError(f"prompt has {source_rows.shape[1]} source rows per image but x_con has {x_con.shape[1]}")
+        return x_con + self.proj_out(self._buffers_first(source_rows).to(self.proj_out[0].weight.dtype))
+
+    def image_rows(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The rows of `hidden` (B, T, D) at the `<image>` positions of `input_ids` (B, T), in order:
+        (B, N, D), the same count N in every row (the inverse of `fill_image_rows`)."""
+        return hidden[input_ids == self.image_token_id].view(hidden.shape[0], -1, hidden.shape[-1])
 
     def understanding_features(self, pixels: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Visual features for the `<image>` rows of an understanding prompt: (B, N, hidden);

@@ -36,7 +36,7 @@ def build_edit_condition(model: UniPic, tokenizer, instructions: Sequence[str], 
     if config.edit_source_through_llm:
         # One extra pass over the prefix; the sampler caches the same prefix's keys and values again.
         hidden = model.llm.model(inputs_embeds=prefix.to(model.dtype), attention_mask=mask.long()).last_hidden_state
-        x_con = model.instructed_x_con(x_con, hidden, input_ids)
+        x_con = model.instructed_x_con(x_con, model.image_rows(hidden, input_ids))
     return prefix, mask, x_con
 
 

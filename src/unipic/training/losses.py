@@ -135,14 +135,14 @@ def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, i
     mask = _masked_targets(model, target, generator)
     prefix_out = {} if model.config.edit_source_through_llm else None
     x_enc = model.encode_with_llm(target, mask, grid, attention_mask, prefix_embeds=prefix, prefix_out=prefix_out)
-    if prefix_out is not None:
-        x_con = model.instructed_x_con(x_con, prefix_out["hidden"], input_ids)
+    source_rows = None if prefix_out is None else model.image_rows(prefix_out["hidden"], input_ids)  # (B, L + buf, hidden)
+    if source_rows is not None:
+        x_con = model.instructed_x_con(x_con, source_rows)
     z = model.mar.forward_decoder(x_enc, mask, grid, x_con=x_con)
     if decoder_out is not None:
         decoder_out["z"] = z
-        if prefix_out is not None:
-            rows = prefix_out["hidden"][input_ids == model.image_token_id]
-            decoder_out["source_rows"] = rows.view(z.shape[0], -1, rows.shape[-1])[:, : z.shape[1]]  # (B, L, hidden)
+        if source_rows is not None:
+            decoder_out["source_rows"] = source_rows[:, : z.shape[1]]  # (B, L, hidden): grid cells first
     changed = changed_tokens(source, target) if changed_weight > 0 else None
     return _diffusion_loss(model, target, z, mask, generator, probe, object_weight, changed, changed_weight)
 
