@@ -21,7 +21,7 @@ from torch import nn
 from unipic.sampling.prompts import edit_user_text, images_to_tensor, tokenize_chat
 from unipic.world import render
 from unipic.world.examples import edit_example
-from unipic.world.scene import covered_cells
+from unipic.world.scene import sole_covered_cells
 from unipic.world.spec import COLORS, SHAPES
 
 
@@ -77,21 +77,16 @@ def cell_features(pipe, n: int, seed: int, size: int) -> tuple[dict[str, torch.T
         hidden = model.llm.model(inputs_embeds=prefix.to(model.dtype), attention_mask=mask.long()).last_hidden_state
         llm_rows = model.image_rows(hidden, ids)[:, :length]  # (b, L, hidden): grid cells first
         for b, edit in enumerate(edits):
-            owner: dict[int, int] = {}
-            for index, obj in enumerate(edit.source.objects):
-                for cell in covered_cells(obj.box, *grid):
-                    owner[cell] = -1 if cell in owner else index
-            for cell, index in owner.items():
-                if index < 0:
-                    continue
-                obj = edit.source.objects[index]
-                points["vae_token"].append(tokens[b, cell])
-                points["x_con"].append(x_con[b, buf + cell])
-                points["z_src"].append(z_src[b, cell])
-                points["llm_row"].append(llm_rows[b, cell])
-                shapes.append(SHAPES.index(obj.shape))
-                colors.append(list(COLORS).index(obj.color))
-                scene_of.append(start + b)
+            objects = edit.source.objects
+            for obj, cells in zip(objects, sole_covered_cells([o.box for o in objects], *grid)):
+                for cell in cells:
+                    points["vae_token"].append(tokens[b, cell])
+                    points["x_con"].append(x_con[b, buf + cell])
+                    points["z_src"].append(z_src[b, cell])
+                    points["llm_row"].append(llm_rows[b, cell])
+                    shapes.append(SHAPES.index(obj.shape))
+                    colors.append(list(COLORS).index(obj.color))
+                    scene_of.append(start + b)
     stacked = {name: torch.stack(rows) for name, rows in points.items()}
     return stacked, torch.tensor(shapes), torch.tensor(colors), torch.tensor(scene_of)
 

@@ -336,21 +336,17 @@ class BatchBuilder:
     def _object_targets(self, examples: Sequence[dict], covered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, 2) (row, feature index) and (K, 2) (shape, colour) indices: per object of the batch's
         world scenes, the token under its centre, or with `covered` every cell its box alone covers."""
-        from unipic.world.scene import covered_cells
+        from unipic.world.scene import sole_covered_cells
         from unipic.world.spec import COLORS, SHAPES
 
         rows, cols = self.model.understanding_grid(self.size)
         colors = list(COLORS)
         index, labels = [], []
         for row, ex in enumerate(examples):
-            owner: dict[int, int] = {}  # cell -> the one object covering it, -1 where several do
-            if covered:
-                for k, box in enumerate(ex["object_boxes"]):
-                    for cell in covered_cells(box, rows, cols):
-                        owner[cell] = -1 if cell in owner else k
+            sole = sole_covered_cells(ex["object_boxes"], rows, cols) if covered else None
             for k, (cx, cy, shape, color) in enumerate(ex["objects"]):
                 if covered:
-                    cells = [cell for cell, who in owner.items() if who == k]
+                    cells = sole[k]
                 else:
                     cells = [min(int(cy * rows), rows - 1) * cols + min(int(cx * cols), cols - 1)]
                 index += [(row, cell) for cell in cells]

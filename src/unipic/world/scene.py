@@ -150,6 +150,15 @@ def covered_cells(box: tuple[float, float, float, float], rows: int, cols: int) 
     return [r * cols + c for r in row_range for c in col_range]
 
 
+def sole_covered_cells(boxes: Sequence[tuple[float, float, float, float]], rows: int, cols: int) -> list[list[int]]:
+    """Per box, the `covered_cells` no other box of `boxes` covers (raster order)."""
+    count: dict[int, int] = {}
+    covered = [covered_cells(box, rows, cols) for box in boxes]
+    for cells in covered:
+        for cell in cells:
+            count[cell] = count.get(cell, 0) + 1
+    return [[cell for cell in cells if count[cell] == 1] for cells in covered]
+
 def box_gap(a: WorldObject, b: WorldObject) -> float:
     """Separation of two boxes (negative when they overlap): the larger of the x and y gaps."""
     half = (a.size + b.size) / 2
