@@ -102,3 +102,21 @@ def test_exact_edit_sampler_equals_the_reference_loop_with_the_extension(instruc
                                   generator=torch.Generator().manual_seed(5), **settings)
     assert ours.shape == (1, 3, 64, 64)
     assert (ours - plain).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+def test_the_edit_sampler_runs_the_prefix_through_the_llm_once(tiny_model_and_tokenizer, instructed_model) -> None:
+    # The extension reads the prefix's LLM states for x_con; the sampler reuses that pass's cache.
+    source = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for model, tokenizer in (tiny_model_and_tokenizer, instructed_model):
+        lengths = []
+        handle = model.llm.model.register_forward_pre_hook(
+            lambda _module, _args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+        try:
+            edit_images(model, tokenizer, source, ["make it blue"], steps=2, cfg=3.0, head_steps=2,
+                        generator=torch.Generator().manual_seed(5))
+        finally:
+            handle.remove()
+        prefix_len = max(lengths)  # the loop's passes hold only image rows, fewer than the prefix's
+        assert lengths.count(prefix_len) == 1
+        assert len(lengths) == 1 + 2  # the prefix, then one pass per MAR step

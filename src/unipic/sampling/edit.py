@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from unipic.sampling.mar_decode import EXACT, SpeedOptions, mar_generate_tokens, with_unconditional
+from unipic.models.unipic import cache_argument
+from unipic.sampling.mar_decode import (
+    EXACT,
+    SpeedOptions,
+    mar_generate_tokens,
+    new_prefix_cache,
+    with_unconditional,
+)
 from unipic.sampling.prompts import edit_user_text, tokenize_chat
 from unipic.sampling.rng import Randomness
 
@@ -21,10 +28,11 @@ if TYPE_CHECKING:
 
 
 def build_edit_condition(model: UniPic, tokenizer, instructions: Sequence[str], x_con: torch.Tensor,
-                         source_features: torch.Tensor, *, cfg: float,
-                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         source_features: torch.Tensor, *, cfg: float, device: torch.device,
+                         cache=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(prefix embeddings, prefix mask, x_con) of an edit, rows: instructions, then "Repeat this
-    image." with guidance; the prompt's image rows hold `source_features`."""
+    image." with guidance; the prompt's image rows hold `source_features`. With
+    `edit_source_through_llm`, the prefix's LLM pass fills `cache` (if given) for the sampler."""
     config = model.config
     count = source_features.shape[1]
     texts = with_unconditional([edit_user_text(config, inst.strip()) for inst in instructions],
@@ -34,8 +42,10 @@ def build_edit_condition(model: UniPic, tokenizer, instructions: Sequence[str], 
     prefix = model.fill_image_rows(input_ids, features)
     x_con = with_unconditional(x_con, x_con, cfg)  # (R, buf + L, enc_dim)
     if config.edit_source_through_llm:
-        # One extra pass over the prefix; the sampler caches the same prefix's keys and values again.
-        hidden = model.llm.model(inputs_embeds=prefix.to(model.dtype), attention_mask=mask.long()).last_hidden_state
+        # The sampler needs this very pass's keys and values; filling `cache` saves it a second pass.
+        cached = {} if cache is None else {"use_cache": True, cache_argument(type(model.llm.model)): cache}
+        hidden = model.llm.model(inputs_embeds=prefix.to(model.dtype), attention_mask=mask.long(),
+                                 **cached).last_hidden_state
         x_con = model.instructed_x_con(x_con, model.image_rows(hidden, input_ids))
     return prefix, mask, x_con
 
@@ -60,9 +70,10 @@ def edit_images(
     grid = model.grid_for(source_pixels.shape[-2], source_pixels.shape[-1])
     source_tokens = model.encode_images(source_pixels.to(model.device))
     x_con, z_src = model.extract_visual_feature(source_tokens, None, grid)
+    cache = new_prefix_cache() if model.config.edit_source_through_llm else None
     prefix, mask, x_con = build_edit_condition(model, tokenizer, instructions, x_con, z_src, cfg=cfg,
-                                               device=model.device)
+                                               device=model.device, cache=cache)
     tokens = mar_generate_tokens(model, prefix, mask, grid, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
                                  temperature=temperature, head_steps=head_steps, x_con=x_con,
-                                 generator=generator, progress=progress, speed=speed)
+                                 generator=generator, progress=progress, speed=speed, prefix_cache=cache)
     return model.decode_tokens(tokens, grid)

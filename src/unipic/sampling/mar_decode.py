@@ -54,7 +54,8 @@ def with_unconditional(conditional: Rows, unconditional: Rows, cfg: float) -> Ro
     return list(conditional) + list(unconditional)
 
 
-def _new_cache():
+def new_prefix_cache():
+    """An empty key/value cache for a prefix pass through the LLM."""
     from transformers import DynamicCache
 
     return DynamicCache()
@@ -211,6 +212,7 @@ def mar_generate_tokens(
     known_tokens: torch.Tensor | None = None,
     hidden: torch.Tensor | None = None,
     speed: SpeedOptions = EXACT,
+    prefix_cache=None,
 ) -> torch.Tensor:
     """Sample image tokens after a text (or text + source image) prefix, or fill in a partly known image.
 
@@ -229,6 +231,9 @@ def mar_generate_tokens(
             tokens are visible from the first step and kept; only hidden ones are revealed, and the
             reveal schedule (and a linear guidance ramp) runs over their count, which every row must share.
         speed: training-free shortcuts (`SpeedOptions`); the default is the exact path.
+        prefix_cache: the keys/values of this very prefix (all R rows), when the caller has already
+            run it through the LLM (`build_edit_condition` with `edit_source_through_llm`); it is
+            then not run again.
 
     Returns:
         (B, h·w, token_dim) float32 tokens of the conditional rows.
@@ -271,13 +276,17 @@ def mar_generate_tokens(
     num_masked = total
 
     # 2. The prefix never changes: run it through the LLM once and reuse its keys/values.
-    cache = _new_cache()
     prefix_len = prefix_embeds.shape[1]
-    model.llm.model(inputs_embeds=prefix_embeds.to(model.dtype), attention_mask=attention_mask.long(),
-                    use_cache=True, **{cache_argument(type(model.llm.model)): cache})
+    cache = prefix_cache
+    if cache is None:
+        cache = new_prefix_cache()
+        model.llm.model(inputs_embeds=prefix_embeds.to(model.dtype), attention_mask=attention_mask.long(),
+                        use_cache=True, **{cache_argument(type(model.llm.model)): cache})
+    elif cache.get_seq_length() != prefix_len:
+        raise ValueError(f"prefix_cache holds {cache.get_seq_length()} positions, the prefix has {prefix_len}")
     lazy = guided and speed.uncond_interval > 1
     if lazy:  # a second cache for the conditional rows alone, used on the steps that skip the others
-        cache_cond = _new_cache()
+        cache_cond = new_prefix_cache()
         model.llm.model(inputs_embeds=prefix_embeds[:n_cond].to(model.dtype),
                         attention_mask=attention_mask[:n_cond].long(), use_cache=True,
                         **{cache_argument(type(model.llm.model)): cache_cond})
