@@ -70,7 +70,7 @@ def edit_images(
     grid = model.grid_for(source_pixels.shape[-2], source_pixels.shape[-1])
     source_tokens = model.encode_images(source_pixels.to(model.device))
     x_con, z_src = model.extract_visual_feature(source_tokens, None, grid)
-    cache = new_prefix_cache() if model.config.edit_source_through_llm else None
+    cache = new_prefix_cache()  # filled by whichever pass over the prefix comes first
     prefix, mask, x_con = build_edit_condition(model, tokenizer, instructions, x_con, z_src, cfg=cfg,
                                                device=model.device, cache=cache)
     tokens = mar_generate_tokens(model, prefix, mask, grid, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,

@@ -231,9 +231,9 @@ def mar_generate_tokens(
             tokens are visible from the first step and kept; only hidden ones are revealed, and the
             reveal schedule (and a linear guidance ramp) runs over their count, which every row must share.
         speed: training-free shortcuts (`SpeedOptions`); the default is the exact path.
-        prefix_cache: the keys/values of this very prefix (all R rows), when the caller has already
-            run it through the LLM (`build_edit_condition` with `edit_source_through_llm`); it is
-            then not run again.
+        prefix_cache: a key/value cache for this very prefix (all R rows): empty, the prefix's pass
+            fills it here; already filled by the caller's own pass (`build_edit_condition` with
+            `edit_source_through_llm`), the prefix is not run again.
 
     Returns:
         (B, h·w, token_dim) float32 tokens of the conditional rows.
@@ -277,9 +277,8 @@ def mar_generate_tokens(
 
     # 2. The prefix never changes: run it through the LLM once and reuse its keys/values.
     prefix_len = prefix_embeds.shape[1]
-    cache = prefix_cache
-    if cache is None:
-        cache = new_prefix_cache()
+    cache = new_prefix_cache() if prefix_cache is None else prefix_cache
+    if cache.get_seq_length() == 0:
         model.llm.model(inputs_embeds=prefix_embeds.to(model.dtype), attention_mask=attention_mask.long(),
                         use_cache=True, **{cache_argument(type(model.llm.model)): cache})
     elif cache.get_seq_length() != prefix_len:

@@ -159,6 +159,7 @@ def sole_covered_cells(boxes: Sequence[tuple[float, float, float, float]], rows:
             count[cell] = count.get(cell, 0) + 1
     return [[cell for cell in cells if count[cell] == 1] for cells in covered]
 
+
 def box_gap(a: WorldObject, b: WorldObject) -> float:
     """Separation of two boxes (negative when they overlap): the larger of the x and y gaps."""
     half = (a.size + b.size) / 2
