@@ -42,6 +42,7 @@ class SamplingConfig:
     temperature: float = 1.0
     edit_cfg: float = 3.0
     edit_temperature: float = 0.85
+    edit_keep_threshold: float = 0.5  # models with edit_keep_mask: keep a source cell when P(keep) exceeds this
     t2i_prompt: str = "Generate an image: {prompt}"
     cfg_prompt: str = "Generate an image."
     edit_cfg_prompt: str = "Repeat this image."

@@ -118,6 +118,11 @@ class UniPicConfig:
     # rows, and those rows' LLM states add to x_con through proj_out, so every hidden position starts
     # from a source feature that has read the instruction (docs/training.md, "Fifteenth session").
     edit_source_through_llm: bool = False
+    # Editing, our extension (upstream: False; needs edit_source_through_llm). True: a linear head on
+    # the source rows' LLM states predicts which token cells hold objects the instruction leaves
+    # alone; the edit sampler keeps those cells at the source's tokens and regenerates only the rest
+    # (docs/training.md, "Seventeenth session").
+    edit_keep_mask: bool = False
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     model_type: str = "unipic1"
 
@@ -179,6 +184,11 @@ class UniPicConfig:
             raise ValueError(f"understanding_encoder must be 'mar' or 'siglip2', got {self.understanding_encoder!r}")
         if self.understanding_encoder == "siglip2" and self.siglip is None:
             raise ValueError("understanding_encoder='siglip2' needs a siglip config")
+        if self.edit_keep_mask and not self.edit_source_through_llm:
+            raise ValueError("edit_keep_mask reads the source rows' LLM states after the instruction: "
+                             "it needs edit_source_through_llm")
+        if not 0.0 < self.sampling.edit_keep_threshold < 1.0:
+            raise ValueError(f"sampling.edit_keep_threshold must lie in (0, 1), got {self.sampling.edit_keep_threshold}")
         if self.sampling.cfg_schedule not in ("constant", "linear"):
             raise ValueError(f"sampling.cfg_schedule must be 'constant' or 'linear', got {self.sampling.cfg_schedule!r}")
         for key in ("image_size", "understanding_image_size"):

@@ -104,6 +104,9 @@ class UniPic(nn.Module):
         else:
             self.siglip2 = None
             self.siglip2_proj = None
+        self.edit_keep: nn.Linear | None = None
+        if config.edit_keep_mask:
+            self.add_edit_keep_head()
         # The VAE is frozen in every training stage (spec §3).
         self.vae.requires_grad_(False)
         self.image_token_id: int | None = None  # set from the tokenizer by the loader
@@ -272,6 +275,19 @@ class UniPic(nn.Module):
         if source_rows.shape[1] != x_con.shape[1]:
             raise ValueError(f"prompt has {source_rows.shape[1]} source rows per image but x_con has {x_con.shape[1]}")
         return x_con + self.proj_out(self._buffers_first(source_rows).to(self.proj_out[0].weight.dtype))
+
+    def add_edit_keep_head(self) -> None:
+        """Give the model its `edit_keep_mask` head (new weights) if it has none, and set the option."""
+        self.config.edit_keep_mask = True
+        if self.edit_keep is None:
+            weight = self.proj_out[0].weight
+            self.edit_keep = nn.Linear(self.config.llm.hidden_size, 1).to(device=weight.device, dtype=weight.dtype)
+
+    def edit_keep_logits(self, cell_rows: torch.Tensor) -> torch.Tensor:
+        """Logits (B, L) that each source grid cell holds an object the instruction leaves alone:
+        cell_rows (B, L, hidden), the LLM states of the prompt's source grid rows (`image_rows`
+        without the buffers)."""
+        return self.edit_keep(cell_rows.to(self.edit_keep.weight.dtype)).squeeze(-1).float()
 
     def image_rows(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """The rows of `hidden` (B, T, D) at the `<image>` positions of `input_ids` (B, T), in order:

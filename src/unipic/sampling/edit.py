@@ -2,7 +2,9 @@
 rows of the prompt (MAR-encoder features through `proj_in`) and as `x_con`, the starting point of
 every hidden position in the MAR decoder. Guidance contrasts the instruction with "Repeat this image."
 Models with `edit_source_through_llm` (ours, not upstream's) read the instruction first and start
-hidden positions from x_con plus the source rows' LLM states.
+hidden positions from x_con plus the source rows' LLM states. Models with `edit_keep_mask` (ours too)
+also predict, from those states, which source cells hold objects the instruction leaves alone; those
+cells keep the source's tokens, visible from the first step, and only the others are regenerated.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from unipic.models.unipic import cache_argument
 from unipic.sampling.mar_decode import (
     EXACT,
     SpeedOptions,
+    guidance_enabled,
     mar_generate_tokens,
     new_prefix_cache,
     with_unconditional,
 )
 from unipic.sampling.prompts import edit_user_text, tokenize_chat
-from unipic.sampling.rng import Randomness
+from unipic.sampling.rng import Randomness, row_generator
 
 if TYPE_CHECKING:
     from unipic.models.unipic import UniPic
@@ -29,10 +32,11 @@ if TYPE_CHECKING:
 
 def build_edit_condition(model: UniPic, tokenizer, instructions: Sequence[str], x_con: torch.Tensor,
                          source_features: torch.Tensor, *, cfg: float, device: torch.device,
-                         cache=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         cache=None, keep_out: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(prefix embeddings, prefix mask, x_con) of an edit, rows: instructions, then "Repeat this
     image." with guidance; the prompt's image rows hold `source_features`. With
-    `edit_source_through_llm`, the prefix's LLM pass fills `cache` (if given) for the sampler."""
+    `edit_source_through_llm`, the prefix's LLM pass fills `cache` (if given) for the sampler, and
+    with `edit_keep_mask` it puts the instructed rows' keep logits (B, L) in `keep_out["logits"]`."""
     config = model.config
     count = source_features.shape[1]
     texts = with_unconditional([edit_user_text(config, inst.strip()) for inst in instructions],
@@ -46,7 +50,11 @@ def build_edit_condition(model: UniPic, tokenizer, instructions: Sequence[str], 
         cached = {} if cache is None else {"use_cache": True, cache_argument(type(model.llm.model)): cache}
         hidden = model.llm.model(inputs_embeds=prefix.to(model.dtype), attention_mask=mask.long(),
                                  **cached).last_hidden_state
-        x_con = model.instructed_x_con(x_con, model.image_rows(hidden, input_ids))
+        source_rows = model.image_rows(hidden, input_ids)  # (R, L + buf, hidden)
+        x_con = model.instructed_x_con(x_con, source_rows)
+        if keep_out is not None and model.edit_keep is not None:
+            cells = count - config.mar.buffer_size
+            keep_out["logits"] = model.edit_keep_logits(source_rows[: len(instructions), :cells])  # (B, L)
     return prefix, mask, x_con
 
 
@@ -70,10 +78,40 @@ def edit_images(
     grid = model.grid_for(source_pixels.shape[-2], source_pixels.shape[-1])
     source_tokens = model.encode_images(source_pixels.to(model.device))
     x_con, z_src = model.extract_visual_feature(source_tokens, None, grid)
+    if model.edit_keep is not None:
+        return _edit_with_keep_mask(model, tokenizer, source_tokens, instructions, x_con, z_src, grid,
+                                    steps=steps, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
+                                    head_steps=head_steps, generator=generator, progress=progress, speed=speed)
     cache = new_prefix_cache()  # filled by whichever pass over the prefix comes first
     prefix, mask, x_con = build_edit_condition(model, tokenizer, instructions, x_con, z_src, cfg=cfg,
                                                device=model.device, cache=cache)
     tokens = mar_generate_tokens(model, prefix, mask, grid, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
                                  temperature=temperature, head_steps=head_steps, x_con=x_con,
                                  generator=generator, progress=progress, speed=speed, prefix_cache=cache)
+    return model.decode_tokens(tokens, grid)
+
+
+def _edit_with_keep_mask(model: UniPic, tokenizer, source_tokens: torch.Tensor, instructions: Sequence[str],
+                         x_con: torch.Tensor, z_src: torch.Tensor, grid: tuple[int, int], *, steps: int, cfg: float,
+                         cfg_schedule: str, temperature: float, head_steps: int | None, generator: Randomness,
+                         progress: bool, speed: SpeedOptions) -> torch.Tensor:
+    """`edit_images` for models with `edit_keep_mask`: the cells the keep head marks keep the
+    source's tokens and only the rest is sampled, one source at a time (the MAR encoder needs every
+    row of a call to hide as many tokens, and each source keeps its own cells)."""
+    keep_out: dict = {}
+    prefix, mask, x_con = build_edit_condition(model, tokenizer, instructions, x_con, z_src, cfg=cfg,
+                                               device=model.device, keep_out=keep_out)
+    keep = keep_out["logits"].sigmoid() > model.config.sampling.edit_keep_threshold  # (B, L)
+    batch = len(instructions)
+    tokens = source_tokens.float().clone()  # (B, L, token_dim)
+    for b in range(batch):
+        hidden = ~keep[b : b + 1]  # (1, L), True = regenerate
+        count = int(hidden.sum())
+        if count == 0:
+            continue  # the head keeps every cell: the edit leaves the source as it is
+        rows = [b, batch + b] if guidance_enabled(cfg) else [b]  # the source's instructed and guidance rows
+        tokens[b : b + 1] = mar_generate_tokens(
+            model, prefix[rows], mask[rows], grid, steps=min(steps, count), cfg=cfg, cfg_schedule=cfg_schedule,
+            temperature=temperature, head_steps=head_steps, x_con=x_con[rows], generator=row_generator(generator, b),
+            progress=progress, known_tokens=tokens[b : b + 1], hidden=hidden, speed=speed)
     return model.decode_tokens(tokens, grid)

@@ -66,3 +66,15 @@ def rand(shape: Sequence[int], generator: Randomness, *, device: torch.device | 
     if isinstance(generator, GeneratorGroups):
         return generator.rand(shape, device=device, dtype=dtype)
     return torch.rand(tuple(shape), generator=generator, device=device, dtype=dtype)
+
+
+def row_generator(generator: Randomness, row: int) -> torch.Generator | None:
+    """The generator that draws image `row`'s randomness: its group's, or the one shared generator."""
+    if not isinstance(generator, GeneratorGroups):
+        return generator
+    end = 0
+    for g, rows in zip(generator.generators, generator.rows):
+        end += rows
+        if row < end:
+            return g
+    raise IndexError(f"row {row} is beyond the {generator.total_rows} rows of these generators")

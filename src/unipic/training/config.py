@@ -63,6 +63,10 @@ class ModelConfig:
     # Set the model's edit_source_through_llm (instruction first; x_con reads the source rows' LLM
     # states); null keeps the starting model's (false for presets and the upstream release).
     edit_source_through_llm: bool | None = None
+    # True: give the model its edit_keep_mask head (needs edit_source_through_llm): the edit sampler
+    # keeps the cells it marks at the source's tokens; edit batches train it and keep those cells
+    # visible. Null keeps the starting model's (docs/training.md, "Seventeenth session").
+    edit_keep_mask: bool | None = None
     # Preset only: nested changes to its architecture, e.g. {vae: {embed_dim: 32}, mar: {encoder_depth: 4}}.
     architecture: dict[str, Any] = field(default_factory=dict)
     # Sampling defaults the saved model gets (its config.json "sampling"), e.g. {num_iter: 16}. The
@@ -110,6 +114,7 @@ class LossConfig:
     # Where loss.edit_region_readout reads: decoder (each MAR decoder position's z) or source (the LLM's
     # final state of each source grid row; needs model.edit_source_through_llm, else no row sees the instruction)
     edit_region_at: str = "decoder"
+    edit_keep: float = 1.0  # edit, world data, models with edit_keep_mask: weight of the keep head's cross-entropy
     attend_layer: int = 1  # the LLM layer whose head 0 loss.attend_named and loss.attend_edit supervise
     attend_relation: float = 0.0  # i2t, world data: weight of relation turns' split supervision (head 0 on the first shape, head 1 on the second)
     relation_readout: float = 0.0  # i2t, world data: weight of a training-only read-out of each relation's order from its answer row
@@ -204,7 +209,7 @@ class TrainConfig:
         if unknown:
             raise UserError(f"data.i2t_kinds: unknown kind(s) {unknown}; valid kinds: {list(QUESTION_KINDS)}")
         for key in ("object_weight", "edit_changed_weight", "object_readout", "attend_named", "attend_edit",
-                    "edit_region_readout", "attend_relation", "relation_readout"):
+                    "edit_region_readout", "edit_keep", "attend_relation", "relation_readout"):
             if getattr(self.loss, key) < 0:
                 raise UserError(f"loss.{key} must be >= 0, got {getattr(self.loss, key)}")
         if self.loss.object_readout_cells not in ("centre", "covered"):

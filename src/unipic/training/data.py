@@ -37,8 +37,8 @@ IMAGE_KEYS = {"t2i": ("image",), "i2t": ("image",), "edit": ("source", "target")
 # objects (loss.object_readout at each object's centre cell), object_cells (the same at every cell
 # one object alone covers: loss.object_readout_cells=covered), attend (loss.attend_named), relation
 # (loss.attend_relation, loss.relation_readout), edit_attend (loss.attend_edit), edit_region
-# (loss.edit_region_readout).
-TARGETS = ("objects", "object_cells", "attend", "relation", "edit_attend", "edit_region")
+# (loss.edit_region_readout), edit_keep (models with edit_keep_mask: the cells an edit leaves alone).
+TARGETS = ("objects", "object_cells", "attend", "relation", "edit_attend", "edit_region", "edit_keep")
 
 
 class TaskSource:
@@ -79,10 +79,15 @@ class TaskSource:
             example_id = index % self.pool if self.pool else index
             if self.task == "edit":
                 # Editing examples also carry the box of the object their instruction names (none
-                # for add), for loss.attend_edit and loss.edit_region_readout.
+                # for add), for loss.attend_edit and loss.edit_region_readout; the boxes of the
+                # objects it leaves alone and of the edited object in the target (none for remove),
+                # for models with edit_keep_mask.
                 example, edit = self._stream.example(example_id, with_world=True)
                 boxes = [] if edit.index is None else [edit.source.objects[edit.index].box]
-                return {**example, "example_id": example_id, "edited_boxes": boxes}
+                kept = [o.box for i, o in enumerate(edit.source.objects) if i != edit.index]
+                new = [] if edit.new_index is None else [edit.target.objects[edit.new_index].box]
+                return {**example, "example_id": example_id, "edited_boxes": boxes, "kept_boxes": kept,
+                        "new_boxes": new}
             if self.task != "i2t":
                 return {**self._stream.example(example_id), "example_id": example_id}
             # Understanding examples also carry their objects, for loss.object_readout.
@@ -378,7 +383,26 @@ class BatchBuilder:
                 batch["edit_named"], batch["edit_region"] = named, region
             if "edit_attend" in wanted:
                 batch["edit_attend_target"] = self._edit_attention_targets(batch["input_ids"], region)
+        if "edit_keep" in self.targets and all("kept_boxes" in ex for ex in examples):
+            batch["edit_keep"] = self._edit_keep(examples, repeats)
         return batch
+
+    def _edit_keep(self, examples: Sequence[dict], repeats: Sequence[bool]) -> torch.Tensor:
+        """(B, L) bool, raster order: the cells an edit leaves alone. Those the boxes of the objects
+        it does not touch cover, less those the named object (in the source) or the edited object
+        (in the target) covers; for "Repeat this image." examples, every object's cells."""
+        from unipic.world.scene import covered_cells
+
+        rows, cols = self.model.grid_for(self.size, self.size)
+        keep = torch.zeros(len(examples), rows * cols, dtype=torch.bool)
+        for b, (ex, repeat) in enumerate(zip(examples, repeats)):
+            kept = ex["kept_boxes"] + ex["edited_boxes"] if repeat else ex["kept_boxes"]
+            for box in kept:
+                keep[b, covered_cells(box, rows, cols)] = True
+            if not repeat:
+                for box in ex["edited_boxes"] + ex["new_boxes"]:
+                    keep[b, covered_cells(box, rows, cols)] = False
+        return keep
 
     def _edit_regions(self, examples: Sequence[dict], repeats: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) bool: whether the example's instruction names a source object (not add, not a

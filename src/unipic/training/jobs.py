@@ -70,7 +70,7 @@ class UniPicLoss(nn.Module):
                  object_weight: float = 0.0, object_readout: float = 0.0, attend_named: float = 0.0,
                  attend_layer: int = 1, attend_relation: float = 0.0, relation_readout: float = 0.0,
                  relation_layer: int = -1, edit_changed_weight: float = 0.0, attend_edit: float = 0.0,
-                 edit_region_readout: float = 0.0, edit_region_at: str = "decoder") -> None:
+                 edit_region_readout: float = 0.0, edit_region_at: str = "decoder", edit_keep: float = 1.0) -> None:
         super().__init__()
         self.model = model
         self.weights = dict(weights)
@@ -88,6 +88,7 @@ class UniPicLoss(nn.Module):
         self.region_key = "source_rows" if edit_region_at == "source" else "z"
         region_width = config.llm.hidden_size if edit_region_at == "source" else config.mar.decoder_embed_dim
         self.region = EditRegionReadout(region_width, edit_region_readout) if edit_region_readout > 0 else None
+        self.edit_keep = edit_keep
         self.readout = None
         if object_readout > 0:
             from unipic.world.spec import COLORS, SHAPES
@@ -166,13 +167,18 @@ class UniPicLoss(nn.Module):
             layer = m.llm.model.layers[self.attend_layer].self_attn
             named = batch.get("edit_named")
             region_on = self.region is not None and named is not None and bool(named.any())
+            keep = batch.get("edit_keep") if m.edit_keep is not None else None
             decoder: dict = {}
             with captured_inputs(layer, active=attend_on) as layer_input:
                 raw = edit_loss(m, batch["source"], batch["target"], batch["input_ids"], batch["attention_mask"],
                                 generator=generator, source_tokens=batch.get("source_tokens"),
                                 target_tokens=batch.get("target_tokens"), probe=self.probe,
                                 grad_scale=self.grad_scale, object_weight=self.object_weight,
-                                changed_weight=self.edit_changed_weight, decoder_out=decoder if region_on else None)
+                                changed_weight=self.edit_changed_weight,
+                                decoder_out=decoder if region_on or keep is not None else None, keep=keep)
+            if keep is not None:
+                logits = m.edit_keep_logits(decoder["source_rows"])  # (B, L)
+                extra["edit_keep"] = (self.edit_keep, F.binary_cross_entropy_with_logits(logits, keep.float()))
             if region_on:
                 extra["edit_region"] = (self.region.weight, self.region.loss(decoder[self.region_key], batch["edit_region"],
                                                                            named))
@@ -213,6 +219,19 @@ class UniPicJob:
         model.config.sampling = _sampling_for_run(model.config.sampling, config.model_sampling())
         if config.model.edit_source_through_llm is not None:
             model.config.edit_source_through_llm = config.model.edit_source_through_llm
+        if config.model.edit_keep_mask is not None:
+            if config.model.edit_keep_mask and not model.config.edit_source_through_llm:
+                raise UserError("model.edit_keep_mask reads the source rows' LLM states after the instruction: "
+                                "it needs model.edit_source_through_llm=true")
+            if config.model.edit_keep_mask:
+                with torch.random.fork_rng():
+                    torch.manual_seed(config.seed)  # a new head's start depends on the run's seed alone
+                    model.add_edit_keep_head()
+            else:
+                model.edit_keep, model.config.edit_keep_mask = None, False
+        if model.config.edit_keep_mask and config.data.source == "folder" and "edit" in config.active_tasks:
+            raise UserError("a model with edit_keep_mask trains edits on world data (the kept cells come from "
+                            "the scene); use data.source=world or model.edit_keep_mask=false")
         try:
             model.config.validate()
         except ValueError as error:
@@ -237,7 +256,7 @@ class UniPicJob:
                                      config.loss.attend_relation, config.loss.relation_readout,
                                      config.loss.relation_layer, config.loss.edit_changed_weight,
                                      config.loss.attend_edit, config.loss.edit_region_readout,
-                                     config.loss.edit_region_at)
+                                     config.loss.edit_region_at, config.loss.edit_keep)
         # Resuming restores the loss's own parts from the checkpoint; a stage that starts from the
         # previous stage's result continues with that run's probe and read-outs when it saved them
         # (a fresh probe would first pull z towards its random read-out).
@@ -255,7 +274,7 @@ class UniPicJob:
         readout_cells = "object_cells" if loss.object_readout_cells == "covered" else "objects"
         wanted = {readout_cells: loss.object_readout > 0, "attend": loss.attend_named > 0,
                   "relation": loss.attend_relation > 0 or loss.relation_readout > 0, "edit_attend": loss.attend_edit > 0,
-                  "edit_region": loss.edit_region_readout > 0}
+                  "edit_region": loss.edit_region_readout > 0, "edit_keep": model.config.edit_keep_mask}
         self.builder = BatchBuilder(model, tokenizer, config.data, [name for name, on in wanted.items() if on])
         self.metric_names = [f"loss_{t}" for t in config.active_tasks]
         if self.module.readout is not None and "i2t" in config.active_tasks:
@@ -268,7 +287,8 @@ class UniPicJob:
                     self.metric_names.append(name)
         if "edit" in config.active_tasks:
             for name, weight in (("loss_attend_edit", config.loss.attend_edit),
-                                 ("loss_edit_region", config.loss.edit_region_readout)):
+                                 ("loss_edit_region", config.loss.edit_region_readout),
+                                 ("loss_edit_keep", config.loss.edit_keep if model.config.edit_keep_mask else 0)):
                 if weight > 0:
                     self.metric_names.append(name)
         self.eval_names = [f"eval_{t}" for t in config.active_tasks]

@@ -9,6 +9,7 @@ is a training setting, passed to each loss, not part of the model's config.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,7 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from unipic.models.layers import scale_gradient
-from unipic.sampling.schedules import random_masking, sample_mask_ratio, sample_orders
+from unipic.sampling.schedules import (
+    mask_by_order,
+    random_masking,
+    sample_mask_ratio,
+    sample_orders,
+    sample_orders_within,
+)
 
 
 def _masked_targets(model, tokens: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -26,6 +33,20 @@ def _masked_targets(model, tokens: torch.Tensor, generator: torch.Generator | No
     mar = model.config.mar
     ratio = sample_mask_ratio(mar.mask_ratio_min, std=mar.mask_ratio_std, generator=_cpu_generator(generator))
     return random_masking(orders, ratio)
+
+
+def _masked_targets_outside(model, keep: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """`_masked_targets` for edits whose `keep` cells (B, L) bool stay visible, as the sampler of a
+    model with `edit_keep_mask` holds them: (B, L) float mask, 1 = hidden.
+
+    Every row hides the same count (the MAR encoder drops hidden tokens): the batch ratio of its
+    largest set of other cells. A row with fewer other cells hides all of them and a few kept ones.
+    """
+    orders = sample_orders_within(~keep, generator=generator)  # (B, L): other cells first, then kept ones
+    mar = model.config.mar
+    ratio = sample_mask_ratio(mar.mask_ratio_min, std=mar.mask_ratio_std, generator=_cpu_generator(generator))
+    count = max(1, math.ceil(ratio * int((~keep).sum(dim=1).max())))
+    return mask_by_order(count, orders).float()
 
 
 def _cpu_generator(generator: torch.Generator | None) -> torch.Generator | None:
@@ -117,14 +138,15 @@ def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, i
               source_tokens: torch.Tensor | None = None, target_tokens: torch.Tensor | None = None,
               probe: TokenProbe | None = None, grad_scale: float = 0.1,
               object_weight: float = 0.0, changed_weight: float = 0.0,
-              decoder_out: dict | None = None) -> torch.Tensor:
+              decoder_out: dict | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Diffusion loss for producing `target_pixels` from `source_pixels` and an instruction prompt.
 
     `input_ids` must contain h·w + buffer `<image>` ids for the source (see `UniPic.num_image_tokens`);
     `changed_weight`: extra weight on hidden `changed_tokens` (target unlike source); `decoder_out`,
     when given, receives the MAR decoder's conditions z (B, L, decoder_dim) under "z" and, for models
     with `edit_source_through_llm`, the LLM's final states of the source grid rows (B, L, hidden), in
-    raster order, under "source_rows".
+    raster order, under "source_rows". `keep` (B, L) bool: cells that stay visible (models with
+    `edit_keep_mask`; see `_masked_targets_outside`).
     """
     grid = model.grid_for(target_pixels.shape[-2], target_pixels.shape[-1])
     source = _tokens_of(model, source_pixels, source_tokens)
@@ -132,7 +154,8 @@ def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, i
     x_con, z_src = model.extract_visual_feature(source, None, grid)
     x_con, z_src = scale_gradient(x_con, grad_scale), scale_gradient(z_src, grad_scale)
     prefix = model.fill_image_rows(input_ids, z_src)
-    mask = _masked_targets(model, target, generator)
+    mask = _masked_targets(model, target, generator) if keep is None else \
+        _masked_targets_outside(model, keep.to(target.device), generator)
     prefix_out = {} if model.config.edit_source_through_llm else None
     x_enc = model.encode_with_llm(target, mask, grid, attention_mask, prefix_embeds=prefix, prefix_out=prefix_out)
     source_rows = None if prefix_out is None else model.image_rows(prefix_out["hidden"], input_ids)  # (B, L + buf, hidden)
