@@ -81,6 +81,7 @@ def test_overrides_nested_with_dots_and_typed():
     ("loss.attend_edit=-1", "loss.attend_edit must be >= 0"),
     ("loss.edit_region_readout=-0.5", "loss.edit_region_readout must be >= 0"),
     ("loss.edit_changed_weight=-4", "loss.edit_changed_weight must be >= 0"),
+    ("loss.edit_keep=-1", "loss.edit_keep must be >= 0"),
     ("loss.edit_region_at=llm", "loss.edit_region_at must be 'decoder' or 'source'"),
     ("loss.object_readout_cells=all", "loss.object_readout_cells must be 'centre' or 'covered'"),
     ("data.source=folder data.folders.t2i=x data.edit_kinds=[add]", "data.edit_kinds=['add'] needs data.source=world"),

@@ -49,6 +49,9 @@ def test_the_option_needs_the_instruction_first_layout_and_round_trips(tiny_mode
 
     with pytest.raises(ValueError, match="needs edit_source_through_llm"):
         UniPicConfig.from_dict({**tiny_model_and_tokenizer[0].config.to_dict(), "edit_keep_mask": True})
+    settings = tiny_model_and_tokenizer[0].config.to_dict()
+    with pytest.raises(ValueError, match="edit_keep_threshold must lie in"):
+        UniPicConfig.from_dict({**settings, "sampling": {**settings["sampling"], "edit_keep_threshold": 1.0}})
     model, tokenizer = keep_model
     save_model_folder(model, tokenizer, tmp_path / "m")
     loaded, _ = load_model_folder(tmp_path / "m")
