@@ -7,8 +7,9 @@ session). This probe runs the edit sampler with the token cells of the untouched
 the source's own tokens (visible from the first MAR step, as in inpainting) and every other cell
 regenerated under the instruction, and judges the result. The kept cells are those the boxes of
 the source's objects other than the named one cover, minus the named object's cells: what a
-predictor that reads the source and the instruction could know. `--mask oracle` takes them from
-the scene; `--mask head` from the keep head of a model with `edit_keep_mask` (what its sampler
+predictor that reads the source and the instruction could know. (The head also learns to free
+the cells the edited object covers in the target; the oracle here does not know where that is.)
+`--mask oracle` takes them from the scene; `--mask head` from the keep head of a model with `edit_keep_mask` (what its sampler
 uses), and it also reports how many cells the head gets right against the oracle; `--mask none`
 is the plain edit sampler, for comparison on the same edits and seeds.
 """
@@ -53,6 +54,8 @@ def masked_edit(model, tokenizer, pixels: torch.Tensor, instruction: str, keep: 
     if keep is None:
         keep = keep_out["logits"][0].sigmoid() > model.config.sampling.edit_keep_threshold
     hidden = ~keep[None]  # (1, L), True = regenerate
+    if not hidden.any():
+        return model.decode_tokens(source_tokens.float(), grid), keep
     steps = min(steps, int(hidden.sum()))
     tokens = mar_generate_tokens(model, prefix, mask, grid, steps=steps, cfg=cfg, temperature=temperature,
                                  x_con=x_con, generator=generator, known_tokens=source_tokens.float(),

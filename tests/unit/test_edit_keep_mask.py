@@ -96,6 +96,29 @@ def test_keeping_no_cell_is_the_plain_sampler_and_keeping_all_returns_the_source
     assert torch.equal(untouched, model.decode_tokens(model.encode_images(source).float(), grid))
 
 
+@torch.no_grad()
+def test_each_source_in_a_batch_is_edited_as_if_alone(keep_model) -> None:
+    from unipic.sampling.rng import GeneratorGroups
+
+    model, tokenizer = copy.deepcopy(keep_model[0]), keep_model[1]
+    torch.nn.init.normal_(model.edit_keep.weight, std=2.0, generator=torch.Generator().manual_seed(3))
+    torch.nn.init.zeros_(model.edit_keep.bias)
+    source, instructions = _source(), ["Remove the star.", "Change the color of the circle to blue."]
+    settings = {"steps": 2, "cfg": 3.0, "head_steps": 3}
+    seen = []
+    original = model.edit_keep_logits
+    model.edit_keep_logits = lambda rows: seen.append(original(rows)) or seen[-1]
+    generators = GeneratorGroups([torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)], [1, 1])
+    together = edit_images(model, tokenizer, source, instructions, generator=generators, **settings)
+    kept = torch.cat(seen)
+    assert kept.shape == (2, model.grid_for(64, 64)[0] * model.grid_for(64, 64)[1])
+    assert 0 < int((kept.sigmoid() > 0.5).sum()) < kept.numel()  # a mask that keeps some cells, not all
+    for b, seed in enumerate((5, 6)):
+        alone = edit_images(model, tokenizer, source[b : b + 1], instructions[b : b + 1],
+                            generator=torch.Generator().manual_seed(seed), **settings)
+        assert (together[b : b + 1] - alone).abs().max().item() <= 1e-5
+
+
 def test_training_keeps_the_cells_visible_and_teaches_the_head(keep_model) -> None:
     from unipic.training.config import DataConfig
     from unipic.training.data import BatchBuilder, TaskSource
@@ -150,3 +173,8 @@ def test_a_run_that_asks_for_the_head_without_the_instruction_first_layout_is_a_
                                 "data.folders.edit=/nonexistent", "data.tasks={edit: 1}"])
     with pytest.raises(UserError, match="trains edits on world data"):
         UniPicJob(folder, None)
+    untrained = load_config(None, ["stage=joint", "data.image_size=64", "model.edit_keep_mask=true",
+                                   "model.edit_source_through_llm=true", "loss.edit_keep=0",
+                                   "data.tasks={edit: 1}"])
+    with pytest.raises(UserError, match="loss.edit_keep=0 leaves the keep head untrained"):
+        UniPicJob(untrained, None)

@@ -18,7 +18,6 @@ from unipic.models.unipic import cache_argument
 from unipic.sampling.mar_decode import (
     EXACT,
     SpeedOptions,
-    guidance_enabled,
     mar_generate_tokens,
     new_prefix_cache,
     with_unconditional,
@@ -98,20 +97,18 @@ def _edit_with_keep_mask(model: UniPic, tokenizer, source_tokens: torch.Tensor, 
     """`edit_images` for models with `edit_keep_mask`: the cells the keep head marks keep the
     source's tokens and only the rest is sampled, one source at a time (the MAR encoder needs every
     row of a call to hide as many tokens, and each source keeps its own cells)."""
-    keep_out: dict = {}
-    prefix, mask, x_con = build_edit_condition(model, tokenizer, instructions, x_con, z_src, cfg=cfg,
-                                               device=model.device, keep_out=keep_out)
-    keep = keep_out["logits"].sigmoid() > model.config.sampling.edit_keep_threshold  # (B, L)
-    batch = len(instructions)
     tokens = source_tokens.float().clone()  # (B, L, token_dim)
-    for b in range(batch):
-        hidden = ~keep[b : b + 1]  # (1, L), True = regenerate
+    for b, instruction in enumerate(instructions):
+        cache, keep_out = new_prefix_cache(), {}  # one LLM pass over this source's prefix serves both
+        prefix, mask, x_con_b = build_edit_condition(model, tokenizer, [instruction], x_con[b : b + 1],
+                                                     z_src[b : b + 1], cfg=cfg, device=model.device, cache=cache,
+                                                     keep_out=keep_out)
+        hidden = keep_out["logits"].sigmoid() <= model.config.sampling.edit_keep_threshold  # (1, L), True = regenerate
         count = int(hidden.sum())
         if count == 0:
             continue  # the head keeps every cell: the edit leaves the source as it is
-        rows = [b, batch + b] if guidance_enabled(cfg) else [b]  # the source's instructed and guidance rows
         tokens[b : b + 1] = mar_generate_tokens(
-            model, prefix[rows], mask[rows], grid, steps=min(steps, count), cfg=cfg, cfg_schedule=cfg_schedule,
-            temperature=temperature, head_steps=head_steps, x_con=x_con[rows], generator=row_generator(generator, b),
-            progress=progress, known_tokens=tokens[b : b + 1], hidden=hidden, speed=speed)
+            model, prefix, mask, grid, steps=min(steps, count), cfg=cfg, cfg_schedule=cfg_schedule,
+            temperature=temperature, head_steps=head_steps, x_con=x_con_b, generator=row_generator(generator, b),
+            progress=progress, known_tokens=tokens[b : b + 1], hidden=hidden, speed=speed, prefix_cache=cache)
     return model.decode_tokens(tokens, grid)

@@ -220,15 +220,18 @@ class UniPicJob:
         if config.model.edit_source_through_llm is not None:
             model.config.edit_source_through_llm = config.model.edit_source_through_llm
         if config.model.edit_keep_mask is not None:
-            if config.model.edit_keep_mask and not model.config.edit_source_through_llm:
-                raise UserError("model.edit_keep_mask reads the source rows' LLM states after the instruction: "
-                                "it needs model.edit_source_through_llm=true")
             if config.model.edit_keep_mask:
                 with torch.random.fork_rng():
                     torch.manual_seed(config.seed)  # a new head's start depends on the run's seed alone
                     model.add_edit_keep_head()
             else:
                 model.edit_keep, model.config.edit_keep_mask = None, False
+        if model.config.edit_keep_mask and not model.config.edit_source_through_llm:
+            raise UserError("model.edit_keep_mask reads the source rows' LLM states after the instruction: "
+                            "it needs model.edit_source_through_llm=true")
+        if model.config.edit_keep_mask and config.loss.edit_keep == 0 and "edit" in config.active_tasks:
+            raise UserError("loss.edit_keep=0 leaves the keep head untrained while its cells shape every edit; "
+                            "give it a positive weight or set model.edit_keep_mask=false")
         if model.config.edit_keep_mask and config.data.source == "folder" and "edit" in config.active_tasks:
             raise UserError("a model with edit_keep_mask trains edits on world data (the kept cells come from "
                             "the scene); use data.source=world or model.edit_keep_mask=false")

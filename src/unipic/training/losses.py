@@ -157,7 +157,10 @@ def edit_loss(model, source_pixels: torch.Tensor, target_pixels: torch.Tensor, i
     mask = _masked_targets(model, target, generator) if keep is None else \
         _masked_targets_outside(model, keep.to(target.device), generator)
     prefix_out = {} if model.config.edit_source_through_llm else None
-    x_enc = model.encode_with_llm(target, mask, grid, attention_mask, prefix_embeds=prefix, prefix_out=prefix_out)
+    # Kept cells show the source's tokens, as the sampler of a model with edit_keep_mask fills them
+    # (the target's differ a little next to an edited object: the VAE sees across cell borders).
+    visible = target if keep is None else torch.where(keep.to(target.device)[..., None], source, target)
+    x_enc = model.encode_with_llm(visible, mask, grid, attention_mask, prefix_embeds=prefix, prefix_out=prefix_out)
     source_rows = None if prefix_out is None else model.image_rows(prefix_out["hidden"], input_ids)  # (B, L + buf, hidden)
     if source_rows is not None:
         x_con = model.instructed_x_con(x_con, source_rows)
