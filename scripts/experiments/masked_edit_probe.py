@@ -20,23 +20,20 @@ import argparse
 
 import torch
 
-from unipic.sampling.edit import build_edit_condition
-from unipic.sampling.mar_decode import mar_generate_tokens, new_prefix_cache
+from unipic.sampling.edit import edit_tokens_keeping
 from unipic.sampling.prompts import images_to_tensor, tensor_to_images
 from unipic.world import judge, render
 from unipic.world.edits import edit_succeeded
 from unipic.world.examples import edit_eval_set
-from unipic.world.scene import covered_cells
+from unipic.world.scene import cells_left
 
 
 def oracle_keep(edit, rows: int, cols: int) -> torch.Tensor:
     """(rows·cols,) bool: cells an untouched source object's box covers and the named one's does not."""
+    named = [] if edit.index is None else [edit.source.objects[edit.index].box]
+    untouched = [o.box for i, o in enumerate(edit.source.objects) if i != edit.index]
     keep = torch.zeros(rows * cols, dtype=torch.bool)
-    for i, obj in enumerate(edit.source.objects):
-        if i != edit.index:
-            keep[covered_cells(obj.box, rows, cols)] = True
-    if edit.index is not None:
-        keep[covered_cells(edit.source.objects[edit.index].box, rows, cols)] = False
+    keep[sorted(cells_left(untouched, named, rows, cols))] = True
     return keep
 
 
@@ -48,18 +45,8 @@ def masked_edit(model, tokenizer, pixels: torch.Tensor, instruction: str, keep: 
     grid = model.grid_for(pixels.shape[-2], pixels.shape[-1])
     source_tokens = model.encode_images(pixels)  # (1, L, token_dim)
     x_con, z_src = model.extract_visual_feature(source_tokens, None, grid)
-    cache, keep_out = new_prefix_cache(), {}
-    prefix, mask, x_con = build_edit_condition(model, tokenizer, [instruction], x_con, z_src, cfg=cfg,
-                                               device=model.device, cache=cache, keep_out=keep_out)
-    if keep is None:
-        keep = keep_out["logits"][0].sigmoid() > model.config.sampling.edit_keep_threshold
-    hidden = ~keep[None]  # (1, L), True = regenerate
-    if not hidden.any():
-        return model.decode_tokens(source_tokens.float(), grid), keep
-    steps = min(steps, int(hidden.sum()))
-    tokens = mar_generate_tokens(model, prefix, mask, grid, steps=steps, cfg=cfg, temperature=temperature,
-                                 x_con=x_con, generator=generator, known_tokens=source_tokens.float(),
-                                 hidden=hidden, prefix_cache=cache)
+    tokens, keep = edit_tokens_keeping(model, tokenizer, source_tokens, instruction, x_con, z_src, grid, keep=keep,
+                                       steps=steps, cfg=cfg, temperature=temperature, generator=generator)
     return model.decode_tokens(tokens, grid), keep
 
 

@@ -91,24 +91,36 @@ def edit_images(
 
 
 def _edit_with_keep_mask(model: UniPic, tokenizer, source_tokens: torch.Tensor, instructions: Sequence[str],
-                         x_con: torch.Tensor, z_src: torch.Tensor, grid: tuple[int, int], *, steps: int, cfg: float,
-                         cfg_schedule: str, temperature: float, head_steps: int | None, generator: Randomness,
-                         progress: bool, speed: SpeedOptions) -> torch.Tensor:
+                         x_con: torch.Tensor, z_src: torch.Tensor, grid: tuple[int, int], *, generator: Randomness,
+                         **sampling) -> torch.Tensor:
     """`edit_images` for models with `edit_keep_mask`: the cells the keep head marks keep the
     source's tokens and only the rest is sampled, one source at a time (the MAR encoder needs every
     row of a call to hide as many tokens, and each source keeps its own cells)."""
-    tokens = source_tokens.float().clone()  # (B, L, token_dim)
-    for b, instruction in enumerate(instructions):
-        cache, keep_out = new_prefix_cache(), {}  # one LLM pass over this source's prefix serves both
-        prefix, mask, x_con_b = build_edit_condition(model, tokenizer, [instruction], x_con[b : b + 1],
-                                                     z_src[b : b + 1], cfg=cfg, device=model.device, cache=cache,
-                                                     keep_out=keep_out)
-        hidden = keep_out["logits"].sigmoid() <= model.config.sampling.edit_keep_threshold  # (1, L), True = regenerate
-        count = int(hidden.sum())
-        if count == 0:
-            continue  # the head keeps every cell: the edit leaves the source as it is
-        tokens[b : b + 1] = mar_generate_tokens(
-            model, prefix, mask, grid, steps=min(steps, count), cfg=cfg, cfg_schedule=cfg_schedule,
-            temperature=temperature, head_steps=head_steps, x_con=x_con_b, generator=row_generator(generator, b),
-            progress=progress, known_tokens=tokens[b : b + 1], hidden=hidden, speed=speed, prefix_cache=cache)
+    tokens = torch.cat([
+        edit_tokens_keeping(model, tokenizer, source_tokens[b : b + 1], instruction, x_con[b : b + 1],
+                            z_src[b : b + 1], grid, generator=row_generator(generator, b), **sampling)[0]
+        for b, instruction in enumerate(instructions)])  # (B, L, token_dim)
     return model.decode_tokens(tokens, grid)
+
+
+def edit_tokens_keeping(model: UniPic, tokenizer, source_tokens: torch.Tensor, instruction: str,
+                        x_con: torch.Tensor, z_src: torch.Tensor, grid: tuple[int, int], *,
+                        keep: torch.Tensor | None = None, steps: int, cfg: float, cfg_schedule: str = "constant",
+                        temperature: float = 0.85, head_steps: int | None = None, generator: Randomness = None,
+                        progress: bool = False, speed: SpeedOptions = EXACT) -> tuple[torch.Tensor, torch.Tensor]:
+    """One source's edit with the `keep` cells (L,) bool held at its tokens (1, L, token_dim) and
+    the rest sampled; `keep=None` takes the model's keep head. Returns (tokens, the keep mask used)."""
+    cache, keep_out = new_prefix_cache(), {}  # one LLM pass over the prefix serves both
+    prefix, mask, x_con = build_edit_condition(model, tokenizer, [instruction], x_con, z_src, cfg=cfg,
+                                               device=model.device, cache=cache, keep_out=keep_out)
+    if keep is None:
+        keep = keep_out["logits"][0].sigmoid() > model.config.sampling.edit_keep_threshold  # (L,)
+    hidden = ~keep[None].to(source_tokens.device)  # (1, L), True = regenerate
+    count = int(hidden.sum())
+    if count == 0:
+        return source_tokens.float(), keep  # every cell kept: the edit leaves the source as it is
+    tokens = mar_generate_tokens(model, prefix, mask, grid, steps=min(steps, count), cfg=cfg, cfg_schedule=cfg_schedule,
+                                 temperature=temperature, head_steps=head_steps, x_con=x_con, generator=generator,
+                                 progress=progress, known_tokens=source_tokens.float(), hidden=hidden, speed=speed,
+                                 prefix_cache=cache)
+    return tokens, keep

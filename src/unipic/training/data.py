@@ -391,17 +391,16 @@ class BatchBuilder:
         """(B, L) bool, raster order: the cells an edit leaves alone. Those the boxes of the objects
         it does not touch cover, less those the named object (in the source) or the edited object
         (in the target) covers; for "Repeat this image." examples, every object's cells."""
-        from unipic.world.scene import covered_cells
+        from unipic.world.scene import cells_left
 
         rows, cols = self.model.grid_for(self.size, self.size)
         keep = torch.zeros(len(examples), rows * cols, dtype=torch.bool)
         for b, (ex, repeat) in enumerate(zip(examples, repeats)):
-            kept = ex["kept_boxes"] + ex["edited_boxes"] if repeat else ex["kept_boxes"]
-            for box in kept:
-                keep[b, covered_cells(box, rows, cols)] = True
-            if not repeat:
-                for box in ex["edited_boxes"] + ex["new_boxes"]:
-                    keep[b, covered_cells(box, rows, cols)] = False
+            if repeat:
+                cells = cells_left(ex["kept_boxes"] + ex["edited_boxes"], [], rows, cols)
+            else:
+                cells = cells_left(ex["kept_boxes"], ex["edited_boxes"] + ex["new_boxes"], rows, cols)
+            keep[b, sorted(cells)] = True
         return keep
 
     def _edit_regions(self, examples: Sequence[dict], repeats: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -160,6 +160,13 @@ def sole_covered_cells(boxes: Sequence[tuple[float, float, float, float]], rows:
     return [[cell for cell in cells if count[cell] == 1] for cells in covered]
 
 
+def cells_left(kept: Sequence[tuple[float, float, float, float]], freed: Sequence[tuple[float, float, float, float]],
+               rows: int, cols: int) -> set[int]:
+    """Raster cells that a box of `kept` covers and no box of `freed` does (`covered_cells`)."""
+    held = {cell for box in kept for cell in covered_cells(box, rows, cols)}
+    return held - {cell for box in freed for cell in covered_cells(box, rows, cols)}
+
+
 def box_gap(a: WorldObject, b: WorldObject) -> float:
     """Separation of two boxes (negative when they overlap): the larger of the x and y gaps."""
     half = (a.size + b.size) / 2
