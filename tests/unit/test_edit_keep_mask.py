@@ -166,7 +166,7 @@ def test_a_run_that_asks_for_the_head_without_the_instruction_first_layout_is_a_
     from unipic.training.jobs import UniPicJob
 
     config = load_config(None, ["stage=joint", "data.image_size=64", "model.edit_keep_mask=true"])
-    with pytest.raises(UserError, match="needs model.edit_source_through_llm=true"):
+    with pytest.raises(UserError, match=r"model\.edit_keep_mask reads .* needs edit_source_through_llm=true"):
         UniPicJob(config, None)
     folder = load_config(None, ["stage=joint", "data.image_size=64", "model.edit_keep_mask=true",
                                 "model.edit_source_through_llm=true", "data.source=folder",
@@ -178,3 +178,13 @@ def test_a_run_that_asks_for_the_head_without_the_instruction_first_layout_is_a_
                                    "data.tasks={edit: 1}"])
     with pytest.raises(UserError, match="loss.edit_keep=0 leaves the keep head untrained"):
         UniPicJob(untrained, None)
+
+
+def test_a_bad_model_setting_in_a_run_names_the_run_option() -> None:
+    from unipic.api import UserError
+    from unipic.training.config import load_config
+    from unipic.training.jobs import UniPicJob
+
+    config = load_config(None, ["stage=joint", "data.image_size=64", "model.sampling.edit_keep_threshold=1.5"])
+    with pytest.raises(UserError, match=r"^model\.sampling\.edit_keep_threshold must lie in \(0, 1\), got 1\.5$"):
+        UniPicJob(config, None)

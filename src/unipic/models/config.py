@@ -186,7 +186,7 @@ class UniPicConfig:
             raise ValueError("understanding_encoder='siglip2' needs a siglip config")
         if self.edit_keep_mask and not self.edit_source_through_llm:
             raise ValueError("edit_keep_mask reads the source rows' LLM states after the instruction: "
-                             "it needs edit_source_through_llm")
+                             "it needs edit_source_through_llm=true")
         if not 0.0 < self.sampling.edit_keep_threshold < 1.0:
             raise ValueError(f"sampling.edit_keep_threshold must lie in (0, 1), got {self.sampling.edit_keep_threshold}")
         if self.sampling.cfg_schedule not in ("constant", "linear"):

@@ -115,6 +115,7 @@ class LossConfig:
     # final state of each source grid row; needs model.edit_source_through_llm, else no row sees the instruction)
     edit_region_at: str = "decoder"
     edit_keep: float = 1.0  # edit, world data, models with edit_keep_mask: weight of the keep head's cross-entropy
+    edit_target_readout: float = 0.0  # edit, world data: weight of training-only read-outs, from each MAR decoder position, of where the edited object lies in the target and its shape and colour
     attend_layer: int = 1  # the LLM layer whose head 0 loss.attend_named and loss.attend_edit supervise
     attend_relation: float = 0.0  # i2t, world data: weight of relation turns' split supervision (head 0 on the first shape, head 1 on the second)
     relation_readout: float = 0.0  # i2t, world data: weight of a training-only read-out of each relation's order from its answer row
@@ -209,7 +210,7 @@ class TrainConfig:
         if unknown:
             raise UserError(f"data.i2t_kinds: unknown kind(s) {unknown}; valid kinds: {list(QUESTION_KINDS)}")
         for key in ("object_weight", "edit_changed_weight", "object_readout", "attend_named", "attend_edit",
-                    "edit_region_readout", "edit_keep", "attend_relation", "relation_readout"):
+                    "edit_region_readout", "edit_keep", "edit_target_readout", "attend_relation", "relation_readout"):
             if getattr(self.loss, key) < 0:
                 raise UserError(f"loss.{key} must be >= 0, got {getattr(self.loss, key)}")
         if self.loss.object_readout_cells not in ("centre", "covered"):
@@ -231,6 +232,7 @@ class TrainConfig:
                                     ("data.edit_kinds", self.data.edit_kinds, []),
                                     ("loss.attend_edit", self.loss.attend_edit, 0),
                                     ("loss.edit_region_readout", self.loss.edit_region_readout, 0),
+                                    ("loss.edit_target_readout", self.loss.edit_target_readout, 0),
                                     ("loss.attend_relation", self.loss.attend_relation, 0),
                                     ("loss.relation_readout", self.loss.relation_readout, 0)):
                 if value != off:

@@ -37,8 +37,10 @@ IMAGE_KEYS = {"t2i": ("image",), "i2t": ("image",), "edit": ("source", "target")
 # objects (loss.object_readout at each object's centre cell), object_cells (the same at every cell
 # one object alone covers: loss.object_readout_cells=covered), attend (loss.attend_named), relation
 # (loss.attend_relation, loss.relation_readout), edit_attend (loss.attend_edit), edit_region
-# (loss.edit_region_readout), edit_keep (models with edit_keep_mask: the cells an edit leaves alone).
-TARGETS = ("objects", "object_cells", "attend", "relation", "edit_attend", "edit_region", "edit_keep")
+# (loss.edit_region_readout), edit_keep (models with edit_keep_mask: the cells an edit leaves alone),
+# edit_target (loss.edit_target_readout: where the edited object lies in the target, its shape and colour).
+TARGETS = ("objects", "object_cells", "attend", "relation", "edit_attend", "edit_region", "edit_keep",
+           "edit_target")
 
 
 class TaskSource:
@@ -86,8 +88,13 @@ class TaskSource:
                 boxes = [] if edit.index is None else [edit.source.objects[edit.index].box]
                 kept = [o.box for i, o in enumerate(edit.source.objects) if i != edit.index]
                 new = [] if edit.new_index is None else [edit.target.objects[edit.new_index].box]
+                # And the edited object's shape and colour in the target, with every target box, for
+                # loss.edit_target_readout (the cells that object alone covers).
+                drawn = [] if edit.new_index is None else [(edit.target.objects[edit.new_index].shape,
+                                                            edit.target.objects[edit.new_index].color)]
                 return {**example, "example_id": example_id, "edited_boxes": boxes, "kept_boxes": kept,
-                        "new_boxes": new}
+                        "new_boxes": new, "new_objects": drawn,
+                        "target_boxes": [o.box for o in edit.target.objects]}
             if self.task != "i2t":
                 return {**self._stream.example(example_id), "example_id": example_id}
             # Understanding examples also carry their objects, for loss.object_readout.
@@ -385,7 +392,35 @@ class BatchBuilder:
                 batch["edit_attend_target"] = self._edit_attention_targets(batch["input_ids"], region)
         if "edit_keep" in self.targets and all("kept_boxes" in ex for ex in examples):
             batch["edit_keep"] = self._edit_keep(examples, repeats)
+        if "edit_target" in self.targets and all("new_objects" in ex for ex in examples):
+            batch.update(self._edit_target_targets(examples, repeats))
         return batch
+
+    def _edit_target_targets(self, examples: Sequence[dict], repeats: Sequence[bool]) -> dict[str, torch.Tensor]:
+        """Where the edited object lies in the target and what it is, for every example that draws
+        one (not remove, not "Repeat this image."): edit_drawn (B,) bool; edit_drawn_region (B, L)
+        bool, raster order, the cells its box covers; edit_drawn_index (K, 2) (row, cell) and
+        edit_drawn_labels (K, 2) (shape, colour), over the cells its box alone covers in the target."""
+        from unipic.world.scene import covered_cells, sole_covered_cells
+        from unipic.world.spec import COLORS, SHAPES
+
+        rows, cols = self.model.grid_for(self.size, self.size)
+        colors = list(COLORS)
+        drawn = torch.zeros(len(examples), dtype=torch.bool)
+        region = torch.zeros(len(examples), rows * cols, dtype=torch.bool)
+        index, labels = [], []
+        for b, (ex, repeat) in enumerate(zip(examples, repeats)):
+            if repeat or not ex["new_objects"]:
+                continue
+            (box,), ((shape, color),) = ex["new_boxes"], ex["new_objects"]
+            drawn[b] = True
+            region[b, covered_cells(box, rows, cols)] = True
+            sole = sole_covered_cells(ex["target_boxes"], rows, cols)[ex["target_boxes"].index(box)]
+            index += [(b, cell) for cell in sole]
+            labels += [(SHAPES.index(shape), colors.index(color))] * len(sole)
+        return {"edit_drawn": drawn, "edit_drawn_region": region,
+                "edit_drawn_index": torch.tensor(index, dtype=torch.long).view(-1, 2),
+                "edit_drawn_labels": torch.tensor(labels, dtype=torch.long).view(-1, 2)}
 
     def _edit_keep(self, examples: Sequence[dict], repeats: Sequence[bool]) -> torch.Tensor:
         """(B, L) bool, raster order: the cells an edit leaves alone. Those the boxes of the objects

@@ -34,6 +34,7 @@ from unipic.training.config import TrainConfig
 from unipic.training.data import BatchBuilder, vae_pixels
 from unipic.training.losses import (
     EditRegionReadout,
+    EditTargetReadout,
     ObjectReadout,
     RelationReadout,
     TokenProbe,
@@ -55,6 +56,7 @@ PROBE_FILE = "token_probe.safetensors"  # a checkpoint's training-only token pro
 READOUT_FILE = "object_readout.safetensors"  # a checkpoint's training-only object read-outs (loss.object_readout)
 RELATION_FILE = "relation_readout.safetensors"  # a checkpoint's training-only relation read-out (loss.relation_readout)
 REGION_FILE = "edit_region_readout.safetensors"  # a checkpoint's training-only edit-region read-out (loss.edit_region_readout)
+DRAWN_FILE = "edit_target_readout.safetensors"  # a checkpoint's training-only edit-target read-out (loss.edit_target_readout)
 TRAINING_ONLY_FILES = (PROBE_FILE, READOUT_FILE, RELATION_FILE, REGION_FILE)  # also in a run's final/; never part of a shipped model
 
 
@@ -70,7 +72,8 @@ class UniPicLoss(nn.Module):
                  object_weight: float = 0.0, object_readout: float = 0.0, attend_named: float = 0.0,
                  attend_layer: int = 1, attend_relation: float = 0.0, relation_readout: float = 0.0,
                  relation_layer: int = -1, edit_changed_weight: float = 0.0, attend_edit: float = 0.0,
-                 edit_region_readout: float = 0.0, edit_region_at: str = "decoder", edit_keep: float = 1.0) -> None:
+                 edit_region_readout: float = 0.0, edit_region_at: str = "decoder", edit_keep: float = 1.0,
+                 edit_target_readout: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.weights = dict(weights)
@@ -89,11 +92,14 @@ class UniPicLoss(nn.Module):
         region_width = config.llm.hidden_size if edit_region_at == "source" else config.mar.decoder_embed_dim
         self.region = EditRegionReadout(region_width, edit_region_readout) if edit_region_readout > 0 else None
         self.edit_keep = edit_keep
+        from unipic.world.spec import COLORS, SHAPES
+
         self.readout = None
         if object_readout > 0:
-            from unipic.world.spec import COLORS, SHAPES
-
             self.readout = ObjectReadout(config.llm.hidden_size, len(SHAPES), len(COLORS), object_readout)
+        self.drawn = None
+        if edit_target_readout > 0:
+            self.drawn = EditTargetReadout(config.mar.decoder_embed_dim, len(SHAPES), len(COLORS), edit_target_readout)
 
     def _edit_attention_loss(self, layer: nn.Module, layer_input: dict, prefix_mask: torch.Tensor,
                              targets: torch.Tensor) -> torch.Tensor:
@@ -168,6 +174,8 @@ class UniPicLoss(nn.Module):
             named = batch.get("edit_named")
             region_on = self.region is not None and named is not None and bool(named.any())
             keep = batch.get("edit_keep") if m.edit_keep is not None else None
+            drawn = batch.get("edit_drawn")
+            drawn_on = self.drawn is not None and drawn is not None and bool(drawn.any())
             decoder: dict = {}
             with captured_inputs(layer, active=attend_on) as layer_input:
                 raw = edit_loss(m, batch["source"], batch["target"], batch["input_ids"], batch["attention_mask"],
@@ -175,13 +183,18 @@ class UniPicLoss(nn.Module):
                                 target_tokens=batch.get("target_tokens"), probe=self.probe,
                                 grad_scale=self.grad_scale, object_weight=self.object_weight,
                                 changed_weight=self.edit_changed_weight,
-                                decoder_out=decoder if region_on or keep is not None else None, keep=keep)
+                                decoder_out=decoder if region_on or drawn_on or keep is not None else None,
+                                keep=keep)
             if keep is not None:
                 logits = m.edit_keep_logits(decoder["source_rows"])  # (B, L)
                 extra["edit_keep"] = (self.edit_keep, F.binary_cross_entropy_with_logits(logits, keep.float()))
             if region_on:
                 extra["edit_region"] = (self.region.weight, self.region.loss(decoder[self.region_key], batch["edit_region"],
                                                                            named))
+            if drawn_on:
+                extra["edit_target"] = (self.drawn.weight, self.drawn.loss(decoder["z"], drawn, batch["edit_drawn_region"],
+                                                                          batch["edit_drawn_index"],
+                                                                          batch["edit_drawn_labels"]))
             if attend_on:
                 extra["attend_edit"] = (self.attend_edit,
                                         self._edit_attention_loss(layer, layer_input, batch["attention_mask"], targets))
@@ -226,19 +239,17 @@ class UniPicJob:
                     model.add_edit_keep_head()
             else:
                 model.edit_keep, model.config.edit_keep_mask = None, False
-        if model.config.edit_keep_mask and not model.config.edit_source_through_llm:
-            raise UserError("model.edit_keep_mask reads the source rows' LLM states after the instruction: "
-                            "it needs model.edit_source_through_llm=true")
+        try:
+            model.config.validate()
+        except ValueError as error:
+            # Each message starts with the model setting's key, which the run option prefixes with "model.".
+            raise UserError(f"model.{error}") from None
         if model.config.edit_keep_mask and config.loss.edit_keep == 0 and "edit" in config.active_tasks:
             raise UserError("loss.edit_keep=0 leaves the keep head untrained while its cells shape every edit; "
                             "give it a positive weight or set model.edit_keep_mask=false")
         if model.config.edit_keep_mask and config.data.source == "folder" and "edit" in config.active_tasks:
             raise UserError("a model with edit_keep_mask trains edits on world data (the kept cells come from "
                             "the scene); use data.source=world or model.edit_keep_mask=false")
-        try:
-            model.config.validate()
-        except ValueError as error:
-            raise UserError(f"model.sampling: {error}") from None
         apply_freezing(model, config.model)
         layers = model.config.llm.num_hidden_layers
         if not 0 <= config.loss.attend_layer < layers:
@@ -259,7 +270,8 @@ class UniPicJob:
                                      config.loss.attend_relation, config.loss.relation_readout,
                                      config.loss.relation_layer, config.loss.edit_changed_weight,
                                      config.loss.attend_edit, config.loss.edit_region_readout,
-                                     config.loss.edit_region_at, config.loss.edit_keep)
+                                     config.loss.edit_region_at, config.loss.edit_keep,
+                                     config.loss.edit_target_readout)
         # Resuming restores the loss's own parts from the checkpoint; a stage that starts from the
         # previous stage's result continues with that run's probe and read-outs when it saved them
         # (a fresh probe would first pull z towards its random read-out).
@@ -277,7 +289,8 @@ class UniPicJob:
         readout_cells = "object_cells" if loss.object_readout_cells == "covered" else "objects"
         wanted = {readout_cells: loss.object_readout > 0, "attend": loss.attend_named > 0,
                   "relation": loss.attend_relation > 0 or loss.relation_readout > 0, "edit_attend": loss.attend_edit > 0,
-                  "edit_region": loss.edit_region_readout > 0, "edit_keep": model.config.edit_keep_mask}
+                  "edit_region": loss.edit_region_readout > 0, "edit_keep": model.config.edit_keep_mask,
+                  "edit_target": loss.edit_target_readout > 0}
         self.builder = BatchBuilder(model, tokenizer, config.data, [name for name, on in wanted.items() if on])
         self.metric_names = [f"loss_{t}" for t in config.active_tasks]
         if self.module.readout is not None and "i2t" in config.active_tasks:
@@ -291,7 +304,8 @@ class UniPicJob:
         if "edit" in config.active_tasks:
             for name, weight in (("loss_attend_edit", config.loss.attend_edit),
                                  ("loss_edit_region", config.loss.edit_region_readout),
-                                 ("loss_edit_keep", config.loss.edit_keep if model.config.edit_keep_mask else 0)):
+                                 ("loss_edit_keep", config.loss.edit_keep if model.config.edit_keep_mask else 0),
+                                 ("loss_edit_target", config.loss.edit_target_readout)):
                 if weight > 0:
                     self.metric_names.append(name)
         self.eval_names = [f"eval_{t}" for t in config.active_tasks]
@@ -331,7 +345,8 @@ class UniPicJob:
     def _training_only_parts(self) -> list[tuple[nn.Module, str]]:
         """The loss's own trained modules (not part of the model) and their checkpoint file names."""
         parts = [(self.module.probe, PROBE_FILE), (self.module.readout, READOUT_FILE),
-                 (self.module.relation, RELATION_FILE), (self.module.region, REGION_FILE)]
+                 (self.module.relation, RELATION_FILE), (self.module.region, REGION_FILE),
+                 (self.module.drawn, DRAWN_FILE)]
         return [(part, name) for part, name in parts if part is not None]
 
     def export_final(self, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> Path:

@@ -220,6 +220,34 @@ class EditRegionReadout(nn.Module):
         return F.binary_cross_entropy_with_logits(logits, region[named].float())
 
 
+class EditTargetReadout(nn.Module):
+    """Training-only linear read-outs, from each MAR decoder condition z of an edit, of where the
+    object the edit draws lies in the target (every cell its box covers) and, at the cells its box
+    alone covers, its shape and colour (Shapes world).
+
+    With the untouched objects kept, edits still draw the new colour as a blob and add or move
+    nothing (docs/training.md, "Seventeenth session"): the decoder positions of the edited object
+    do not know what to draw there. This read-out asks them. Inference never uses it; the trainer
+    keeps its weights beside the model in checkpoints.
+    """
+
+    def __init__(self, width: int, num_shapes: int, num_colors: int, weight: float) -> None:
+        super().__init__()
+        self.where = EditRegionReadout(width, weight)
+        self.what = ObjectReadout(width, num_shapes, num_colors, weight)
+        self.weight = weight
+
+    def loss(self, z: torch.Tensor, drawn: torch.Tensor, region: torch.Tensor, index: torch.Tensor,
+             labels: torch.Tensor) -> torch.Tensor:
+        """Region cross-entropy over the rows that draw an object plus shape and colour cross-entropy
+        at its own cells: z (B, L, D), drawn (B,) bool, region (B, L) bool, index (K, 2) = (row,
+        cell), labels (K, 2) = (shape, colour)."""
+        loss = self.where.loss(z, region, drawn)
+        if len(index):
+            loss = loss + self.what.loss(z, index, labels)
+        return loss
+
+
 class RelationReadout(nn.Module):
     """Training-only linear read-out, from the final hidden state of the row that answers a relation
     question, of whether its first named shape lies left of and above its second (Shapes world).
