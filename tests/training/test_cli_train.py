@@ -52,3 +52,32 @@ def test_a_run_can_switch_on_the_edit_extension_and_the_saved_model_keeps_it(tmp
     assert main(["train", str(CONFIGS / "shapes" / "sft.yaml"), *TINY, f"out_dir={tmp_path / 'next'}",
                  f"model.init_from={out}", "train.max_steps=1", "data.tasks={edit: 1}"]) == 0
     assert json.loads((tmp_path / "next" / "final" / "config.json").read_text())["edit_source_through_llm"] is True
+
+
+def test_train_shapes_script_passes_shared_and_per_stage_overrides(tmp_path) -> None:
+    """scripts/train_shapes.sh: shared overrides reach every stage, STAGE_ARGS_<stage> only its own,
+    and finished stages are skipped."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(Path(__file__).parents[2] / "scripts" / "train_shapes.sh", root / "scripts")
+    (root / "runs" / "shapes" / "vae").mkdir(parents=True)
+    (root / "runs" / "shapes" / "vae" / "vae.safetensors").write_bytes(b"")
+    calls = tmp_path / "calls.txt"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "STAGE_ARGS_understand": "loss.a=1  loss.b=2"}
+    done = subprocess.run(["bash", str(root / "scripts" / "train_shapes.sh"), "--resume", "train.num_threads=2"],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = calls.read_text().splitlines()
+    assert [line.split()[4] for line in lines] == [f"configs/shapes/{s}.yaml" for s in
+                                                  ("pretrain", "align", "joint", "understand", "sft")]
+    for line in lines:
+        assert line.startswith("-m unipic train --resume ") and "log.progress=false train.num_threads=2" in line
+        assert line.endswith("train.num_threads=2 loss.a=1 loss.b=2") == ("understand" in line)
