@@ -101,12 +101,15 @@ class ShapesStream(_Stream):
             text, `unipic.world.canonical`).
         question_kinds: image-to-text: the kinds each example's question is drawn from (uniformly).
         edit_kinds: editing: the kinds each example's edit is drawn from (uniformly).
+        edit_placement: editing: where added and moved objects go, "random" or "fixed"
+            (`unipic.world.edits`).
     """
 
     def __init__(self, task: str, seed: int = 0, size: int = 128, length: int | None = None, start: int = 0,
                  train: bool = True, transform: Callable | None = None, rank: int | None = None,
                  world_size: int | None = None, layout: str = "random",
-                 question_kinds: Sequence[str] = QUESTION_KINDS, edit_kinds: Sequence[str] = EDIT_KINDS) -> None:
+                 question_kinds: Sequence[str] = QUESTION_KINDS, edit_kinds: Sequence[str] = EDIT_KINDS,
+                 edit_placement: str = "random") -> None:
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
         if layout not in LAYOUTS:
@@ -120,12 +123,13 @@ class ShapesStream(_Stream):
             raise ValueError(f"edit kinds {list(edit_kinds)} must be some of {', '.join(EDIT_KINDS)}")
         self.task, self.train, self.layout = task, train, layout
         self.question_kinds, self.edit_kinds = tuple(question_kinds), tuple(edit_kinds)
+        self.edit_placement = edit_placement
 
     def example(self, index: int, with_world: bool = False):
         """Example `index` as a dict of the disk layout's keys; with `with_world`, a pair (that dict,
         the world's example object with its scene)."""
         example = make_example(self.task, self.seed, index, self.train, self.layout, self.question_kinds,
-                               self.edit_kinds)
+                               self.edit_kinds, self.edit_placement)
         rendered = render_example(self.task, example, index, self.size)
         return (rendered, example) if with_world else rendered
 

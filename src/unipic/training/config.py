@@ -95,6 +95,7 @@ class DataConfig:
     i2t_questions: int = 1  # source world: question-answer turns per understanding image (the first as evaluated)
     i2t_kinds: list[str] = field(default_factory=list)  # source world: question kinds to ask (empty = all five)
     edit_kinds: list[str] = field(default_factory=list)  # source world: edit kinds to draw (empty = all five)
+    edit_placement: str = "random"  # source world: where added and moved objects go: random | fixed (a function of the source scene)
 
 
 @dataclass
@@ -223,6 +224,10 @@ class TrainConfig:
         unknown = sorted(set(self.data.edit_kinds) - set(EDIT_KINDS))
         if unknown:
             raise UserError(f"data.edit_kinds: unknown kind(s) {unknown}; valid kinds: {list(EDIT_KINDS)}")
+        from unipic.world.edits import PLACEMENTS
+
+        if self.data.edit_placement not in PLACEMENTS:
+            raise UserError(f"data.edit_placement must be one of {list(PLACEMENTS)}, got {self.data.edit_placement!r}")
         if self.data.source == "folder":
             # These read the world's scene (its objects, each question's named objects); folder rows
             # hold an image and one question, so the options would silently do nothing.
@@ -230,6 +235,7 @@ class TrainConfig:
                                     ("loss.object_readout", self.loss.object_readout, 0),
                                     ("loss.attend_named", self.loss.attend_named, 0),
                                     ("data.edit_kinds", self.data.edit_kinds, []),
+                                    ("data.edit_placement", self.data.edit_placement, "random"),
                                     ("loss.attend_edit", self.loss.attend_edit, 0),
                                     ("loss.edit_region_readout", self.loss.edit_region_readout, 0),
                                     ("loss.edit_target_readout", self.loss.edit_target_readout, 0),

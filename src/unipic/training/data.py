@@ -59,7 +59,8 @@ class TaskSource:
             self.kinds = tuple(cfg.i2t_kinds) or QUESTION_KINDS
             self._stream = ShapesStream(task, seed=cfg.world_seed, size=cfg.image_size, train=True,
                                         rank=rank, world_size=world_size, layout=cfg.world_layout,
-                                        question_kinds=self.kinds, edit_kinds=tuple(cfg.edit_kinds) or EDIT_KINDS)
+                                        question_kinds=self.kinds, edit_kinds=tuple(cfg.edit_kinds) or EDIT_KINDS,
+                                        edit_placement=cfg.edit_placement)
             self._folder = None
         else:
             from unipic.data.disk import read_folder

@@ -12,6 +12,11 @@ The edited `the {shape}` occurs exactly once in the source. Choices docs/world.m
 here: a removal needs at least two source objects (a scene holds at least one), a replacement
 changes the shape (a same-shape replacement is a recolor), and a generated move keeps the
 perpendicular coordinate and goes at least MOVE_MIN + MOVE_SAFETY.
+
+Placement (training data only; the judge accepts any valid result): "random" draws an added
+object's box and a move's distance at random; "fixed" makes both a function of the source scene
+(`fixed_add_box`, the shortest valid move), so that the target of an add or a move is one image
+rather than a spread of them, as the canonical layout does for text-to-image.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from unipic.world.spec import (
 from unipic.world.text import normalize, noun_phrase
 
 _DIR_VECTORS = {"left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1)}
+PLACEMENTS = ("random", "fixed")
+FIXED_ADD_SIZE = 0.25  # box side of an added object under fixed placement (the canonical layout's)
 
 
 @dataclass(frozen=True)
@@ -125,12 +132,26 @@ def parse_instruction(text: str) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 
 
+def fixed_add_box(color: str, shape: str, others: Sequence[WorldObject]) -> WorldObject | None:
+    """Fixed placement of an added object: side FIXED_ADD_SIZE, the first top-left corner on the
+    lattice, scanning rows from the top and each row from the left, where it fits among `others`."""
+    k = round(FIXED_ADD_SIZE * LATTICE)
+    m = math.ceil(MARGIN * LATTICE)
+    for y0 in range(m, LATTICE - m - k + 1):
+        for x0 in range(m, LATTICE - m - k + 1):
+            candidate = WorldObject(color, shape, (x0 + k / 2) / LATTICE, (y0 + k / 2) / LATTICE, k / LATTICE)
+            if fits(candidate, others):
+                return candidate
+    return None
+
+
 def _move_target(
-    rng: np.random.Generator, obj: WorldObject, others: Sequence[WorldObject], direction: str, tries: int = 200
+    rng: np.random.Generator, obj: WorldObject, others: Sequence[WorldObject], direction: str, tries: int = 200,
+    placement: str = "random",
 ) -> WorldObject | None:
     """A new position for `obj` at least MOVE_MIN + MOVE_SAFETY towards `direction`, keeping the
     perpendicular coordinate, inside the canvas and clear of the others. A box on the 1/128
-    lattice stays on it."""
+    lattice stays on it. "fixed" placement: the shortest such move (lattice steps outward)."""
     dx, dy = _DIR_VECTORS[direction]
     need = MOVE_MIN + MOVE_SAFETY
     half = obj.size / 2
@@ -138,6 +159,18 @@ def _move_target(
     here = obj.cx if dx else obj.cy
     lo, hi = (lo, here - need) if dx + dy < 0 else (here + need, hi)
     snap = _on_lattice(obj)
+    if placement == "fixed":
+        step = 1 / LATTICE if dx + dy > 0 else -1 / LATTICE
+        value = here + (need if dx + dy > 0 else -need)
+        if snap:
+            corner = (value - half) * LATTICE  # round outward, so the move is never shorter than `need`
+            value = (math.ceil(corner - 1e-9) if dx + dy > 0 else math.floor(corner + 1e-9)) / LATTICE + half
+        while lo - 1e-9 <= value <= hi + 1e-9:
+            moved = obj.moved(value, obj.cy) if dx else obj.moved(obj.cx, value)
+            if fits(moved, others):
+                return moved
+            value += step
+        return None
     for _ in range(tries):
         value = float(rng.uniform(lo, hi)) if lo <= hi else math.nan
         if snap and value == value:
@@ -157,9 +190,11 @@ def _on_lattice(obj: WorldObject) -> bool:
     return all(abs(v - round(v)) < 1e-6 for v in corners)
 
 
-def apply_instruction(rng: np.random.Generator, scene: Scene, instruction: str) -> Edit | None:
+def apply_instruction(rng: np.random.Generator, scene: Scene, instruction: str, placement: str = "random") -> Edit | None:
     """Apply an instruction to a scene. None when it does not parse, its `the {shape}` does not
-    occur exactly once, or there is no room (add / move)."""
+    occur exactly once, or there is no room (add / move); `placement`: see the module's docstring."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}; expected one of {', '.join(PLACEMENTS)}")
     parsed = parse_instruction(instruction)
     if parsed is None:
         return None
@@ -167,7 +202,10 @@ def apply_instruction(rng: np.random.Generator, scene: Scene, instruction: str) 
     if kind == "add":
         if len(scene) >= MAX_OBJECTS:
             return None
-        new = place_object(rng, parsed["color"], parsed["shape"], scene.objects, tries=2000)
+        if placement == "fixed":
+            new = fixed_add_box(parsed["color"], parsed["shape"], scene.objects)
+        else:
+            new = place_object(rng, parsed["color"], parsed["shape"], scene.objects, tries=2000)
         if new is None:
             return None
         return Edit(kind, instruction, scene, scene.add(new), None, len(scene))
@@ -186,17 +224,18 @@ def apply_instruction(rng: np.random.Generator, scene: Scene, instruction: str) 
         new = WorldObject(parsed["color"], parsed["shape2"], obj.cx, obj.cy, obj.size)
         return Edit(kind, instruction, scene, scene.replace(i, new), i, i)
     others = [o for j, o in enumerate(scene.objects) if j != i]
-    moved = _move_target(rng, obj, others, parsed["direction"])
+    moved = _move_target(rng, obj, others, parsed["direction"], placement=placement)
     if moved is None:
         return None
     return Edit(kind, instruction, scene, scene.replace(i, moved), i, i, parsed["direction"])
 
 
-def sample_edit(rng: np.random.Generator, kind: str, allow_held_out: bool = False, tries: int = 100) -> Edit:
+def sample_edit(rng: np.random.Generator, kind: str, allow_held_out: bool = False, tries: int = 100,
+                placement: str = "random") -> Edit:
     """A random edit of `kind` on a random source scene.
 
     With `allow_held_out=False` (training) neither the source nor the target holds a held-out
-    pair, so no instruction names one either.
+    pair, so no instruction names one either. `placement`: see the module's docstring.
     """
     if kind not in EDIT_KINDS:
         raise ValueError(f"unknown edit kind {kind!r}; expected one of {', '.join(EDIT_KINDS)}")
@@ -224,7 +263,7 @@ def sample_edit(rng: np.random.Generator, kind: str, allow_held_out: bool = Fals
         else:
             direction = DIRECTIONS[int(rng.integers(len(DIRECTIONS)))]
             instruction = instruction_text(kind, shape=obj.shape, direction=direction)
-        edit = apply_instruction(rng, source, instruction)
+        edit = apply_instruction(rng, source, instruction, placement)
         if edit is not None and (allow_held_out or not edit.target.has_held_out()):
             return edit
     raise RuntimeError(f"could not generate a {kind} edit in {tries} tries")

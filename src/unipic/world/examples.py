@@ -143,25 +143,26 @@ def extra_questions(seed: int, index: int, scene: Scene, first: Question, count:
 
 
 def edit_example(seed: int, index: int, train: bool = True, kind: str | None = None,
-                 kinds: Sequence[str] = EDIT_KINDS) -> Edit:
+                 kinds: Sequence[str] = EDIT_KINDS, placement: str = "random") -> Edit:
     """Editing example `index`: source scene, instruction, target scene (kind uniform over `kinds`
-    unless given)."""
+    unless given; `placement` of added and moved objects: `unipic.world.edits`)."""
     rng = _rng("edit", seed, index, train)
     if kind is None:
         kind = kinds[int(rng.integers(len(kinds)))]
-    return sample_edit(rng, kind, allow_held_out=not train)
+    return sample_edit(rng, kind, allow_held_out=not train, placement=placement)
 
 
 def make_example(task: str, seed: int, index: int, train: bool = True, layout: str = "random",
-                 question_kinds: Sequence[str] = QUESTION_KINDS, edit_kinds: Sequence[str] = EDIT_KINDS):
+                 question_kinds: Sequence[str] = QUESTION_KINDS, edit_kinds: Sequence[str] = EDIT_KINDS,
+                 edit_placement: str = "random"):
     """Dispatch to `t2i_example`, `i2t_example` or `edit_example` (`layout`: text-to-image only;
-    `question_kinds`: image-to-text only; `edit_kinds`: editing only)."""
+    `question_kinds`: image-to-text only; `edit_kinds`, `edit_placement`: editing only)."""
     if task == "t2i":
         return t2i_example(seed, index, train, layout)
     if task == "i2t":
         return i2t_example(seed, index, train, kinds=question_kinds)
     if task == "edit":
-        return edit_example(seed, index, train, kinds=edit_kinds)
+        return edit_example(seed, index, train, kinds=edit_kinds, placement=edit_placement)
     raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
 
 
