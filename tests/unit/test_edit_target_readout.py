@@ -102,3 +102,14 @@ def test_folder_data_cannot_ask_for_it() -> None:
                            "loss.edit_target_readout=1.0"]).validate()
     with pytest.raises(UserError, match="loss.edit_target_readout must be >= 0"):
         load_config(None, ["stage=joint", "loss.edit_target_readout=-1"]).validate()
+
+
+def test_every_training_only_part_is_left_out_of_a_packaged_model() -> None:
+    from unipic.training.config import load_config
+    from unipic.training.jobs import TRAINING_ONLY_FILES, UniPicJob
+
+    config = load_config(None, ["stage=joint", "data.image_size=64", "data.tasks={i2t: 1, edit: 1}",
+                                "loss.token_probe=1.0", "loss.object_readout=1.0", "loss.relation_readout=1.0",
+                                "loss.edit_region_readout=1.0", "loss.edit_target_readout=1.0"])
+    names = [name for _, name in UniPicJob(config, None)._training_only_parts()]
+    assert len(names) == 5 and set(names) <= set(TRAINING_ONLY_FILES)  # scripts/package_default_model.py skips these

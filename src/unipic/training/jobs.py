@@ -57,7 +57,7 @@ READOUT_FILE = "object_readout.safetensors"  # a checkpoint's training-only obje
 RELATION_FILE = "relation_readout.safetensors"  # a checkpoint's training-only relation read-out (loss.relation_readout)
 REGION_FILE = "edit_region_readout.safetensors"  # a checkpoint's training-only edit-region read-out (loss.edit_region_readout)
 DRAWN_FILE = "edit_target_readout.safetensors"  # a checkpoint's training-only edit-target read-out (loss.edit_target_readout)
-TRAINING_ONLY_FILES = (PROBE_FILE, READOUT_FILE, RELATION_FILE, REGION_FILE)  # also in a run's final/; never part of a shipped model
+TRAINING_ONLY_FILES = (PROBE_FILE, READOUT_FILE, RELATION_FILE, REGION_FILE, DRAWN_FILE)  # also in a run's final/; never part of a shipped model
 
 
 # ---------------------------------------------------------------------------------------------
