@@ -89,12 +89,12 @@ class TaskSource:
                 boxes = [] if edit.index is None else [edit.source.objects[edit.index].box]
                 kept = [o.box for i, o in enumerate(edit.source.objects) if i != edit.index]
                 new = [] if edit.new_index is None else [edit.target.objects[edit.new_index].box]
-                # And the edited object's shape and colour in the target, with every target box, for
-                # loss.edit_target_readout (the cells that object alone covers).
+                # And the edited object's shape, colour and index in the target, with every target
+                # box, for loss.edit_target_readout (the cells that object alone covers).
                 drawn = [] if edit.new_index is None else [(edit.target.objects[edit.new_index].shape,
                                                             edit.target.objects[edit.new_index].color)]
                 return {**example, "example_id": example_id, "edited_boxes": boxes, "kept_boxes": kept,
-                        "new_boxes": new, "new_objects": drawn,
+                        "new_boxes": new, "new_objects": drawn, "new_target_index": edit.new_index,
                         "target_boxes": [o.box for o in edit.target.objects]}
             if self.task != "i2t":
                 return {**self._stream.example(example_id), "example_id": example_id}
@@ -416,7 +416,7 @@ class BatchBuilder:
             (box,), ((shape, color),) = ex["new_boxes"], ex["new_objects"]
             drawn[b] = True
             region[b, covered_cells(box, rows, cols)] = True
-            sole = sole_covered_cells(ex["target_boxes"], rows, cols)[ex["target_boxes"].index(box)]
+            sole = sole_covered_cells(ex["target_boxes"], rows, cols)[ex["new_target_index"]]
             index += [(b, cell) for cell in sole]
             labels += [(SHAPES.index(shape), colors.index(color))] * len(sole)
         return {"edit_drawn": drawn, "edit_drawn_region": region,
