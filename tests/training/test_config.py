@@ -62,6 +62,12 @@ def test_overrides_nested_with_dots_and_typed():
     assert config.optim.eps == 1e-15  # from the file
 
 
+def test_a_mapping_override_in_json_form_needs_no_spaces():
+    """STAGE_ARGS_<stage> of scripts/train_shapes.sh splits on spaces, so a whole mapping goes as JSON."""
+    config = load_config(CONFIGS / "shapes" / "understand.yaml", ['data.tasks={"t2i":2,"i2t":2,"edit":2}'])
+    assert config.data.tasks == {"t2i": 2, "i2t": 2, "edit": 2}
+
+
 @pytest.mark.parametrize("override, fragment", [
     ("optim.lr=abc", "must be a number"),
     ("train.max_steps=1.5", "must be an integer"),
