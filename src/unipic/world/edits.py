@@ -30,7 +30,17 @@ import numpy as np
 
 from unipic.world.geometry import SHAPE_EXTENT
 from unipic.world.judge import perfect_matching
-from unipic.world.scene import LATTICE, Scene, WorldObject, colors_for, fits, place_object, sample_scene
+from unipic.world.scene import (
+    LATTICE,
+    Scene,
+    WorldObject,
+    colors_for,
+    fits,
+    lattice_corners,
+    lattice_object,
+    place_object,
+    sample_scene,
+)
 from unipic.world.spec import (
     COLOR_NAMES,
     DIRECTIONS,
@@ -135,11 +145,11 @@ def parse_instruction(text: str) -> dict | None:
 def fixed_add_box(color: str, shape: str, others: Sequence[WorldObject]) -> WorldObject | None:
     """Fixed placement of an added object: side FIXED_ADD_SIZE, the first top-left corner on the
     lattice, scanning rows from the top and each row from the left, where it fits among `others`."""
-    k = round(FIXED_ADD_SIZE * LATTICE)
-    m = math.ceil(MARGIN * LATTICE)
-    for y0 in range(m, LATTICE - m - k + 1):
-        for x0 in range(m, LATTICE - m - k + 1):
-            candidate = WorldObject(color, shape, (x0 + k / 2) / LATTICE, (y0 + k / 2) / LATTICE, k / LATTICE)
+    side = round(FIXED_ADD_SIZE * LATTICE)
+    corners = lattice_corners(side)
+    for y0 in corners:
+        for x0 in corners:
+            candidate = lattice_object(color, shape, x0, y0, side)
             if fits(candidate, others):
                 return candidate
     return None

@@ -204,17 +204,28 @@ def place_object(
     grid positions that keep the margin. Returns None when no try succeeds.
     """
     k_min, k_max = math.ceil(MIN_BOX * LATTICE), math.floor(MAX_BOX * LATTICE)
-    m = math.ceil(MARGIN * LATTICE)
     for _ in range(tries):
         k = int(rng.integers(k_min, k_max + 1)) if size is None else round(size * LATTICE)
-        x0, y0 = (int(v) for v in rng.integers(m, LATTICE - m - k + 1, size=2))
-        cx, cy, s = (x0 + k / 2) / LATTICE, (y0 + k / 2) / LATTICE, k / LATTICE
-        if where is not None and not where(cx, cy):
+        corners = lattice_corners(k)
+        x0, y0 = (int(v) for v in rng.integers(corners.start, corners.stop, size=2))
+        candidate = lattice_object(color, shape, x0, y0, k)
+        if where is not None and not where(candidate.cx, candidate.cy):
             continue
-        candidate = WorldObject(color, shape, cx, cy, s)
         if fits(candidate, others):
             return candidate
     return None
+
+
+def lattice_corners(side: int) -> range:
+    """Top-left corner positions, in lattice steps along one axis, of a box `side` steps wide
+    that keeps the margin."""
+    margin = math.ceil(MARGIN * LATTICE)
+    return range(margin, LATTICE - margin - side + 1)
+
+
+def lattice_object(color: str, shape: str, x0: int, y0: int, side: int) -> WorldObject:
+    """The object whose box has its top-left corner at lattice point (x0, y0) and `side` steps."""
+    return WorldObject(color, shape, (x0 + side / 2) / LATTICE, (y0 + side / 2) / LATTICE, side / LATTICE)
 
 
 def layout(
