@@ -114,9 +114,12 @@ def test_align_stage_keeps_the_llm_frozen(runs):
 
 def test_joint_stage_trains_all_tasks_with_samples_and_scores(runs):
     config = _config(runs, "joint", f"model.init_from={runs / 'align'}", "train.max_steps=4", "log.sample_every=4",
-                     "loss.attend_named=1.0",
                      "log.eval_every=4", "log.eval_per_kind=1", "log.sample_steps=2", "log.sample_head_steps=2",
                      "log.sample_prompts=[a photo of a circle, a photo of a red square]", "log.plot_every=4")
+    # stage 5's editing levers, questions and losses start here (twentieth session)
+    assert config.model.edit_source_through_llm and config.model.edit_keep_mask
+    assert config.data.i2t_questions == 8 and config.data.edit_placement == "fixed"
+    assert config.loss.attend_named > 0 and config.loss.edit_region_at == "source"
     before = _final_weights(runs / "align")
     result = train(config)
     assert result.finished
@@ -126,9 +129,9 @@ def test_joint_stage_trains_all_tasks_with_samples_and_scores(runs):
         assert _changed(before, after, prefix)[0], prefix
     rows = _losses_finite(runs / "joint")
     seen = {k for r in rows for k, v in r.items() if k.startswith("loss_") and v}
-    # round robin t2i, t2i, i2t, edit; the run file adds the understanding read-out (loss.object_readout),
-    # the test the attention supervision (loss.attend_named)
-    assert seen == {"loss_t2i", "loss_i2t", "loss_edit", "loss_readout", "loss_attend"}
+    # round robin t2i, t2i, i2t, edit, with the run file's read-outs, attention loss and keep head
+    assert seen == {"loss_t2i", "loss_i2t", "loss_edit", "loss_readout", "loss_attend", "loss_edit_region",
+                    "loss_edit_keep"}
     scores = [r for r in rows if r["eval_t2i"]]
     assert scores and all(0.0 <= float(scores[-1][f"eval_{t}"]) <= 1.0 for t in ("t2i", "i2t", "edit"))
     out = runs / "joint"
