@@ -1,6 +1,6 @@
 """Copy a trained model folder into the package as the embedded default model.
 
-    python scripts/package_default_model.py runs/shapes/sft/final
+    python scripts/package_default_model.py runs/shapes/remix/final
 
 Checks that the folder loads strictly and that its weights fit the 40 MB budget, then replaces
 `src/unipic/assets/default_model/` (config.json, model.safetensors, tokenizer files; a run's
@@ -26,7 +26,7 @@ KEEP = {"MODEL.md"}
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", help="a unipic model folder, e.g. runs/shapes/sft/final")
+    parser.add_argument("folder", help="a unipic model folder, e.g. runs/shapes/remix/final")
     args = parser.parse_args()
     source = Path(args.folder)
     load_model_folder(source)  # strict: refuses anything that does not load

@@ -1,6 +1,6 @@
 """Every stage runs a few steps on the tiny preset: finite losses, frozen parts unchanged, trained
 parts changed, and each stage starts from the previous one's output (VAE → pretrain → align →
-joint → understand → sft), as in configs/shapes/."""
+joint → understand → sft → answers → remix), as in configs/shapes/."""
 
 from __future__ import annotations
 
@@ -162,6 +162,35 @@ def test_sft_stage_output_loads_for_generation(runs, tmp_path):
     result = train(config)
     assert result.finished
     assert main(["generate", "a photo of a star", "--model", str(runs / "sft" / "final"), "--size", "64",
+                 "--steps", "2", "--head-steps", "2", "--seed", "0", "-o", str(tmp_path / "star.png"),
+                 "--quiet"]) == 0
+    assert (tmp_path / "star.png").is_file()
+
+
+def test_answers_stage_trains_answers_alone(runs):
+    config = _config(runs, "answers", f"model.init_from={runs / 'sft'}", "train.max_steps=2")
+    assert config.data.tasks == {"i2t": 1}  # the burst (twenty-first session)
+    assert config.optim.schedule == "constant" and config.optim.ema_decay == 0
+    before = _final_weights(runs / "sft")
+    assert train(config).finished
+    after = _final_weights(runs / "answers")
+    assert _changed(before, after, "vae.")[1]
+    assert _changed(before, after, "llm.model.layers")[0]
+    rows = _losses_finite(runs / "answers")
+    assert any(r.get("loss_i2t") for r in rows) and not any(r.get("loss_t2i") for r in rows)
+
+
+def test_remix_stage_output_loads_for_generation(runs, tmp_path):
+    from unipic.cli import main
+
+    config = _config(runs, "remix", f"model.init_from={runs / 'answers'}", "train.max_steps=5")
+    assert config.data.tasks == {"t2i": 2, "i2t": 1, "edit": 2}
+    before = _final_weights(runs / "answers")
+    assert train(config).finished
+    assert _changed(before, _final_weights(runs / "remix"), "mar.diffloss")[0]  # drawing trains again
+    rows = _losses_finite(runs / "remix")
+    assert all(any(r.get(f"loss_{task}") for r in rows) for task in ("t2i", "i2t", "edit"))
+    assert main(["generate", "a photo of a star", "--model", str(runs / "remix" / "final"), "--size", "64",
                  "--steps", "2", "--head-steps", "2", "--seed", "0", "-o", str(tmp_path / "star.png"),
                  "--quiet"]) == 0
     assert (tmp_path / "star.png").is_file()
