@@ -77,7 +77,7 @@ def test_train_shapes_script_passes_shared_and_per_stage_overrides(tmp_path) -> 
     assert done.returncode == 0, done.stderr
     lines = calls.read_text().splitlines()
     assert [line.split()[4] for line in lines] == [f"configs/shapes/{s}.yaml" for s in
-                                                  ("pretrain", "align", "joint", "understand", "sft")]
+                                                  ("pretrain", "align", "joint", "understand", "sft", "answers", "remix")]
     for line in lines:
         assert line.startswith("-m unipic train --resume ") and "log.progress=false train.num_threads=2" in line
         assert line.endswith("train.num_threads=2 loss.a=1 loss.b=2") == ("understand" in line)
