@@ -46,6 +46,15 @@ def _losses_finite(out_dir: Path) -> list[dict]:
     return rows
 
 
+def _assert_generates(model_dir: Path, tmp_path: Path) -> None:
+    """`unipic generate` loads the stage's output and writes an image."""
+    from unipic.cli import main
+
+    assert main(["generate", "a photo of a star", "--model", str(model_dir), "--size", "64", "--steps", "2",
+                 "--head-steps", "2", "--seed", "0", "-o", str(tmp_path / "star.png"), "--quiet"]) == 0
+    assert (tmp_path / "star.png").is_file()
+
+
 def _initial(config) -> dict[str, torch.Tensor]:
     model, _ = init_model(config.model, config.seed)
     return {k: v.clone() for k, v in model.state_dict().items()}
@@ -156,15 +165,10 @@ def test_understand_stage_weights_answers_and_edits(runs):
 
 
 def test_sft_stage_output_loads_for_generation(runs, tmp_path):
-    from unipic.cli import main
-
     config = _config(runs, "sft", f"model.init_from={runs / 'understand'}", "train.max_steps=2")
     result = train(config)
     assert result.finished
-    assert main(["generate", "a photo of a star", "--model", str(runs / "sft" / "final"), "--size", "64",
-                 "--steps", "2", "--head-steps", "2", "--seed", "0", "-o", str(tmp_path / "star.png"),
-                 "--quiet"]) == 0
-    assert (tmp_path / "star.png").is_file()
+    _assert_generates(runs / "sft" / "final", tmp_path)
 
 
 def test_answers_stage_trains_answers_alone(runs):
@@ -181,8 +185,6 @@ def test_answers_stage_trains_answers_alone(runs):
 
 
 def test_remix_stage_output_loads_for_generation(runs, tmp_path):
-    from unipic.cli import main
-
     config = _config(runs, "remix", f"model.init_from={runs / 'answers'}", "train.max_steps=5")
     assert config.data.tasks == {"t2i": 2, "i2t": 1, "edit": 2}
     before = _final_weights(runs / "answers")
@@ -190,10 +192,7 @@ def test_remix_stage_output_loads_for_generation(runs, tmp_path):
     assert _changed(before, _final_weights(runs / "remix"), "mar.diffloss")[0]  # drawing trains again
     rows = _losses_finite(runs / "remix")
     assert all(any(r.get(f"loss_{task}") for r in rows) for task in ("t2i", "i2t", "edit"))
-    assert main(["generate", "a photo of a star", "--model", str(runs / "remix" / "final"), "--size", "64",
-                 "--steps", "2", "--head-steps", "2", "--seed", "0", "-o", str(tmp_path / "star.png"),
-                 "--quiet"]) == 0
-    assert (tmp_path / "star.png").is_file()
+    _assert_generates(runs / "remix" / "final", tmp_path)
 
 
 def test_freeze_mar_decoder_and_freeze_mar(tmp_path):
