@@ -68,11 +68,6 @@ def shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
 
 
-def all_shape_masks(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Masks of all six shapes, stacked in `SHAPES` order: (6, *broadcast shape)."""
-    return np.stack([shape_mask(shape, u, v) for shape in SHAPES])
-
-
 def _extent(shape: str) -> tuple[float, float, float, float]:
     if shape == "star":
         xs, ys = STAR_POLYGON[:, 0], STAR_POLYGON[:, 1]
@@ -80,7 +75,8 @@ def _extent(shape: str) -> tuple[float, float, float, float]:
     return 0.0, 0.0, 1.0, 1.0
 
 
-# Tight bounding box of each shape inside its box, (u0, v0, u1, v1). Only the star is smaller
-# than its box (0.951 wide, 0.905 tall), which is why the judge's centre of a star sits above
-# its box centre; `Detection.to_object` uses this to recover the box from a component.
+# Tight bounding box of each shape inside its box (its outline box), (u0, v0, u1, v1). Only the
+# star is smaller than its box (0.951 wide, 0.905 tall), which is why the judge's centre of a star
+# sits above its box centre. The judge fits each template by this box (docs/world.md §8 step 3),
+# and `Detection.to_object` uses it to recover the box from a component.
 SHAPE_EXTENT: dict[str, tuple[float, float, float, float]] = {s: _extent(s) for s in SHAPES}

@@ -5,10 +5,13 @@ says, with no learned detector.
    nearest palette color (Euclidean, ties to the earlier color in the table).
 2. Connected components (8-connectivity) of each color class; components with fewer than
    (0.08*S)^2 pixels are noise.
-3. Each component's bounding box is enlarged symmetrically on its shorter side to a square; the
-   six shapes are rendered into that square (sampled at pixel centres) and the component's shape
-   is the one with the highest IoU with the component's pixels (ties to the earlier shape). Below
-   IoU 0.5 the component is not an object.
+3. Each of the six shapes is scaled uniformly and centred so that its own outline box (the tight
+   box of its outline: the star's is 0.951 x 0.905 of its unit box, every other shape fills its
+   box) has the component's box centre and fills the component's box along the side where the
+   ratio is larger. It is sampled at pixel centres on a window holding both it and the
+   component's box (its pixels outside the component's box count in the union), and the
+   component's shape is the one with the highest IoU with the component's pixels (ties to the
+   earlier shape). Below IoU 0.5 the component is not an object.
 4. The object's color is the component's class and its centre the centre of its bounding box.
 
 Pixel (row r, column c) covers [c, c+1] x [r, r+1]; centres and boxes are reported as
@@ -25,7 +28,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from unipic.world.geometry import SHAPE_EXTENT, all_shape_masks
+from unipic.world.geometry import SHAPE_EXTENT, shape_mask
 from unipic.world.scene import Scene, WorldObject
 from unipic.world.spec import (
     BACKGROUND,
@@ -108,33 +111,39 @@ def color_classes(array: np.ndarray) -> np.ndarray:
     return classes.reshape(array.shape[:2])
 
 
-def shape_ious(component: np.ndarray, r0: int, c0: int, size: int) -> np.ndarray:
-    """IoU of a component with each of the six shapes (in `SHAPES` order), docs/world.md step 3.
+def shape_ious(component: np.ndarray, r0: int, c0: int) -> np.ndarray:
+    """IoU of a component with each of the six shapes (in `SHAPES` order), docs/world.md §8 step 3.
 
     Args:
         component: boolean crop of the component's bounding box.
-        r0, c0: the crop's top-left pixel in the image.
-        size: the image side (shapes are clipped to the canvas).
+        r0, c0: the crop's top-left pixel in the image. The template is not clipped to the
+            canvas: the window holds all of it, as the rule says.
     """
     h, w = component.shape
-    side = max(h, w)
-    bx0 = c0 - (side - w) / 2  # square box, enlarged symmetrically on the shorter side
-    by0 = r0 - (side - h) / 2
-    gc0, gc1 = max(0, math.floor(bx0)), min(size, math.ceil(bx0 + side))
-    gr0, gr1 = max(0, math.floor(by0)), min(size, math.ceil(by0 + side))
-    window = np.zeros((gr1 - gr0, gc1 - gc0), dtype=bool)
-    window[r0 - gr0 : r0 - gr0 + h, c0 - gc0 : c0 - gc0 + w] = component
-    u = (np.arange(gc0, gc1) + 0.5 - bx0) / side  # pixel centres in box coordinates
-    v = (np.arange(gr0, gr1) + 0.5 - by0) / side
-    masks = all_shape_masks(u[None, :], v[:, None])  # (6, rows, cols)
-    inter = (masks & window).sum(axis=(1, 2))
-    union = (masks | window).sum(axis=(1, 2))
-    return inter / np.maximum(union, 1)
+    centre_x, centre_y = c0 + w / 2, r0 + h / 2
+    ious = np.empty(len(SHAPES))
+    for index, shape in enumerate(SHAPES):
+        u0, v0, u1, v1 = SHAPE_EXTENT[shape]
+        scale = max(w / (u1 - u0), h / (v1 - v0))  # unit-box side in pixels
+        bx0 = centre_x - scale * (u0 + u1) / 2  # unit box's top-left, outline box centred
+        by0 = centre_y - scale * (v0 + v1) / 2
+        # A window holding the template's outline box and the component's box.
+        gc0 = min(c0, math.floor(bx0 + scale * u0))
+        gc1 = max(c0 + w, math.ceil(bx0 + scale * u1))
+        gr0 = min(r0, math.floor(by0 + scale * v0))
+        gr1 = max(r0 + h, math.ceil(by0 + scale * v1))
+        window = np.zeros((gr1 - gr0, gc1 - gc0), dtype=bool)
+        window[r0 - gr0 : r0 - gr0 + h, c0 - gc0 : c0 - gc0 + w] = component
+        u = (np.arange(gc0, gc1) + 0.5 - bx0) / scale  # pixel centres in unit-box coordinates
+        v = (np.arange(gr0, gr1) + 0.5 - by0) / scale
+        mask = shape_mask(shape, u[None, :], v[:, None])  # (rows, cols)
+        ious[index] = (mask & window).sum() / max(int((mask | window).sum()), 1)
+    return ious
 
 
-def _classify_component(component: np.ndarray, r0: int, c0: int, size: int) -> tuple[int, float]:
+def _classify_component(component: np.ndarray, r0: int, c0: int) -> tuple[int, float]:
     """Best shape index and its IoU (ties go to the earlier shape in `SHAPES`)."""
-    ious = shape_ious(component, r0, c0, size)
+    ious = shape_ious(component, r0, c0)
     best = int(np.argmax(ious))  # first of equals
     return best, float(ious[best])
 
@@ -168,7 +177,7 @@ def judge(image: Image.Image | np.ndarray) -> list[Detection]:
         for label in big:
             rows, cols = boxes[label - 1]
             component = labels[rows, cols] == label
-            shape_index, iou = _classify_component(component, rows.start, cols.start, size)
+            shape_index, iou = _classify_component(component, rows.start, cols.start)
             if iou < MIN_IOU:
                 continue
             x0, y0, x1, y1 = cols.start / size, rows.start / size, cols.stop / size, rows.stop / size
