@@ -2,7 +2,7 @@
 
 Three ways to draw the same text-to-image sample, run interleaved in one process on one model:
 
-- `reference`: the plain algorithm as the upstream code writes it (`unipic.sampling.reference`):
+- `reference`: the plain algorithm as the upstream code writes it (`unipic.unipic1.sampling.reference`):
                the text prefix re-run through the LLM every MAR step, position tables
                re-interpolated every step, the head called as net(x, t, c) at every head step,
                every CFG row decoded;
@@ -10,7 +10,7 @@ Three ways to draw the same text-to-image sample, run interleaved in one process
                modulations precomputed per MAR step, the MAR encoder run once per guidance pair,
                only conditional rows decoded. Same pixels as the reference up to float32
                rounding (the max difference is printed);
-- `fast`     : `fast=True` (`--fast`): training-free shortcuts (see `unipic.pipeline`).
+- `fast`     : `fast=True` (`--fast`): training-free shortcuts (see `unipic.unipic1.pipeline`).
 
 Reports the median of `--repeats` timed runs, peak RSS (a fresh child process per variant) and
 the share of time per part (LLM, MAR encoder/decoder, diffusion head, VAE). The last line reads
@@ -43,10 +43,10 @@ from pathlib import Path
 
 import torch
 
-from unipic.sampling import mar_decode, reference
-from unipic.sampling.mar_decode import SpeedOptions
-from unipic.sampling.reference import reference_generate_images
-from unipic.sampling.text_to_image import generate_images
+from unipic.unipic1.sampling import mar_decode, reference
+from unipic.unipic1.sampling.mar_decode import SpeedOptions
+from unipic.unipic1.sampling.reference import reference_generate_images
+from unipic.unipic1.sampling.text_to_image import generate_images
 
 PROMPTS = ["a photo of a red circle left of a blue star"]
 VARIANTS = ("reference", "exact", "fast")
@@ -79,12 +79,12 @@ class Timer:
 
 def load(args):
     """(pipeline, model, tokenizer): the named model, or a random-weight preset."""
-    from unipic.pipeline import UniPicPipeline
+    from unipic.unipic1.pipeline import UniPicPipeline
 
     if args.preset:
-        from unipic.checkpoint import build_model
-        from unipic.models.presets import get_preset
-        from unipic.tokenizer import build_byte_tokenizer
+        from unipic.unipic1.checkpoint import build_model
+        from unipic.unipic1.models.presets import get_preset
+        from unipic.unipic1.tokenizer import build_byte_tokenizer
 
         config = get_preset(args.preset)
         model = build_model(config, seed=0).eval()
@@ -277,8 +277,8 @@ def flops_report(preset: str = "unipic1-1.5b", mar_steps: int = 32, head_steps: 
     """
     import math
 
-    from unipic.models.presets import get_preset
-    from unipic.models.unipic import UniPic, init_empty_weights
+    from unipic.unipic1.models.presets import get_preset
+    from unipic.unipic1.models.unipic import UniPic, init_empty_weights
 
     c = get_preset(preset)
     with init_empty_weights():

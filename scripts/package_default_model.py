@@ -15,9 +15,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from unipic.checkpoint import load_model_folder
 from unipic.io_utils import atomic_write_bytes
 from unipic.training.jobs import TRAINING_ONLY_FILES
+from unipic.unipic1.checkpoint import load_model_folder
 
 TARGET = Path(__file__).resolve().parents[1] / "src" / "unipic" / "assets" / "default_model"
 BUDGET_BYTES = 40_000_000  # "40 MB at most", in decimal megabytes (the stricter reading)

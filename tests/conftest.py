@@ -23,7 +23,7 @@ def tiny_model_and_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_model_and_tokenizer):
     """A `UniPicPipeline` over the tiny model."""
-    from unipic.pipeline import UniPicPipeline
+    from unipic.unipic1.pipeline import UniPicPipeline
 
     model, tokenizer = tiny_model_and_tokenizer
     return UniPicPipeline(model, tokenizer)
@@ -32,7 +32,7 @@ def tiny_pipeline(tiny_model_and_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_model_folder(tmp_path_factory, tiny_model_and_tokenizer):
     """The tiny model saved as a unipic model folder."""
-    from unipic.checkpoint import save_model_folder
+    from unipic.unipic1.checkpoint import save_model_folder
 
     model, tokenizer = tiny_model_and_tokenizer
     folder = tmp_path_factory.mktemp("tiny_model")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from unipic.checkpoint import build_model, load_model_folder, save_model_folder
-from unipic.models.config import SiglipConfig
+from unipic.unipic1.checkpoint import build_model, load_model_folder, save_model_folder
+from unipic.unipic1.models.config import SiglipConfig
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import argparse
 import torch
 from torch import nn
 
-from unipic.sampling.prompts import edit_user_text, images_to_tensor, tokenize_chat
+from unipic.unipic1.sampling.prompts import edit_user_text, images_to_tensor, tokenize_chat
 from unipic.world import render
 from unipic.world.examples import edit_example
 from unipic.world.scene import sole_covered_cells

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unipic.checkpoint import load_model_folder
-from unipic.sampling.schedules import random_masking, sample_orders
 from unipic.training.config import DataConfig
 from unipic.training.data import BatchBuilder, TaskSource
 from unipic.training.losses import object_tokens
+from unipic.unipic1.checkpoint import load_model_folder
+from unipic.unipic1.sampling.schedules import random_masking, sample_orders
 
 
 def per_token_loss(model, tokens, z, generator) -> torch.Tensor:

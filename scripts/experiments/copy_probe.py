@@ -21,7 +21,7 @@ import argparse
 
 import torch
 
-from unipic.sampling.prompts import images_to_tensor, tensor_to_images
+from unipic.unipic1.sampling.prompts import images_to_tensor, tensor_to_images
 from unipic.world import judge, matches_scene, render
 from unipic.world.edits import edit_succeeded, moved_far_enough, near_centre, visual_centre
 from unipic.world.examples import edit_eval_set

@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from z_readout import conditions, decoded_scenes  # noqa: E402
 
-from unipic.checkpoint import load_model_folder  # noqa: E402
-from unipic.sampling.diffusion import HeadScheduler  # noqa: E402
-from unipic.sampling.reference import reference_denoise_tokens  # noqa: E402
+from unipic.unipic1.checkpoint import load_model_folder  # noqa: E402
+from unipic.unipic1.sampling.diffusion import HeadScheduler  # noqa: E402
+from unipic.unipic1.sampling.reference import reference_denoise_tokens  # noqa: E402
 
 
 def sample_head(head, z: torch.Tensor, temperature: float, seed: int, steps: int | None) -> torch.Tensor:

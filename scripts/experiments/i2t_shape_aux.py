@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unipic.checkpoint import load_model_folder, save_model_folder
 from unipic.training.config import DataConfig
 from unipic.training.data import BatchBuilder, TaskSource
 from unipic.training.losses import image_to_text_loss
+from unipic.unipic1.checkpoint import load_model_folder, save_model_folder
 from unipic.world.examples import make_example
 from unipic.world.spec import COLORS, SHAPES
 

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from unipic.sampling.prompts import images_to_tensor
+from unipic.unipic1.sampling.prompts import images_to_tensor
 from unipic.world import render
 from unipic.world.examples import i2t_example
 

@@ -20,8 +20,8 @@ import argparse
 
 import torch
 
-from unipic.sampling.edit import edit_tokens_keeping
-from unipic.sampling.prompts import images_to_tensor, tensor_to_images
+from unipic.unipic1.sampling.edit import edit_tokens_keeping
+from unipic.unipic1.sampling.prompts import images_to_tensor, tensor_to_images
 from unipic.world import judge, render
 from unipic.world.edits import edit_succeeded
 from unipic.world.examples import edit_eval_set

@@ -29,7 +29,7 @@ def overfit_scores(pipe, tasks: list[str], n: int, seed: int, size: int = 128, *
         # The ceiling: how many of the target images the model's own VAE gives back as the judge reads them.
         import torch
 
-        from unipic.sampling.prompts import images_to_tensor, tensor_to_images
+        from unipic.unipic1.sampling.prompts import images_to_tensor, tensor_to_images
 
         key = "t2i" if "t2i" in tasks else "edit"
         scenes = [(x.scene if key == "t2i" else x.target) for x in (make_example(key, seed, i) for i in range(n))]

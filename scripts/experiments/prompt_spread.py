@@ -16,8 +16,8 @@ import itertools
 
 import torch
 
-from unipic.checkpoint import load_model_folder
-from unipic.sampling.text_to_image import build_t2i_prefix
+from unipic.unipic1.checkpoint import load_model_folder
+from unipic.unipic1.sampling.text_to_image import build_t2i_prefix
 from unipic.world.spec import COLORS, PLURALS, SHAPES
 
 COUNT_WORDS = ("a", "two", "three", "four")

@@ -84,7 +84,7 @@ def main() -> None:
     texts = sources(args.rev)
     trees = {name: ast.parse(text) for name, text in texts.items()}
     arrows = sorted(f"{name} -> {mod}" for name, tree in trees.items() if name.startswith("models/")
-                    for mod in imported(tree) if mod.startswith("unipic.sampling") and mod.count(".") == 2)
+                    for mod in imported(tree) if mod.startswith("unipic.unipic1.sampling") and mod.count(".") == 2)
     print(f"source: {args.rev or 'working tree'}")
     print(f"import arrows models/ -> sampling/: {len(arrows)}" + "".join(f"\n  {a}" for a in arrows))
     crossed = cfg_files(trees)

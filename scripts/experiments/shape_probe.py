@@ -16,8 +16,8 @@ import argparse
 import torch
 from torch import nn
 
-from unipic.checkpoint import build_model, load_model_folder
-from unipic.sampling.prompts import images_to_tensor
+from unipic.unipic1.checkpoint import build_model, load_model_folder
+from unipic.unipic1.sampling.prompts import images_to_tensor
 from unipic.world import render
 from unipic.world.scene import rng_for, sample_scene
 from unipic.world.spec import SHAPES

@@ -15,11 +15,11 @@ import argparse
 import numpy as np
 import torch
 
-from unipic.checkpoint import load_model_folder
-from unipic.sampling.prompts import tokenize_chat
 from unipic.training.config import DataConfig
 from unipic.training.data import BatchBuilder, TaskSource
 from unipic.training.losses import image_to_text_loss, text_to_image_loss
+from unipic.unipic1.checkpoint import load_model_folder
+from unipic.unipic1.sampling.prompts import tokenize_chat
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from unipic.sampling.prompts import images_to_tensor, tensor_to_images
+from unipic.unipic1.sampling.prompts import images_to_tensor, tensor_to_images
 from unipic.world import judge, matches_scene, render
 from unipic.world.examples import i2t_example
 
@@ -23,8 +23,8 @@ from unipic.world.examples import i2t_example
 def load_vae(spec: str):
     """The VAE of a model folder / built-in name, or of a `stage: vae` file."""
     if spec.endswith(".safetensors"):
-        from unipic.models.vae import AutoencoderKL
         from unipic.training.build import load_vae_file, load_vae_state
+        from unipic.unipic1.models.vae import AutoencoderKL
 
         config, state = load_vae_file(spec)
         vae = AutoencoderKL(config)

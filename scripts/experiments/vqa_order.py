@@ -28,10 +28,10 @@ import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2Model
 
-from unipic.checkpoint import load_model_folder
 from unipic.loading import default_model_folder
-from unipic.sampling.prompts import images_to_tensor
-from unipic.tokenizer import load_tokenizer
+from unipic.unipic1.checkpoint import load_model_folder
+from unipic.unipic1.sampling.prompts import images_to_tensor
+from unipic.unipic1.tokenizer import load_tokenizer
 from unipic.world import render
 from unipic.world.examples import i2t_eval_set, i2t_example
 from unipic.world.questions import _parse_question, named_objects

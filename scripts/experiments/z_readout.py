@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from unipic.checkpoint import load_model_folder
-from unipic.sampling.prompts import tensor_to_images
 from unipic.training.config import DataConfig
 from unipic.training.data import BatchBuilder, TaskSource
+from unipic.unipic1.checkpoint import load_model_folder
+from unipic.unipic1.sampling.prompts import tensor_to_images
 from unipic.world.judge import judge
 
 

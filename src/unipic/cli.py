@@ -510,8 +510,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 def cmd_state_dict(args: argparse.Namespace) -> int:
     """`unipic state-dict --preset P`: the tensor names/shapes the loader accepts, from a meta build."""
-    from unipic.checkpoint import expected_tensors
-    from unipic.models.presets import get_preset
+    from unipic.unipic1.checkpoint import expected_tensors
+    from unipic.unipic1.models.presets import get_preset
 
     try:
         config = get_preset(args.preset)
@@ -524,7 +524,7 @@ def cmd_state_dict(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """`unipic convert`: official release files → our model folder."""
-    from unipic.convert.official import convert_official
+    from unipic.unipic1.convert import convert_official
 
     folder = convert_official(checkpoint=args.checkpoint, llm_folder=args.llm, vae_checkpoint=args.vae,
                               out=args.out, preset=args.preset, dtype=args.save_dtype,

@@ -63,9 +63,9 @@ def default_model_folder() -> Path | None:
 
 def tiny_random_model(seed: int = 0):
     """An untrained model of the tiny preset with the toy byte tokenizer (deterministic weights)."""
-    from unipic.checkpoint import build_model
-    from unipic.models.presets import unipic1_tiny
-    from unipic.tokenizer import build_byte_tokenizer
+    from unipic.unipic1.checkpoint import build_model
+    from unipic.unipic1.models.presets import unipic1_tiny
+    from unipic.unipic1.tokenizer import build_byte_tokenizer
 
     config = unipic1_tiny()
     model = build_model(config, seed=seed)
@@ -99,7 +99,7 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None 
     """Load the pipeline for a `--model` value (see the module docstring) on a device and dtype."""
     name = "default" if model in (None, "") else str(model)
     if name == "shapes-oracle":
-        from unipic.oracle import ShapesOracle
+        from unipic.world.oracle import ShapesOracle
 
         return ShapesOracle()
     torch_device = resolve_device(device)
@@ -131,7 +131,7 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None 
         if has_index:
             raise UserError(f"--model {name}: model_index.json does not describe a UniPic-2 model")
     if (folder / "config.json").is_file():
-        from unipic.checkpoint import load_model_folder
+        from unipic.unipic1.checkpoint import load_model_folder
 
         if cpu_offload or vae_tiling or qwen_path:
             raise UserError("--cpu-offload, --vae-tiling and --qwen apply to UniPic-2 models only")
@@ -142,6 +142,6 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None 
 
 
 def _unipic1_pipeline(model, tokenizer) -> UnifiedPipeline:
-    from unipic.pipeline import UniPicPipeline
+    from unipic.unipic1.pipeline import UniPicPipeline
 
     return UniPicPipeline(model, tokenizer)

@@ -9,7 +9,7 @@ import pytest
 
 from unipic.api import UnifiedPipeline, UserError
 from unipic.eval.t2i import generate_geneval, judge_folder, load_metadata, run_t2i_eval, shapes_eval_metadata
-from unipic.oracle import ShapesOracle
+from unipic.world.oracle import ShapesOracle
 from unipic.world.text import TAGS
 
 METADATA = shapes_eval_metadata(8, seed=0)

@@ -15,7 +15,7 @@ from unipic.eval.cli import register_eval_commands
 from unipic.eval.dpg import generate_dpg, load_dpg_prompts
 from unipic.eval.edit import run_edit_eval
 from unipic.eval.i2t import run_i2t_eval
-from unipic.oracle import ShapesOracle
+from unipic.world.oracle import ShapesOracle
 from unipic.world.questions import QUESTION_KINDS
 from unipic.world.spec import EDIT_KINDS
 

@@ -9,8 +9,8 @@ import pytest
 
 from unipic.cli import main
 from unipic.eval.inpaint import INPAINT_KINDS, inpaint_eval_set, inpaint_succeeded, run_inpaint_eval
-from unipic.oracle import ShapesOracle
 from unipic.world.judge import judge
+from unipic.world.oracle import ShapesOracle
 from unipic.world.render import render
 
 

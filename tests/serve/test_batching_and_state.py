@@ -147,8 +147,8 @@ class InProcessServer:
 
 
 def test_health_says_loading_until_the_model_is_ready():
-    from unipic.oracle import ShapesOracle
     from unipic.serve.app import create_app
+    from unipic.world.oracle import ShapesOracle
 
     gate = threading.Event()
     ready = threading.Event()
@@ -200,8 +200,8 @@ def test_a_failed_load_is_reported():
 def test_a_model_that_cannot_do_a_task_says_so():
     """UniPic-2 Kontext cannot caption; the oracle stands in here for 'a family that refuses a task'."""
     from unipic.api import UnsupportedTaskError
-    from unipic.oracle import ShapesOracle
     from unipic.serve.app import create_app
+    from unipic.world.oracle import ShapesOracle
 
     class NoCaptions(ShapesOracle):
         def image_to_text(self, images, questions, **kwargs):

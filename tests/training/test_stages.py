@@ -100,7 +100,7 @@ def test_pretrain_stage_trains_generation_with_the_new_vae(runs):
         assert _changed(before, after, prefix)[0], prefix
     vae_config, vae_state = load_vae_file(runs / "vae")
     assert all(torch.equal(after[f"vae.{k}"], v) for k, v in vae_state.items())
-    from unipic.models.config import UniPicConfig
+    from unipic.unipic1.models.config import UniPicConfig
 
     saved = UniPicConfig.load(runs / "pretrain" / "final" / "config.json")
     assert saved.vae.scale == vae_config.scale  # the VAE's latent scale travels with the model

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from unipic.models.presets import WORLD_VOCAB_SIZE, shapes_embedded_config
-from unipic.tokenizer import CHATML_SPECIALS, build_world_tokenizer
 from unipic.training.presets import build_shapes_tokenizer
+from unipic.unipic1.models.presets import WORLD_VOCAB_SIZE, shapes_embedded_config
+from unipic.unipic1.tokenizer import CHATML_SPECIALS, build_world_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_round_trip_on_world_text(world_tokenizer):
 
 
 def test_deterministic_and_saved(tmp_path, world_tokenizer):
-    from unipic.tokenizer import load_tokenizer
+    from unipic.unipic1.tokenizer import load_tokenizer
 
     corpus = ["a red circle and a blue star"] * 20 + ["How many crosses are there?"] * 20
     a, b = build_world_tokenizer(corpus, 300), build_world_tokenizer(corpus, 300)
@@ -59,7 +59,7 @@ def test_deterministic_and_saved(tmp_path, world_tokenizer):
 def test_embedded_preset_size(world_tokenizer):
     from safetensors.torch import save
 
-    from unipic.checkpoint import build_model
+    from unipic.unipic1.checkpoint import build_model
 
     config = shapes_embedded_config(len(world_tokenizer))
     assert config.llm.vocab_size % 64 == 0 and config.llm.vocab_size >= len(world_tokenizer)

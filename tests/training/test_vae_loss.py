@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from unipic.models.vae import AutoencoderKL, VAEConfig
 from unipic.training.jobs import VAELoss
+from unipic.unipic1.models.vae import AutoencoderKL, VAEConfig
 from unipic.world.spec import BACKGROUND, COLORS
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import unipic
-from unipic.checkpoint import (
+from unipic.cli import main
+from unipic.unipic1.checkpoint import (
     CheckpointError,
     build_model,
     load_model_folder,
@@ -20,8 +21,7 @@ from unipic.checkpoint import (
     read_tensor_file,
     save_model_folder,
 )
-from unipic.cli import main
-from unipic.models.presets import get_preset, unipic1_tiny
+from unipic.unipic1.models.presets import get_preset, unipic1_tiny
 
 DATA = Path(__file__).parent / "data"
 
@@ -41,7 +41,7 @@ def _outputs(pipeline):
 
 
 def test_save_then_load_is_bit_exact(tiny_pipeline, tiny_model_folder):
-    from unipic.pipeline import UniPicPipeline
+    from unipic.unipic1.pipeline import UniPicPipeline
 
     model, tokenizer = load_model_folder(tiny_model_folder)
     reloaded = UniPicPipeline(model, tokenizer)
@@ -121,7 +121,7 @@ def _fake_release(tmp_path, model, tokenizer):
 
 
 def test_convert_official_layout(tmp_path, tiny_pipeline, capsys):
-    from unipic.pipeline import UniPicPipeline
+    from unipic.unipic1.pipeline import UniPicPipeline
 
     model, tokenizer = tiny_pipeline.model, tiny_pipeline.tokenizer
     checkpoint, vae, llm = _fake_release(tmp_path, model, tokenizer)

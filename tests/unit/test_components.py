@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unipic.checkpoint import build_model
-from unipic.models.config import UniPicConfig
-from unipic.models.presets import get_preset, unipic1_tiny
-from unipic.sampling.schedules import (
+from unipic.unipic1.checkpoint import build_model
+from unipic.unipic1.models.config import UniPicConfig
+from unipic.unipic1.models.presets import get_preset, unipic1_tiny
+from unipic.unipic1.sampling.schedules import (
     cfg_at_step,
     mask_by_order,
     random_masking,
@@ -52,7 +52,7 @@ def test_old_config_files_with_head_widths_still_load_and_disagreeing_ones_are_r
 
 
 def test_medium_preset_is_about_100m_parameters():
-    from unipic.checkpoint import expected_tensors
+    from unipic.unipic1.checkpoint import expected_tensors
 
     shapes = expected_tensors(get_preset("unipic1-medium"))
     # lm_head is tied to the embedding: count it once.

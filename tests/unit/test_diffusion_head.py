@@ -10,16 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from unipic.models.diffusion_head import (
+from unipic.unipic1.models.diffusion_head import (
     DiffusionHead,
     DiffusionHeadConfig,
     SimpleMLPAdaLN,
     timestep_embedding,
 )
-from unipic.models.gaussian_diffusion import GaussianDiffusion, cosine_betas, get_diffusion, respace_timesteps
-from unipic.sampling.diffusion import HeadScheduler
-from unipic.sampling.mar_decode import denoise_tokens
-from unipic.sampling.reference import reference_denoise_tokens
+from unipic.unipic1.models.gaussian_diffusion import (
+    GaussianDiffusion,
+    cosine_betas,
+    get_diffusion,
+    respace_timesteps,
+)
+from unipic.unipic1.sampling.diffusion import HeadScheduler
+from unipic.unipic1.sampling.mar_decode import denoise_tokens
+from unipic.unipic1.sampling.reference import reference_denoise_tokens
 
 DATA = Path(__file__).parent / "data"
 C = 16  # token width
@@ -391,7 +396,7 @@ def test_sample_seeding_and_cfg_layout() -> None:
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
 @pytest.mark.parametrize("learn_sigma", [True, False])
 def test_precomputed_modulations_equal_the_plain_loop(cfg: float, learn_sigma: bool, monkeypatch) -> None:
-    import unipic.sampling.mar_decode as mar_decode
+    import unipic.unipic1.sampling.mar_decode as mar_decode
 
     head = _randomised_head(dataclasses.replace(TINY, learn_sigma=learn_sigma))
     cond = torch.randn(8, D, generator=torch.Generator().manual_seed(0))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from unipic.sampling.edit import edit_images
+from unipic.unipic1.sampling.edit import edit_images
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,8 @@ def _set_keep(model, cells: list[int] | None) -> None:
 
 def test_the_option_needs_the_instruction_first_layout_and_round_trips(tiny_model_and_tokenizer, keep_model,
                                                                           tmp_path) -> None:
-    from unipic.checkpoint import load_model_folder, save_model_folder
-    from unipic.models.config import UniPicConfig
+    from unipic.unipic1.checkpoint import load_model_folder, save_model_folder
+    from unipic.unipic1.models.config import UniPicConfig
 
     with pytest.raises(ValueError, match="needs edit_source_through_llm"):
         UniPicConfig.from_dict({**tiny_model_and_tokenizer[0].config.to_dict(), "edit_keep_mask": True})
@@ -98,7 +98,7 @@ def test_keeping_no_cell_is_the_plain_sampler_and_keeping_all_returns_the_source
 
 @torch.no_grad()
 def test_each_source_in_a_batch_is_edited_as_if_alone(keep_model) -> None:
-    from unipic.sampling.rng import GeneratorGroups
+    from unipic.unipic1.sampling.rng import GeneratorGroups
 
     model, tokenizer = copy.deepcopy(keep_model[0]), keep_model[1]
     torch.nn.init.normal_(model.edit_keep.weight, std=2.0, generator=torch.Generator().manual_seed(3))

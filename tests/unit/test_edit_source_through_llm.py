@@ -8,10 +8,10 @@ import copy
 import pytest
 import torch
 
-from unipic.sampling.edit import build_edit_condition, edit_images
-from unipic.sampling.prompts import edit_user_text
-from unipic.sampling.reference import reference_edit_images
 from unipic.training.losses import edit_loss
+from unipic.unipic1.sampling.edit import build_edit_condition, edit_images
+from unipic.unipic1.sampling.prompts import edit_user_text
+from unipic.unipic1.sampling.reference import reference_edit_images
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_instructed_x_con_adds_each_source_row_to_its_own_position(instructed_mo
 
 def test_the_extensions_edit_loss_trains_proj_out_through_the_source_rows(instructed_model) -> None:
     model, tokenizer = copy.deepcopy(instructed_model[0]).train(), instructed_model[1]
-    from unipic.sampling.prompts import tokenize_chat
+    from unipic.unipic1.sampling.prompts import tokenize_chat
 
     grid = model.grid_for(64, 64)
     ids, mask = tokenize_chat(model.config, tokenizer, [edit_user_text(model.config, "Remove the star.")],

@@ -145,8 +145,8 @@ def test_unipic1_same_seed_same_result_and_batch_equals_single(tiny_pipeline):
 
 
 def test_exactly_the_one_hidden_token_is_sampled(tiny_model_and_tokenizer):
-    from unipic.sampling.mar_decode import mar_generate_tokens
-    from unipic.sampling.text_to_image import build_t2i_prefix
+    from unipic.unipic1.sampling.mar_decode import mar_generate_tokens
+    from unipic.unipic1.sampling.text_to_image import build_t2i_prefix
 
     model, tokenizer = tiny_model_and_tokenizer
     grid = (3, 4)
@@ -170,8 +170,8 @@ def test_exactly_the_one_hidden_token_is_sampled(tiny_model_and_tokenizer):
 def test_an_all_hidden_grid_samples_exactly_as_text_to_image(tiny_model_and_tokenizer):
     """Known tokens only change where the loop starts: with none known, the draws and the result are
     text-to-image's (the orders come from the same uniform draw, the schedule runs over every token)."""
-    from unipic.sampling.mar_decode import mar_generate_tokens
-    from unipic.sampling.text_to_image import build_t2i_prefix
+    from unipic.unipic1.sampling.mar_decode import mar_generate_tokens
+    from unipic.unipic1.sampling.text_to_image import build_t2i_prefix
 
     model, tokenizer = tiny_model_and_tokenizer
     grid = (2, 3)
@@ -191,7 +191,7 @@ def _steps_kw(steps: int) -> dict:
     """The MAR-steps keyword of `mar_generate_tokens` (named `steps` or `num_iter`)."""
     import inspect
 
-    from unipic.sampling.mar_decode import mar_generate_tokens
+    from unipic.unipic1.sampling.mar_decode import mar_generate_tokens
 
     name = "steps" if "steps" in inspect.signature(mar_generate_tokens).parameters else "num_iter"
     return {name: steps}
@@ -282,6 +282,6 @@ def test_inpaint_commands_have_help(capsys):
 
 def test_every_family_implements_the_inpainting_protocol(tiny_pipeline):
     from unipic.api import InpaintingPipeline
-    from unipic.oracle import ShapesOracle
+    from unipic.world.oracle import ShapesOracle
 
     assert isinstance(tiny_pipeline, InpaintingPipeline) and isinstance(ShapesOracle(), InpaintingPipeline)

@@ -139,7 +139,7 @@ def test_every_command_module_imports_in_the_base_install(tmp_path: Path) -> Non
     folder = _install_folder(tmp_path, None)
     proc = _run(folder, """
         import unipic.cli, unipic.data.cli, unipic.eval.cli, unipic.eval.t2i, unipic.eval.i2t, unipic.eval.edit
-        import unipic.eval.dpg, unipic.oracle, unipic.loading, unipic.pipeline, unipic.training.cli, unipic.serve.cli
+        import unipic.eval.dpg, unipic.world.oracle, unipic.loading, unipic.unipic1.pipeline, unipic.training.cli, unipic.serve.cli
         print("ok")
     """, tmp_path)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unipic.sampling.prompts import expand_image_placeholder, format_instruction, tokenize_padded
 from unipic.training.losses import edit_loss, image_to_text_loss, text_to_image_loss
+from unipic.unipic1.sampling.prompts import expand_image_placeholder, format_instruction, tokenize_padded
 
 
 @pytest.fixture()
@@ -102,10 +102,10 @@ def test_grad_scale_is_the_runs_setting_and_scales_only_the_visual_features(fres
 
 
 def test_siglip_understanding_path_runs():
-    from unipic.checkpoint import build_model
-    from unipic.models.presets import unipic1_tiny
-    from unipic.pipeline import UniPicPipeline
-    from unipic.tokenizer import build_byte_tokenizer
+    from unipic.unipic1.checkpoint import build_model
+    from unipic.unipic1.models.presets import unipic1_tiny
+    from unipic.unipic1.pipeline import UniPicPipeline
+    from unipic.unipic1.tokenizer import build_byte_tokenizer
 
     config = unipic1_tiny()
     config.understanding_encoder = "siglip2"

@@ -89,7 +89,7 @@ def test_reduced_precision_on_cpu(tiny_model_and_tokenizer):
 
     import torch
 
-    from unipic.pipeline import UniPicPipeline
+    from unipic.unipic1.pipeline import UniPicPipeline
 
     model, tokenizer = tiny_model_and_tokenizer
     half = copy.deepcopy(model).to(torch.bfloat16)
@@ -105,7 +105,7 @@ def test_understanding_pixels_are_contiguous():
     """Pixels reach the VAE contiguous: a channels-last view takes another CPU GroupNorm kernel."""
     import torch
 
-    from unipic.sampling.prompts import images_to_tensor
+    from unipic.unipic1.sampling.prompts import images_to_tensor
 
     image = Image.fromarray(np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3))
     pixels = images_to_tensor([image, image], torch.device("cpu"))

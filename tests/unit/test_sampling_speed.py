@@ -11,10 +11,10 @@ from PIL import Image
 
 from unipic.api import UserError
 from unipic.cli import main
-from unipic.sampling.edit import edit_images
-from unipic.sampling.mar_decode import EXACT, SpeedOptions
-from unipic.sampling.reference import reference_edit_images, reference_generate_images
-from unipic.sampling.text_to_image import generate_images
+from unipic.unipic1.sampling.edit import edit_images
+from unipic.unipic1.sampling.mar_decode import EXACT, SpeedOptions
+from unipic.unipic1.sampling.reference import reference_edit_images, reference_generate_images
+from unipic.unipic1.sampling.text_to_image import generate_images
 
 TINY = ["--model", "tiny-random", "--steps", "2", "--head-steps", "3", "--quiet"]
 

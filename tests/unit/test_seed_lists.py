@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from unipic.api import UserError
-from unipic.sampling.rng import GeneratorGroups, rand, randn
+from unipic.unipic1.sampling.rng import GeneratorGroups, rand, randn
 
 
 def _px(image: Image.Image) -> np.ndarray:
@@ -70,7 +70,7 @@ def test_seed_list_must_match_the_prompts(tiny_pipeline):
 
 
 def test_check_inputs_validates_and_returns_seed_lists(tiny_pipeline):
-    from unipic.oracle import ShapesOracle
+    from unipic.world.oracle import ShapesOracle
 
     request = tiny_pipeline.check_inputs("text_to_image", ["a", "b"], seed=(3, 4), height=32, width=32)
     assert request.seed == [3, 4]
@@ -87,7 +87,7 @@ def test_check_inputs_validates_and_returns_seed_lists(tiny_pipeline):
 
 
 def test_oracle_seed_list_is_independent_of_the_batch():
-    from unipic.oracle import ShapesOracle
+    from unipic.world.oracle import ShapesOracle
 
     oracle = ShapesOracle()
     batched = oracle.text_to_image(["a red circle", "a blue square"], seed=[1, 2])

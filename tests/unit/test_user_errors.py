@@ -295,14 +295,14 @@ def test_api_mistake_raises_user_error_naming_the_argument(tiny_pipeline, call, 
     (lambda p: p.text_to_image(["a"], images_per_prompt=0), "images_per_prompt=0"),
 ])
 def test_the_oracle_checks_the_same_way(call, message):
-    from unipic.oracle import ShapesOracle
+    from unipic.world.oracle import ShapesOracle
 
     with pytest.raises(UserError, match=re.escape(message)):
         call(ShapesOracle())
 
 
 def test_non_finite_samples_are_an_error_not_a_black_image(tiny_pipeline, monkeypatch):
-    import unipic.pipeline as pipeline_module
+    import unipic.unipic1.pipeline as pipeline_module
 
     def poisoned(*args, **kwargs):
         import torch
@@ -315,7 +315,7 @@ def test_non_finite_samples_are_an_error_not_a_black_image(tiny_pipeline, monkey
 
 
 def test_sizes_beyond_memory_are_refused_before_allocating(tiny_pipeline, monkeypatch):
-    import unipic.pipeline as pipeline_module
+    import unipic.unipic1.pipeline as pipeline_module
 
     monkeypatch.setattr(pipeline_module, "available_memory", lambda device: 4 * 1024**2)
     with pytest.raises(UserError, match=r"height=256, width=256: decoding 1 image\(s\) of 256x256 needs at least .* "
@@ -523,7 +523,7 @@ def test_caption_takes_quiet_and_help_states_the_policies(tmp_path, capsys):
 
 def test_eval_says_up_front_how_much_it_will_draw(tmp_path, capsys):
     from unipic.eval.t2i import generate_geneval, shapes_eval_metadata
-    from unipic.oracle import ShapesOracle
+    from unipic.world.oracle import ShapesOracle
 
     metadata = shapes_eval_metadata(1, 0)[:2]
     generate_geneval(ShapesOracle(), metadata, tmp_path, images_per_prompt=3, size=128)

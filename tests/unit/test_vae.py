@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unipic.models.vae import AttnBlock, AutoencoderKL, Downsample, VAEConfig
+from unipic.unipic1.models.vae import AttnBlock, AutoencoderKL, Downsample, VAEConfig
 
 DATA = Path(__file__).parent / "data"
 TINY = VAEConfig(ch=32)  # = unipic1_tiny_config.json "vae" (same key layout, ch 128 -> 32)
@@ -183,8 +183,8 @@ def test_patch_size_decoder_output_is_pixel_shuffled() -> None:
 
 
 def test_model_config_refuses_a_vae_stride_the_mar_does_not_expect() -> None:
-    from unipic.models.config import UniPicConfig
-    from unipic.models.presets import get_preset
+    from unipic.unipic1.models.config import UniPicConfig
+    from unipic.unipic1.models.presets import get_preset
 
     # The stride is stored once (the VAE's); config.json files of earlier versions also carry
     # mar.vae_stride and mar.token_dim: they load when those agree, and a disagreeing stride is refused.

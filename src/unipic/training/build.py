@@ -16,17 +16,17 @@ from pathlib import Path
 import torch
 
 from unipic.api import UserError
-from unipic.checkpoint import (
+from unipic.training.config import ModelConfig
+from unipic.training.presets import build_shapes_tokenizer
+from unipic.unipic1.checkpoint import (
     CONFIG_NAME,
     build_model,
     load_model_folder,
     read_model_folder_tensors,
 )
-from unipic.models.config import UniPicConfig
-from unipic.models.presets import PRESETS, SHAPES_EMBEDDED, WORLD_VOCAB_SIZE, shapes_embedded_config
-from unipic.models.vae import AutoencoderKL, VAEConfig
-from unipic.training.config import ModelConfig
-from unipic.training.presets import build_shapes_tokenizer
+from unipic.unipic1.models.config import UniPicConfig
+from unipic.unipic1.models.presets import PRESETS, SHAPES_EMBEDDED, WORLD_VOCAB_SIZE, shapes_embedded_config
+from unipic.unipic1.models.vae import AutoencoderKL, VAEConfig
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _merged(base: dict, changes: dict, where: str) -> dict:
 
 def build_tokenizer(choice: str, preset: str | None, world_vocab_size: int):
     """The tokenizer for a run started from a preset (`choice` auto/byte/world or a folder)."""
-    from unipic.tokenizer import build_byte_tokenizer, load_tokenizer
+    from unipic.unipic1.tokenizer import build_byte_tokenizer, load_tokenizer
 
     if choice == "auto":
         choice = "world" if preset == SHAPES_EMBEDDED else "byte"

@@ -268,7 +268,7 @@ class TrainConfig:
             raise UserError(f"optim.lr={self.optim.lr} must be positive")
         if self.train.mixed_precision == "fp16" and not _has_gpu():
             raise UserError("train.mixed_precision=fp16 needs a GPU; use bf16 (or no) on the CPU")
-        from unipic.config import SamplingConfig
+        from unipic.unipic1.settings import SamplingConfig
 
         unknown = sorted(set(self.model.sampling) - {f.name for f in dataclasses.fields(SamplingConfig)})
         if unknown:

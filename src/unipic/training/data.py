@@ -21,7 +21,8 @@ from collections.abc import Collection, Sequence
 import numpy as np
 import torch
 
-from unipic.sampling.prompts import (
+from unipic.training.config import TASKS, DataConfig
+from unipic.unipic1.sampling.prompts import (
     center_crop_resize,
     edit_user_text,
     expand_image_placeholder,
@@ -30,7 +31,6 @@ from unipic.sampling.prompts import (
     pad_to_square,
     padding_id,
 )
-from unipic.training.config import TASKS, DataConfig
 
 IMAGE_KEYS = {"t2i": ("image",), "i2t": ("image",), "edit": ("source", "target")}
 # The training-only targets a world batch can carry, each read by one family of losses:

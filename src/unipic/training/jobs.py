@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from unipic.api import UserError
-from unipic.config import SamplingConfig, from_dict
 from unipic.training.build import (
     MODEL_PRESETS,
     VAE_FILE,
@@ -47,6 +46,7 @@ from unipic.training.losses import (
     text_to_image_loss,
 )
 from unipic.training.monitor import quick_eval, save_samples, unipic_samples, vae_eval
+from unipic.unipic1.settings import SamplingConfig, from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ class UniPicJob:
     """Trains a UniPic model with a frozen VAE on the tasks of `data.tasks`."""
 
     def __init__(self, config: TrainConfig, resume_dir: Path | None) -> None:
-        from unipic.checkpoint import load_model_folder
+        from unipic.unipic1.checkpoint import load_model_folder
 
         self.config = config
         if resume_dir is not None:
@@ -321,14 +321,14 @@ class UniPicJob:
         """The model itself, or (sharded training) a CPU model built from the gathered `state`."""
         if state is None:
             return self.model
-        from unipic.checkpoint import build_model, load_state_dict_strict
+        from unipic.unipic1.checkpoint import build_model, load_state_dict_strict
 
         copy = build_model(self.model.config, empty=True)
         load_state_dict_strict(copy, _strip(state, "model."), assign=True)
         return copy
 
     def save_weights(self, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
-        from unipic.checkpoint import save_model_folder
+        from unipic.unipic1.checkpoint import save_model_folder
 
         save_model_folder(self._plain(state), self.tokenizer, folder / MODEL_DIR)
         self._save_training_only_parts(folder)  # kept beside the model for --resume
@@ -351,14 +351,14 @@ class UniPicJob:
 
     def export_final(self, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         """`out_dir/final`: a unipic model folder (weights as they are now; the trainer swaps EMA in)."""
-        from unipic.checkpoint import save_model_folder
+        from unipic.unipic1.checkpoint import save_model_folder
 
         folder = save_model_folder(self._plain(state), self.tokenizer, out_dir / FINAL_DIR)
         self._save_training_only_parts(folder)  # the next stage starts from them (see __init__)
         return folder
 
     def _pipeline(self):
-        from unipic.pipeline import UniPicPipeline
+        from unipic.unipic1.pipeline import UniPicPipeline
 
         return UniPicPipeline(self.model, self.tokenizer)  # switches the model to eval mode
 
@@ -457,7 +457,7 @@ class VAEJob:
     def __init__(self, config: TrainConfig, resume_dir: Path | None) -> None:
         self.config = config
         if resume_dir is not None:
-            from unipic.models.vae import AutoencoderKL
+            from unipic.unipic1.models.vae import AutoencoderKL
 
             vae_config, state = load_vae_file(resume_dir / VAE_FILE)
             vae = AutoencoderKL(vae_config)
@@ -490,7 +490,7 @@ class VAEJob:
 
         vae = self.vae
         if state is not None:  # sharded training: a CPU copy from the gathered weights
-            from unipic.models.vae import AutoencoderKL
+            from unipic.unipic1.models.vae import AutoencoderKL
 
             vae = AutoencoderKL(self.vae.config)
             load_vae_state(vae, _strip(state, "vae."))

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unipic.models.layers import scale_gradient
-from unipic.sampling.schedules import (
+from unipic.unipic1.models.layers import scale_gradient
+from unipic.unipic1.sampling.schedules import (
     mask_by_order,
     random_masking,
     sample_mask_ratio,

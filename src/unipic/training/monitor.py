@@ -186,7 +186,7 @@ def quick_eval(pipeline, tasks: Sequence[str], size: int, per_kind: int, *, num_
 def vae_eval(vae, size: int, count: int, seed: int = 0) -> tuple[dict[str, float], list[list[Image.Image]]]:
     """Reconstruction PSNR and the judge's exact-scene rate on `count` evaluation renders, plus a
     grid (originals, reconstructions) of the first eight."""
-    from unipic.sampling.prompts import images_to_tensor, tensor_to_images
+    from unipic.unipic1.sampling.prompts import images_to_tensor, tensor_to_images
     from unipic.world import judge, matches_scene, render
     from unipic.world.examples import i2t_example
 

@@ -1,4 +1,4 @@
-"""The embedded Shapes-world model's world-text tokenizer (its size preset: `unipic.models.presets`).
+"""The embedded Shapes-world model's world-text tokenizer (its size preset: `unipic.unipic1.models.presets`).
 
 The embedded model is trained from scratch on this project's Shapes world (docs/world.md) by the
 recipe in `configs/shapes/` (VAE → MAR pre-training → alignment → joint → SFT). It keeps every
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from unipic.config import CHATML_TEMPLATE, SamplingConfig
-from unipic.models.presets import WORLD_VOCAB_SIZE
-from unipic.sampling.prompts import format_instruction
-from unipic.tokenizer import CHATML_SPECIALS
+from unipic.unipic1.models.presets import WORLD_VOCAB_SIZE
+from unipic.unipic1.sampling.prompts import format_instruction
+from unipic.unipic1.settings import CHATML_TEMPLATE, SamplingConfig
+from unipic.unipic1.tokenizer import CHATML_SPECIALS
 
 CORPUS_EXAMPLES = 2000  # examples per task fed to the tokenizer trainer
 CORPUS_SEED = 12345  # a stream seed of its own, so the tokenizer does not depend on the data seed
@@ -55,6 +55,6 @@ def _strip_specials(text: str) -> str:
 
 def build_shapes_tokenizer(vocab_size: int = WORLD_VOCAB_SIZE):
     """The embedded model's tokenizer: byte-level BPE trained on `world_text_corpus()` (deterministic)."""
-    from unipic.tokenizer import build_world_tokenizer
+    from unipic.unipic1.tokenizer import build_world_tokenizer
 
     return build_world_tokenizer(world_text_corpus(), vocab_size=vocab_size)

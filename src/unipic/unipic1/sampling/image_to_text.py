@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from unipic.sampling.prompts import padding_id, tokenize_chat
+from unipic.unipic1.sampling.prompts import padding_id, tokenize_chat
 
 
 @torch.no_grad()

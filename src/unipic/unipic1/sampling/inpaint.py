@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
-from unipic.models.unipic import UniPic
-from unipic.sampling.mar_decode import EXACT, SpeedOptions, mar_generate_tokens
-from unipic.sampling.rng import Randomness
-from unipic.sampling.text_to_image import build_t2i_prefix
+from unipic.unipic1.models.unipic import UniPic
+from unipic.unipic1.sampling.mar_decode import EXACT, SpeedOptions, mar_generate_tokens
+from unipic.unipic1.sampling.rng import Randomness
+from unipic.unipic1.sampling.text_to_image import build_t2i_prefix
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from unipic.sampling import rng
+from unipic.unipic1.sampling import rng
 
 
 def sample_orders(batch: int, seq_len: int, *, device: torch.device | str = "cpu",

@@ -1,8 +1,8 @@
 """The diffusion head's sampler as a scheduler, after diffusers' ``set_timesteps`` / ``step``.
 
 :class:`HeadScheduler` turns the parameter-free process of
-:mod:`unipic.models.gaussian_diffusion` into one ancestral step at a time; the loop that calls the
-network, applies guidance and draws the noise is :func:`unipic.sampling.mar_decode.denoise_tokens`,
+:mod:`unipic.unipic1.models.gaussian_diffusion` into one ancestral step at a time; the loop that calls the
+network, applies guidance and draws the noise is :func:`unipic.unipic1.sampling.mar_decode.denoise_tokens`,
 next to the MAR loop that calls it::
 
     scheduler.set_timesteps(50)
@@ -17,8 +17,8 @@ import math
 
 import torch
 
-from unipic.models.diffusion_head import DiffusionHeadConfig
-from unipic.models.gaussian_diffusion import GaussianDiffusion, get_diffusion
+from unipic.unipic1.models.diffusion_head import DiffusionHeadConfig
+from unipic.unipic1.models.gaussian_diffusion import GaussianDiffusion, get_diffusion
 
 __all__ = ["HeadScheduler"]
 

@@ -7,7 +7,7 @@ residual → MAR decoder → per-token diffusion head. Understanding path: VAE +
 features (the released code) or SigLIP2 features (the paper) replace the `<image>` tokens.
 
 Submodule names and registration order equal the released checkpoint's, so `state_dict()` keys
-are the official tensor names. This module holds no sampling loop (see `unipic.sampling`).
+are the official tensor names. This module holds no sampling loop (see `unipic.unipic1.sampling`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from unipic.models.config import UniPicConfig
-from unipic.models.layers import build_mlp
-from unipic.models.mar import MAR
-from unipic.models.vae import AutoencoderKL
+from unipic.unipic1.models.config import UniPicConfig
+from unipic.unipic1.models.layers import build_mlp
+from unipic.unipic1.models.mar import MAR
+from unipic.unipic1.models.vae import AutoencoderKL
 
 
 class SiglipTower(nn.Module):
@@ -83,7 +83,7 @@ def init_empty_weights() -> Iterator[None]:
 
 
 class UniPic(nn.Module):
-    """The UniPic-1 model. Build with a `UniPicConfig`; load weights with `unipic.checkpoint`."""
+    """The UniPic-1 model. Build with a `UniPicConfig`; load weights with `unipic.unipic1.checkpoint`."""
 
     def __init__(self, config: UniPicConfig) -> None:
         super().__init__()

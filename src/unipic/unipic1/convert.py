@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 
 from unipic.api import UserError
-from unipic.checkpoint import (
+from unipic.unipic1.checkpoint import (
     CheckpointError,
     build_model,
     load_state_dict_strict,
     read_tensor_file,
     save_model_folder,
 )
-from unipic.models.presets import get_preset
+from unipic.unipic1.models.presets import get_preset
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def convert_official(*, checkpoint: str | Path, llm_folder: str | Path, vae_chec
                      out: str | Path, preset: str = "unipic1-1.5b", dtype: str = "bfloat16",
                      understanding_encoder: str = "mar") -> Path:
     """Check and convert the release files; returns the written model folder."""
-    from unipic.tokenizer import load_tokenizer
+    from unipic.unipic1.tokenizer import load_tokenizer
 
     try:
         config = get_preset(preset)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from unipic.config import SamplingConfig
-from unipic.models.config import LLMConfig, SiglipConfig, UniPicConfig
-from unipic.models.diffusion_head import DiffusionHeadConfig
-from unipic.models.mar import MARConfig
-from unipic.models.vae import VAEConfig
+from unipic.unipic1.models.config import LLMConfig, SiglipConfig, UniPicConfig
+from unipic.unipic1.models.diffusion_head import DiffusionHeadConfig
+from unipic.unipic1.models.mar import MARConfig
+from unipic.unipic1.models.vae import VAEConfig
+from unipic.unipic1.settings import SamplingConfig
 
 SHAPES_EMBEDDED = "shapes-embedded"
 WORLD_VOCAB_SIZE = 512  # byte-level BPE over world text: every world word becomes one or two symbols

@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from unipic.sampling.mar_decode import EXACT, SpeedOptions, mar_generate_tokens, with_unconditional
-from unipic.sampling.prompts import tokenize_chat
-from unipic.sampling.rng import Randomness
+from unipic.unipic1.sampling.mar_decode import EXACT, SpeedOptions, mar_generate_tokens, with_unconditional
+from unipic.unipic1.sampling.prompts import tokenize_chat
+from unipic.unipic1.sampling.rng import Randomness
 
 if TYPE_CHECKING:
-    from unipic.models.unipic import UniPic
+    from unipic.unipic1.models.unipic import UniPic
 
 
 def build_t2i_prefix(model: UniPic, tokenizer, prompts: Sequence[str], *, cfg: float,

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 from tqdm.auto import tqdm
 
-from unipic.models.unipic import cache_argument
-from unipic.sampling import rng
-from unipic.sampling.diffusion import HeadScheduler
-from unipic.sampling.schedules import (
+from unipic.unipic1.models.unipic import cache_argument
+from unipic.unipic1.sampling import rng
+from unipic.unipic1.sampling.diffusion import HeadScheduler
+from unipic.unipic1.sampling.schedules import (
     cfg_at_step,
     mask_by_order,
     reveal_mask_len,
@@ -30,8 +30,8 @@ from unipic.sampling.schedules import (
 )
 
 if TYPE_CHECKING:
-    from unipic.models.diffusion_head import SimpleMLPAdaLN
-    from unipic.models.unipic import UniPic
+    from unipic.unipic1.models.diffusion_head import SimpleMLPAdaLN
+    from unipic.unipic1.models.unipic import UniPic
 
 Rows = TypeVar("Rows", list, torch.Tensor)
 
@@ -120,7 +120,7 @@ def denoise_tokens(
 ) -> torch.Tensor:
     """Sample one token per condition with the head's ancestral loop; returns (N', C) in float32.
 
-    The result equals `unipic.sampling.reference.reference_denoise_tokens` (the plain loop) up to
+    The result equals `unipic.unipic1.sampling.reference.reference_denoise_tokens` (the plain loop) up to
     float32 rounding: what depends only on the condition and the timestep, the adaLN
     modulations, is computed for many head steps in one matmul, and the duplicated noisy rows of
     guidance go through `input_proj` once.

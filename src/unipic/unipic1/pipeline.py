@@ -3,7 +3,7 @@ inpainting and outpainting.
 
 Validates inputs (raising `UserError` with the fix), turns PIL images into tensors and back, seeds a
 `torch.Generator` on the model's device (one per prompt for a seed list), and batches prompts. The numerical work lives in
-`unipic.sampling.{text_to_image, edit, inpaint, image_to_text}`.
+`unipic.unipic1.sampling.{text_to_image, edit, inpaint, image_to_text}`.
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ from unipic.inpainting import (
     pad_to_multiple,
     token_grid_mask,
 )
-from unipic.sampling.edit import edit_images
-from unipic.sampling.image_to_text import answer_questions
-from unipic.sampling.inpaint import inpaint_images
-from unipic.sampling.mar_decode import SpeedOptions
-from unipic.sampling.prompts import (
+from unipic.unipic1.sampling.edit import edit_images
+from unipic.unipic1.sampling.image_to_text import answer_questions
+from unipic.unipic1.sampling.inpaint import inpaint_images
+from unipic.unipic1.sampling.mar_decode import SpeedOptions
+from unipic.unipic1.sampling.prompts import (
     center_crop_resize,
     edit_user_text,
     format_instruction,
@@ -52,8 +52,8 @@ from unipic.sampling.prompts import (
     pad_to_square,
     tensor_to_images,
 )
-from unipic.sampling.rng import GeneratorGroups
-from unipic.sampling.text_to_image import generate_images
+from unipic.unipic1.sampling.rng import GeneratorGroups
+from unipic.unipic1.sampling.text_to_image import generate_images
 
 _T2I_OPTIONS = {"num_iter", "steps", "cfg", "cfg_schedule", "temperature", "head_steps", "batch_size", "fast",
                 "head_anneal", "guidance_interval", "uncond_interval"}

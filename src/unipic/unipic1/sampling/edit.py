@@ -14,19 +14,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from unipic.models.unipic import cache_argument
-from unipic.sampling.mar_decode import (
+from unipic.unipic1.models.unipic import cache_argument
+from unipic.unipic1.sampling.mar_decode import (
     EXACT,
     SpeedOptions,
     mar_generate_tokens,
     new_prefix_cache,
     with_unconditional,
 )
-from unipic.sampling.prompts import edit_user_text, tokenize_chat
-from unipic.sampling.rng import Randomness, row_generator
+from unipic.unipic1.sampling.prompts import edit_user_text, tokenize_chat
+from unipic.unipic1.sampling.rng import Randomness, row_generator
 
 if TYPE_CHECKING:
-    from unipic.models.unipic import UniPic
+    from unipic.unipic1.models.unipic import UniPic
 
 
 def build_edit_condition(model: UniPic, tokenizer, instructions: Sequence[str], x_con: torch.Tensor,

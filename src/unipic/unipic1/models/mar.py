@@ -8,7 +8,7 @@ a per-token diffusion head (`diffloss`) that samples continuous 16-d latents.
 
 Differences from the reference code: randomness comes from a passed `torch.Generator`; position
 tables resized for another grid are cached per grid size instead of being re-interpolated at
-every step; nothing here loops over sampling steps (see `unipic.sampling`).
+every step; nothing here loops over sampling steps (see `unipic.unipic1.sampling`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from unipic.models.diffusion_head import DiffusionHead, DiffusionHeadConfig
-from unipic.models.layers import Block
+from unipic.unipic1.models.diffusion_head import DiffusionHead, DiffusionHeadConfig
+from unipic.unipic1.models.layers import Block
 
 
 @dataclass

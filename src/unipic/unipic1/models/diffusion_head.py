@@ -3,9 +3,9 @@
 ``SimpleMLPAdaLN`` denoises one 16-channel latent token at a time, conditioned on the MAR
 decoder feature of that token (1280-d) and the diffusion timestep, through adaptive LayerNorm
 (shift/scale/gate) residual MLP blocks. ``DiffusionHead`` wraps it with its training loss (the
-process of :mod:`unipic.models.gaussian_diffusion`); its state dict is exactly ``net.*`` so that it
+process of :mod:`unipic.unipic1.models.gaussian_diffusion`); its state dict is exactly ``net.*`` so that it
 loads the released ``mar.diffloss.*`` tensors unchanged. Sampling is not here: the scheduler is
-:class:`unipic.sampling.diffusion.HeadScheduler` and the loop :mod:`unipic.sampling.mar_decode`.
+:class:`unipic.unipic1.sampling.diffusion.HeadScheduler` and the loop :mod:`unipic.unipic1.sampling.mar_decode`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from unipic.models.gaussian_diffusion import GaussianDiffusion, get_diffusion
+from unipic.unipic1.models.gaussian_diffusion import GaussianDiffusion, get_diffusion
 
 __all__ = [
     "DiffusionHead",

@@ -4,7 +4,7 @@ It is the loop as the upstream code writes it: the text prefix re-run through th
 MAR step, position tables re-interpolated at every step, the head called as ``net(x, t, c)`` at
 every head step with the noisy rows duplicated for guidance, and every row (the unconditional
 ones too) decoded by the VAE. It draws its randomness in the same order as
-:func:`unipic.sampling.mar_decode.mar_generate_tokens`, so for one seed both give the same image
+:func:`unipic.unipic1.sampling.mar_decode.mar_generate_tokens`, so for one seed both give the same image
 up to float32 rounding. Nothing here is used by the package's pipelines.
 """
 
@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from unipic.sampling import rng
-from unipic.sampling.diffusion import HeadScheduler
-from unipic.sampling.edit import build_edit_condition
-from unipic.sampling.mar_decode import guidance_enabled, with_unconditional
-from unipic.sampling.schedules import cfg_at_step, mask_by_order, reveal_mask_len, sample_orders
-from unipic.sampling.text_to_image import build_t2i_prefix
+from unipic.unipic1.sampling import rng
+from unipic.unipic1.sampling.diffusion import HeadScheduler
+from unipic.unipic1.sampling.edit import build_edit_condition
+from unipic.unipic1.sampling.mar_decode import guidance_enabled, with_unconditional
+from unipic.unipic1.sampling.schedules import cfg_at_step, mask_by_order, reveal_mask_len, sample_orders
+from unipic.unipic1.sampling.text_to_image import build_t2i_prefix
 
 if TYPE_CHECKING:
-    from unipic.models.unipic import UniPic
+    from unipic.unipic1.models.unipic import UniPic
 
 NetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

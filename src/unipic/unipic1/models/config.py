@@ -6,7 +6,7 @@ them, the prompt format and the model's default sampling settings. Component con
 to their modules (`vae.py`, `mar.py`, `diffusion_head.py`; the LLM and SigLIP parts here, mapped
 onto transformers' `Qwen2Config` / `SiglipVisionConfig`). Values that follow from others (the
 token width, the pixel stride) are properties here and are passed to the constructors that need
-them, never stored twice. Named presets: `unipic.models.presets`.
+them, never stored twice. Named presets: `unipic.unipic1.models.presets`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unipic.config import CHATML_TEMPLATE, SamplingConfig, from_dict
-from unipic.models.diffusion_head import DiffusionHeadConfig
-from unipic.models.mar import MARConfig
-from unipic.models.vae import VAEConfig
+from unipic.unipic1.models.diffusion_head import DiffusionHeadConfig
+from unipic.unipic1.models.mar import MARConfig
+from unipic.unipic1.models.vae import VAEConfig
+from unipic.unipic1.settings import CHATML_TEMPLATE, SamplingConfig, from_dict
 
 __all__ = ["LLMConfig", "SiglipConfig", "UniPicConfig"]
 

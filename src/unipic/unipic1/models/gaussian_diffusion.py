@@ -9,7 +9,7 @@ This module has no parameters. It implements the discrete-time DDPM used by MAR'
   interpolates the log-variance between the posterior variance β̃ₜ and βₜ);
 * the IDDPM hybrid training loss (ε-MSE + variational bound in bits);
 * the per-step coefficients of ancestral sampling (the loop itself, with its guidance and noise,
-  is :class:`unipic.sampling.diffusion.HeadScheduler` driven by :mod:`unipic.sampling.mar_decode`).
+  is :class:`unipic.unipic1.sampling.diffusion.HeadScheduler` driven by :mod:`unipic.unipic1.sampling.mar_decode`).
 
 The schedule is computed once in float64 (on the host) and cached; per-device coefficient
 tables are built lazily and cached too, so neither is rebuilt on every call. Sampling uses only

@@ -20,7 +20,7 @@ import torch
 
 from unipic.api import UserError
 from unipic.io_utils import atomic_write_bytes, atomic_write_json
-from unipic.models.config import UniPicConfig
+from unipic.unipic1.models.config import UniPicConfig
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class CheckpointError(UserError):
 
 def build_model(config: UniPicConfig, *, empty: bool = False, seed: int | None = None):
     """Build a `UniPic`; `empty=True` gives meta parameters (instant, no memory) for loading into."""
-    from unipic.models.unipic import UniPic, init_empty_weights
+    from unipic.unipic1.models.unipic import UniPic, init_empty_weights
 
     if empty:
         with init_empty_weights():
@@ -51,7 +51,7 @@ def build_model(config: UniPicConfig, *, empty: bool = False, seed: int | None =
 def expected_tensors(config: UniPicConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of every tensor an official-layout checkpoint may hold (from a meta build)."""
     with torch.device("meta"):
-        from unipic.models.unipic import UniPic
+        from unipic.unipic1.models.unipic import UniPic
 
         model = UniPic(config)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -208,7 +208,7 @@ def read_model_folder_tensors(folder: str | os.PathLike) -> dict[str, torch.Tens
 def load_model_folder(folder: str | os.PathLike, *, device: torch.device | str = "cpu",
                       dtype: torch.dtype | None = None):
     """Load (model, tokenizer) from our model folder, strictly, without holding two copies."""
-    from unipic.tokenizer import load_tokenizer
+    from unipic.unipic1.tokenizer import load_tokenizer
 
     folder = Path(folder)
     if not (folder / CONFIG_NAME).is_file():

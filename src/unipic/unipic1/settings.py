@@ -4,9 +4,9 @@
 "sampling"; the CLI and pipelines start from them); `CHATML_TEMPLATE` is the prompt format of
 the released model. `from_dict` builds any config dataclass from JSON with one-line errors.
 
-The architecture of a UniPic-1 model, `UniPicConfig`, lives in `unipic.models.config`, next to
-the modules it builds, and the named presets in `unipic.models.presets`. This module imports
-nothing from `unipic.models`, so the models can depend on it without a cycle.
+The architecture of a UniPic-1 model, `UniPicConfig`, lives in `unipic.unipic1.models.config`, next to
+the modules it builds, and the named presets in `unipic.unipic1.models.presets`. This module imports
+nothing from `unipic.unipic1.models`, so the models can depend on it without a cycle.
 """
 
 from __future__ import annotations
