@@ -5,7 +5,7 @@ functions) has no arrow against the layers below.
   (`cli`, `serve/`, `eval/`, `loading`); UniPic-1's networks (`unipic1.models`) do not import its
   sampling loops or pipeline, and its settings do not import its networks.
 - The shared pieces the families build on (`api`, `checks`, `images`, `io_utils`, `inpainting`,
-  `world/`) import no family, and `loading` imports no evaluator.
+  `interrupt`, `world/`) import no family, and `loading` imports no evaluator.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _layer(module: str) -> str:
 
 FAMILIES = ("unipic1", "unipic2")
 FRONT_ENDS = ("cli", "cli_common", "serve", "eval", "loading")
-SHARED = ("api", "checks", "images", "io_utils", "inpainting", "world")
+SHARED = ("api", "checks", "images", "io_utils", "inpainting", "interrupt", "world")
 RULES = (
     [(family, front) for family in FAMILIES for front in FRONT_ENDS]
     + [("unipic1", "unipic2"), ("unipic2", "unipic1")]

@@ -2,12 +2,18 @@
 
 Endpoints: `POST /v1/images/generations`, `POST /v1/images/edits` (multipart), `POST
 /v1/chat/completions` (image_url data URLs; `stream: true` for server-sent events), `GET /v1/models`,
-`GET /health`, `GET /metrics` (queue and batch counters) and the web page at `/`.
+`GET /health`, `GET /metrics` (Prometheus text format; `GET /metrics.json` the same counters as JSON)
+and the web page at `/`.
 
 Bodies are read and validated here rather than by FastAPI's automatic parsing, so every mistake
 gets OpenAI's error body with the field at fault in `param`, and multipart uploads stay in memory.
 The model is loaded in the background after the server starts listening: `/health` says
 "loading" (503) until it is ready, then "ready".
+
+Safe by default: JSON endpoints take only `Content-Type: application/json` (415 otherwise; a browser
+cannot send that cross-site without a CORS preflight), the `Host` header must name the server
+(Starlette's TrustedHostMiddleware, against DNS rebinding), a browser POST from another origin is
+refused unless `allowed_origins` lists it (and Starlette's CORSMiddleware then answers preflights).
 """
 
 from __future__ import annotations
@@ -21,18 +27,25 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect
 
 from unipic.api import CheckedInputs, UnifiedPipeline, UserError
 from unipic.checks import (
@@ -46,10 +59,18 @@ from unipic.checks import (
     check_size,
 )
 from unipic.io_utils import output_record
-from unipic.serve.batching import Batcher, Job
-from unipic.serve.errors import APIError, bad_request, error_body, too_large, user_errors
+from unipic.serve.batching import Batcher, Job, shutting_down
+from unipic.serve.errors import APIError, bad_request, error_body, from_user_error, too_large, user_errors
 from unipic.serve.images import decode_data_url, decode_image, png_b64
-from unipic.serve.jobs import ChatSettings, ChatWork, EditWork, GenerateWork, ImageSettings, run_jobs
+from unipic.serve.jobs import (
+    ChatSettings,
+    ChatWork,
+    EditWork,
+    GenerateWork,
+    ImageSettings,
+    InpaintWork,
+    run_jobs,
+)
 from unipic.serve.limits import ServeLimits
 from unipic.serve.multipart import parse_multipart
 
@@ -57,6 +78,26 @@ logger = logging.getLogger("unipic.serve")
 PUBLIC_PATHS = frozenset({"/", "/favicon.ico"})  # the page holds no data; it asks for the key itself
 MAX_CHAT_TEMPERATURE = 2.0  # OpenAI's range for chat completions
 KEEPALIVE_SECONDS = 5.0  # SSE comment while the answer is computed; also notices a gone client
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")  # the Host names accepted by default
+REQUEST_TIMEOUT = 30.0  # seconds a request's body may take to arrive (slow clients hold a connection)
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit for chat `stop`
+
+_ANY = object()
+# OpenAI parameters the server accepts when they ask for nothing (their neutral value); any other
+# value, and any parameter not listed or declared, is refused naming it rather than ignored.
+_CHAT_NEUTRAL: dict[str, tuple] = {
+    "user": (_ANY,), "metadata": (_ANY,), "store": (None, False), "logprobs": (None, False),
+    "top_logprobs": (None, 0), "frequency_penalty": (None, 0), "presence_penalty": (None, 0),
+    "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+    "function_call": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
+    "response_format": (None, {"type": "text"}), "service_tier": (None, "auto", "default"),
+    "modalities": (None, ["text"]),
+}
+_IMAGE_NEUTRAL: dict[str, tuple] = {
+    "user": (_ANY,), "quality": (None, "auto"), "background": (None, "auto"), "moderation": (None, "auto"),
+    "style": (None,), "stream": (None, False, "false"), "partial_images": (None, 0, "0"),
+    "output_compression": (None, 100, "100"), "input_fidelity": (None,),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,6 +138,24 @@ class ChatRequest(_Request):
     n: int | None = None
     stream: bool | None = None
     stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+
+
+def _refuse_unsupported(data: Any, model: type[BaseModel], neutral: dict[str, tuple]) -> None:
+    """A 400 naming the first parameter the server would otherwise ignore (unknown, or not neutral)."""
+    if not isinstance(data, dict):
+        return  # `_validate` explains
+    for name, value in data.items():
+        if name in model.model_fields:
+            continue
+        allowed = neutral.get(name)
+        if allowed is None:
+            raise bad_request(f"'{name}' is not a parameter this server knows; leave it out", name,
+                              "unsupported_parameter")
+        if _ANY not in allowed and not any(value == ok and type(value) is type(ok) for ok in allowed):
+            shown = json.dumps(value)[:80] if isinstance(value, (str, int, float, bool, list, dict)) else "..."
+            raise bad_request(f"'{name}' is not supported by this server (got {shown}); leave it out", name,
+                              "unsupported_parameter")
 
 
 def _validate(model: type[BaseModel], data: Any, *, strict: bool) -> Any:
@@ -137,14 +196,24 @@ class ServerState:
     started: float = field(default_factory=time.monotonic)
     requests: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
+    disconnects: int = 0  # clients that went away before their answer (not errors)
+    closing: bool = False  # shutting down: everything new is answered 503 shutting_down
 
 
 def create_app(load: Callable[[], UnifiedPipeline], *, model_name: str, limits: ServeLimits | None = None,
                api_key: str | None = None, on_ready: Callable[[], None] | None = None,
-               on_failed: Callable[[str], None] | None = None) -> FastAPI:
-    """The application; `load()` runs on the model thread after start-up (`on_ready`/`on_failed` report it)."""
+               on_failed: Callable[[str], None] | None = None, allowed_hosts: Sequence[str] | None = None,
+               allowed_origins: Sequence[str] = (), request_timeout: float | None = REQUEST_TIMEOUT) -> FastAPI:
+    """The application; `load()` runs on the model thread after start-up (`on_ready`/`on_failed` report it).
+
+    `allowed_hosts`: the `Host` names accepted (default the loopback names; `"*"` any);
+    `allowed_origins`: web origins allowed to call the API from a browser (CORS; default none);
+    `request_timeout`: seconds a request body may take to arrive (408 after).
+    """
     limits = limits or ServeLimits()
     state = ServerState(model_name=model_name, limits=limits, api_key=api_key or None)
+    hosts = list(allowed_hosts) if allowed_hosts else list(LOOPBACK_HOSTS)
+    origins = [origin.rstrip("/") for origin in allowed_origins]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -175,10 +244,57 @@ def create_app(load: Callable[[], UnifiedPipeline], *, model_name: str, limits: 
 
     app = FastAPI(title="unipic", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.unipic = state
-    app.add_middleware(_Guard, limits=limits, api_key=state.api_key)
+    # The last added runs first: Host check, then CORS (preflights carry no key), then key and body limits.
+    app.add_middleware(_Guard, state=state, origins=origins, request_timeout=request_timeout)
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+    app.add_middleware(_HostCheck, allowed_hosts=hosts)
     _add_error_handlers(app, state)
     _add_routes(app, state)
     return app
+
+
+async def drain(app: FastAPI, timeout: float) -> None:
+    """Begin a graceful shutdown: answer new and waiting requests 503 `shutting_down`, let the running
+    batch finish within `timeout` seconds, then stop it at its next sampler step (the CLI calls this on
+    SIGINT/SIGTERM, before uvicorn closes the connections)."""
+    state: ServerState = app.state.unipic
+    state.closing = True
+    if state.batcher is not None:
+        await state.batcher.drain(timeout)
+
+
+class _HostCheck:
+    """Starlette's TrustedHostMiddleware, with its refusal answered in OpenAI's JSON shape."""
+
+    def __init__(self, app, allowed_hosts: list[str]) -> None:
+        self.app = app
+        self.hosts = allowed_hosts
+        self.check = TrustedHostMiddleware(self._passed, allowed_hosts=allowed_hosts, www_redirect=False)
+
+    async def _passed(self, scope, receive, send) -> None:
+        scope["unipic.host_ok"] = True
+        await self.app(scope, receive, send)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.check(scope, receive, send)
+            return
+
+        async def guarded_send(message) -> None:
+            if message["type"] == "http.response.start" and not scope.get("unipic.host_ok"):
+                host = dict(scope.get("headers", [])).get(b"host", b"").decode("latin-1")
+                body = error_body(400, f"the Host header {host!r} does not name this server (it accepts "
+                                       f"{', '.join(self.hosts)}); start it with --allowed-hosts to add names",
+                                  code="invalid_host")
+                await _send_json(send, 400, body, {"Connection": "close"})
+                return
+            if message["type"] == "http.response.body" and not scope.get("unipic.host_ok"):
+                return  # the JSON above replaced Starlette's plain-text answer
+            await send(message)
+
+        await self.check(scope, receive, guarded_send)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,16 +305,30 @@ def create_app(load: Callable[[], UnifiedPipeline], *, model_name: str, limits: 
 class _Guard:
     """Bearer-key check and request-body limit; refusals are answered before any body is read."""
 
-    def __init__(self, app, limits: ServeLimits, api_key: str | None) -> None:
+    def __init__(self, app, state: ServerState, origins: list[str], request_timeout: float | None) -> None:
         self.app = app
-        self.limit = limits.max_body_bytes
-        self.api_key = api_key.encode() if api_key else None
+        self.state = state
+        self.limit = state.limits.max_body_bytes
+        self.api_key = state.api_key.encode() if state.api_key else None
+        self.origins = set(origins)
+        self.request_timeout = request_timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        origin = headers.get(b"origin")
+        if origin is not None and scope.get("method") not in ("GET", "HEAD", "OPTIONS") and not self._same_site(
+                origin.decode("latin-1"), headers.get(b"host", b"").decode("latin-1")):
+            # A form POST (multipart is a "simple" request) from another web page: no preflight protects it.
+            await _send_json(send, 403, error_body(403, f"requests from the web page at {origin.decode('latin-1')} "
+                                                        f"are not allowed; start the server with --allowed-origins "
+                                                        f"to allow it", code="origin_not_allowed"))
+            return
+        if self.state.closing:
+            await _send_json(send, 503, shutting_down().body(), {"Connection": "close"})
+            return
         if self.api_key is not None and scope.get("path") not in PUBLIC_PATHS:
             given = headers.get(b"authorization", b"")
             scheme, _, token = given.partition(b" ")
@@ -224,11 +354,20 @@ class _Guard:
                                  {"Connection": "close"})
                 return
         received = 0
+        complete = False
 
         async def counted_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete or self.request_timeout is None:
+                message = await receive()  # the body is in: what comes now is the disconnect
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), self.request_timeout)
+                except asyncio.TimeoutError:
+                    raise APIError(408, f"the request body did not arrive within {self.request_timeout:g} s",
+                                   code="request_timeout", headers={"Connection": "close"}) from None
             if message["type"] == "http.request":
+                complete = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > self.limit:  # a chunked body without Content-Length
                     if message.get("more_body"):
@@ -239,6 +378,9 @@ class _Guard:
 
         await self.app(scope, counted_receive, send)
 
+    def _same_site(self, origin: str, host: str) -> bool:
+        """The page making the request is this server's own, or one `--allowed-origins` lists."""
+        return origin.rstrip("/") in self.origins or urlsplit(origin).netloc.lower() == host.lower()
 
     async def _drain(self, receive, received: int) -> None:
         """Read and drop the rest of a refused body, up to a few times the limit.
@@ -286,6 +428,11 @@ def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
         return JSONResponse(error_body(error.status_code, message, code=code), status_code=error.status_code,
                             headers=getattr(error, "headers", None))
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, error: ClientDisconnect) -> Response:
+        state.disconnects += 1  # the client hung up while sending: nobody to answer, nothing went wrong here
+        return Response(status_code=499)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         count(400)
@@ -313,12 +460,23 @@ def _ready(state: ServerState) -> tuple[UnifiedPipeline, Batcher]:
     return state.pipeline, state.batcher
 
 
+def _require_media_type(request: Request, expected: str, how: str) -> None:
+    """A 415 unless the Content-Type is `expected` (parameters such as charset aside)."""
+    given = request.headers.get("content-type", "")
+    if given.split(";", 1)[0].strip().lower() != expected:
+        raise APIError(415, f"send {how} with 'Content-Type: {expected}' (got {given or 'no Content-Type'!r})",
+                       code="unsupported_media_type")
+
+
 async def _json_body(request: Request) -> Any:
+    _require_media_type(request, "application/json", "the request as a JSON object")
     body = await request.body()
     if not body.strip():
         raise bad_request("the request body is empty; send a JSON object", None, "invalid_json")
     try:
         return json.loads(body)
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply", None, "invalid_json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         where = f" at line {error.lineno} column {error.colno}" if isinstance(error, json.JSONDecodeError) else ""
         raise bad_request(f"the request body is not valid JSON{where}", None, "invalid_json") from None
@@ -358,9 +516,21 @@ def parse_size(size: str | None, limits: ServeLimits) -> tuple[int | None, int |
         raise bad_request(f"size {width}x{height}: width and height must be positive multiples of {PIXEL_MULTIPLE} "
                           f"(e.g. {fix})", "size", "invalid_size") from None
     if max(width, height) > limits.max_side:
+        fit = suggest_size(width, height, lambda w, h: max(w, h) <= limits.max_side)
         raise bad_request(f"size {width}x{height} is too large: this server allows at most {limits.max_side} "
-                          f"pixels per side", "size", "invalid_size")
+                          f"pixels per side; try {fit}", "size", "invalid_size")
     return height, width
+
+
+def suggest_size(width: int, height: int, fits: Callable[[int, int], bool]) -> str:
+    """The largest 'WxH' of the same aspect ratio, in multiples of 16, that `fits` (a few tries, largest first)."""
+    for step in range(1, 200):
+        scale = 0.97 ** step
+        w = max(PIXEL_MULTIPLE, int(width * scale) // PIXEL_MULTIPLE * PIXEL_MULTIPLE)
+        h = max(PIXEL_MULTIPLE, int(height * scale) // PIXEL_MULTIPLE * PIXEL_MULTIPLE)
+        if fits(w, h):
+            return f"{w}x{h}"
+    return f"{PIXEL_MULTIPLE}x{PIXEL_MULTIPLE}"
 
 
 def _image_settings(req: ImageRequest, limits: ServeLimits) -> tuple[list[int], ImageSettings]:
@@ -407,7 +577,24 @@ def _check_request(pipeline: UnifiedPipeline, job: str, texts: list[str], images
     with user_errors():
         if job == "image_to_text":
             return pipeline.check_inputs(job, texts, images, seed=seed, max_new_tokens=max_new_tokens, **options)
+    try:
         return pipeline.check_inputs(job, texts, images, height=height, width=width, seed=seed, **options)
+    except UserError as error:
+        message = str(error)
+        if height is None or not message.startswith(("height=", "width=")):
+            raise from_user_error(error) from None
+
+        def fits(w: int, h: int) -> bool:
+            try:
+                pipeline.check_inputs(job, texts[:1], images[:1] if images else None, height=h, width=w,
+                                      seed=seed[:1] if isinstance(seed, list) else seed, **options)
+                return True
+            except UserError:
+                return False
+
+        # The model's own size rule (positions, memory), answered in the request's terms.
+        raise bad_request(f"size {width}x{height}: {message.split(': ', 1)[-1]}; try "
+                          f"{suggest_size(width, height, fits)}", "size", "invalid_size") from None
 
 
 async def _disconnected(request: Request) -> None:
@@ -551,6 +738,81 @@ def _default_question(pipeline: UnifiedPipeline) -> str:
     return getattr(sampling, "caption_prompt", None) or "Describe the image in detail."
 
 
+_STOPPED = "\x00stopped"  # internal marker: the answer was cut at a stop sequence
+
+
+def _stop_sequences(stop: str | list[str] | None) -> list[str]:
+    """Chat `stop`: a string or up to 4 non-empty strings; the answer ends before the first one found."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise bad_request(f"'stop' has {len(stops)} sequences; the limit is {MAX_STOP_SEQUENCES}", "stop",
+                          "invalid_value")
+    if any(not s for s in stops):
+        raise bad_request("'stop' sequences must not be empty", "stop", "invalid_value")
+    return stops
+
+
+def _openai_mask(mask: Any, size: tuple[int, int]) -> np.ndarray:
+    """OpenAI's edit mask -> the package's (H, W) bool mask: True where the mask is transparent (alpha < 128)."""
+    if mask.size != size:
+        raise bad_request(f"the mask is {mask.width}x{mask.height} but the image is {size[0]}x{size[1]}; they must "
+                          f"be the same size", "mask", "invalid_mask")
+    has_alpha = mask.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in mask.info
+    if not has_alpha:
+        raise bad_request("the mask has no transparency: its transparent pixels mark what to regenerate "
+                          "(OpenAI's convention); send a PNG with an alpha channel", "mask", "invalid_mask")
+    alpha = np.asarray(mask.convert("RGBA").getchannel("A"))
+    regenerate = alpha < 128
+    if not regenerate.any():
+        raise bad_request("the mask has no transparent pixels, so there is nothing to regenerate", "mask",
+                          "invalid_mask")
+    return regenerate
+
+
+class _Collector:
+    """The server's counters for prometheus_client, read at each scrape (one registry per app)."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    def collect(self):
+        state, batcher = self.state, self.state.batcher
+        stats = batcher.stats if batcher else None
+        yield GaugeMetricFamily("unipic_ready", "1 when the model is loaded and the server answers requests",
+                                value=1.0 if state.status == "ready" and not state.closing else 0.0)
+        yield GaugeMetricFamily("unipic_uptime_seconds", "Seconds since the server started",
+                                value=time.monotonic() - state.started)
+        yield GaugeMetricFamily("unipic_queue_waiting", "Requests waiting for a batch",
+                                value=batcher.waiting if batcher else 0)
+        yield GaugeMetricFamily("unipic_running", "Requests in the batch the model is working on",
+                                value=batcher.running if batcher else 0)
+        requests = CounterMetricFamily("unipic_requests", "Requests received, by endpoint", labels=["endpoint"])
+        for name, value in sorted(state.requests.items()):
+            requests.add_metric([name], value)
+        yield requests
+        errors = CounterMetricFamily("unipic_errors", "Error answers, by HTTP status", labels=["status"])
+        for status, value in sorted(state.errors.items()):
+            errors.add_metric([status], value)
+        yield errors
+        yield CounterMetricFamily("unipic_client_disconnects", "Clients that went away before their answer",
+                                  value=state.disconnects)
+        jobs = CounterMetricFamily("unipic_jobs", "Queued requests, by outcome", labels=["outcome"])
+        for outcome in ("admitted", "rejected_busy", "cancelled_waiting", "abandoned_running", "completed",
+                        "failed"):
+            jobs.add_metric([outcome], getattr(stats, outcome) if stats else 0)
+        yield jobs
+        yield CounterMetricFamily("unipic_batches_interrupted", "Batches stopped at a sampler step (every client "
+                                  "gone, or shutting down)", value=stats.interrupted_batches if stats else 0)
+        yield CounterMetricFamily("unipic_model_busy_seconds", "Seconds the model spent running batches",
+                                  value=stats.busy_seconds if stats else 0.0)
+        sizes = stats.batch_sizes if stats else {}
+        bounds = [1, 2, 4, 8, 16, 32, 64]
+        buckets = [(str(b), sum(v for k, v in sizes.items() if k <= b)) for b in bounds]
+        buckets.append(("+Inf", sum(sizes.values())))
+        yield HistogramMetricFamily("unipic_batch_requests", "Requests per batch", buckets=buckets,
+                                    sum_value=sum(k * v for k, v in sizes.items()))
+
+
 def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -593,8 +855,16 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
         return JSONResponse(body)
 
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(state))
+
     @app.get("/metrics")
-    async def metrics() -> JSONResponse:
+    async def metrics() -> Response:
+        """Prometheus text format (prometheus_client), for Prometheus, Grafana Agent, VictoriaMetrics ..."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/metrics.json")
+    async def metrics_json() -> JSONResponse:
         batcher = state.batcher
         return JSONResponse({
             "status": state.status, "model": state.model_name,
@@ -605,7 +875,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                        "max_steps": limits.max_steps, "max_side": limits.max_side,
                        "max_upload_bytes": limits.max_upload_bytes, "max_image_pixels": limits.max_image_pixels,
                        "max_prompt_chars": limits.max_prompt_chars, "max_tokens": limits.max_tokens},
-            "requests": dict(state.requests), "errors": dict(state.errors),
+            "requests": dict(state.requests), "errors": dict(state.errors), "client_disconnects": state.disconnects,
             "batching": batcher.stats.as_dict() if batcher else {},
         })
 
@@ -628,13 +898,16 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         try:
             images = await _await_job(request, batcher, job)
         except ClientGone:
+            state.disconnects += 1
             return Response(status_code=499)
         return JSONResponse(await _images_response(state, images, checked, **text))
 
     @app.post("/v1/images/generations")
     async def generations(request: Request) -> Response:
         count("images.generations")
-        req = _validate(ImageRequest, await _json_body(request), strict=True)
+        data = await _json_body(request)
+        _refuse_unsupported(data, ImageRequest, _IMAGE_NEUTRAL)
+        req = _validate(ImageRequest, data, strict=True)
         _check_model(state, req.model)
         prompt = _check_text(req.prompt, "prompt", limits)
         seeds, settings = _image_settings(req, limits)
@@ -648,15 +921,14 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/images/edits")
     async def edits(request: Request) -> Response:
         count("images.edits")
+        _require_media_type(request, "multipart/form-data", "the edit as a form with an 'image' file part")
         body = await request.body()
         form = parse_multipart(body, request.headers.get("content-type", ""))
         images = form.all("image", "image[]")
-        if form.get("mask") is not None:
-            raise bad_request("masks are not supported: the model edits by the instruction alone; leave 'mask' out",
-                              "mask", "unsupported_parameter")
+        mask_part = form.get("mask")
         fields: dict[str, Any] = {}
         for part in form.parts:
-            if part.name in ("image", "image[]"):
+            if part.name in ("image", "image[]", "mask"):
                 continue
             if part.filename is not None:
                 raise bad_request(f"'{part.name}' must be a text field, not a file", part.name, "invalid_type")
@@ -664,6 +936,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                 fields[part.name] = part.data.decode("utf-8")
             except UnicodeDecodeError:
                 raise bad_request(f"'{part.name}' is not UTF-8 text", part.name, "invalid_type") from None
+        _refuse_unsupported(fields, ImageRequest, _IMAGE_NEUTRAL)
         req = _validate(ImageRequest, fields, strict=False)  # form fields are text: "2" is n=2
         _check_model(state, req.model)
         if not images:
@@ -675,6 +948,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         seeds, settings = _image_settings(req, limits)
         pipeline, batcher = _ready(state)
         source = await run_in_threadpool(decode_image, images[0].data, limits)
+        if mask_part is not None:
+            return await inpaint(request, pipeline, batcher, req, source, mask_part, instruction, seeds, settings)
         if settings.height is None:
             height, width = _edit_size(pipeline, source, limits)
             settings = ImageSettings(height, width, settings.steps, settings.guidance_scale, settings.temperature,
@@ -687,10 +962,39 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return await images_job(request, batcher, "edit", settings, EditWork(source, instruction, seeds, settings),
                                 checked, instruction=instruction)
 
+    async def inpaint(request: Request, pipeline: UnifiedPipeline, batcher: Batcher, req: ImageRequest, source,
+                      mask_part, instruction: str, seeds: list[int], settings: ImageSettings) -> Response:
+        """An edit with a mask: inpainting, by OpenAI's convention (the mask's transparent pixels are redrawn)."""
+        if mask_part.filename is None:
+            raise bad_request("'mask' must be a file part (a PNG with transparency)", "mask", "invalid_type")
+        if getattr(pipeline, "check_inpaint", None) is None:
+            raise bad_request(f"the model '{state.model_name}' cannot inpaint; leave 'mask' out", "mask",
+                              "unsupported_task")
+        mask_image = await run_in_threadpool(decode_image, mask_part.data, limits, param="mask")
+        mask = _openai_mask(mask_image, source.size)
+        if settings.height is not None and (settings.width, settings.height) != source.size:
+            raise bad_request(f"size {settings.width}x{settings.height}: with a mask the edit keeps the image's size "
+                              f"({source.width}x{source.height}); leave 'size' out", "size", "invalid_size")
+        settings = ImageSettings(None, None, settings.steps, settings.guidance_scale, settings.temperature,
+                                 settings.fast)
+        n = len(seeds)
+
+        def check() -> CheckedInputs:
+            with user_errors():
+                return pipeline.check_inpaint([source] * n, [mask] * n, [instruction] * n, seed=seeds,
+                                              **settings.options())
+
+        checked = await run_in_threadpool(check)
+        work = InpaintWork(checked.images[0], mask, instruction, seeds, settings)
+        return await images_job(request, batcher, "inpaint", (settings, source.size), work, checked,
+                                instruction=instruction)
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         count("chat.completions")
-        req = _validate(ChatRequest, await _json_body(request), strict=True)
+        data = await _json_body(request)
+        _refuse_unsupported(data, ChatRequest, _CHAT_NEUTRAL)
+        req = _validate(ChatRequest, data, strict=True)
         _check_model(state, req.model)
         if req.n not in (None, 1):
             raise bad_request(f"n={req.n}: this server gives one answer per request", "n", "invalid_value")
@@ -706,6 +1010,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                 check_number(req.top_p, "top_p", minimum=0.0, above_minimum=True, maximum=1.0)
         with user_errors("seed"):
             check_seed(req.seed)
+        stops = _stop_sequences(req.stop)
         pipeline, batcher = _ready(state)
         question, image = await run_in_threadpool(_parse_messages, req.messages, limits)
         question = question if question.strip() else _default_question(pipeline)
@@ -726,17 +1031,27 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
         def finish(answer: str) -> str:
             limit = max_tokens
+            if answer.endswith(_STOPPED):
+                return "stop"
             return "length" if limit is not None and _token_count(pipeline, answer) >= limit else "stop"
+
+        def stop_at(answer: str) -> str:
+            """The answer up to the first stop sequence (marked, for `finish`, by a trailing sentinel)."""
+            cuts = [answer.find(stop) for stop in stops if stop in answer]
+            return answer[:min(cuts)] + _STOPPED if cuts else answer
 
         if not req.stream:
             try:
-                answer = await _await_job(request, batcher, job)
+                answer = stop_at(await _await_job(request, batcher, job))
             except ClientGone:
+                state.disconnects += 1
                 return Response(status_code=499)
+            reason = finish(answer)
+            answer = answer.removesuffix(_STOPPED)
             return JSONResponse({
                 "id": completion_id, "object": "chat.completion", "created": created, "model": state.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                             "finish_reason": finish(answer), "logprobs": None}],
+                             "finish_reason": reason, "logprobs": None}],
                 "usage": usage(answer)})
 
         include_usage = bool((req.stream_options or {}).get("include_usage"))
@@ -754,18 +1069,21 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                     done, _ = await asyncio.wait({job.future, watcher}, timeout=KEEPALIVE_SECONDS,
                                                  return_when=asyncio.FIRST_COMPLETED)
                     if watcher in done:
+                        state.disconnects += 1
                         batcher.cancel(job)
                         return
                     if not done:
                         yield ": the model is working\n\n"  # a comment line: clients ignore it
                 try:
-                    answer = job.future.result()
+                    answer = stop_at(job.future.result())
                 except APIError as error:  # headers are sent: report the error in the stream, as OpenAI does
                     yield _sse(error.body())
                     return
+                reason = finish(answer)
+                answer = answer.removesuffix(_STOPPED)
                 for piece in _pieces(answer):
                     yield _sse(chunk({"content": piece}))
-                yield _sse(chunk({}, finish(answer)))
+                yield _sse(chunk({}, reason))
                 if include_usage:
                     yield _sse({**chunk({}), "choices": [], "usage": usage(answer)})
                 yield "data: [DONE]\n\n"

@@ -67,6 +67,17 @@ class EditWork:
     settings: ImageSettings
 
 
+@dataclass
+class InpaintWork:
+    """An edit with a mask: the masked pixels of `image` (RGB) redrawn by `instruction`, once per seed."""
+
+    image: Image.Image
+    mask: Any  # (H, W) bool, True = regenerate
+    instruction: str
+    seeds: list[int]
+    settings: ImageSettings
+
+
 @dataclass(frozen=True)
 class ChatSettings:
     """Decoding settings of an image-to-text request (part of the compatibility key)."""
@@ -137,6 +148,8 @@ def _run(pipeline, jobs: Sequence[Job]) -> list[Any]:
         return _generate(pipeline, [job.payload for job in jobs])
     if kind == "edit":
         return _edit(pipeline, [job.payload for job in jobs])
+    if kind == "inpaint":
+        return _inpaint(pipeline, [job.payload for job in jobs])
     if kind == "chat":
         return _chat(pipeline, [job.payload for job in jobs])
     raise ValueError(f"unknown job kind {kind!r}")
@@ -167,6 +180,16 @@ def _edit(pipeline, works: Sequence[EditWork]) -> list[list[Image.Image]]:
     edited = pipeline.edit_image(images, instructions, height=settings.height, width=settings.width, seed=seeds,
                                  **settings.options())
     return _split(list(edited), [len(w.seeds) for w in works])
+
+
+def _inpaint(pipeline, works: Sequence[InpaintWork]) -> list[list[Image.Image]]:
+    settings = works[0].settings
+    images = [w.image for w in works for _ in w.seeds]
+    masks = [w.mask for w in works for _ in w.seeds]
+    instructions = [w.instruction for w in works for _ in w.seeds]
+    seeds = [seed for w in works for seed in w.seeds]
+    painted = pipeline.inpaint(images, masks, instructions, seed=seeds, **settings.options())
+    return _split(list(painted), [len(w.seeds) for w in works])
 
 
 def _chat(pipeline, works: Sequence[ChatWork]) -> list[str]:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 from tqdm.auto import tqdm
 
+from unipic.interrupt import check_interrupt
 from unipic.unipic1.models.unipic import cache_argument
 from unipic.unipic1.sampling import rng
 from unipic.unipic1.sampling.diffusion import HeadScheduler
@@ -293,6 +294,7 @@ def mar_generate_tokens(
 
     # 3. Reveal loop.
     for step in tqdm(range(steps), disable=not progress, desc="MAR steps", leave=False):
+        check_interrupt()  # a server may stop a batch nobody waits for
         if lazy and step % speed.uncond_interval:
             x_enc = model.encode_with_llm(tokens[:n_cond], mask[:n_cond].float(), grid, attention_mask[:n_cond],
                                           past_key_values=cache_cond)  # (B, buf + L_vis, enc_dim)
