@@ -116,7 +116,7 @@ class Server:
         """Requests per batch -> batches, from /metrics."""
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         try:
-            connection.request("GET", "/metrics")
+            connection.request("GET", "/metrics.json")
             return json.loads(connection.getresponse().read())["batching"]["batch_sizes"]
         finally:
             connection.close()
