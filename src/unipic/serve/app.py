@@ -523,9 +523,9 @@ def parse_size(size: str | None, limits: ServeLimits) -> tuple[int | None, int |
 
 
 def suggest_size(width: int, height: int, fits: Callable[[int, int], bool]) -> str:
-    """The largest 'WxH' of the same aspect ratio, in multiples of 16, that `fits` (a few tries, largest first)."""
-    for step in range(1, 200):
-        scale = 0.97 ** step
+    """The largest 'WxH' of the same aspect ratio, in multiples of 16, that `fits` (scaled down 1% at a time)."""
+    for step in range(1, 460):
+        scale = 0.99 ** step
         w = max(PIXEL_MULTIPLE, int(width * scale) // PIXEL_MULTIPLE * PIXEL_MULTIPLE)
         h = max(PIXEL_MULTIPLE, int(height * scale) // PIXEL_MULTIPLE * PIXEL_MULTIPLE)
         if fits(w, h):

@@ -204,6 +204,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = _limits(args)
     api_key = args.api_key or os.environ.get("UNIPIC_API_KEY") or None
     name = _model_name(args)
+    sock = _bind(args.host, args.port)  # a bad --host or a used port: one line, before the model loads
     if not _is_loopback(args.host) and api_key is None:
         print(f"unipic serve: warning: listening on {args.host} without an API key; anyone who can reach this "
               f"machine can use the model (set --api-key or UNIPIC_API_KEY)", file=sys.stderr)
@@ -224,7 +225,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    sock = _bind(args.host, args.port)  # a bad --host or a used port: one line, before the model loads
     app = create_app(load, model_name=name, limits=limits, api_key=api_key, on_ready=on_ready, on_failed=on_failed,
                      allowed_hosts=_allowed_hosts(args), allowed_origins=_names(args.allowed_origins),
                      request_timeout=args.request_timeout or None)
