@@ -436,7 +436,7 @@ def test_sigterm_finishes_or_stops_work_and_answers_the_rest_503():
         server.process.wait(timeout=30)
         took = time.monotonic() - signalled
         assert took < 8, f"the server took {took:.1f} s to exit"
-        assert server.process.returncode == 0
+        assert server.process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it is done
         _no_tracebacks(server)
     finally:
         server.stop()
