@@ -98,7 +98,12 @@ def test_generate_edit_drop_and_ask_in_the_browser(page_server, browser, tmp_pat
     _set(driver, "set-size", "64x64")
     _set(driver, "set-steps", "6")
     _set(driver, "set-seed", "3")
+    _set(driver, "set-n", "2")
     _wait(driver, ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
+    # The key is kept for this tab only (sessionStorage), never in localStorage.
+    stored = driver.execute_script("return [sessionStorage.getItem('unipic.set-key'), "
+                                   "localStorage.getItem('unipic.set-key')]")
+    assert stored == [page_server.api_key, None]
 
     # Watch the progress indication: it must be shown while the model works.
     driver.execute_script("""
@@ -106,10 +111,13 @@ def test_generate_edit_drop_and_ask_in_the_browser(page_server, browser, tmp_pat
         new MutationObserver(() => { if (document.getElementById('progress').classList.contains('shown'))
             window.progressSeen = true; }).observe(document.getElementById('progress'), {attributes: true});""")
 
-    # 1. Generate, and see the image appear with a download link.
+    # 1. Generate two, and see the images appear in seed order, each with a download link.
     driver.find_element(By.ID, "prompt").send_keys("a red circle left of a blue star")
     driver.find_element(By.ID, "generate-btn").click()
-    image = _wait(driver, ec.presence_of_element_located((By.CSS_SELECTOR, "#gen-results .card img")))
+    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gen-results .card img")) == 2)
+    metas = [m.text for m in driver.find_elements(By.CSS_SELECTOR, "#gen-results .card .meta")]
+    assert "seed 3" in metas[0] and "seed 4" in metas[1], metas
+    image = driver.find_element(By.CSS_SELECTOR, "#gen-results .card img")
     _wait(driver, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image))
     assert driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image) == [64, 64]
     assert driver.execute_script("return window.progressSeen") is True
@@ -152,12 +160,25 @@ def test_generate_edit_drop_and_ask_in_the_browser(page_server, browser, tmp_pat
     answer = driver.find_element(By.ID, "answer").text.strip()
     assert answer and _error_text(driver) == "", (answer, _error_text(driver))
 
-    # 5. A mistake is explained in plain words.
+    # 5. Cancelling is not an error: the page says "Cancelled." as a notice.
     driver.find_element(By.ID, "tab-generate").click()
+    driver.execute_script("document.getElementById('generate-btn').click(); "
+                          "document.getElementById('cancel-btn').click();")
+    _wait(driver, lambda d: d.find_element(By.ID, "notice").text == "Cancelled.")
+    assert _error_text(driver) == ""
+
+    # 6. A mistake is explained in plain words, and the stale message goes once the user moves on.
     _set(driver, "set-size", "100x100")
     driver.find_element(By.ID, "generate-btn").click()
     _wait(driver, lambda d: _error_text(d) != "")
     assert "multiples of 16" in _error_text(driver)
+    driver.find_element(By.ID, "prompt").send_keys(" again")
+    _wait(driver, lambda d: _error_text(d) == "")
+    driver.find_element(By.ID, "generate-btn").click()
+    _wait(driver, lambda d: "multiples of 16" in _error_text(d))
+    driver.find_element(By.ID, "tab-ask").click()
+    _wait(driver, lambda d: _error_text(d) == "")
+    driver.find_element(By.ID, "tab-generate").click()
     _set(driver, "set-key", "wrong")
     _set(driver, "set-size", "64x64")
     driver.find_element(By.ID, "generate-btn").click()
