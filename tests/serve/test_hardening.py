@@ -190,7 +190,7 @@ def _question():
 
 def test_chat_stop_max_tokens_temperature_and_seed_are_honoured(client):
     messages = _question()
-    same = dict(model="tiny-random", messages=messages, max_tokens=24, temperature=1.0, seed=11)
+    same = {"model": "tiny-random", "messages": messages, "max_tokens": 24, "temperature": 1.0, "seed": 11}
     answers = [client.chat.completions.create(**same).choices[0].message.content for _ in range(2)]
     answer = answers[0]
     assert answers[1] == answer and len(answer) >= 3, answers  # one seed, one sampled answer
@@ -221,7 +221,7 @@ def test_unsupported_chat_parameters_are_refused_by_name(client, param, kwargs):
 
 def test_neutral_values_of_unsupported_parameters_are_accepted(client):
     reply = client.chat.completions.create(model="tiny-random", messages=_question(), max_tokens=2, logprobs=False,
-                                           presence_penalty=0, response_format={"type": "text"}, user="me")
+                                           presence_penalty=0.0, response_format={"type": "text"}, user="me")
     assert reply.choices[0].message.content is not None
 
 

@@ -141,6 +141,13 @@ class ChatRequest(_Request):
     stop: str | list[str] | None = None
 
 
+def _same(value: Any, neutral: Any) -> bool:
+    """`value` is the neutral value (0 and 0.0 alike, but a boolean only equals a boolean)."""
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return type(value) is type(neutral) and value == neutral
+    return value == neutral
+
+
 def _refuse_unsupported(data: Any, model: type[BaseModel], neutral: dict[str, tuple]) -> None:
     """A 400 naming the first parameter the server would otherwise ignore (unknown, or not neutral)."""
     if not isinstance(data, dict):
@@ -152,7 +159,7 @@ def _refuse_unsupported(data: Any, model: type[BaseModel], neutral: dict[str, tu
         if allowed is None:
             raise bad_request(f"'{name}' is not a parameter this server knows; leave it out", name,
                               "unsupported_parameter")
-        if _ANY not in allowed and not any(value == ok and type(value) is type(ok) for ok in allowed):
+        if _ANY not in allowed and not any(_same(value, ok) for ok in allowed):
             shown = json.dumps(value)[:80] if isinstance(value, (str, int, float, bool, list, dict)) else "..."
             raise bad_request(f"'{name}' is not supported by this server (got {shown}); leave it out", name,
                               "unsupported_parameter")

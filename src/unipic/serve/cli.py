@@ -58,7 +58,7 @@ def register_serve_commands(sub: argparse._SubParsersAction) -> None:
                      help="close a connection idle this many seconds, also one that never sends a request "
                           "(default 5)")
     con.add_argument("--request-timeout", type=float, default=30.0,
-                     help="seconds a request body may take to arrive; slower ones get 408 (default 30)")
+                     help="seconds a request body may take to arrive; slower ones get 408 (default 30; 0: no limit)")
     con.add_argument("--max-connections", type=int, default=256,
                      help="open connections (and running requests) at most; beyond it uvicorn answers 503 "
                           "(default 256)")
@@ -192,8 +192,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     check_int(args.port, "--port", minimum=0, maximum=65535, hint=" (0 picks a free one)")
     check_int(args.max_connections, "--max-connections", minimum=1)
-    for flag, value in (("--timeout-keep-alive", args.timeout_keep_alive), ("--request-timeout", args.request_timeout),
-                        ("--shutdown-timeout", args.shutdown_timeout)):
+    if not args.timeout_keep_alive > 0:
+        raise UserError(f"--timeout-keep-alive must be more than 0 seconds, got {args.timeout_keep_alive:g}")
+    for flag, value in (("--request-timeout", args.request_timeout), ("--shutdown-timeout", args.shutdown_timeout)):
         if not value >= 0:
             raise UserError(f"{flag} must be 0 or more seconds, got {value:g}")
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
