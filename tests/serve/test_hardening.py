@@ -93,7 +93,7 @@ def test_the_host_header_must_name_the_server(tiny_server):
     for host in ("evil.example", f"evil.example:{tiny_server.port}", "127.0.0.1.evil.example"):
         reply = tiny_server.request("GET", "/v1/models", headers={"Host": host})
         assert_openai_error(reply, 400, code="invalid_host")
-    for host in (f"127.0.0.1:{tiny_server.port}", f"localhost:{tiny_server.port}", "localhost"):
+    for host in (f"127.0.0.1:{tiny_server.port}", f"localhost:{tiny_server.port}", "localhost", f"[::1]:{tiny_server.port}"):
         assert tiny_server.request("GET", "/v1/models", headers={"Host": host}).status == 200
 
 

@@ -78,7 +78,7 @@ logger = logging.getLogger("unipic.serve")
 PUBLIC_PATHS = frozenset({"/", "/favicon.ico"})  # the page holds no data; it asks for the key itself
 MAX_CHAT_TEMPERATURE = 2.0  # OpenAI's range for chat completions
 KEEPALIVE_SECONDS = 5.0  # SSE comment while the answer is computed; also notices a gone client
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")  # the Host names accepted by default
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # the Host names accepted by default (IPv6 in brackets)
 REQUEST_TIMEOUT = 30.0  # seconds a request's body may take to arrive (slow clients hold a connection)
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit for chat `stop`
 

@@ -134,7 +134,7 @@ def _allowed_hosts(args: argparse.Namespace) -> list[str]:
     if args.host in ("0.0.0.0", "::", ""):
         hosts += [socket.gethostname(), socket.getfqdn()]
     else:
-        hosts.append(args.host)
+        hosts.append(f"[{args.host}]" if ":" in args.host else args.host)  # a Host header brackets IPv6
     return list(dict.fromkeys(h.lower() for h in hosts if h))
 
 
