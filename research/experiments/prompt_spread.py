@@ -6,7 +6,7 @@ objects, this prints the mean relative distance ‖z_a − z_b‖ / ‖z_a‖. A
 layout but not the objects' identity shows a large count spread and near-zero colour and shape
 spreads, and then draws the same picture for "a red circle" and "a green square".
 
-    python scripts/experiments/prompt_spread.py runs/exp/canon/final
+    python research/experiments/prompt_spread.py runs/exp/canon/final
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Copies every tensor of MODEL into a model whose config adds a `siglip` tower of 
 sets `understanding_encoder: siglip2`, so image-to-text reads pixels through the new tower instead
 of the MAR encoder (whose features lose shape: `shape_probe.py`); generation is unchanged.
 
-    python scripts/experiments/add_siglip.py runs/shapes/sft/final runs/exp/s10/sig-init --hidden 128 --layers 2
+    python research/experiments/add_siglip.py runs/shapes/sft/final runs/exp/s10/sig-init --hidden 128 --layers 2
 """
 
 from __future__ import annotations

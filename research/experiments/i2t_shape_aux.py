@@ -6,7 +6,7 @@ shape and the colour of every object from the understanding feature of the token
 centre. The world knows both exactly. The auxiliary loss reaches the MAR encoder at full rate (the
 answers reach it at `--grad-scale`). Writes a model folder to OUT for `unipic eval i2t`.
 
-    python scripts/experiments/i2t_shape_aux.py runs/shapes/sft/final runs/exp/s10/i2t-aux --steps 2000
+    python research/experiments/i2t_shape_aux.py runs/shapes/sft/final runs/exp/s10/i2t-aux --steps 2000
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ small convolutional probe (two 3×3 convolutions over the token grid, max-pooled
 name the object's shape; prints held-out accuracy (chance 1/6). If the tokens allow it and the
 features do not, the MAR encoder loses shape; if both allow it, the LLM is what fails to learn it.
 
-    python scripts/experiments/shape_probe.py MODEL --n 3000 --steps 1500
+    python research/experiments/shape_probe.py MODEL --n 3000 --steps 1500
 """
 
 from __future__ import annotations

@@ -6,25 +6,23 @@ every token from the same first-step condition, no MAR iteration. It then trains
 head alone on the fixed (z, token) pairs and judges its samples every `--every` steps. If the
 copy becomes exact, the head only lacks training; if it does not, its parametrisation is the limit.
 
-    python scripts/experiments/head_alone.py runs/exp/s9/mem-probe/final --steps 3000 --every 500
+    python research/experiments/head_alone.py runs/exp/s9/mem-probe/final --steps 3000 --every 500
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from z_readout import conditions, decoded_scenes  # noqa: E402
+# A sibling script: Python puts the running script's own folder first on sys.path.
+from z_readout import conditions, decoded_scenes
 
-from unipic.unipic1.checkpoint import load_model_folder  # noqa: E402
-from unipic.unipic1.sampling.diffusion import HeadScheduler  # noqa: E402
-from unipic.unipic1.sampling.reference import reference_denoise_tokens  # noqa: E402
+from unipic.unipic1.checkpoint import load_model_folder
+from unipic.unipic1.sampling.diffusion import HeadScheduler
+from unipic.unipic1.sampling.reference import reference_denoise_tokens
 
 
 def sample_head(head, z: torch.Tensor, temperature: float, seed: int, steps: int | None) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """What the judge reads on anti-aliased renders (supersample=4) and blurred renders of each shape, by size.
 
-    python scripts/experiments/judge_soft_edges.py
+    python research/experiments/judge_soft_edges.py
 
 One object per canvas (S=128), every colour, sizes from 0.16·S to 0.28·S, centred at a few
 sub-pixel offsets; prints the fraction read as the right shape (and the most common wrong reading).

@@ -1,8 +1,8 @@
 """Does a model's diffusion loss depend on its text? The loss with each example's own prompt
 against the loss with the prompts shifted by one example in the batch.
 
-    python scripts/experiments/instruction_use.py --model runs/exp/s14/edit-only-recolor/final --task edit --edit-kinds recolor
-    python scripts/experiments/instruction_use.py --model default --task t2i
+    python research/experiments/instruction_use.py --model runs/exp/s14/edit-only-recolor/final --task edit --edit-kinds recolor
+    python research/experiments/instruction_use.py --model default --task t2i
 
 edit: the loss on the tokens the edit changes (`changed_weight=1000`); t2i: on the objects' tokens
 (`object_weight=1000`), the tokens a prompt decides. Six batches of 16 world training examples

@@ -7,7 +7,7 @@ A model that continues what it sees has a much lower loss with its own tokens, m
 (more is visible); equal losses mean the visible tokens are ignored. Also printed: the loss on hidden
 tokens that touch a visible object token (8-neighbourhood), where seeing the object matters most.
 
-    python scripts/experiments/context_dependence.py runs/shapes/pretrain/final --n 64 --ratios 0.9,0.5,0.1
+    python research/experiments/context_dependence.py runs/shapes/pretrain/final --n 64 --ratios 0.9,0.5,0.1
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Where one training step's time goes, per task, for the embedded preset (or a run's model).
 
-    python scripts/experiments/profile_step.py --threads 2 --steps 6 --batch 16
+    python research/experiments/profile_step.py --threads 2 --steps 6 --batch 16
 
 Times (median over steps, after one warm-up) of: world rendering and batch building, the frozen
 VAE encoding, the MAR encoder, the LLM, the MAR decoder, the diffusion head's loss (forward),

@@ -4,7 +4,7 @@ Each grid point copies the model folder, rewrites the `sampling` block of its `c
 and runs `unipic eval t2i` (or `edit`) with a seed other than the evaluation's, so the chosen
 settings are not fitted to the prompts they are scored on.
 
-    python scripts/experiments/tune_sampling.py runs/shapes/pretrain/final \
+    python research/experiments/tune_sampling.py runs/shapes/pretrain/final \
         --grid '{"temperature": [1.0, 0.7], "cfg": [3.0, 6.0]}' --n 10 --seed 1
 """
 

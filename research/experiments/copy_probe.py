@@ -1,6 +1,6 @@
 """Can a model's editing path copy its source? Three measurements on world edit sources.
 
-    python scripts/experiments/copy_probe.py --model default --n 24 --seed 1
+    python research/experiments/copy_probe.py --model default --n 24 --seed 1
 
 1. Copy: the edit sampler with the instruction "Repeat this image." (the guidance prompt editing
    trains with `data.edit_repeat_prob`), judged against the source scene (`matches_scene`), next

@@ -14,7 +14,7 @@ prompt order:
 `--encoder-layers K` puts K bidirectional transformer layers over the image rows first (the MAR
 encoder's role). Scored on the evaluation questions (`i2t_eval_set`, held-out pairs included).
 
-    python scripts/experiments/vqa_order.py --order img_q --steps 3000 --out runs/exp/s10/order-img_q.json
+    python research/experiments/vqa_order.py --order img_q --steps 3000 --out runs/exp/s10/order-img_q.json
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ scenes still judged right after the model's fill, and after filling the token wi
 (what a generator that draws no object there scores), so the first number means something only
 when the second is well below it.
 
-    python scripts/experiments/token_completion.py runs/shapes/pretrain/final --n 64
+    python research/experiments/token_completion.py runs/shapes/pretrain/final --n 64
 """
 
 from __future__ import annotations

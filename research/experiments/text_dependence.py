@@ -5,7 +5,7 @@ prompts shuffled across images, and the null prompt; a model that ignores the pr
 losses. Image-to-text (`--task i2t`): the answers' cross-entropy with the true images and with the
 images shuffled across questions; a model that ignores the image gives equal losses.
 
-    python scripts/experiments/text_dependence.py runs/shapes/pretrain/final --n 64
+    python research/experiments/text_dependence.py runs/shapes/pretrain/final --n 64
 """
 
 from __future__ import annotations

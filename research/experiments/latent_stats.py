@@ -1,6 +1,6 @@
 """Shape of a VAE's scaled latent distribution on world scenes (how heavy its tails are).
 
-    python scripts/experiments/latent_stats.py runs/exp/v1-f8c4/vae.safetensors [...]
+    python research/experiments/latent_stats.py runs/exp/v1-f8c4/vae.safetensors [...]
 
 The MAR's diffusion head models each token with a unit-scale Gaussian diffusion; tokens many
 standard deviations out (objects on a flat background) are rare, hard targets.
@@ -11,6 +11,9 @@ from __future__ import annotations
 import sys
 
 import torch
+
+# A sibling script: Python puts the running script's own folder first on sys.path.
+from vae_probe import load_vae
 
 from unipic.unipic1.sampling.prompts import images_to_tensor
 from unipic.world import render
@@ -29,8 +32,5 @@ def latent_stats(vae, count: int = 64) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, "scripts/experiments")
-    from vae_probe import load_vae
-
     for spec in sys.argv[1:]:
         print(spec, {k: round(v, 3) for k, v in latent_stats(load_vae(spec)).items()})

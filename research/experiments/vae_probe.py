@@ -1,7 +1,7 @@
 """Judge a VAE's reconstructions of world scenes, clean and with Gaussian noise on the scaled latents.
 
-    python scripts/experiments/vae_probe.py --vae default --count 96 --noise 0,0.1,0.2,0.3,0.5
-    python scripts/experiments/vae_probe.py --vae runs/x/vae.safetensors
+    python research/experiments/vae_probe.py --vae default --count 96 --noise 0,0.1,0.2,0.3,0.5
+    python research/experiments/vae_probe.py --vae runs/x/vae.safetensors
 
 Prints, per noise level (in units of the scaled latents the MAR predicts, whose std is ~1): the
 fraction of scenes the judge reads exactly and the recall of objects per shape.

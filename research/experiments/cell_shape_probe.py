@@ -8,7 +8,7 @@ covers, four features of that cell: its VAE token, the source's MAR-encoder feat
 (under "Repeat this image."); it trains a linear read-out of the object's shape and of its colour
 on 80% of the scenes and prints held-out accuracy next to the majority class.
 
-    python scripts/experiments/cell_shape_probe.py --model default --n 600
+    python research/experiments/cell_shape_probe.py --model default --n 600
 """
 
 from __future__ import annotations

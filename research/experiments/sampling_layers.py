@@ -1,7 +1,7 @@
 """Layering facts of the UniPic-1 sampler (issue 11): import arrows from `models/` into `sampling/`,
 the files the guidance scale (`cfg`) crosses, and where "is guidance on?" is decided.
 
-    python scripts/experiments/sampling_layers.py [--rev GIT_REV]
+    python research/experiments/sampling_layers.py [--rev GIT_REV]
 
 Reads the sources with `ast` (from the working tree, or from a git revision with --rev), so it
 needs neither torch nor the package importable.

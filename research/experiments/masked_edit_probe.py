@@ -1,6 +1,6 @@
 """Would editing succeed if the model regenerated only what it should? Edits with a keep mask.
 
-    python scripts/experiments/masked_edit_probe.py --model default --n 40 --seed 1
+    python research/experiments/masked_edit_probe.py --model default --n 40 --seed 1
 
 Editing models here change every object, not only the named one (docs/training.md, fourteenth
 session). This probe runs the edit sampler with the token cells of the untouched objects held at

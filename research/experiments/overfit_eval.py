@@ -2,7 +2,7 @@
 
     unipic data export --task t2i --n 32 --seed 7 --out runs/exp/data/t2i      # the fixed set
     unipic train configs/shapes/pretrain.yaml data.source=folder data.folders.t2i=runs/exp/data/t2i ...
-    python scripts/experiments/overfit_eval.py --model runs/exp/of-t2i/final --tasks t2i --n 32 --seed 7
+    python research/experiments/overfit_eval.py --model runs/exp/of-t2i/final --tasks t2i --n 32 --seed 7
 
 t2i: the judge's (color, shape) multiset equals the scene's; i2t: the answer is right; edit: the
 world's edit-success rule on the output.

@@ -6,8 +6,8 @@ the true token is fitted. The fitted tokens are decoded by the VAE and judged. I
 draws the scenes while the model's own sampler does not, the scene is in z and the diffusion head
 is what fails to sample it; if the read-out fails too, the MAR/LLM path has not learned it.
 
-    python scripts/experiments/z_readout.py MODEL --n 32 --seed 7          # the memorisation set
-    python scripts/experiments/z_readout.py MODEL --n 32 --seed 7 --fit-seed 8   # fitted on other scenes
+    python research/experiments/z_readout.py MODEL --n 32 --seed 7          # the memorisation set
+    python research/experiments/z_readout.py MODEL --n 32 --seed 7 --fit-seed 8   # fitted on other scenes
 
 The multiset rule of `overfit_eval.py` decides "right". Writes an optional sheet (targets above,
 read-outs below) with --sheet.

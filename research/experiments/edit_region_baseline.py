@@ -1,6 +1,6 @@
 """The losses `loss.edit_region_readout` reaches without binding the instruction to an object.
 
-    python scripts/experiments/edit_region_baseline.py --seed 41 --n 2000
+    python research/experiments/edit_region_baseline.py --seed 41 --n 2000
 
 Over world training edits that name a source object (add excluded), on the model's 8×8 token
 grid: the binary cross-entropy of the prior alone (every cell named with the base rate), and of a
