@@ -65,7 +65,7 @@ class ModelConfig:
     edit_source_through_llm: bool | None = None
     # True: give the model its edit_keep_mask head (needs edit_source_through_llm): the edit sampler
     # keeps the cells it marks at the source's tokens; edit batches train it and keep those cells
-    # visible. Null keeps the starting model's (docs/training.md, "Seventeenth session").
+    # visible. Null keeps the starting model's (research/shapes-model-notebook.md, "Seventeenth session").
     edit_keep_mask: bool | None = None
     # Preset only: nested changes to its architecture, e.g. {vae: {embed_dim: 32}, mar: {encoder_depth: 4}}.
     architecture: dict[str, Any] = field(default_factory=dict)

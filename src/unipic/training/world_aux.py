@@ -301,7 +301,7 @@ class ObjectReadout(nn.Module):
 
     Answers reach the understanding features at `loss.grad_scale` and, on a small budget, teach
     colour and the question priors long before shape; the trained MAR encoder then hands the LLM
-    features that hold shape poorly (docs/training.md). The world labels every object exactly, so
+    features that hold shape poorly (research/shapes-model-notebook.md). The world labels every object exactly, so
     a direct read-out at full gradient keeps shape and colour in the features. Inference never
     uses it; the trainer keeps its weights beside the model in checkpoints.
     """
@@ -325,7 +325,7 @@ class EditRegionReadout(nn.Module):
     object the edit instruction names covers that token cell (Shapes world).
 
     Editing models learn the instruction's colour or shape but apply it to every object: nothing
-    tells a decoder position whether it is the one named (docs/training.md, "Fourteenth session").
+    tells a decoder position whether it is the one named (research/shapes-model-notebook.md, "Fourteenth session").
     This read-out asks each position exactly that. Inference never uses it; the trainer keeps its
     weights beside the model in checkpoints.
     """
@@ -348,7 +348,7 @@ class EditTargetReadout(nn.Module):
     alone covers, its shape and colour (Shapes world).
 
     With the untouched objects kept, edits still draw the new colour as a blob and add or move
-    nothing (docs/training.md, "Seventeenth session"): the decoder positions of the edited object
+    nothing (research/shapes-model-notebook.md, "Seventeenth session"): the decoder positions of the edited object
     do not know what to draw there. This read-out asks them. Inference never uses it; the trainer
     keeps its weights beside the model in checkpoints.
     """
@@ -375,7 +375,7 @@ class RelationReadout(nn.Module):
     question, of whether its first named shape lies left of and above its second (Shapes world).
 
     Attention supervision tells an answer where the named objects are, but the answer alone does
-    not teach the LLM to compare two positions: relation answers stay at chance (docs/training.md,
+    not teach the LLM to compare two positions: relation answers stay at chance (research/shapes-model-notebook.md,
     "Eleventh session"). Reading the two comparisons out of the answer row gives that row a direct
     signal. Inference never uses it; the trainer keeps its weights beside the model in checkpoints.
     """
