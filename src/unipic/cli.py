@@ -708,7 +708,13 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `unipic` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `unipic train RUN.yaml a=1 --resume b=2`: argparse stops collecting the overrides at the
+    # first option, so key=value items after one come back unparsed; they are overrides all the same.
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="unipic: %(message)s")
     if not args.verbose:
         # transformers/diffusers chatter is not for end users. They reset their loggers when first

@@ -335,6 +335,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         data = loaded or {}
     for item in overrides:
         apply_override(data, item)
+    if not data:
+        # Defaults alone would train 100 steps of an untrained preset into ./runs/unnamed.
+        where = f"{path} sets no keys" if path is not None else "no run file and no overrides"
+        raise UserError(f"{where}: a run must say what it trains (at least stage: and out_dir:); "
+                        "start from one of configs/shapes/*.yaml")
     config = from_dict(TrainConfig, data, "config")
     config.validate()
     config.model.sampling = config.model_sampling()  # explicit: printed and saved with the run
