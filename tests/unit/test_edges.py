@@ -63,3 +63,42 @@ def test_the_oracle_says_what_it_cannot_draw_or_answer(tmp_path, capsys):
     answers = oracle.image_to_text([image, image], ["Describe the image.", "What color is the cross?"])
     assert answers[0] == "a red circle and a blue star"
     assert answers[1] and "does not apply" in answers[1]
+
+
+def _rotated_jpeg(path):
+    """A 64x32 JPEG whose EXIF orientation (6: rotate 90° clockwise) displays it as 32x64."""
+    from PIL import Image
+
+    raw = Image.new("RGB", (64, 32), (128, 128, 128))
+    raw.paste((220, 30, 30), (0, 0, 16, 32))  # left quarter red: the displayed top quarter
+    exif = raw.getexif()
+    exif[0x0112] = 6
+    raw.save(path, exif=exif)
+    return path
+
+
+def test_photos_with_an_exif_orientation_are_used_as_displayed(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from unipic.images import open_image
+
+    photo = _rotated_jpeg(tmp_path / "phone.jpg")
+    shown = open_image(photo)
+    assert shown.size == (32, 64)
+    assert np.asarray(shown.convert("RGB"))[:8].mean(axis=(0, 1))[0] > 180  # red on top, as displayed
+    mask = np.zeros((64, 32), dtype=np.uint8)
+    mask[16:48, 8:24] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")  # drawn on the displayed picture
+    out = tmp_path / "filled.png"
+    assert main(["inpaint", str(photo), str(tmp_path / "mask.png"), "a photo of a red circle", "--model",
+                 "tiny-random", "--steps", "1", "--quiet", "-o", str(out)]) == 0, capsys.readouterr().err
+    assert Image.open(out).size == (32, 64)
+    # A mask of the stored (unrotated) size no longer fits: the message names the CLI's argument.
+    raw_mask = np.zeros((32, 64), dtype=np.uint8)
+    raw_mask[:, :16] = 255
+    Image.fromarray(raw_mask).save(tmp_path / "raw.png")
+    assert main(["inpaint", str(photo), str(tmp_path / "raw.png"), "a photo of a red circle", "--model",
+                 "tiny-random", "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mask" in err[0] and "32x64" in err[0]
