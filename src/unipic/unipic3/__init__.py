@@ -1,0 +1,1 @@
+"""UniPic-3 (placeholder while building)."""
