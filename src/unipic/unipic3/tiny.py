@@ -29,7 +29,7 @@ TINY_CONFIG: dict = {
         "num_attention_heads": 2, "joint_attention_dim": 64, "axes_dims_rope": (4, 6, 6),
     },
     "vae": {
-        "base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_scales": [],
+        "base_dim": 4, "z_dim": 16, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_scales": [],
         "temperal_downsample": [False, True, True],
     },
     # Qwen-Image-Edit's published scheduler config, so mu and the terminal stretch behave as in the release.
@@ -102,3 +102,16 @@ def save_tiny_unipic3(folder: str | Path, seed: int = 0, variant: str = "base") 
     settings = {"variant": variant, "budget_area": TINY_BUDGET_AREA}
     (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     return folder
+
+
+def tiny_unipic3_unified(device: str = "cpu", dtype=None, variant: str = "base", seed: int = 0):
+    """The built-in `unipic3-tiny-random`: a tiny random UniPic-3 behind `UnifiedPipeline` (128² budget)."""
+    from unipic.unipic3.adapter import UniPic3UnifiedPipeline
+
+    import torch
+
+    pipe = build_tiny_unipic3_pipeline(seed)
+    pipe.to(device)
+    if dtype not in (None, torch.float32):  # built in float32; only cast when asked to
+        pipe.to(dtype=dtype)
+    return UniPic3UnifiedPipeline(pipe, variant=variant, name="unipic3-tiny-random", budget_area=TINY_BUDGET_AREA)
