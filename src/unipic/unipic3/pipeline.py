@@ -203,8 +203,8 @@ class UniPic3Pipeline(DiffusionPipeline):
         """The (guided) velocity of the target tokens at one timestep, (1, N, 64)."""
         # Target tokens first, then every input image's tokens (upstream :826).
         hidden = torch.cat([latents] + image_latents, dim=1)  # (1, N + sum N_i, 64)
-        common = dict(hidden_states=hidden, timestep=timestep, img_shapes=[img_shapes],
-                      attention_kwargs=attention_kwargs, return_dict=False)
+        common = {"hidden_states": hidden, "timestep": timestep, "img_shapes": [img_shapes],
+                      "attention_kwargs": attention_kwargs, "return_dict": False}
         with self.transformer.cache_context("cond"):
             velocity = self.transformer(encoder_hidden_states=embeds, encoder_hidden_states_mask=mask, **common)[0]
         velocity = velocity[:, : latents.shape[1]]  # only the target's tokens are denoised

@@ -106,9 +106,9 @@ def save_tiny_unipic3(folder: str | Path, seed: int = 0, variant: str = "base") 
 
 def tiny_unipic3_unified(device: str = "cpu", dtype=None, variant: str = "base", seed: int = 0):
     """The built-in `unipic3-tiny-random`: a tiny random UniPic-3 behind `UnifiedPipeline` (128² budget)."""
-    from unipic.unipic3.adapter import UniPic3UnifiedPipeline
-
     import torch
+
+    from unipic.unipic3.adapter import UniPic3UnifiedPipeline
 
     pipe = build_tiny_unipic3_pipeline(seed)
     pipe.to(device)
