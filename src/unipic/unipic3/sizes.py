@@ -35,7 +35,8 @@ def budget_sizes(sizes: Sequence[tuple[int, int]], area: int = BUDGET_AREA) -> l
 
 def scaled_sizes(sizes: Sequence[tuple[int, int]], area: int = BUDGET_AREA) -> list[tuple[int, int]]:
     """(width, height) after the first resize: every image scaled by sqrt(area / sum of areas)."""
-    ratio = math.sqrt(area) / math.sqrt(sum(w * h for w, h in sizes))
+    # Written as upstream writes it (1024 / total ** 0.5), so the float rounding is the same.
+    ratio = math.sqrt(area) / sum(w * h for w, h in sizes) ** 0.5
     # Python's round (half to even), as upstream uses; never 0 (upstream would crash in PIL).
     return [(max(1, round(w * ratio)), max(1, round(h * ratio))) for w, h in sizes]
 
