@@ -113,7 +113,7 @@ def test_pipeline_equals_the_step_by_step_restatement(tiny_pipe, images_of, case
     images = images_of(CASES[case], seed=3)
     expected_latents, expected_image = reference_edit(tiny_pipe, images, "put them together", steps=2,
                                                       sampler=sampler, seed=7)
-    common = dict(num_inference_steps=2, sampler=sampler, budget_area=AREA)
+    common = {"num_inference_steps": 2, "sampler": sampler, "budget_area": AREA}
     latents = tiny_pipe(images, "put them together", generator=torch.Generator().manual_seed(7),
                         output_type="latent", **common).images
     image = tiny_pipe(images, "put them together", generator=torch.Generator().manual_seed(7),

@@ -159,13 +159,18 @@ class UniPic3UnifiedPipeline:
         if height is not None:
             check_size(height, "height")
             check_size(width, "width")
+        sampler = VARIANT_DEFAULTS[self.variant]["sampler"]
+        steps = opts.get("num_inference_steps", VARIANT_DEFAULTS[self.variant]["num_inference_steps"])
+        if sampler == "euler" and steps < 2 and self.pipeline.scheduler.config.get("shift_terminal"):
+            # One sigma equals the terminal one, and the stretch to shift_terminal divides by zero (NaN).
+            raise UserError(f"num_inference_steps={steps}: the base model's schedule needs at least 2 steps")
         budget_area = opts.get("budget_area", self.budget_area)
         output_sizes = [list(sizes.output_size(sizes.budget_sizes([im.size for im in group], budget_area),
                                                height, width)) for group in groups]
         settings = {
             "variant": self.variant,
-            "sampler": VARIANT_DEFAULTS[self.variant]["sampler"],
-            "num_inference_steps": opts.get("num_inference_steps", VARIANT_DEFAULTS[self.variant]["num_inference_steps"]),
+            "sampler": sampler,
+            "num_inference_steps": steps,
             "cfg": opts.get("cfg", DEFAULT_CFG),
             "negative_prompt": opts.get("negative_prompt", DEFAULT_NEGATIVE_PROMPT),
             "budget_area": budget_area,
