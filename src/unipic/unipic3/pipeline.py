@@ -201,7 +201,7 @@ class UniPic3Pipeline(DiffusionPipeline):
                 img_shapes: list[tuple[int, int, int]], true_cfg_scale: float,
                 attention_kwargs: dict[str, Any] | None) -> torch.Tensor:
         """The (guided) velocity of the target tokens at one timestep, (1, N, 64)."""
-        # Target tokens first, then every input image's tokens (upstream :826).
+        # Target tokens first, then every input image's tokens (base :823, fast :826).
         hidden = torch.cat([latents] + image_latents, dim=1)  # (1, N + sum N_i, 64)
         common = {"hidden_states": hidden, "timestep": timestep, "img_shapes": [img_shapes],
                       "attention_kwargs": attention_kwargs, "return_dict": False}
@@ -223,7 +223,7 @@ class UniPic3Pipeline(DiffusionPipeline):
         latents = latents.to(self.vae.dtype)
         mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
         inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
-        latents = latents / inv_std + mean  # upstream divides by 1/std (:900-903); kept for equal bits
+        latents = latents / inv_std + mean  # upstream divides by 1/std (base :896-900); kept for equal bits
         image = self.vae.decode(latents, return_dict=False)[0][:, :, 0]  # (1, 3, H, W): frame 0
         return self.image_processor.postprocess(image, output_type=output_type)
 
@@ -279,19 +279,19 @@ class UniPic3Pipeline(DiffusionPipeline):
             raise ValueError("pass both height and width, or neither")
         device = self._execution_device
 
-        # 2. Shared pixel budget, output size, vision-encoder images (upstream :684-694, :726)
+        # 2. Shared pixel budget, output size, vision-encoder images (upstream, both files, :684-694, :726)
         budgeted = sizes.budget_images(images, budget_area)
         width, height = sizes.output_size([im.size for im in budgeted], height, width)
         shapes = sizes.img_shapes((width, height), [im.size for im in budgeted], self.vae_scale_factor)
 
-        # 3. Prompt and negative prompt, each with all images (upstream :730-752)
+        # 3. Prompt and negative prompt, each with all images (both files :730-752, encoding :240-323)
         prompt_images = [sizes.encoder_images(budgeted)]
         embeds, mask = self.encode_prompt([prompt], prompt_images, device)
         negative = None
         if true_cfg_scale > 1 and negative_prompt is not None:
             negative = self.encode_prompt([negative_prompt], prompt_images, device)
 
-        # 4. Noise, then the inputs' latents (upstream :754-775; VAE mode, so no randomness)
+        # 4. Noise, then the inputs' latents (both files :754-775, :447-468, :548-549; VAE mode: no randomness)
         dtype = embeds.dtype
         if latents is None:
             latents = self.prepare_noise(height, width, dtype, device, generator)
@@ -300,7 +300,7 @@ class UniPic3Pipeline(DiffusionPipeline):
         self.offload_resident_models()
         image_latents = self.encode_images(budgeted, dtype, device)
 
-        # 5. Timesteps: mu from the target's token count (upstream :779-796)
+        # 5. Timesteps: mu from the target's token count (base :779-796 via the scheduler; fast :779-796)
         config = self.scheduler.config
         mu = calculate_shift(latents.shape[1], config.get("base_image_seq_len", 256),
                              config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
@@ -315,7 +315,7 @@ class UniPic3Pipeline(DiffusionPipeline):
         step_generator = generator if step_generator is None else step_generator
         self._num_timesteps = num_inference_steps
 
-        # 6. Denoising loop (upstream :817-888)
+        # 6. Denoising loop (base :814-885, Euler step :863; fast :817-888, consistency step :866-867)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i in range(num_inference_steps):
                 t = timesteps[i]
@@ -333,7 +333,7 @@ class UniPic3Pipeline(DiffusionPipeline):
                     _, latents = consistency_step(latents, velocity, t, timesteps[i + 1], noise)
                 progress_bar.update()
 
-        # 7. Decode (upstream :890-905)
+        # 7. Decode (base :887-902; fast :890-905)
         image = self.decode(latents, height, width, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
