@@ -206,17 +206,18 @@ def _metadata(args: argparse.Namespace, request: CheckedInputs, seed: int | None
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_prompt_file(path: str) -> list[str]:
-    """Prompts from upstream's JSON list of {"prompt": ...}, a JSONL file of such objects, or plain lines."""
+def _read_rows(path: str, *, flag: str = "--prompt-file", shape: str = '{"prompt": ...}') -> list:
+    """The entries of a JSON list or a JSONL file (a UTF-8 byte-order mark is allowed)."""
     file = Path(path)
     if file.is_dir():
-        raise UserError(f"--prompt-file {file} is a folder; give a JSON or JSONL file")
+        raise UserError(f"{flag} {file} is a folder; give a JSON or JSONL file")
     if not file.is_file():
-        raise UserError(f"prompt file not found: {file}")
+        raise UserError(f"{flag} {file}: file not found")
     try:
-        text = file.read_text(encoding="utf-8")
+        # utf-8-sig: editors on Windows start UTF-8 files with a byte-order mark.
+        text = file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
-        raise UserError(f"--prompt-file {file} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+        raise UserError(f"{flag} {file} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
                         f"{error.start}); save it as UTF-8") from None
     try:
         data = json.loads(text)
@@ -231,15 +232,24 @@ def _read_prompt_file(path: str) -> list[str]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
-                raise UserError(f"{file}:{number}: not JSON; use a JSON list or JSONL of {{\"prompt\": ...}}") from None
+                raise UserError(f"{file}:{number}: not JSON; use a JSON list or JSONL of {shape}") from None
+    if not rows:
+        raise UserError(f"{file}: no entries found; use a JSON list or JSONL of {shape}")
+    return rows
+
+
+def _read_prompt_file(path: str) -> list[str]:
+    """Prompts from upstream's JSON list of {"prompt": ...} (or of strings), or a JSONL file of such objects."""
     prompts = []
-    for number, row in enumerate(rows, start=1):
-        prompt = row.get("prompt") if isinstance(row, dict) else row if isinstance(row, str) else None
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise UserError(f"{file}: entry {number} has no non-empty \"prompt\"")
+    for number, row in enumerate(_read_rows(path), start=1):
+        prompt = row.get("prompt") if isinstance(row, dict) else row
+        if not isinstance(prompt, str):
+            found = "nothing" if prompt is None else f"{type(prompt).__name__} {json.dumps(prompt)[:40]}"
+            raise UserError(f"{path}: entry {number}'s prompt is {found}, not a string; "
+                            'give each prompt as a string or as {"prompt": "..."}')
+        if not prompt.strip():
+            raise UserError(f"{path}: entry {number}'s prompt is empty")
         prompts.append(prompt)
-    if not prompts:
-        raise UserError(f"{file}: no prompts found")
     return prompts
 
 

@@ -102,3 +102,18 @@ def test_photos_with_an_exif_orientation_are_used_as_displayed(tmp_path, capsys)
                  "tiny-random", "-o", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "mask" in err[0] and "32x64" in err[0]
+
+
+def test_prompt_files_accept_a_byte_order_mark_and_name_non_string_prompts(tmp_path, capsys):
+    with_bom = tmp_path / "bom.jsonl"
+    with_bom.write_bytes(b'\xef\xbb\xbf{"prompt": "a photo of a red circle"}\n')
+    out = tmp_path / "out"
+    assert main(["generate", "--prompt-file", str(with_bom), "--model", "shapes-oracle", "--quiet",
+                 "-o", str(out)]) == 0
+    assert len(list(out.glob("*.png"))) == 1
+    numbers = tmp_path / "numbers.json"
+    numbers.write_text("[1, 2]")
+    assert main(["generate", "--prompt-file", str(numbers), "--model", "shapes-oracle", "-o",
+                 str(tmp_path / "n")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "entry 1's prompt is int 1, not a string" in err[0]
