@@ -8,6 +8,7 @@ Each handler only parses arguments, builds settings and calls library functions.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -745,6 +746,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("unipic: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        print(f"unipic {args.command}: error: no space left on the device{where}; free some space or "
+              "write the output elsewhere (-o)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

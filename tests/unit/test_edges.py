@@ -117,3 +117,50 @@ def test_prompt_files_accept_a_byte_order_mark_and_name_non_string_prompts(tmp_p
                  str(tmp_path / "n")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "entry 1's prompt is int 1, not a string" in err[0]
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_empty_output_folder(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import unipic.io_utils as io_utils
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io_utils.os, "fsync", no_space)
+    out = tmp_path / "new" / "folder"
+    code = main(["generate", "--prompt-file", str(_prompts(tmp_path)), "--model", "shapes-oracle", "--quiet",
+                 "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no space left" in err[0]
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == [tmp_path / "prompts.json"]
+    single = tmp_path / "one" / "image.png"
+    assert main(["generate", "a photo of a red circle", "--model", "shapes-oracle", "-o", str(single)]) == 2
+    assert "no space left" in capsys.readouterr().err and not (tmp_path / "one").exists()
+
+
+def _prompts(folder):
+    path = folder / "prompts.json"
+    path.write_text('["a photo of a red circle", "a photo of two stars"]')
+    return path
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_any_moment_of_start_up_is_one_line(tmp_path):
+    """SIGINT at several moments of `python -m unipic generate` (imports, loading, drawing): each run
+    ends with exit 130 and one line, never a traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    for delay in (0.05, 0.3, 0.8, 1.5):
+        process = subprocess.Popen([sys.executable, "-m", "unipic", "generate", "a photo of a red circle", "--quiet",
+                                    "-o", str(tmp_path / f"{delay}.png")], stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+        if process.returncode == 0:  # finished before the signal: nothing to check
+            continue
+        assert process.returncode == 130, (delay, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (delay, err)
