@@ -43,6 +43,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device-map", default=None, choices=("balanced",),
                        help="UniPic-3 only: spread the transformer and the text encoder over every visible GPU "
                             "(diffusers' and transformers' device_map); excludes --cpu-offload")
+    group.add_argument("--quantize", default=None, choices=("int8", "nf4"),
+                       help="UniPic-3 only: quantize the transformer's and the text encoder's weights with the "
+                            "libraries' own configs: bitsandbytes on CUDA (int8, or 4-bit NF4), optimum-quanto int8 "
+                            "on the CPU (docs/unipic3.md has what fits which card)")
     parser.add_argument(
         "--qwen",
         default=None,
@@ -64,4 +68,5 @@ def loader_kwargs(args: argparse.Namespace) -> dict:
     return {"device": args.device, "dtype": args.dtype, "qwen_path": getattr(args, "qwen", None),
             "cpu_offload": getattr(args, "cpu_offload", False), "vae_tiling": getattr(args, "vae_tiling", False),
             "base": getattr(args, "base", None), "ema": getattr(args, "ema", None),
-            "variant": getattr(args, "variant", None), "device_map": getattr(args, "device_map", None)}
+            "variant": getattr(args, "variant", None), "device_map": getattr(args, "device_map", None),
+            "quantize": getattr(args, "quantize", None)}

@@ -98,16 +98,16 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None 
                   dtype: str | torch.dtype | None = "auto", cpu_offload: bool = False,
                   vae_tiling: bool = False, qwen_path: str | None = None, base: str | None = None,
                   ema: bool | None = None, variant: str | None = None,
-                  device_map: str | None = None) -> UnifiedPipeline:
+                  device_map: str | None = None, quantize: str | None = None) -> UnifiedPipeline:
     """Load the pipeline for a `--model` value (see the module docstring) on a device and dtype.
 
-    `base`, `ema`, `variant` and `device_map` apply to UniPic-3 folders (see
+    `base`, `ema`, `variant`, `device_map` and `quantize` apply to UniPic-3 folders (see
     `unipic.unipic3.load_unipic3_pipeline`).
     """
     name = "default" if model in (None, "") else str(model)
-    unipic3_options = base or ema is not None or variant or device_map
+    unipic3_options = base or ema is not None or variant or device_map or quantize
     if unipic3_options and name in ("shapes-oracle", "tiny-random", "default"):
-        raise UserError("--base, --ema, --variant and --device-map apply to UniPic-3 models only")
+        raise UserError("--base, --ema, --variant, --device-map and --quantize apply to UniPic-3 models only")
     if name == "shapes-oracle":
         from unipic.world.oracle import ShapesOracle
 
@@ -123,6 +123,9 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None 
     if name == "unipic3-tiny-random":
         from unipic.unipic3.tiny import tiny_unipic3_unified
 
+        if base or ema is not None or device_map or quantize or cpu_offload:
+            raise UserError("the built-in unipic3-tiny-random takes --variant only; for --base, --ema, --device-map, "
+                            "--quantize or --cpu-offload save it as a folder (unipic.unipic3.tiny.save_tiny_unipic3)")
         return tiny_unipic3_unified(device=str(torch_device), dtype=torch_dtype, variant=variant or "base")
     folder = default_model_folder() if name == "default" else Path(name).expanduser()
     if not folder.exists():
@@ -141,9 +144,9 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None 
             raise UserError("--qwen applies to UniPic2-MetaQuery only; a UniPic-3 folder takes --base for missing parts")
         return load_unipic3_pipeline(folder, device=str(torch_device), dtype=torch_dtype, cpu_offload=cpu_offload,
                                      vae_tiling=vae_tiling, base=base, ema=ema, variant=variant,
-                                     device_map=device_map)
+                                     device_map=device_map, quantize=quantize)
     if unipic3_options:
-        raise UserError("--base, --ema, --variant and --device-map apply to UniPic-3 models only")
+        raise UserError("--base, --ema, --variant, --device-map and --quantize apply to UniPic-3 models only")
     has_index = (folder / "model_index.json").is_file()
     # UniPic-2 release folders may lack model_index.json; their subfolder configs identify them.
     if has_index or not (folder / "config.json").is_file():

@@ -113,3 +113,22 @@ def test_batch_of_edits_resumes_and_refuses_another_request(tmp_path, inputs, ca
     bad.write_text(json.dumps({"images": [], "instruction": "x"}) + "\n")
     assert main(["edit", "--prompt-file", str(bad), "--model", "unipic3-tiny-random", "-o", str(tmp_path / "b")]) == 2
     _one_line_error(capsys, "entry 1", "1 to 6")
+
+
+def test_quantize_int8_runs_on_the_cpu_through_optimum_quanto(tmp_path, tiny_folder, inputs, capsys):
+    """--quantize int8 passes diffusers' and transformers' own QuantoConfig: the transformer's and the
+    text encoder's linear layers become quanto QLinear, and the edit still runs. NF4 needs CUDA."""
+    from unipic.loading import load_pipeline
+
+    pipeline = load_pipeline(str(tiny_folder), device="cpu", variant="dmd", quantize="int8")
+    kinds = {type(m).__name__ for part in (pipeline.pipeline.transformer, pipeline.pipeline.text_encoder)
+             for m in part.modules()}
+    assert "QLinear" in kinds
+    out = tmp_path / "q.png"
+    assert main(["edit", str(inputs[0]), "x", "--model", str(tiny_folder), "--variant", "dmd", "--quantize", "int8",
+                 "--steps", "2", "--quiet", "-o", str(out)]) == 0, capsys.readouterr().err
+    assert Image.open(out).size[0] > 0
+    capsys.readouterr()  # a CUDA build of torch warns on stderr when quanto loads its kernels' builder
+    assert main(["edit", str(inputs[0]), "x", "--model", str(tiny_folder), "--quantize", "nf4", "-o",
+                 str(tmp_path / "n.png")]) == 2
+    _one_line_error(capsys, "nf4", "CUDA")

@@ -59,3 +59,31 @@ def test_the_readmes_sharded_command_shards_on_a_cpu_machine(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(re.findall(r"process (\d)/2: wrote", result.stdout)) == ["1", "2"], result.stdout
     assert len(list((tmp_path / "outdir").glob("*.png"))) == 3
+
+
+def test_two_process_edit_batch_covers_every_job_once(tmp_path):
+    """`unipic edit --prompt-file` under `accelerate launch`: each process edits its share of the jobs
+    (UniPic-3's several images per job), and every job is written once with its own seed."""
+    for index, size in enumerate([(64, 48), (48, 64), (64, 64)]):
+        Image.new("RGB", size, (60 * index, 120, 200)).save(tmp_path / f"in{index}.png")
+    jobs = [{"images": ["in0.png", "in1.png"], "instruction": "Put the second into the first."},
+            {"image": "in2.png", "instruction": "Make it darker."},
+            {"images": ["in1.png"], "instruction": "Make it brighter."}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(job) + "\n" for job in jobs))
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "unipic", "edit", "--prompt-file", str(tmp_path / "jobs.jsonl"),
+         "-o", str(tmp_path / "out"), "--model", "unipic3-tiny-random", "--variant", "dmd", "--steps", "2",
+         "--seed", "10", "--quiet"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = [int(n) for n in re.findall(r"process \d/2: wrote (\d+) job", result.stdout)]
+    assert sorted(counts) == [1, 2], result.stdout
+    files = sorted((tmp_path / "out").glob("*.png"))
+    assert [f.name for f in files] == ["00000.png", "00001.png", "00002.png"]
+    for index, file in enumerate(files):
+        with Image.open(file) as image:
+            assert image.text["instruction"] == jobs[index]["instruction"]
+            assert image.text["seed"] == str(10 + index)

@@ -333,6 +333,42 @@ def convert_release(folder: str | Path, output: str | Path, *, base: str | Path 
 # ---------------------------------------------------------------------------- loading
 
 
+QUANTIZE_CHOICES = ("int8", "nf4")
+
+
+def quantization_configs(quantize: str, device: str) -> dict[str, Any]:
+    """The libraries' own quantization configs for `quantize` ("int8" or "nf4"): bitsandbytes on CUDA
+    (8-bit, or 4-bit NF4 with bfloat16 compute), optimum-quanto int8 weights elsewhere (CPU, MPS).
+
+    Returns {"transformer": diffusers config, "text_encoder": transformers config}, for
+    `load_unipic3_pipeline(quantization_config=...)`.
+    """
+    import importlib.util
+
+    import diffusers
+    import transformers
+
+    if quantize not in QUANTIZE_CHOICES:
+        raise UserError(f"quantize={quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
+    if str(device).startswith("cuda"):
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError(f"--quantize {quantize} on CUDA uses bitsandbytes, which is not installed: "
+                            "pip install bitsandbytes")
+        if quantize == "nf4":
+            options = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16}
+        else:
+            options = {"load_in_8bit": True}
+        return {"transformer": diffusers.BitsAndBytesConfig(**options),
+                "text_encoder": transformers.BitsAndBytesConfig(**options)}
+    if quantize == "nf4":
+        raise UserError("--quantize nf4 needs a CUDA GPU (bitsandbytes); on this device use --quantize int8 "
+                        "(optimum-quanto's int8 weights)")
+    if importlib.util.find_spec("optimum.quanto") is None:
+        raise UserError("--quantize int8 off CUDA uses optimum-quanto, which is not installed: pip install optimum-quanto")
+    return {"transformer": diffusers.QuantoConfig(weights_dtype="int8"),
+            "text_encoder": transformers.QuantoConfig(weights="int8")}
+
+
 def load_components(path: str | Path, *, dtype: torch.dtype = torch.float32, base: str | Path | None = None,
                     ema: bool | None = None, variant: str | None = None,
                     quantization_config: dict[str, Any] | None = None, device_map: str | None = None):
@@ -413,6 +449,7 @@ def load_unipic3_pipeline(
     variant: str | None = None,
     quantization_config: dict[str, Any] | None = None,
     device_map: str | None = None,
+    quantize: str | None = None,
 ) -> UnifiedPipeline:
     """Load a UniPic-3 folder as a `UnifiedPipeline` (the entry point of `unipic.loading.load_pipeline`).
 
@@ -427,6 +464,8 @@ def load_unipic3_pipeline(
         variant: "base" (50-step Euler), "cm" or "dmd" (8-step consistency sampler); None = from the folder.
         quantization_config: {"transformer": diffusers config, "text_encoder": transformers config}.
         device_map: e.g. "balanced": spread the transformer and the text encoder over the GPUs.
+        quantize: "int8" or "nf4": the transformer's and text encoder's weights through
+            `quantization_configs` (excludes `quantization_config`).
 
     Raises:
         UserError: not a UniPic-3 folder, missing components without `base`, a non-tensor pickle,
@@ -438,6 +477,10 @@ def load_unipic3_pipeline(
     if not folder.is_dir():
         raise UserError(f"model folder {str(path)!r} does not exist; download it first, e.g. "
                         "`huggingface-cli download Skywork/Unipic3-DMD --local-dir models/unipic3-dmd`")
+    if quantize is not None:
+        if quantization_config is not None:
+            raise UserError("give quantize or quantization_config, not both")
+        quantization_config = quantization_configs(quantize, device)
     pipe, settings = load_components(folder, dtype=dtype, base=base, ema=ema, variant=variant,
                                      quantization_config=quantization_config, device_map=device_map)
     place_pipeline(pipe, device, cpu_offload, device_map)
