@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from unipic.unipic1.models.unipic import cache_argument
 from unipic.unipic1.sampling import rng
-from unipic.unipic1.sampling.diffusion import HeadScheduler
+from unipic.unipic1.sampling.diffusion import DPMSolverHeadScheduler, HeadScheduler, make_head_scheduler
 from unipic.unipic1.sampling.schedules import (
     cfg_at_step,
     mask_by_order,
@@ -84,11 +84,14 @@ class SpeedOptions:
             go through the MAR encoder, the LLM and the MAR decoder only every k-th MAR step;
             between, their decoder features are the conditional ones minus the last measured
             difference z_c − z_u. 1 = off.
+        head_solver: the head's sampler: "ddpm" (ancestral, the trained process) or "dpm++2m"
+            (DPM-Solver++(2M), deterministic, for few head steps; `sampling.diffusion`).
     """
 
     head_anneal: float = 1.0
     guidance_interval: int = 1
     uncond_interval: int = 1
+    head_solver: str = "ddpm"
 
     def head_steps_at(self, step: int, steps: int, head_steps: int) -> int:
         """Head steps for MAR step `step` of `steps`."""
@@ -107,7 +110,7 @@ MODULATION_BUDGET = 64 * 2**20
 @torch.no_grad()
 def denoise_tokens(
     net: SimpleMLPAdaLN,
-    scheduler: HeadScheduler,
+    scheduler: HeadScheduler | DPMSolverHeadScheduler,
     cond: torch.Tensor,
     *,
     guided: bool = False,
@@ -127,11 +130,12 @@ def denoise_tokens(
 
     Args:
         net: the head network.
-        scheduler: a `HeadScheduler` set to the wanted number of head steps.
+        scheduler: a `HeadScheduler` (or `DPMSolverHeadScheduler`) set to the wanted number of head steps.
         cond: (N, D) conditions. With `guided`, rows are `[conditional; unconditional]` (N = 2N')
             and each step's ε̂ is `ε_u + cfg·(ε_c − ε_u)`; the variance channels are the
             conditional rows', unguided. Without, N' = N and every row is independent.
-        temperature: multiplies the per-step noise (not the initial noise).
+        temperature: multiplies the per-step noise (not the initial noise); with a scheduler that adds
+            no noise after the start, the initial noise (`scheduler.initial_noise_scale`).
         generator: source of all randomness, in this order: initial noise (N', C), then one
             (N', C) draw per step but the last; a `rng.GeneratorGroups` draws each image's rows
             from its own generator.
@@ -160,6 +164,8 @@ def denoise_tokens(
     per_step = rows * net.modulation_width * c_emb.element_size()
     chunk = max(1, MODULATION_BUDGET // max(per_step, 1))
     x = noise.to(device=device, dtype=dtype)  # (N', C)
+    if scheduler.initial_noise_scale(temperature) != 1.0:
+        x = x * scheduler.initial_noise_scale(temperature)
     residual = None  # ε_c − ε_u of the last full guided step (lazy guidance)
     for start in range(0, scheduler.num_steps, chunk):
         stop = min(scheduler.num_steps, start + chunk)
@@ -258,7 +264,7 @@ def mar_generate_tokens(
     device = prefix_embeds.device
     head_config = model.mar.diffloss.config
     head_steps = head_config.num_sampling_steps if head_steps is None else head_steps
-    scheduler = HeadScheduler(head_config, head_steps, device)
+    scheduler = make_head_scheduler(head_config, head_steps, device, speed.head_solver)
 
     # 1. Random reveal orders; the unconditional rows follow their conditional partners exactly.
     if hidden is None:
