@@ -63,7 +63,7 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, edit: bool = False,
                             f"(default: {seed_default})")
     if not sizes:
         parser.set_defaults(size=None, height=None, width=None, batch_size=None, fast=None, head_anneal=None,
-                            guidance_interval=None, uncond_interval=None)
+                            guidance_interval=None, uncond_interval=None, head_solver=None)
     if sizes:
         group.add_argument("--size", type=int, default=None,
                            help="square output side in pixels, a multiple of 16 (default: the model's, e.g. 128 "
@@ -87,15 +87,18 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, edit: bool = False,
     if sizes:  # generate and edit; inpainting runs the exact sampler
         speed = group.add_mutually_exclusive_group()
         speed.add_argument("--fast", dest="fast", action="store_const", const=True, default=None,
-                           help="UniPic-1: training-free shortcuts: half the MAR and head steps (unless --steps / "
-                                "--head-steps are given), head steps annealed over the MAR steps (--head-anneal 0.2) "
-                                "and unconditional rows through MAR + LLM every 2nd step (--uncond-interval 2); see "
-                                "docs/sampling.md for the measured speed and quality")
+                           help="UniPic-1: training-free shortcuts: half the MAR steps (unless --steps is given), the "
+                                "head sampled by DPM-Solver++ in 8 steps (--head-solver dpm++2m; unless --head-steps "
+                                "is given) and unconditional rows through MAR + LLM every 2nd step (--uncond-interval "
+                                "2); see docs/sampling.md for the measured speed and quality")
         speed.add_argument("--exact", dest="fast", action="store_const", const=False,
                            help="UniPic-1: the exact sampler (the default), reproducible bit for bit on one machine")
+        group.add_argument("--head-solver", choices=("ddpm", "dpm++2m"), default=None,
+                           help="UniPic-1: the diffusion head's sampler: 'ddpm' (ancestral, the trained process; the "
+                                "default) or 'dpm++2m' (DPM-Solver++(2M), deterministic, for few steps; with --fast)")
         group.add_argument("--head-anneal", type=float, default=None,
                            help="UniPic-1: head steps at the last MAR step as a fraction of --head-steps, falling "
-                                "linearly from 1 (default 1, with --fast 0.2; 1 = off)")
+                                "linearly from 1 (default 1, with --fast --head-solver ddpm 0.2; 1 = off)")
         group.add_argument("--guidance-interval", type=int, default=None,
                            help="UniPic-1: run the unconditional head rows every K-th head step and reuse the "
                                 "guidance residual between (default 1 = off, also with --fast)")
@@ -131,7 +134,7 @@ def _size_from_args(args: argparse.Namespace) -> tuple[int | None, int | None]:
 def _sampling_options(args: argparse.Namespace) -> dict:
     options = {}
     for key in ("steps", "cfg", "cfg_schedule", "temperature", "head_steps", "batch_size", "input_resize", "fast",
-                "head_anneal", "guidance_interval", "uncond_interval"):
+                "head_anneal", "guidance_interval", "uncond_interval", "head_solver"):
         value = getattr(args, key, None)
         # --exact is the default sampler: passing nothing keeps it valid for every model family.
         if value is not None and not (key == "fast" and value is False):

@@ -103,8 +103,11 @@ class SpeedOptions:
 
 EXACT = SpeedOptions()
 # Bytes of adaLN modulations precomputed at once (rows × head steps); bounds the memory of
-# large batches (UniPic-1.5B at 1024 px: ~400 rows × 117 KB per head step).
+# large batches (UniPic-1.5B at 1024 px: ~400 rows × 117 KB per head step). On CPU the chunk is
+# kept near the size of a core's cache instead: modulations written and read back while they are
+# still cached made the embedded model's head 13% faster than one 50 MB chunk (docs/sampling.md).
 MODULATION_BUDGET = 64 * 2**20
+CPU_MODULATION_BUDGET = 4 * 2**20
 
 
 @torch.no_grad()
@@ -162,7 +165,8 @@ def denoise_tokens(
     width = c_emb.shape[1]
     rows = n_eff if lazy else n  # rows whose modulations are precomputed for every step
     per_step = rows * net.modulation_width * c_emb.element_size()
-    chunk = max(1, MODULATION_BUDGET // max(per_step, 1))
+    budget = min(MODULATION_BUDGET, CPU_MODULATION_BUDGET) if device.type == "cpu" else MODULATION_BUDGET
+    chunk = max(1, budget // max(per_step, 1))
     x = noise.to(device=device, dtype=dtype)  # (N', C)
     if scheduler.initial_noise_scale(temperature) != 1.0:
         x = x * scheduler.initial_noise_scale(temperature)
