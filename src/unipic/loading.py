@@ -135,7 +135,7 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None 
 
         if cpu_offload or vae_tiling or qwen_path:
             raise UserError("--cpu-offload, --vae-tiling and --qwen apply to UniPic-2 models only")
-        net, tokenizer = load_model_folder(folder, device=torch_device, dtype=torch_dtype)
+        net, tokenizer = load_model_folder(folder, device=torch_device, dtype=torch_dtype, inference=True)
         return _unipic1_pipeline(net, tokenizer)
     raise UserError(f"--model {name}: the folder has neither config.json (UniPic-1) nor model_index.json or the "
                     "component subfolders of a UniPic-2 release")

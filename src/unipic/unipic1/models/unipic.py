@@ -83,17 +83,27 @@ def init_empty_weights() -> Iterator[None]:
 
 
 class UniPic(nn.Module):
-    """The UniPic-1 model. Build with a `UniPicConfig`; load weights with `unipic.unipic1.checkpoint`."""
+    """The UniPic-1 model. Build with a `UniPicConfig`; load weights with `unipic.unipic1.checkpoint`.
 
-    def __init__(self, config: UniPicConfig) -> None:
+    `light_llm=True` builds the LLM from `unipic.unipic1.models.qwen2` (same parameter names and
+    forward arithmetic, no transformers import; what loading for inference uses), otherwise from
+    transformers (training: gradient checkpointing, its attention internals).
+    """
+
+    def __init__(self, config: UniPicConfig, *, light_llm: bool = False) -> None:
         super().__init__()
-        from transformers import Qwen2ForCausalLM
-
         self.config = config
         hidden = config.llm.hidden_size
         enc = config.mar.encoder_embed_dim
         self.vae = AutoencoderKL(config.vae)
-        self.llm = Qwen2ForCausalLM(config.llm.to_transformers())
+        if light_llm:
+            from unipic.unipic1.models.qwen2 import Qwen2ForCausalLM
+
+            self.llm = Qwen2ForCausalLM(config.llm)
+        else:
+            from transformers import Qwen2ForCausalLM
+
+            self.llm = Qwen2ForCausalLM(config.llm.to_transformers())
         self.mar = MAR(config.mar, config.head, token_dim=config.token_dim, grid_size=config.trained_grid_size)
         self.proj_in = build_mlp(enc, hidden, hidden)
         self.proj_out = build_mlp(hidden, hidden, enc)

@@ -54,8 +54,12 @@ def with_unconditional(conditional: Rows, unconditional: Rows, cfg: float) -> Ro
     return list(conditional) + list(unconditional)
 
 
-def new_prefix_cache():
-    """An empty key/value cache for a prefix pass through the LLM."""
+def new_prefix_cache(model: UniPic | None = None):
+    """An empty key/value cache for a prefix pass through `model`'s LLM (its own kind when it has one,
+    `unipic.unipic1.models.qwen2.KVCache`; else transformers' DynamicCache)."""
+    new_cache = getattr(getattr(model, "llm", None), "new_cache", None)
+    if new_cache is not None:
+        return new_cache()
     from transformers import DynamicCache
 
     return DynamicCache()
@@ -287,7 +291,7 @@ def mar_generate_tokens(
 
     # 2. The prefix never changes: run it through the LLM once and reuse its keys/values.
     prefix_len = prefix_embeds.shape[1]
-    cache = new_prefix_cache() if prefix_cache is None else prefix_cache
+    cache = new_prefix_cache(model) if prefix_cache is None else prefix_cache
     if cache.get_seq_length() == 0:
         model.llm.model(inputs_embeds=prefix_embeds.to(model.dtype), attention_mask=attention_mask.long(),
                         use_cache=True, **{cache_argument(type(model.llm.model)): cache})
@@ -295,7 +299,7 @@ def mar_generate_tokens(
         raise ValueError(f"prefix_cache holds {cache.get_seq_length()} positions, the prefix has {prefix_len}")
     lazy = guided and speed.uncond_interval > 1
     if lazy:  # a second cache for the conditional rows alone, used on the steps that skip the others
-        cache_cond = new_prefix_cache()
+        cache_cond = new_prefix_cache(model)
         model.llm.model(inputs_embeds=prefix_embeds[:n_cond].to(model.dtype),
                         attention_mask=attention_mask[:n_cond].long(), use_cache=True,
                         **{cache_argument(type(model.llm.model)): cache_cond})
