@@ -171,10 +171,13 @@ def _check_sampling_args(args: argparse.Namespace, *, seeds: int = 1) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from unipic.loading import load_pipeline
+    from unipic.loading import cpu_threads_for, load_pipeline
 
-    return load_pipeline(args.model, device=args.device, dtype=args.dtype, qwen_path=getattr(args, "qwen", None),
-                         cpu_offload=getattr(args, "cpu_offload", False), vae_tiling=getattr(args, "vae_tiling", False))
+    pipeline = load_pipeline(args.model, device=args.device, dtype=args.dtype, qwen_path=getattr(args, "qwen", None),
+                             cpu_offload=getattr(args, "cpu_offload", False),
+                             vae_tiling=getattr(args, "vae_tiling", False))
+    cpu_threads_for(pipeline)
+    return pipeline
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:

@@ -75,11 +75,20 @@ def init_empty_weights() -> Iterator[None]:
         if param is not None and not param.is_meta:
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
+    # Initialising a meta tensor is meaningless, and `normal_` on one runs torch's Python reference
+    # implementation, whose first call imports torch._dynamo (~1.3 s): skip it.
+    original_normal = nn.init.normal_
+
+    def normal_unless_meta(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return tensor if tensor.is_meta else original_normal(tensor, *args, **kwargs)
+
     nn.Module.register_parameter = register_on_meta
+    nn.init.normal_ = normal_unless_meta
     try:
         yield
     finally:
         nn.Module.register_parameter = original
+        nn.init.normal_ = original_normal
 
 
 class UniPic(nn.Module):
