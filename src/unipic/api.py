@@ -51,7 +51,7 @@ class CheckedInputs:
 
     job: str
     texts: list[str]
-    images: list[Image.Image] | None = None
+    images: list[Image.Image] | list[list[Image.Image]] | None = None  # UniPic-3 edits: one list per instruction
     seed: int | list[int] | None = None
     images_per_prompt: int = 1
     settings: dict[str, object] = field(default_factory=dict)
@@ -88,7 +88,7 @@ class UnifiedPipeline(Protocol):
 
     def edit_image(
         self,
-        images: Sequence[Image.Image],
+        images: Sequence[Image.Image | Sequence[Image.Image]],
         instructions: Sequence[str],
         *,
         height: int | None = None,
@@ -97,7 +97,11 @@ class UnifiedPipeline(Protocol):
         progress: bool = False,
         **options: object,
     ) -> list[Image.Image]:
-        """Apply instruction i to image i; returns one edited image per pair."""
+        """Apply instruction i to image i; returns one edited image per pair.
+
+        Multi-image families (UniPic-3: 1-6 images per instruction) also take a list of images as
+        entry i; single-image families reject such entries.
+        """
         ...
 
     def image_to_text(

@@ -8,6 +8,7 @@ Each handler only parses arguments, builds settings and calls library functions.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -212,17 +213,18 @@ def _metadata(args: argparse.Namespace, request: CheckedInputs, seed: int | None
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_prompt_file(path: str) -> list[str]:
-    """Prompts from upstream's JSON list of {"prompt": ...}, a JSONL file of such objects, or plain lines."""
+def _read_rows(path: str, *, flag: str = "--prompt-file", shape: str = '{"prompt": ...}') -> list:
+    """The entries of a JSON list or a JSONL file (a UTF-8 byte-order mark is allowed)."""
     file = Path(path)
     if file.is_dir():
-        raise UserError(f"--prompt-file {file} is a folder; give a JSON or JSONL file")
+        raise UserError(f"{flag} {file} is a folder; give a JSON or JSONL file")
     if not file.is_file():
-        raise UserError(f"prompt file not found: {file}")
+        raise UserError(f"{flag} {file}: file not found")
     try:
-        text = file.read_text(encoding="utf-8")
+        # utf-8-sig: editors on Windows start UTF-8 files with a byte-order mark.
+        text = file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
-        raise UserError(f"--prompt-file {file} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+        raise UserError(f"{flag} {file} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
                         f"{error.start}); save it as UTF-8") from None
     try:
         data = json.loads(text)
@@ -237,15 +239,24 @@ def _read_prompt_file(path: str) -> list[str]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
-                raise UserError(f"{file}:{number}: not JSON; use a JSON list or JSONL of {{\"prompt\": ...}}") from None
+                raise UserError(f"{file}:{number}: not JSON; use a JSON list or JSONL of {shape}") from None
+    if not rows:
+        raise UserError(f"{file}: no entries found; use a JSON list or JSONL of {shape}")
+    return rows
+
+
+def _read_prompt_file(path: str) -> list[str]:
+    """Prompts from upstream's JSON list of {"prompt": ...} (or of strings), or a JSONL file of such objects."""
     prompts = []
-    for number, row in enumerate(rows, start=1):
-        prompt = row.get("prompt") if isinstance(row, dict) else row if isinstance(row, str) else None
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise UserError(f"{file}: entry {number} has no non-empty \"prompt\"")
+    for number, row in enumerate(_read_rows(path), start=1):
+        prompt = row.get("prompt") if isinstance(row, dict) else row
+        if not isinstance(prompt, str):
+            found = "nothing" if prompt is None else f"{type(prompt).__name__} {json.dumps(prompt)[:40]}"
+            raise UserError(f"{path}: entry {number}'s prompt is {found}, not a string; "
+                            'give each prompt as a string or as {"prompt": "..."}')
+        if not prompt.strip():
+            raise UserError(f"{path}: entry {number}'s prompt is empty")
         prompts.append(prompt)
-    if not prompts:
-        raise UserError(f"{file}: no prompts found")
     return prompts
 
 
@@ -714,7 +725,13 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `unipic` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `unipic train RUN.yaml a=1 --resume b=2`: argparse stops collecting the overrides at the
+    # first option, so key=value items after one come back unparsed; they are overrides all the same.
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="unipic: %(message)s")
     if not args.verbose:
         # transformers/diffusers chatter is not for end users. They reset their loggers when first
@@ -735,6 +752,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("unipic: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        print(f"unipic {args.command}: error: no space left on the device{where}; free some space or "
+              "write the output elsewhere (-o)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,10 +1,11 @@
 """`load_pipeline`: turn a `--model` value into a ready `UnifiedPipeline`.
 
 Accepted values: a UniPic-1 model folder (`config.json`), a UniPic-2 diffusers folder
-(`model_index.json`, or a release's subfolders without it), a Hugging Face hub id (downloaded
-when online), or a built-in name:
-`default` (the embedded Shapes-world model), `tiny-random` (an untrained tiny preset, for smoke
-tests) and `shapes-oracle` (renders template prompts exactly; checks the evaluators).
+(`model_index.json`, or a release's subfolders without it), a UniPic-3 folder (Qwen-Image-Edit
+layout; base, CM or DMD release), a Hugging Face hub id (downloaded when online), or a built-in
+name: `default` (the embedded Shapes-world model), `tiny-random` (an untrained tiny preset, for
+smoke tests), `unipic3-tiny-random` (a tiny random UniPic-3) and `shapes-oracle` (renders
+template prompts exactly; checks the evaluators).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from unipic.api import UnifiedPipeline, UserError
 
-BUILTIN_MODELS = ("default", "tiny-random", "shapes-oracle")
+BUILTIN_MODELS = ("default", "tiny-random", "unipic3-tiny-random", "shapes-oracle")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -95,8 +96,12 @@ def _download_from_hub(repo_id: str) -> Path:
 
 def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None = "auto",
                   dtype: str | torch.dtype | None = "auto", cpu_offload: bool = False,
-                  vae_tiling: bool = False, qwen_path: str | None = None) -> UnifiedPipeline:
-    """Load the pipeline for a `--model` value (see the module docstring) on a device and dtype."""
+                  vae_tiling: bool = False, qwen_path: str | None = None, base: str | None = None,
+                  ema: bool | None = None, variant: str | None = None) -> UnifiedPipeline:
+    """Load the pipeline for a `--model` value (see the module docstring) on a device and dtype.
+
+    `base`, `ema` and `variant` apply to UniPic-3 folders (see `unipic.unipic3.load_unipic3_pipeline`).
+    """
     name = "default" if model in (None, "") else str(model)
     if name == "shapes-oracle":
         from unipic.world.oracle import ShapesOracle
@@ -110,6 +115,10 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None 
     if name == "tiny-random":
         net, tokenizer = tiny_random_model()
         return _unipic1_pipeline(net.to(device=torch_device, dtype=torch_dtype), tokenizer)
+    if name == "unipic3-tiny-random":
+        from unipic.unipic3.tiny import tiny_unipic3_unified
+
+        return tiny_unipic3_unified(device=str(torch_device), dtype=torch_dtype, variant=variant or "base")
     folder = default_model_folder() if name == "default" else Path(name).expanduser()
     if not folder.exists():
         if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
@@ -120,6 +129,15 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None 
     if not folder.is_dir():
         raise UserError(f"--model {name} is a file; give the model folder that holds it (UniPic-1: config.json, "
                         "weights and tokenizer files; UniPic-2: the component subfolders)")
+    from unipic.unipic3 import is_unipic3_folder, load_unipic3_pipeline  # detection reads JSON only
+
+    if is_unipic3_folder(folder):
+        if qwen_path:
+            raise UserError("--qwen applies to UniPic2-MetaQuery only; a UniPic-3 folder takes --base for missing parts")
+        return load_unipic3_pipeline(folder, device=str(torch_device), dtype=torch_dtype, cpu_offload=cpu_offload,
+                                     vae_tiling=vae_tiling, base=base, ema=ema, variant=variant)
+    if base or ema is not None or variant:
+        raise UserError("--base, --ema and --variant apply to UniPic-3 models only")
     has_index = (folder / "model_index.json").is_file()
     # UniPic-2 release folders may lack model_index.json; their subfolder configs identify them.
     if has_index or not (folder / "config.json").is_file():

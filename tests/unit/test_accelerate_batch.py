@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -40,3 +42,20 @@ def test_two_process_batch_generation_covers_every_prompt_once(tmp_path):
         with Image.open(file) as image:
             assert image.text["prompt"] == prompts[index]["prompt"]
             assert image.text["seed"] == str(10 + index)
+
+
+def test_the_readmes_sharded_command_shards_on_a_cpu_machine(tmp_path):
+    """The README's `accelerate launch ... -m unipic generate` line, run as written (with the oracle as
+    the model): two processes, each writing its share."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    [line] = [ln for ln in readme.splitlines() if ln.startswith("accelerate launch") and "unipic generate" in ln]
+    argv = shlex.split(line.split("#")[0])
+    assert argv[:2] == ["accelerate", "launch"]
+    argv[0] = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    (tmp_path / "prompts.json").write_text(json.dumps([f"a photo of {n} stars" for n in ("two", "three", "four")]))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([*argv, "--model", "shapes-oracle", "--quiet"], cwd=tmp_path, capture_output=True,
+                            text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(re.findall(r"process (\d)/2: wrote", result.stdout)) == ["1", "2"], result.stdout
+    assert len(list((tmp_path / "outdir").glob("*.png"))) == 3

@@ -97,7 +97,7 @@ def _not_an_image(tmp_path: Path) -> str:
         (lambda t: ["generate", "a cat", "--model", str(t / "nope"), "-o", str(t / "o.png")], "no such folder"),
         (lambda t: ["generate", "a cat", "--model", "someone/some-model", "-o", str(t / "o.png")], "unreachable"),
         (lambda t: ["generate", "a cat", "-o", str(t / "o.txt")], "end"),
-        (lambda t: ["generate", "--prompt-file", str(t / "none.json"), "-o", str(t)], "prompt file not found"),
+        (lambda t: ["generate", "--prompt-file", str(t / "none.json"), "-o", str(t)], "none.json: file not found"),
         (lambda t: ["state-dict", "--preset", "huge"], "unknown preset"),
         (lambda t: ["generate", "a cat", "--steps", "x"], "invalid int value"),
         (lambda t: ["edit", str(t / "missing.png"), " ", "-o", str(t / "o.png")], "instruction is empty"),
