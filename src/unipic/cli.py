@@ -702,18 +702,55 @@ def _optional_register(module_name: str, function: str):
     return getattr(module, function, None)
 
 
-def _quiet_library_progress_bars() -> None:
-    """Hide the libraries' weight-loading bars; unipic's own progress bars stay."""
-    import importlib
+_QUIET_LIBRARY_LOGGING = ("transformers.utils.logging", "diffusers.utils.logging", "huggingface_hub.utils")
 
-    for name in ("transformers.utils.logging", "diffusers.utils.logging", "huggingface_hub.utils"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        disable = getattr(module, "disable_progress_bar", None) or getattr(module, "disable_progress_bars", None)
-        if disable is not None:
-            disable()
+
+def _disable_progress_bars(module) -> None:
+    disable = getattr(module, "disable_progress_bar", None) or getattr(module, "disable_progress_bars", None)
+    if disable is not None:
+        disable()
+
+
+class _QuietOnImport:
+    """A meta-path finder that disables a library's progress bars right after its logging module loads.
+
+    Importing transformers' or diffusers' logging just to silence it costs ~2 s (diffusers.utils
+    imports torch._dynamo), more than drawing an image and far more than `--help` or a usage error
+    (issue 40); most commands never import those libraries at all.
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = set(names)
+
+    def find_spec(self, fullname: str, path=None, target=None):
+        if fullname not in self.names:
+            return None
+        self.names.discard(fullname)
+        import importlib.util
+
+        spec = importlib.util.find_spec(fullname)  # the other finders' answer (this one no longer matches)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            exec_module = spec.loader.exec_module
+
+            def exec_then_quiet(module) -> None:
+                exec_module(module)
+                _disable_progress_bars(module)
+
+            spec.loader.exec_module = exec_then_quiet
+        return spec
+
+
+def _quiet_library_progress_bars() -> None:
+    """Hide the libraries' weight-loading bars (now if imported, else when they are); unipic's own bars stay."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # huggingface_hub, and transformers reads it
+    pending = []
+    for name in _QUIET_LIBRARY_LOGGING:
+        if name in sys.modules:
+            _disable_progress_bars(sys.modules[name])
+        else:
+            pending.append(name)
+    if pending and not any(isinstance(finder, _QuietOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _QuietOnImport(pending))
 
 
 def _version() -> str:

@@ -232,7 +232,7 @@ class Qwen2ForCausalLM(nn.Module):
 
             with init_empty_weights():
                 cached = HFQwen2ForCausalLM(self.config.to_transformers())
-            state = dict(self.state_dict())
+            state = dict(self.state_dict(keep_vars=True))  # the very Parameters: no copy, shared updates
             cached.load_state_dict(state, strict=False, assign=True)
             if self.config.tie_word_embeddings:
                 cached.lm_head.weight = cached.model.embed_tokens.weight
