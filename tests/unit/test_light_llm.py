@@ -17,7 +17,6 @@ CONFIG = LLMConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, nu
 
 
 def _pair() -> tuple[Qwen2ForCausalLM, torch.nn.Module]:
-    from transformers import DynamicCache  # noqa: F401
     from transformers import Qwen2ForCausalLM as HF
 
     torch.manual_seed(0)
