@@ -40,6 +40,17 @@ def test_exact_path_equals_the_reference_loop(tiny_model_and_tokenizer, cfg: flo
     assert (ours - plain).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_one_mar_step_runs_prefix_and_image_rows_in_one_pass(tiny_model_and_tokenizer, cfg: float) -> None:
+    """With a single MAR step there is no prefix cache (one LLM pass, issue 40); still the reference's pixels."""
+    model, tokenizer = tiny_model_and_tokenizer
+    settings = {"steps": 1, "cfg": cfg, "head_steps": 5, "height": 32, "width": 32, "temperature": 0.9}
+    ours = generate_images(model, tokenizer, ["a red circle"], generator=torch.Generator().manual_seed(3), **settings)
+    plain = reference_generate_images(model, tokenizer, ["a red circle"], generator=torch.Generator().manual_seed(3),
+                                      **settings)
+    assert (ours - plain).abs().max().item() <= 1e-5
+
+
 def test_exact_path_is_reproducible_bit_for_bit(tiny_pipeline) -> None:
     a = tiny_pipeline.text_to_image(["a red circle"], height=32, width=32, seed=7, steps=2, head_steps=4)
     b = tiny_pipeline.text_to_image(["a red circle"], height=32, width=32, seed=7, steps=2, head_steps=4)

@@ -289,13 +289,16 @@ def mar_generate_tokens(
     mask = with_unconditional(mask, mask, cfg)  # (R, L)
     num_masked = total
 
-    # 2. The prefix never changes: run it through the LLM once and reuse its keys/values.
+    # 2. The prefix never changes: run it through the LLM once and reuse its keys/values. With a
+    # single MAR step there is nothing to reuse it for: the prefix and the image rows go through
+    # the LLM in one pass (what the reference loop does at every step), one pass fewer.
     prefix_len = prefix_embeds.shape[1]
+    one_pass = steps == 1 and prefix_cache is None
     cache = new_prefix_cache(model) if prefix_cache is None else prefix_cache
-    if cache.get_seq_length() == 0:
+    if cache.get_seq_length() == 0 and not one_pass:
         model.llm.model(inputs_embeds=prefix_embeds.to(model.dtype), attention_mask=attention_mask.long(),
                         use_cache=True, **{cache_argument(type(model.llm.model)): cache})
-    elif cache.get_seq_length() != prefix_len:
+    elif cache.get_seq_length() not in (0, prefix_len):
         raise ValueError(f"prefix_cache holds {cache.get_seq_length()} positions, the prefix has {prefix_len}")
     lazy = guided and speed.uncond_interval > 1
     if lazy:  # a second cache for the conditional rows alone, used on the steps that skip the others
@@ -316,9 +319,13 @@ def mar_generate_tokens(
             z = torch.cat([z_c, z_c - difference])  # (R, L, dec_dim): [conditional; estimated unconditional]
         else:
             # Both guidance halves see the same tokens: the MAR encoder runs once for the pair.
-            x_enc = model.encode_with_llm(tokens, mask.float(), grid, attention_mask, past_key_values=cache,
-                                          copies=2 if guided else 1)  # (R, buf + L_vis, enc_dim)
-            _truncate_cache(cache, prefix_len)  # drop this step's image rows; only the prefix stays cached
+            if one_pass:
+                x_enc = model.encode_with_llm(tokens, mask.float(), grid, attention_mask, prefix_embeds=prefix_embeds,
+                                              copies=2 if guided else 1)  # (R, buf + L_vis, enc_dim)
+            else:
+                x_enc = model.encode_with_llm(tokens, mask.float(), grid, attention_mask, past_key_values=cache,
+                                              copies=2 if guided else 1)  # (R, buf + L_vis, enc_dim)
+                _truncate_cache(cache, prefix_len)  # drop this step's image rows; only the prefix stays cached
             z = model.mar.forward_decoder(x_enc, mask.float(), grid, x_con=x_con)  # (R, L, dec_dim)
             if lazy:
                 difference = z[:n_cond] - z[n_cond:]
