@@ -97,12 +97,17 @@ def _download_from_hub(repo_id: str) -> Path:
 def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None = "auto",
                   dtype: str | torch.dtype | None = "auto", cpu_offload: bool = False,
                   vae_tiling: bool = False, qwen_path: str | None = None, base: str | None = None,
-                  ema: bool | None = None, variant: str | None = None) -> UnifiedPipeline:
+                  ema: bool | None = None, variant: str | None = None,
+                  device_map: str | None = None) -> UnifiedPipeline:
     """Load the pipeline for a `--model` value (see the module docstring) on a device and dtype.
 
-    `base`, `ema` and `variant` apply to UniPic-3 folders (see `unipic.unipic3.load_unipic3_pipeline`).
+    `base`, `ema`, `variant` and `device_map` apply to UniPic-3 folders (see
+    `unipic.unipic3.load_unipic3_pipeline`).
     """
     name = "default" if model in (None, "") else str(model)
+    unipic3_options = base or ema is not None or variant or device_map
+    if unipic3_options and name in ("shapes-oracle", "tiny-random", "default"):
+        raise UserError("--base, --ema, --variant and --device-map apply to UniPic-3 models only")
     if name == "shapes-oracle":
         from unipic.world.oracle import ShapesOracle
 
@@ -135,9 +140,10 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None 
         if qwen_path:
             raise UserError("--qwen applies to UniPic2-MetaQuery only; a UniPic-3 folder takes --base for missing parts")
         return load_unipic3_pipeline(folder, device=str(torch_device), dtype=torch_dtype, cpu_offload=cpu_offload,
-                                     vae_tiling=vae_tiling, base=base, ema=ema, variant=variant)
-    if base or ema is not None or variant:
-        raise UserError("--base, --ema and --variant apply to UniPic-3 models only")
+                                     vae_tiling=vae_tiling, base=base, ema=ema, variant=variant,
+                                     device_map=device_map)
+    if unipic3_options:
+        raise UserError("--base, --ema, --variant and --device-map apply to UniPic-3 models only")
     has_index = (folder / "model_index.json").is_file()
     # UniPic-2 release folders may lack model_index.json; their subfolder configs identify them.
     if has_index or not (folder / "config.json").is_file():

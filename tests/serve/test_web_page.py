@@ -162,3 +162,43 @@ def test_generate_edit_drop_and_ask_in_the_browser(page_server, browser, tmp_pat
     _set(driver, "set-size", "64x64")
     driver.find_element(By.ID, "generate-btn").click()
     _wait(driver, lambda d: "API key" in _error_text(d))
+
+
+def test_the_page_composes_several_images_with_a_unipic3_model(browser, tmp_path):
+    """Choose a first image and two more, edit: the page sends three image[] parts and shows the result;
+    a seventh image is refused on the page itself."""
+    server = ServerProcess("--model", "unipic3-tiny-random", "--variant", "dmd", "--batch-wait-ms", "5")
+    try:
+        files = []
+        for index, size in enumerate([(96, 64), (64, 64), (48, 80)]):
+            files.append(tmp_path / f"in{index}.png")
+            Image.new("RGB", size, (40 * index, 90, 200)).save(files[-1])
+        driver = browser
+        driver.get(server.url)
+        driver.find_element(By.CSS_SELECTOR, "#settings summary").click()
+        _set(driver, "set-key", server.api_key)
+        _set(driver, "set-steps", "2")
+        _wait(driver, ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
+        driver.find_element(By.ID, "tab-edit").click()
+        driver.find_element(By.ID, "edit-file").send_keys(str(files[0]))
+        _wait(driver, ec.visibility_of_element_located((By.ID, "edit-preview")))
+        driver.find_element(By.ID, "extra-file").send_keys("\n".join(str(f) for f in files[1:]))
+        _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#extra-thumbs img")) == 2)
+        # The request the page sends: three image[] parts, the chosen order kept.
+        driver.execute_script("""
+            window.sentParts = null; const original = window.fetch;
+            window.fetch = (url, init) => { if (init && init.body instanceof FormData)
+                window.sentParts = [...init.body.entries()].filter(([k]) => k.startsWith('image')).map(([k, v]) => k + ':' + v.name);
+              return original(url, init); };""")
+        driver.find_element(By.ID, "edit-instruction").send_keys("Put the other pictures into the first.")
+        driver.find_element(By.ID, "edit-btn").click()
+        edited = _wait(driver, ec.presence_of_element_located((By.CSS_SELECTOR, "#edit-results .card img")))
+        _wait(driver, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", edited))
+        assert driver.execute_script("return window.sentParts") == [
+            "image[]:image-1.png", "image[]:image-2.png", "image[]:image-3.png"]
+        assert _error_text(driver) == ""
+        driver.find_element(By.ID, "extra-file").send_keys("\n".join([str(files[1])] * 4))
+        _wait(driver, lambda d: "At most 6" in _error_text(d))
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#extra-thumbs img")) == 5
+    finally:
+        server.stop()

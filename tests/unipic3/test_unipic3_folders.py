@@ -22,41 +22,6 @@ from unipic.unipic3.loading import load_tensor_pickle
 SHARED = ("scheduler", "vae", "text_encoder", "tokenizer", "processor")
 
 
-def _transformer_state(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
-
-
-def _ema_subfolder(tiny_folder: Path, target: Path, shift: float = 0.5) -> dict[str, torch.Tensor]:
-    """target/ema_transformer/ as the DMD release ships it: config.json + a pickled .bin (weights + shift)."""
-    state = {k: v + shift for k, v in _transformer_state(tiny_folder).items()}
-    (target / "ema_transformer").mkdir(parents=True)
-    shutil.copyfile(tiny_folder / "transformer" / "config.json", target / "ema_transformer" / "config.json")
-    torch.save(state, target / "ema_transformer" / "diffusion_pytorch_model.bin")
-    return state
-
-
-@pytest.fixture(scope="module")
-def layouts(tiny_folder, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("layouts")
-    base = root / "base"  # Skywork/Unipic3: a Qwen-Image-Edit diffusers folder
-    shutil.copytree(tiny_folder, base)
-    (base / "unipic3.json").unlink()
-    index = json.loads((base / "model_index.json").read_text())
-    index["_class_name"] = "QwenImageEditPipeline"
-    (base / "model_index.json").write_text(json.dumps(index))
-    dmd = root / "dmd"  # Skywork/Unipic3-DMD: transformer/ + ema_transformer/ (.bin) + components, no scheduler
-    shutil.copytree(tiny_folder / "transformer", dmd / "transformer")
-    for name in ("vae", "text_encoder", "tokenizer", "processor"):
-        shutil.copytree(tiny_folder / name, dmd / name)
-    _ema_subfolder(tiny_folder, dmd)
-    cm = root / "cm"  # Skywork/Unipic3-Consistency-Model: transformer/ + ema_transformer/ only
-    shutil.copytree(tiny_folder / "transformer", cm / "transformer")
-    _ema_subfolder(tiny_folder, cm, shift=0.25)
-    return {"base": base, "dmd": dmd, "cm": cm, "root": root}
-
-
 def test_layouts_are_recognised_from_json_alone(layouts):
     assert inspect_folder(layouts["base"]).detected_variant() == "base"
     assert inspect_folder(layouts["dmd"]).detected_variant() == "dmd"
@@ -65,11 +30,11 @@ def test_layouts_are_recognised_from_json_alone(layouts):
 
 
 @pytest.mark.parametrize("name", ["base", "dmd", "cm"])
-def test_every_release_layout_loads_and_edits(layouts, tiny_folder, images_of, name):
+def test_every_release_layout_loads_and_edits(layouts, tiny_folder, tiny_transformer_state, images_of, name):
     base = layouts["base"] if name == "cm" else None
     pipe = load_unipic3_pipeline(layouts[name], base=base)
     assert pipe.variant == name
-    expected = _transformer_state(tiny_folder)
+    expected = tiny_transformer_state
     shift = {"base": 0.0, "dmd": 0.5, "cm": 0.25}[name]  # CM/DMD load the EMA weights by default (upstream)
     loaded = pipe.pipeline.transformer.state_dict()
     assert all(torch.allclose(loaded[k], v + shift) for k, v in expected.items())
@@ -77,9 +42,9 @@ def test_every_release_layout_loads_and_edits(layouts, tiny_folder, images_of, n
     assert out.size == (64, 64)
 
 
-def test_ema_option_picks_the_transformer(layouts, tiny_folder):
+def test_ema_option_picks_the_transformer(layouts, tiny_folder, tiny_transformer_state):
     plain = load_unipic3_pipeline(layouts["dmd"], ema=False)
-    key, value = next(iter(_transformer_state(tiny_folder).items()))
+    key, value = next(iter(tiny_transformer_state.items()))
     assert torch.equal(plain.pipeline.transformer.state_dict()[key], value)
     with pytest.raises(UserError, match="no ema_transformer/"):
         load_unipic3_pipeline(layouts["base"], ema=True)

@@ -669,21 +669,28 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if not images:
             raise bad_request("'image' is required: attach the image to edit as a file part", "image",
                               "missing_required_parameter")
-        if len(images) > 1:
-            raise bad_request(f"got {len(images)} images; send one image per edit", "image", "too_many_images")
         instruction = _check_text(req.prompt, "prompt", limits)
         seeds, settings = _image_settings(req, limits)
         pipeline, batcher = _ready(state)
-        source = await run_in_threadpool(decode_image, images[0].data, limits)
+        most = int(pipeline.sampling_defaults().get("max_input_images", 1))
+        if len(images) > most:
+            reason = (f"this model ({state.model_name}) edits one image per request" if most == 1 else
+                      f"this model composes at most {most} images")
+            raise bad_request(f"got {len(images)} images; {reason}", "image", "too_many_images")
+        params = ["image"] if len(images) == 1 else [f"image[{index}]" for index in range(len(images))]
+        sources = [await run_in_threadpool(decode_image, part.data, limits, param=param)
+                   for part, param in zip(images, params)]
+        source = sources[0]
         if settings.height is None:
             height, width = _edit_size(pipeline, source, limits)
             settings = ImageSettings(height, width, settings.steps, settings.guidance_scale, settings.temperature,
                                      settings.fast)
         n = len(seeds)
-        checked = await run_in_threadpool(_check_request, pipeline, "edit_image", [instruction] * n, [source] * n,
+        entry = source if len(sources) == 1 else sources  # UniPic-3: one list of images per instruction
+        checked = await run_in_threadpool(_check_request, pipeline, "edit_image", [instruction] * n, [entry] * n,
                                           seed=seeds, height=settings.height, width=settings.width,
                                           options=settings.options())
-        source = checked.images[0]  # RGB, converted by the pipeline's rule (as for the CLI)
+        source = checked.images[0]  # RGB (or a list of them), converted by the pipeline's rule (as for the CLI)
         return await images_job(request, batcher, "edit", settings, EditWork(source, instruction, seeds, settings),
                                 checked, instruction=instruction)
 

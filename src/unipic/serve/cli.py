@@ -104,6 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise UserError(f"unipic serve needs FastAPI, uvicorn and python-multipart ({error.name} is missing): "
                         f"pip install 'unipic[serve]'") from None
+    from unipic.cli_common import loader_kwargs
     from unipic.loading import load_pipeline
 
     check_int(args.port, "--port", minimum=0, maximum=65535, hint=" (0 picks a free one)")
@@ -115,8 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"machine can use the model (set --api-key or UNIPIC_API_KEY)", file=sys.stderr)
 
     def load():
-        return load_pipeline(args.model, device=args.device, dtype=args.dtype, qwen_path=args.qwen,
-                             cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling)
+        return load_pipeline(args.model, **loader_kwargs(args))
 
     outcome: dict[str, object] = {}
     server: uvicorn.Server | None = None
