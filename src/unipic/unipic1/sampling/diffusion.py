@@ -13,6 +13,8 @@ next to the MAR loop that calls it::
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
 
 import torch
@@ -107,7 +109,7 @@ class HeadScheduler:
 
 
 SOLVER_MIN_LOG_SNR = -2.5
-"""Where `DPMSolverHeadScheduler` starts: log-SNR λ = log(α/σ) = −2.5 (ᾱ ≈ 0.007, t ≈ 930 of 1000 on
+"""Where `DPMSolverHeadScheduler` starts: log-SNR λ = log(α/σ) = −2.5 (ᾱ ≈ 0.007, t = 946 of 1000 on
 the head's clipped cosine schedule). Starting at the schedule's end (λ ≈ −5.3) or spacing the
 calls evenly in t left 8-step samples unusable on the embedded model (ShapesEval 0.18 against 0.95;
 docs/sampling.md)."""
@@ -116,14 +118,42 @@ docs/sampling.md)."""
 def solver_timesteps(alphas_cumprod, num_steps: int, min_log_snr: float = SOLVER_MIN_LOG_SNR) -> list[int]:
     """``num_steps + 1`` training timesteps, descending, ending at 0: the nearest to ``num_steps + 1`` log-SNR
     values spaced evenly from ``max(min_log_snr, λ(T − 1))`` to λ(0) (DPM-Solver's logSNR spacing)."""
-    lam = [0.5 * math.log(a / (1.0 - a)) for a in alphas_cumprod]  # decreasing in t
-    start, stop = max(min_log_snr, lam[-1]), lam[0]
+    rising = [0.5 * math.log(a / (1.0 - a)) for a in reversed(alphas_cumprod)]  # λ(T − 1 − i), increasing in i
+    last = len(rising) - 1
+    start, stop = max(min_log_snr, rising[0]), rising[-1]
     grid = []
     for k in range(num_steps + 1):
         target = start + (stop - start) * k / num_steps
-        grid.append(min(range(len(lam)), key=lambda t: abs(lam[t] - target)))
+        i = min(bisect.bisect_left(rising, target), last)
+        if i > 0 and target - rising[i - 1] <= rising[i] - target:  # the nearer neighbour (the noisier on a tie)
+            i -= 1
+        grid.append(last - i)
     grid[-1] = 0
     return grid
+
+
+@functools.lru_cache(maxsize=64)
+def _solver_plan(train_steps: int, noise_schedule: str, max_beta: float, num_steps: int,
+                 min_log_snr: float = SOLVER_MIN_LOG_SNR) -> tuple[list[int], list[tuple[float, ...]]]:
+    """(grid, per-call coefficients) of `DPMSolverHeadScheduler`, built once per setting.
+
+    Per call: (1/α_s, σ_s/α_s, σ_t/σ_s, α_t·(1 − e^(−h)), weight of the previous x̂₀ or 0).
+    """
+    base = get_diffusion(train_steps, None, noise_schedule, max_beta, True).alphas_cumprod
+    grid = solver_timesteps(base, num_steps, min_log_snr)
+    alpha = [math.sqrt(base[t]) for t in grid]
+    sigma = [math.sqrt(1.0 - base[t]) for t in grid]
+    lam = [math.log(a / s) for a, s in zip(alpha, sigma)]
+    lower_final = num_steps < 15  # first order at the last step when the steps are few (as diffusers does)
+    coefficients = []
+    for i in range(num_steps):
+        h = lam[i + 1] - lam[i]
+        w_prev = 0.0
+        if i > 0 and not (lower_final and i == num_steps - 1):
+            w_prev = 1.0 / (2.0 * (lam[i] - lam[i - 1]) / h)  # 1/(2r), r = h_prev/h
+        coefficients.append((1.0 / alpha[i], sigma[i] / alpha[i], sigma[i + 1] / sigma[i],
+                             alpha[i + 1] * -math.expm1(-h), w_prev))
+    return grid, coefficients
 
 
 class DPMSolverHeadScheduler:
@@ -156,22 +186,7 @@ class DPMSolverHeadScheduler:
         self.num_steps = int(num_steps)
         if not 1 <= self.num_steps < c.train_steps:
             raise ValueError(f"num_steps must be in [1, {c.train_steps - 1}], got {num_steps}")
-        base = get_diffusion(c.train_steps, None, c.noise_schedule, c.max_beta, c.learn_sigma).alphas_cumprod
-        grid = solver_timesteps(base, self.num_steps)
-        alpha = [math.sqrt(base[t]) for t in grid]
-        sigma = [math.sqrt(1.0 - base[t]) for t in grid]
-        lam = [math.log(a / s) for a, s in zip(alpha, sigma)]
-        lower_final = self.num_steps < 15
-        self._coefficients = []  # per call: (1/α_s, σ_s/α_s, σ_t/σ_s, α_t(1 − e^(−h)), weight of x̂₀_prev or 0)
-        for i in range(self.num_steps):
-            h = lam[i + 1] - lam[i]
-            second = i > 0 and not (lower_final and i == self.num_steps - 1)
-            w_prev = 0.0
-            if second:
-                r = (lam[i] - lam[i - 1]) / h
-                w_prev = 1.0 / (2.0 * r)
-            self._coefficients.append((1.0 / alpha[i], sigma[i] / alpha[i], sigma[i + 1] / sigma[i],
-                                       alpha[i + 1] * -math.expm1(-h), w_prev))
+        grid, self._coefficients = _solver_plan(c.train_steps, c.noise_schedule, c.max_beta, self.num_steps)
         self.timesteps = torch.tensor(grid[:-1], dtype=torch.long, device=torch.device(device))
 
     def adds_noise(self, index: int) -> bool:
