@@ -151,6 +151,10 @@ def child_peak_rss(argv: list[str], variant: str) -> float:
 
 def speed_benchmark(args, argv: list[str]) -> None:
     pipeline, model, tokenizer = load(args)
+    if not args.threads:
+        from unipic.loading import cpu_threads_for
+
+        cpu_threads_for(pipeline)
     settings = {"exact": settings_for(pipeline, args, False), "fast": settings_for(pipeline, args, True)}
     if args.rss_only:
         profile(model, tokenizer, args.rss_only, settings, args.seed)
@@ -355,7 +359,9 @@ def main() -> None:
     parser.add_argument("--fast-head-steps", type=int, default=None, help="fast mode's head_steps (default: --fast's)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: the command line's choice, `unipic.loading.cpu_threads_for`: "
+                             "one for a small model on CPU, else torch's)")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
     parser.add_argument("--quality-gate", action="store_true", help="ShapesEval + editing, exact vs fast")
     parser.add_argument("--per-category", type=int, default=50, help="quality gate: prompts per ShapesEval category")
