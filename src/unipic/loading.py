@@ -172,8 +172,8 @@ def _unipic1_pipeline(model, tokenizer) -> UnifiedPipeline:
 
 
 # Below this many parameters a model's ops on CPU are too small to split across threads: on the
-# project's two-core machine the embedded model (9.3M) drew an image in 0.19 s with one thread and
-# 0.5-11 s with two when the second core was busy (docs/sampling.md, "Start-up").
+# project's two-core machine the embedded model (8.6M) drew an image in 0.19 s with one thread and
+# 0.5-11 s with two when the second core was busy (docs/sampling.md, "Issue 40").
 SMALL_MODEL_PARAMETERS = 50_000_000
 
 
