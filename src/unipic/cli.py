@@ -64,7 +64,7 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, edit: bool = False,
                             f"(default: {seed_default})")
     if not sizes:
         parser.set_defaults(size=None, height=None, width=None, batch_size=None, fast=None, head_anneal=None,
-                            guidance_interval=None, uncond_interval=None)
+                            guidance_interval=None, uncond_interval=None, head_solver=None)
     if sizes:
         group.add_argument("--size", type=int, default=None,
                            help="square output side in pixels, a multiple of 16 (default: the model's, e.g. 128 "
@@ -88,15 +88,18 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, edit: bool = False,
     if sizes:  # generate and edit; inpainting runs the exact sampler
         speed = group.add_mutually_exclusive_group()
         speed.add_argument("--fast", dest="fast", action="store_const", const=True, default=None,
-                           help="UniPic-1: training-free shortcuts: half the MAR and head steps (unless --steps / "
-                                "--head-steps are given), head steps annealed over the MAR steps (--head-anneal 0.2) "
-                                "and unconditional rows through MAR + LLM every 2nd step (--uncond-interval 2); see "
-                                "docs/sampling.md for the measured speed and quality")
+                           help="UniPic-1: training-free shortcuts: half the MAR steps (unless --steps is given), the "
+                                "head sampled by DPM-Solver++ in 8 steps (--head-solver dpm++2m; unless --head-steps "
+                                "is given) and unconditional rows through MAR + LLM every 2nd step (--uncond-interval "
+                                "2); see docs/sampling.md for the measured speed and quality")
         speed.add_argument("--exact", dest="fast", action="store_const", const=False,
                            help="UniPic-1: the exact sampler (the default), reproducible bit for bit on one machine")
+        group.add_argument("--head-solver", choices=("ddpm", "dpm++2m"), default=None,
+                           help="UniPic-1: the diffusion head's sampler: 'ddpm' (ancestral, the trained process; the "
+                                "default) or 'dpm++2m' (DPM-Solver++(2M), deterministic, for few steps; with --fast)")
         group.add_argument("--head-anneal", type=float, default=None,
                            help="UniPic-1: head steps at the last MAR step as a fraction of --head-steps, falling "
-                                "linearly from 1 (default 1, with --fast 0.2; 1 = off)")
+                                "linearly from 1 (default 1, with --fast --head-solver ddpm 0.2; 1 = off)")
         group.add_argument("--guidance-interval", type=int, default=None,
                            help="UniPic-1: run the unconditional head rows every K-th head step and reuse the "
                                 "guidance residual between (default 1 = off, also with --fast)")
@@ -132,7 +135,7 @@ def _size_from_args(args: argparse.Namespace) -> tuple[int | None, int | None]:
 def _sampling_options(args: argparse.Namespace) -> dict:
     options = {}
     for key in ("steps", "cfg", "cfg_schedule", "temperature", "head_steps", "batch_size", "input_resize", "fast",
-                "head_anneal", "guidance_interval", "uncond_interval"):
+                "head_anneal", "guidance_interval", "uncond_interval", "head_solver"):
         value = getattr(args, key, None)
         # --exact is the default sampler: passing nothing keeps it valid for every model family.
         if value is not None and not (key == "fast" and value is False):
@@ -170,8 +173,11 @@ def _check_sampling_args(args: argparse.Namespace, *, seeds: int = 1) -> None:
 
 def _load(args: argparse.Namespace):
     from unipic.cli_common import pipeline_from_args
+    from unipic.loading import cpu_threads_for
 
-    return pipeline_from_args(args)
+    pipeline = pipeline_from_args(args)
+    cpu_threads_for(pipeline)  # one thread for a small model on CPU (issue 40)
+    return pipeline
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
@@ -887,18 +893,55 @@ def _optional_register(module_name: str, function: str):
     return getattr(module, function, None)
 
 
-def _quiet_library_progress_bars() -> None:
-    """Hide the libraries' weight-loading bars; unipic's own progress bars stay."""
-    import importlib
+_QUIET_LIBRARY_LOGGING = ("transformers.utils.logging", "diffusers.utils.logging", "huggingface_hub.utils")
 
-    for name in ("transformers.utils.logging", "diffusers.utils.logging", "huggingface_hub.utils"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        disable = getattr(module, "disable_progress_bar", None) or getattr(module, "disable_progress_bars", None)
-        if disable is not None:
-            disable()
+
+def _disable_progress_bars(module) -> None:
+    disable = getattr(module, "disable_progress_bar", None) or getattr(module, "disable_progress_bars", None)
+    if disable is not None:
+        disable()
+
+
+class _QuietOnImport:
+    """A meta-path finder that disables a library's progress bars right after its logging module loads.
+
+    Importing transformers' or diffusers' logging just to silence it costs ~2 s (diffusers.utils
+    imports torch._dynamo), more than drawing an image and far more than `--help` or a usage error
+    (issue 40); most commands never import those libraries at all.
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = set(names)
+
+    def find_spec(self, fullname: str, path=None, target=None):
+        if fullname not in self.names:
+            return None
+        self.names.discard(fullname)
+        import importlib.util
+
+        spec = importlib.util.find_spec(fullname)  # the other finders' answer (this one no longer matches)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            exec_module = spec.loader.exec_module
+
+            def exec_then_quiet(module) -> None:
+                exec_module(module)
+                _disable_progress_bars(module)
+
+            spec.loader.exec_module = exec_then_quiet
+        return spec
+
+
+def _quiet_library_progress_bars() -> None:
+    """Hide the libraries' weight-loading bars (now if imported, else when they are); unipic's own bars stay."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # huggingface_hub, and transformers reads it
+    pending = []
+    for name in _QUIET_LIBRARY_LOGGING:
+        if name in sys.modules:
+            _disable_progress_bars(sys.modules[name])
+        else:
+            pending.append(name)
+    if pending and not any(isinstance(finder, _QuietOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _QuietOnImport(pending))
 
 
 def _version() -> str:

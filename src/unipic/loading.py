@@ -162,7 +162,7 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None 
 
         if cpu_offload or vae_tiling or qwen_path:
             raise UserError("--cpu-offload, --vae-tiling and --qwen apply to UniPic-2 models only")
-        net, tokenizer = load_model_folder(folder, device=torch_device, dtype=torch_dtype)
+        net, tokenizer = load_model_folder(folder, device=torch_device, dtype=torch_dtype, inference=True)
         return _unipic1_pipeline(net, tokenizer)
     raise UserError(f"--model {name}: the folder has neither config.json (UniPic-1) nor model_index.json or the "
                     "component subfolders of a UniPic-2 release")
@@ -172,3 +172,22 @@ def _unipic1_pipeline(model, tokenizer) -> UnifiedPipeline:
     from unipic.unipic1.pipeline import UniPicPipeline
 
     return UniPicPipeline(model, tokenizer)
+
+
+# Below this many parameters a model's ops on CPU are too small to split across threads: on the
+# project's two-core machine the embedded model (8.6M) drew an image in 0.19 s with one thread and
+# 0.5-11 s with two when the second core was busy (docs/sampling.md, "Issue 40").
+SMALL_MODEL_PARAMETERS = 50_000_000
+
+
+def cpu_threads_for(pipeline) -> int:
+    """One intra-op thread for a small model on CPU (unless OMP_NUM_THREADS is set); returns the count in use.
+
+    The command line calls this after loading; the library leaves torch's setting alone.
+    """
+    model = getattr(pipeline, "model", None)
+    if (isinstance(model, torch.nn.Module) and "OMP_NUM_THREADS" not in os.environ
+            and next(model.parameters()).device.type == "cpu"
+            and sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS):
+        torch.set_num_threads(1)
+    return torch.get_num_threads()

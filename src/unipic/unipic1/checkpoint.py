@@ -35,17 +35,18 @@ class CheckpointError(UserError):
     """A checkpoint does not match the model (names the offending tensors)."""
 
 
-def build_model(config: UniPicConfig, *, empty: bool = False, seed: int | None = None):
-    """Build a `UniPic`; `empty=True` gives meta parameters (instant, no memory) for loading into."""
+def build_model(config: UniPicConfig, *, empty: bool = False, seed: int | None = None, light_llm: bool = False):
+    """Build a `UniPic`; `empty=True` gives meta parameters (instant, no memory) for loading into;
+    `light_llm`: the transformers-free LLM for inference (`UniPic`)."""
     from unipic.unipic1.models.unipic import UniPic, init_empty_weights
 
     if empty:
         with init_empty_weights():
-            return UniPic(config)
+            return UniPic(config, light_llm=light_llm)
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        return UniPic(config)
+        return UniPic(config, light_llm=light_llm)
 
 
 def expected_tensors(config: UniPicConfig) -> dict[str, tuple[int, ...]]:
@@ -206,8 +207,13 @@ def read_model_folder_tensors(folder: str | os.PathLike) -> dict[str, torch.Tens
 
 
 def load_model_folder(folder: str | os.PathLike, *, device: torch.device | str = "cpu",
-                      dtype: torch.dtype | None = None):
-    """Load (model, tokenizer) from our model folder, strictly, without holding two copies."""
+                      dtype: torch.dtype | None = None, inference: bool = False):
+    """Load (model, tokenizer) from our model folder, strictly, without holding two copies.
+
+    `inference=True` (the pipelines' loader): the transformers-free LLM and tokenizer
+    (`unipic.unipic1.models.qwen2`, `tokenizer.load_inference_tokenizer`), which import transformers
+    only if something beyond sampling asks for it (captioning's `generate`, a SigLIP tower).
+    """
     from unipic.unipic1.tokenizer import load_tokenizer
 
     folder = Path(folder)
@@ -218,8 +224,13 @@ def load_model_folder(folder: str | os.PathLike, *, device: torch.device | str =
     except (ValueError, TypeError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
         raise UserError(f"{folder / CONFIG_NAME}: {error}") from None
     # The tokenizer is checked before the weights are read, so a broken folder fails fast.
-    tokenizer = load_tokenizer(folder, config.image_token)
-    model = build_model(config, empty=True)
+    if inference:
+        from unipic.unipic1.tokenizer import load_inference_tokenizer
+
+        tokenizer = load_inference_tokenizer(folder, config.image_token)
+    else:
+        tokenizer = load_tokenizer(folder, config.image_token)
+    model = build_model(config, empty=True, light_llm=inference)
     load_state_dict_strict(model, read_model_folder_tensors(folder), assign=True)
     model.to(device=device, dtype=dtype)
     model.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)

@@ -40,6 +40,7 @@ from unipic.inpainting import (
     pad_to_multiple,
     token_grid_mask,
 )
+from unipic.unipic1.sampling.diffusion import HEAD_SOLVERS
 from unipic.unipic1.sampling.edit import edit_images
 from unipic.unipic1.sampling.image_to_text import answer_questions
 from unipic.unipic1.sampling.inpaint import inpaint_images
@@ -56,16 +57,19 @@ from unipic.unipic1.sampling.rng import GeneratorGroups
 from unipic.unipic1.sampling.text_to_image import generate_images
 
 _T2I_OPTIONS = {"num_iter", "steps", "cfg", "cfg_schedule", "temperature", "head_steps", "batch_size", "fast",
-                "head_anneal", "guidance_interval", "uncond_interval"}
+                "head_anneal", "guidance_interval", "uncond_interval", "head_solver"}
 # `fast=True` (training-free; benchmarks/sampling.py measures speed and --quality-gate quality,
-# docs/sampling.md has the numbers): half the MAR steps and half the head steps (unless `steps` /
-# `head_steps` are given), DiSA-style head-step annealing to FAST_HEAD_ANNEAL of them at the last
-# MAR step, and LazyMAR-style condition caching: the unconditional rows through MAR + LLM every
-# FAST_UNCOND_INTERVAL-th MAR step. Guidance caching inside the head (`guidance_interval`) stays
+# docs/sampling.md has the numbers): half the MAR steps (unless `steps` is given), the head sampled
+# by DPM-Solver++(2M) in FAST_SOLVER_HEAD_STEPS steps (unless `head_steps` / `head_solver` are given;
+# with head_solver="ddpm": half the head steps, DiSA-style annealed to FAST_HEAD_ANNEAL of them at
+# the last MAR step), and LazyMAR-style condition caching: the unconditional rows through MAR + LLM
+# every FAST_UNCOND_INTERVAL-th MAR step. Guidance caching inside the head (`guidance_interval`) stays
 # off: measured on CPU it made the embedded model slower (the head is latency-bound, so halving its
-# rows saves nothing). Each part can be switched off alone: steps=..., head_steps=...,
-# head_anneal=1, uncond_interval=1.
+# rows saves nothing). Each part can be switched off alone: steps=..., head_solver="ddpm",
+# head_steps=..., head_anneal=1, uncond_interval=1.
 FAST_STEPS_FRACTION = 0.5
+FAST_HEAD_SOLVER = "dpm++2m"
+FAST_SOLVER_HEAD_STEPS = 8
 FAST_HEAD_STEPS_FRACTION = 0.5
 FAST_HEAD_ANNEAL = 0.2
 FAST_GUIDANCE_INTERVAL = 1
@@ -179,17 +183,22 @@ class UniPicPipeline:
                            maximum=MAX_CFG, hint=" (1 = no guidance)")
         temperature = check_number(options.get("temperature", s.edit_temperature if editing else s.temperature),
                                    "temperature", minimum=0.0, maximum=MAX_TEMPERATURE)
+        head_solver = check_choice(options.get("head_solver", FAST_HEAD_SOLVER if fast else "ddpm"), "head_solver",
+                                   HEAD_SOLVERS)
+        solver = head_solver != "ddpm"
         default_head_steps = s.head_steps or self.config.head.num_sampling_steps
         if fast:
-            default_head_steps = max(1, round(default_head_steps * FAST_HEAD_STEPS_FRACTION))
+            default_head_steps = (min(FAST_SOLVER_HEAD_STEPS, default_head_steps) if solver
+                                  else max(1, round(default_head_steps * FAST_HEAD_STEPS_FRACTION)))
         head_steps = check_int(options.get("head_steps", default_head_steps),
-                               "head_steps", minimum=1, maximum=self.config.head.train_steps,
+                               "head_steps", minimum=1, maximum=self.config.head.train_steps - solver,
                                hint=" (the head's training steps)")
         return {"height": size["height"], "width": size["width"], "steps": steps, "cfg": cfg,
                 "cfg_schedule": check_choice(options.get("cfg_schedule", s.cfg_schedule), "cfg_schedule",
                                              ("constant", "linear")),
                 "temperature": temperature, "head_steps": head_steps, "fast": fast,
-                "head_anneal": check_number(options.get("head_anneal", FAST_HEAD_ANNEAL if fast else 1.0),
+                "head_solver": head_solver,
+                "head_anneal": check_number(options.get("head_anneal", FAST_HEAD_ANNEAL if fast and not solver else 1.0),
                                             "head_anneal", minimum=0.0, maximum=1.0, above_minimum=True,
                                             hint=" (1 = every MAR step runs all head steps)"),
                 "guidance_interval": check_int(options.get("guidance_interval",
@@ -307,7 +316,8 @@ class UniPicPipeline:
                 "temperature": settings["temperature"], "head_steps": settings["head_steps"],
                 "speed": SpeedOptions(head_anneal=settings["head_anneal"],
                                       guidance_interval=settings["guidance_interval"],
-                                      uncond_interval=settings["uncond_interval"])}
+                                      uncond_interval=settings["uncond_interval"],
+                                      head_solver=settings.get("head_solver", "ddpm"))}
 
     def text_to_image(self, prompts: Sequence[str], *, height: int | None = None, width: int | None = None,
                       images_per_prompt: int = 1, seed: int | Sequence[int] | None = None, progress: bool = False,
