@@ -94,3 +94,18 @@ def test_inference_loading_draws_the_same_pixels_and_tokens(tiny_model_folder) -
     a = UniPicPipeline(light_model, light_tok).edit_image([source], ["make it blue"], seed=1, steps=2, head_steps=4)
     b = UniPicPipeline(copy.deepcopy(model), tok).edit_image([source], ["make it blue"], seed=1, steps=2, head_steps=4)
     assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+
+
+def test_only_small_llms_load_the_light_decoder(monkeypatch):
+    """The embedded model (1.7M LLM parameters) samples with the light decoder; a checkpoint over the
+    threshold (the 1.5B release) loads transformers' Qwen2, as upstream does."""
+    import unipic.unipic1.checkpoint as checkpoint
+    from unipic.loading import default_model_folder
+    from unipic.unipic1.models.config import UniPicConfig
+
+    assert checkpoint.llm_parameters(UniPicConfig()) > 1_500_000_000  # the release's Qwen2.5-1.5B
+    light, _ = checkpoint.load_model_folder(default_model_folder(), inference=True)
+    assert type(light.llm).__module__ == "unipic.unipic1.models.qwen2"
+    monkeypatch.setattr(checkpoint, "LIGHT_LLM_PARAMETERS", 0)
+    full, _ = checkpoint.load_model_folder(default_model_folder(), inference=True)
+    assert type(full.llm).__module__.startswith("transformers.")

@@ -206,13 +206,30 @@ def read_model_folder_tensors(folder: str | os.PathLike) -> dict[str, torch.Tens
     raise UserError(f"{folder} has no {WEIGHTS_NAME} or {INDEX_NAME}")
 
 
+# Below this many LLM parameters the pipelines load the transformers-free decoder (issue 40: for the
+# embedded model, importing transformers' Qwen2 cost more than drawing an image).
+LIGHT_LLM_PARAMETERS = 50_000_000
+
+
+def llm_parameters(config: UniPicConfig) -> int:
+    """The LLM's parameter count from its config (embeddings, attention, MLP; norms and biases left out)."""
+    llm = config.llm
+    head_dim = llm.hidden_size // llm.num_attention_heads
+    attention = llm.hidden_size * head_dim * (2 * llm.num_attention_heads + 2 * llm.num_key_value_heads)
+    mlp = 3 * llm.hidden_size * llm.intermediate_size
+    return llm.vocab_size * llm.hidden_size + llm.num_hidden_layers * (attention + mlp)
+
+
 def load_model_folder(folder: str | os.PathLike, *, device: torch.device | str = "cpu",
                       dtype: torch.dtype | None = None, inference: bool = False):
     """Load (model, tokenizer) from our model folder, strictly, without holding two copies.
 
-    `inference=True` (the pipelines' loader): the transformers-free LLM and tokenizer
-    (`unipic.unipic1.models.qwen2`, `tokenizer.load_inference_tokenizer`), which import transformers
-    only if something beyond sampling asks for it (captioning's `generate`, a SigLIP tower).
+    `inference=True` (the pipelines' loader): for a small LLM (under `LIGHT_LLM_PARAMETERS`, e.g. the
+    embedded Shapes model), the transformers-free LLM and tokenizer (`unipic.unipic1.models.qwen2`,
+    `tokenizer.load_inference_tokenizer`), which import transformers only if something beyond
+    sampling asks for it (captioning's `generate`, a SigLIP tower). A real checkpoint (the 1.5B
+    release) loads transformers' Qwen2 as upstream does: there the import is a small part of the
+    load, and the library's own implementation is the reference.
     """
     from unipic.unipic1.tokenizer import load_tokenizer
 
@@ -223,14 +240,15 @@ def load_model_folder(folder: str | os.PathLike, *, device: torch.device | str =
         config = UniPicConfig.load(folder / CONFIG_NAME)
     except (ValueError, TypeError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
         raise UserError(f"{folder / CONFIG_NAME}: {error}") from None
+    light = inference and llm_parameters(config) < LIGHT_LLM_PARAMETERS
     # The tokenizer is checked before the weights are read, so a broken folder fails fast.
-    if inference:
+    if light:
         from unipic.unipic1.tokenizer import load_inference_tokenizer
 
         tokenizer = load_inference_tokenizer(folder, config.image_token)
     else:
         tokenizer = load_tokenizer(folder, config.image_token)
-    model = build_model(config, empty=True, light_llm=inference)
+    model = build_model(config, empty=True, light_llm=light)
     load_state_dict_strict(model, read_model_folder_tensors(folder), assign=True)
     model.to(device=device, dtype=dtype)
     model.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
