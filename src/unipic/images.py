@@ -114,3 +114,16 @@ def open_image(path: str | os.PathLike, *, name: str = "image") -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise UserError(f"{name} {path} is not a readable image ({type(error).__name__})") from None
 
+
+def aspect_size(width: int, height: int, side: int, stride: int) -> tuple[int, int]:
+    """(height, width) of an edit's output when no size is given: the input's aspect ratio at about
+    `side`² pixels, each side a multiple of `stride` (a 2:1 photo at side 128, stride 16: 96x176).
+
+    One rule for every front end (CLI, server, Python), kept by the pipeline that applies it.
+    """
+    import math
+
+    aspect = width / height
+    out_width = max(stride, round(side * math.sqrt(aspect) / stride) * stride)
+    out_height = max(stride, round(side / math.sqrt(aspect) / stride) * stride)
+    return out_height, out_width

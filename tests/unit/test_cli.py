@@ -55,7 +55,7 @@ def test_edit_and_caption(tmp_path, capsys):
     out = tmp_path / "edited.png"
     assert main(["edit", str(source), "Remove the star.", "-o", str(out), "--seed", "1", *TINY]) == 0
     with Image.open(out) as image:
-        assert image.size == (128, 128) and image.text["instruction"] == "Remove the star."
+        assert image.size == (160, 96) and image.text["instruction"] == "Remove the star."
     capsys.readouterr()
     assert main(["caption", str(out), "--prompt", "How many stars are there?", "--model", "tiny-random",
                  "--max-new-tokens", "3"]) == 0

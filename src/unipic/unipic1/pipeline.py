@@ -29,7 +29,7 @@ from unipic.checks import (
     check_size,
     gib,
 )
-from unipic.images import to_rgb
+from unipic.images import aspect_size, to_rgb
 from unipic.inpainting import (
     DEFAULT_FEATHER,
     DEFAULT_GROW,
@@ -156,6 +156,10 @@ class UniPicPipeline:
             self._check_i2t_positions(texts, settings["max_new_tokens"])
             return CheckedInputs(job, texts, rgb, seed, 1, settings)
         images_per_prompt = check_int(images_per_prompt, "images_per_prompt", minimum=1)
+        if job == "edit_image" and height is None and width is None:
+            # No size given: the first source's aspect ratio at the model's resolution (every front end).
+            height, width = aspect_size(rgb[0].width, rgb[0].height, self.config.sampling.image_size,
+                                        self.config.pixel_stride)
         settings = self._mar_settings(_check_options(options, _T2I_OPTIONS, job.replace("_", "-")), job,
                                       height, width)
         self._check_positions(job, texts, settings["height"], settings["width"])
