@@ -127,8 +127,8 @@ class ServerProcess:
         return self.request("POST", path, json.dumps(payload), {"Content-Type": "application/json"}, **kwargs)
 
     def metrics(self) -> dict:
-        """GET /metrics."""
-        return self.request("GET", "/metrics").json()
+        """GET /metrics.json (the JSON view; /metrics is Prometheus' text format)."""
+        return self.request("GET", "/metrics.json").json()
 
     def stop(self) -> None:
         """SIGTERM (uvicorn shuts down gracefully), then SIGKILL if it lingers."""

@@ -202,3 +202,41 @@ def test_the_page_composes_several_images_with_a_unipic3_model(browser, tmp_path
         assert len(driver.find_elements(By.CSS_SELECTOR, "#extra-thumbs img")) == 5
     finally:
         server.stop()
+
+
+def test_page_keeps_the_key_for_the_tab_orders_by_seed_and_tells_cancel_from_error(browser, tmp_path):
+    """Issue 41, item 8 and the key of item 1: the API key is kept in sessionStorage (not forever), a
+    request's images read in seed order, "Cancelled." is a notice rather than an error, and an error
+    is cleared when the user moves to another tab."""
+    server = ServerProcess("--model", "shapes-oracle", "--batch-wait-ms", "5")
+    try:
+        driver = browser
+        driver.get(server.url)
+        driver.find_element(By.CSS_SELECTOR, "#settings summary").click()
+        _set(driver, "set-key", server.api_key)
+        _set(driver, "set-n", "3")
+        _set(driver, "set-seed", "7")
+        _set(driver, "set-size", "128x128")
+        _wait(driver, ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
+        stored = driver.execute_script("return [localStorage.getItem('unipic.set-key'), "
+                                       "sessionStorage.getItem('unipic.set-key')]")
+        assert stored == [None, server.api_key]
+        driver.find_element(By.ID, "tab-generate").click()
+        driver.find_element(By.ID, "prompt").send_keys("a photo of two stars")
+        driver.find_element(By.ID, "generate-btn").click()
+        _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gen-results .card")) == 3)
+        metas = [m.text for m in driver.find_elements(By.CSS_SELECTOR, "#gen-results .card .meta")]
+        assert [m.rsplit("seed ", 1)[1] for m in metas] == ["7", "8", "9"], metas
+        # Cancel at once: a notice, not an error.
+        driver.execute_script("document.getElementById('generate-btn').click();"
+                              "document.getElementById('cancel-btn').click();")
+        _wait(driver, lambda d: d.find_element(By.ID, "notice").text == "Cancelled.")
+        assert _error_text(driver) == ""
+        # A mistake shows an error; moving to another tab clears it.
+        driver.find_element(By.ID, "prompt").clear()
+        driver.find_element(By.ID, "generate-btn").click()
+        _wait(driver, lambda d: _error_text(d) != "")
+        driver.find_element(By.ID, "tab-edit").click()
+        assert _error_text(driver) == ""
+    finally:
+        server.stop()

@@ -20,7 +20,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -59,12 +59,15 @@ KEEPALIVE_SECONDS = 5.0  # SSE comment while the answer is computed; also notice
 
 
 # ---------------------------------------------------------------------------------------------
-# Request shapes (the fields OpenAI's client sends; unknown ones are ignored like OpenAI's extras)
+# Request shapes (the fields OpenAI's client sends that this server honours; any other field is a
+# 400 naming it, never silently ignored)
 # ---------------------------------------------------------------------------------------------
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
+
+    user: str | None = None  # OpenAI's end-user id: accepted and not used (documented)
 
 
 class ImageRequest(_Request):
@@ -96,6 +99,7 @@ class ChatRequest(_Request):
     n: int | None = None
     stream: bool | None = None
     stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
 
 
 def _validate(model: type[BaseModel], data: Any, *, strict: bool) -> Any:
@@ -108,6 +112,9 @@ def _validate(model: type[BaseModel], data: Any, *, strict: bool) -> Any:
     except ValidationError as error:
         first = error.errors()[0]
         param = ".".join(str(part) for part in first.get("loc", ())) or None
+        if first.get("type") == "extra_forbidden":
+            raise bad_request(f"'{param}' is not supported by this server; leave it out (see docs/serve.md for the "
+                              "parameters each endpoint honours)", param, "unsupported_parameter") from None
         if first.get("type") == "missing":
             raise bad_request(f"'{param}' is required", param, "missing_required_parameter") from None
         got = first.get("input")
@@ -140,8 +147,14 @@ class ServerState:
 
 def create_app(load: Callable[[], UnifiedPipeline], *, model_name: str, limits: ServeLimits | None = None,
                api_key: str | None = None, on_ready: Callable[[], None] | None = None,
-               on_failed: Callable[[str], None] | None = None) -> FastAPI:
-    """The application; `load()` runs on the model thread after start-up (`on_ready`/`on_failed` report it)."""
+               on_failed: Callable[[str], None] | None = None, allowed_hosts: Sequence[str] | None = None,
+               allowed_origins: Sequence[str] = ()) -> FastAPI:
+    """The application; `load()` runs on the model thread after start-up (`on_ready`/`on_failed` report it).
+
+    `allowed_hosts`: the `Host` names answered (None: any; `unipic serve` passes the names it is bound
+    to, so a DNS-rebinding page cannot read answers). `allowed_origins`: other sites' pages allowed
+    to call the API from a browser (CORS; none by default).
+    """
     limits = limits or ServeLimits()
     state = ServerState(model_name=model_name, limits=limits, api_key=api_key or None)
 
@@ -174,7 +187,13 @@ def create_app(load: Callable[[], UnifiedPipeline], *, model_name: str, limits: 
 
     app = FastAPI(title="unipic", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.unipic = state
-    app.add_middleware(_Guard, limits=limits, api_key=state.api_key)
+    app.add_middleware(_Guard, limits=limits, api_key=state.api_key, allowed_hosts=allowed_hosts)
+    if allowed_origins:
+        # Added last, so it is outermost: preflights are answered before the key check.
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
     _add_error_handlers(app, state)
     _add_routes(app, state)
     return app
@@ -185,19 +204,35 @@ def create_app(load: Callable[[], UnifiedPipeline], *, model_name: str, limits: 
 # ---------------------------------------------------------------------------------------------
 
 
-class _Guard:
-    """Bearer-key check and request-body limit; refusals are answered before any body is read."""
+def host_name(header: str) -> str:
+    """The name of a Host header, without its port: 'localhost:8000' -> 'localhost', '[::1]:80' -> '::1'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
-    def __init__(self, app, limits: ServeLimits, api_key: str | None) -> None:
+
+class _Guard:
+    """Host, bearer-key and request-body checks; refusals are answered before any body is read."""
+
+    def __init__(self, app, limits: ServeLimits, api_key: str | None, allowed_hosts: Sequence[str] | None) -> None:
         self.app = app
         self.limit = limits.max_body_bytes
         self.api_key = api_key.encode() if api_key else None
+        self.hosts = None if allowed_hosts is None else {host_name(h) for h in allowed_hosts}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        if self.hosts is not None and "*" not in self.hosts:
+            name = host_name(headers.get(b"host", b"").decode("latin-1"))
+            if name not in self.hosts:
+                await _send_json(send, 400, error_body(400, f"this server answers for {', '.join(sorted(self.hosts))}, "
+                                                            f"not for Host '{name}' (see --allowed-hosts)",
+                                                       code="invalid_host"))
+                return
         if self.api_key is not None and scope.get("path") not in PUBLIC_PATHS:
             given = headers.get(b"authorization", b"")
             scheme, _, token = given.partition(b" ")
@@ -312,15 +347,48 @@ def _ready(state: ServerState) -> tuple[UnifiedPipeline, Batcher]:
     return state.pipeline, state.batcher
 
 
+MAX_JSON_DEPTH = 32  # OpenAI's requests nest a few levels; deeper is a mistake or an attack
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _require_media_type(request: Request, wanted: str, how: str) -> None:
+    """415 unless the request says it sends `wanted`: a browser page on another site can send
+    text/plain or a form without asking (no CORS preflight), never application/json."""
+    given = _media_type(request)
+    if given != wanted:
+        raise APIError(415, f"send the body as {wanted} ({how}); got Content-Type {given or 'none'}",
+                       code="unsupported_media_type")
+
+
+def _json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 async def _json_body(request: Request) -> Any:
+    _require_media_type(request, "application/json", "Content-Type: application/json")
     body = await request.body()
     if not body.strip():
         raise bad_request("the request body is empty; send a JSON object", None, "invalid_json")
     try:
-        return json.loads(body)
+        data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         where = f" at line {error.lineno} column {error.colno}" if isinstance(error, json.JSONDecodeError) else ""
         raise bad_request(f"the request body is not valid JSON{where}", None, "invalid_json") from None
+    except RecursionError:
+        data = None
+    if data is None and body.strip() != b"null" or _json_depth(data) > MAX_JSON_DEPTH:
+        raise bad_request(f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json")
+    return data
 
 
 def _check_model(state: ServerState, model: str | None) -> None:
@@ -548,6 +616,46 @@ def _page() -> str:
     return (resources.files("unipic.serve") / "page.html").read_text(encoding="utf-8")
 
 
+def _prometheus_registry(state: ServerState):
+    """A registry whose collector reads the server's counters at each scrape."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    class ServerCollector:
+        def collect(self):
+            up = GaugeMetricFamily("unipic_model_ready", "1 when the model is loaded and serving", labels=["model"])
+            up.add_metric([state.model_name], 1.0 if state.status == "ready" else 0.0)
+            yield up
+            uptime = GaugeMetricFamily("unipic_uptime_seconds", "seconds since the server started")
+            uptime.add_metric([], time.monotonic() - state.started)
+            yield uptime
+            requests = CounterMetricFamily("unipic_requests", "requests by endpoint", labels=["endpoint"])
+            for name, value in sorted(state.requests.items()):
+                requests.add_metric([name], value)
+            yield requests
+            errors = CounterMetricFamily("unipic_errors", "error answers by HTTP status", labels=["status"])
+            for status, value in sorted(state.errors.items()):
+                errors.add_metric([status], value)
+            yield errors
+            batcher = state.batcher
+            for name, help_text, value in (("unipic_queue_waiting", "requests waiting for the model",
+                                            batcher.waiting if batcher else 0),
+                                           ("unipic_running", "requests the model is working on",
+                                            batcher.running if batcher else 0)):
+                gauge = GaugeMetricFamily(name, help_text)
+                gauge.add_metric([], value)
+                yield gauge
+            for key, value in (batcher.stats.as_dict() if batcher else {}).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    stat = GaugeMetricFamily(f"unipic_batching_{key}", f"batching statistic '{key}'")
+                    stat.add_metric([], float(value))
+                    yield stat
+
+    registry = CollectorRegistry()
+    registry.register(ServerCollector())
+    return registry
+
+
 def _add_routes(app: FastAPI, state: ServerState) -> None:
     limits = state.limits
     page = _page()
@@ -572,8 +680,17 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
         return JSONResponse(body)
 
+    registry = _prometheus_registry(state)
+
     @app.get("/metrics")
-    async def metrics() -> JSONResponse:
+    async def metrics() -> Response:
+        """Prometheus' text format (prometheus_client), for scrapers."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/metrics.json")
+    async def metrics_json() -> JSONResponse:
         batcher = state.batcher
         return JSONResponse({
             "status": state.status, "model": state.model_name,
@@ -627,6 +744,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/images/edits")
     async def edits(request: Request) -> Response:
         count("images.edits")
+        _require_media_type(request, "multipart/form-data", "an 'image' file part and a 'prompt' field")
         body = await request.body()
         form = parse_multipart(body, request.headers.get("content-type", ""))
         images = form.all("image", "image[]")
@@ -714,13 +832,22 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                     "total_tokens": prompt_tokens + completion_tokens}
 
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > 4 or not all(stops):
+            raise bad_request("stop: give up to 4 non-empty strings", "stop", "invalid_value")
+
         def finish(answer: str) -> str:
             limit = max_tokens
             return "length" if limit is not None and _token_count(pipeline, answer) >= limit else "stop"
 
+        def cut(answer: str) -> str:
+            """The answer up to the first stop string (OpenAI's `stop`: the stop string is not returned)."""
+            ends = [answer.find(stop) for stop in stops if stop in answer]
+            return answer[: min(ends)] if ends else answer
+
         if not req.stream:
             try:
-                answer = await _await_job(request, batcher, job)
+                answer = cut(await _await_job(request, batcher, job))
             except ClientGone:
                 return Response(status_code=499)
             return JSONResponse({
@@ -749,7 +876,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                     if not done:
                         yield ": the model is working\n\n"  # a comment line: clients ignore it
                 try:
-                    answer = job.future.result()
+                    answer = cut(job.future.result())
                 except APIError as error:  # headers are sent: report the error in the stream, as OpenAI does
                     yield _sse(error.body())
                     return
