@@ -151,3 +151,12 @@ def read_image_metadata(path: str | os.PathLike) -> dict[str, str]:
     except json.JSONDecodeError:
         return {}
     return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """The JSON object in `path`; None when it is missing, a folder, unreadable, not JSON or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -82,6 +82,16 @@ def _set(driver, element_id: str, value: str) -> None:
     driver.execute_script("arguments[0].dispatchEvent(new Event('change'))", element)
 
 
+def _open_page(driver, server, **settings: str) -> None:
+    """Open the page, give it the server's key and the settings (set-<name>: value), wait until ready."""
+    driver.get(server.url)
+    driver.find_element(By.CSS_SELECTOR, "#settings summary").click()
+    _set(driver, "set-key", server.api_key)
+    for name, value in settings.items():
+        _set(driver, f"set-{name}", value)
+    _wait(driver, ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
+
+
 def _error_text(driver) -> str:
     element = driver.find_element(By.ID, "error")
     return element.text if "shown" in (element.get_attribute("class") or "") else ""
@@ -174,11 +184,7 @@ def test_the_page_composes_several_images_with_a_unipic3_model(browser, tmp_path
             files.append(tmp_path / f"in{index}.png")
             Image.new("RGB", size, (40 * index, 90, 200)).save(files[-1])
         driver = browser
-        driver.get(server.url)
-        driver.find_element(By.CSS_SELECTOR, "#settings summary").click()
-        _set(driver, "set-key", server.api_key)
-        _set(driver, "set-steps", "2")
-        _wait(driver, ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
+        _open_page(driver, server, steps="2")
         driver.find_element(By.ID, "tab-edit").click()
         driver.find_element(By.ID, "edit-file").send_keys(str(files[0]))
         _wait(driver, ec.visibility_of_element_located((By.ID, "edit-preview")))
@@ -211,13 +217,7 @@ def test_page_keeps_the_key_for_the_tab_orders_by_seed_and_tells_cancel_from_err
     server = ServerProcess("--model", "shapes-oracle", "--batch-wait-ms", "5")
     try:
         driver = browser
-        driver.get(server.url)
-        driver.find_element(By.CSS_SELECTOR, "#settings summary").click()
-        _set(driver, "set-key", server.api_key)
-        _set(driver, "set-n", "3")
-        _set(driver, "set-seed", "7")
-        _set(driver, "set-size", "128x128")
-        _wait(driver, ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
+        _open_page(driver, server, n="3", seed="7", size="128x128")
         stored = driver.execute_script("return [localStorage.getItem('unipic.set-key'), "
                                        "sessionStorage.getItem('unipic.set-key')]")
         assert stored == [None, server.api_key]

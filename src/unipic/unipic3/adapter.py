@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from unipic.api import CheckedInputs, Job, UnsupportedTaskError, UserError, check_texts
-from unipic.checks import MAX_CFG, check_int, check_number, check_seeds, check_size
+from unipic.checks import check_int, check_seeds, check_size, parse_diffusion_options
 from unipic.images import to_rgb
 from unipic.unipic3 import sizes
 from unipic.unipic3.pipeline import DEFAULT_CFG, DEFAULT_NEGATIVE_PROMPT, MAX_INPUT_IMAGES
@@ -46,22 +46,7 @@ NO_CAPTIONS = ("UniPic-3 only edits images; for captions use a UniPic2-MetaQuery
 
 def _parse_options(options: dict) -> dict:
     """Canonical option names -> checked values; None means default; unknown names raise `UserError`."""
-    parsed: dict = {}
-    for key, value in options.items():
-        if key not in EDIT_OPTIONS:
-            raise UserError(f"unknown edit option {key!r} for UniPic-3; valid options: {', '.join(EDIT_OPTIONS)}")
-        if value is None:
-            continue
-        name = _ALIASES.get(key, key)
-        if name in parsed and parsed[name] != value:
-            raise UserError(f"option {key!r} conflicts with another spelling of {name!r}; pass it once")
-        parsed[name] = value
-    if "num_inference_steps" in parsed:
-        parsed["num_inference_steps"] = check_int(parsed["num_inference_steps"], "num_inference_steps", minimum=1)
-    if "cfg" in parsed:
-        parsed["cfg"] = check_number(parsed["cfg"], "cfg", minimum=0.0, maximum=MAX_CFG, hint=" (<= 1 disables guidance)")
-    if "negative_prompt" in parsed and not isinstance(parsed["negative_prompt"], str):
-        raise UserError(f"negative_prompt must be a string, got {type(parsed['negative_prompt']).__name__}")
+    parsed = parse_diffusion_options(options, EDIT_OPTIONS, _ALIASES, family="UniPic-3", task="edit")
     if "budget_area" in parsed:
         parsed["budget_area"] = check_int(parsed["budget_area"], "budget_area", minimum=MIN_BUDGET_AREA)
     return parsed

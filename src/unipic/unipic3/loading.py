@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from unipic.api import UnifiedPipeline, UserError
+from unipic.io_utils import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -55,15 +56,6 @@ QWEN_IMAGE_EDIT_SCHEDULER = {
 }
 BASE_HELP = ("pass the Qwen-Image-Edit folder they come from: base='models/Qwen-Image-Edit' "
              "(CLI: --base FOLDER)")
-
-
-def _read_json(path: Path) -> dict | None:
-    """The JSON object in `path`; None when missing, unreadable or not an object."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 @dataclass
@@ -92,9 +84,9 @@ def inspect_folder(path: str | Path) -> Layout | None:
     folder = Path(path)
     if not folder.is_dir():
         return None
-    index = _read_json(folder / "model_index.json")
+    index = read_json_object(folder / "model_index.json")
     transformers = {name: folder / name for name in TRANSFORMER_FOLDERS
-                    if (_read_json(folder / name / "config.json") or {}).get("_class_name") == TRANSFORMER_CLASS}
+                    if (read_json_object(folder / name / "config.json") or {}).get("_class_name") == TRANSFORMER_CLASS}
     if index is not None:
         entry = index.get("transformer")
         names_transformer = isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] == TRANSFORMER_CLASS
@@ -104,7 +96,7 @@ def inspect_folder(path: str | Path) -> Layout | None:
     elif not transformers:
         return None
     components = {name: folder / name for name in SHARED_COMPONENTS if (folder / name).is_dir()}
-    settings = _read_json(folder / SETTINGS_FILE) or {}
+    settings = read_json_object(folder / SETTINGS_FILE) or {}
     return Layout(folder, index is not None, transformers, components, settings)
 
 
@@ -116,7 +108,7 @@ def is_unipic3_folder(path: str | Path) -> bool:
 def write_settings(folder: str | Path, **settings: object) -> Path:
     """Merge `settings` into the folder's unipic3.json (created if missing); returns its path."""
     path = Path(folder) / SETTINGS_FILE
-    merged = {**(_read_json(path) or {}), **{k: v for k, v in settings.items() if v is not None}}
+    merged = {**(read_json_object(path) or {}), **{k: v for k, v in settings.items() if v is not None}}
     path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
     return path
 
@@ -219,9 +211,20 @@ def _first_line(error: BaseException) -> str:
 def _bin_files(folder: Path) -> list[Path]:
     """The .bin weight files of a model subfolder: the shards of an index, else every *.bin."""
     for index_file in sorted(folder.glob("*.bin.index.json")):
-        weight_map = (_read_json(index_file) or {}).get("weight_map", {})
+        weight_map = (read_json_object(index_file) or {}).get("weight_map", {})
         return [folder / name for name in sorted(set(weight_map.values()))]
     return sorted(folder.glob("*.bin"))
+
+
+def _bin_state(folder: Path, missing: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a subfolder's pickled `.bin` files (shards merged), read with weights_only=True."""
+    files = _bin_files(folder)
+    if not files:
+        raise UserError(missing)
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_tensor_pickle(file))
+    return state
 
 
 def _has_safetensors(folder: Path) -> bool:
@@ -233,23 +236,18 @@ def load_bin_transformer(folder: Path, dtype: torch.dtype):
     from accelerate import init_empty_weights
     from diffusers import QwenImageTransformer2DModel
 
-    files = _bin_files(folder)
-    if not files:
-        raise UserError(f"{folder} has config.json but no .safetensors or .bin weights")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_tensor_pickle(file))
+    state = _bin_state(folder, f"{folder} has config.json but no .safetensors or .bin weights")
     config = QwenImageTransformer2DModel.load_config(folder)
     with init_empty_weights():  # parameters on the meta device: the state dict supplies them
         model = QwenImageTransformer2DModel.from_config(config)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise UserError(f"{files[0]}: weights do not fit {TRANSFORMER_CLASS}: missing {missing[:3]}, "
+        raise UserError(f"{folder}: weights do not fit {TRANSFORMER_CLASS}: missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]} ({len(missing)} and {len(unexpected)} keys)")
     for key, tensor in state.items():
         if tensor.shape != model.state_dict()[key].shape:
-            raise UserError(f"{files[0]}: {key} has shape {tuple(tensor.shape)}, the config needs "
+            raise UserError(f"{folder}: {key} has shape {tuple(tensor.shape)}, the config needs "
                             f"{tuple(model.state_dict()[key].shape)}")
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
     return model.eval()
@@ -287,12 +285,7 @@ def convert_ema_to_safetensors(source: str | Path, destination: str | Path, max_
     source, destination = Path(source), Path(destination)
     if not (source / "config.json").is_file():
         raise UserError(f"{source} has no config.json; give the transformer subfolder (e.g. ema_transformer/)")
-    files = _bin_files(source)
-    if not files:
-        raise UserError(f"{source} holds no .bin weights to convert")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_tensor_pickle(file))
+    state = _bin_state(source, f"{source} holds no .bin weights to convert")
     destination.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source / "config.json", destination / "config.json")
     split = split_torch_state_dict_into_shards(state, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
