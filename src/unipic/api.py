@@ -169,3 +169,23 @@ class InpaintingPipeline(Protocol):
                  top: int = 0, bottom: int = 0, **kwargs: object) -> list[Image.Image]:
         """Extend each image by the given pixels (multiples of 16) on each side; keyword arguments go to `inpaint`."""
         ...
+
+
+def runtime_settings(pipeline: object) -> dict[str, str]:
+    """The device type and dtype a pipeline computes in, which change its pixels ({} for one without
+    torch weights, as the Shapes oracle); outputs record them beside the sampling settings."""
+    import sys
+
+    torch = sys.modules.get("torch")  # a pipeline with weights has imported torch already
+    if torch is None:
+        return {}
+    for name in ("model", "pipeline"):
+        holder = getattr(pipeline, name, None)
+        modules = [holder] if isinstance(holder, torch.nn.Module) else [
+            getattr(holder, part, None) for part in ("transformer", "text_encoder", "vae")]
+        for module in modules:
+            if isinstance(module, torch.nn.Module):
+                parameter = next(module.parameters(), None)
+                if parameter is not None:
+                    return {"device": parameter.device.type, "dtype": str(parameter.dtype).removeprefix("torch.")}
+    return {}

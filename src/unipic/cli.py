@@ -177,6 +177,7 @@ def _load(args: argparse.Namespace):
 
     pipeline = pipeline_from_args(args)
     cpu_threads_for(pipeline)  # one thread for a small model on CPU (issue 40)
+    args.loaded_pipeline = pipeline  # outputs record its device and dtype (`_metadata`)
     return pipeline
 
 
@@ -201,10 +202,13 @@ def _check_output_file(path: str, *, overwrite: bool, flag: str = "-o") -> Path:
 
 
 def _metadata(args: argparse.Namespace, request: CheckedInputs, seed: int | None, **extra: object) -> dict[str, str]:
-    """What an output was made from, once each: model, seed, the settings sampling used, the text."""
+    """What an output was made from, once each: model, seed, the settings sampling used (with the
+    device and dtype, which change pixels), the text."""
+    from unipic.api import runtime_settings
     from unipic.io_utils import output_record
 
-    return output_record(str(args.model or "default"), seed, request.settings, **extra)
+    settings = {**request.settings, **runtime_settings(getattr(args, "loaded_pipeline", None))}
+    return output_record(str(args.model or "default"), seed, settings, **extra)
 
 
 # ---------------------------------------------------------------------------------------------

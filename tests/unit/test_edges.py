@@ -164,3 +164,24 @@ def test_ctrl_c_at_any_moment_of_start_up_is_one_line(tmp_path):
             continue
         assert process.returncode == 130, (delay, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (delay, err)
+
+
+def test_outputs_record_device_dtype_and_the_inpainting_steps_really_taken(tmp_path, capsys):
+    """Device and dtype change pixels, so every output records them; inpainting caps --steps at each
+    image's masked-token count, and the record says how many steps it really took."""
+    import json
+
+    from PIL import Image
+
+    from unipic.io_utils import read_image_metadata
+
+    drawn = tmp_path / "drawn.png"
+    assert main(["generate", "a photo of a red circle", "--seed", "0", "--quiet", "-o", str(drawn)]) == 0
+    settings = json.loads(read_image_metadata(drawn)["settings"])
+    assert settings["device"] == "cpu" and settings["dtype"] == "float32"
+    filled = tmp_path / "filled.png"
+    assert main(["inpaint", str(drawn), "a photo of a red circle", "--box", "56,56,72,72", "--grow", "0",
+                 "--steps", "8", "--seed", "0", "--quiet", "-o", str(filled)]) == 0, capsys.readouterr().err
+    settings = json.loads(read_image_metadata(filled)["settings"])
+    assert settings["steps"] == 8 and settings["steps_used"] == [4]  # a 16x16 box on the 16-px grid: 4 tokens
+    assert Image.open(filled).size == (128, 128)

@@ -498,7 +498,8 @@ def test_outputs_record_exactly_the_settings_used(tmp_path, suffix):
     settings = json.loads(found["settings"], parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
     assert settings == {"height": 32, "width": 32, "steps": 2, "cfg": 2.5, "cfg_schedule": "constant",
                         "temperature": 1.0, "head_steps": 2, "batch_size": 8, "fast": False, "head_anneal": 1.0,
-                        "guidance_interval": 1, "uncond_interval": 1, "head_solver": "ddpm"}
+                        "guidance_interval": 1, "uncond_interval": 1, "head_solver": "ddpm",
+                        "device": "cpu", "dtype": "float32"}
     assert found["prompt"] == "a café" and found["seed"] == "3" and found["model"] == "tiny-random"
 
 

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from unipic.api import CheckedInputs, UnifiedPipeline, UserError
+from unipic.api import CheckedInputs, UnifiedPipeline, UserError, runtime_settings
 from unipic.checks import (
     MAX_CFG,
     MAX_SEED,
@@ -509,7 +509,8 @@ async def _images_response(state: ServerState, images: list, request: CheckedInp
     """OpenAI's images response; each PNG records what the CLI records (`unipic.io_utils.output_record`):
     the model, the image's own seed and the settings the pipeline resolved for this request."""
     def encode() -> list[dict[str, Any]]:
-        return [{"b64_json": png_b64(image, output_record(state.model_name, seed, request.settings, **text, index=k)),
+        settings = {**request.settings, **runtime_settings(state.pipeline)}  # device and dtype change pixels
+        return [{"b64_json": png_b64(image, output_record(state.model_name, seed, settings, **text, index=k)),
                  "revised_prompt": None, "seed": seed} for k, (image, seed) in enumerate(zip(images, request.seed))]
 
     data = await run_in_threadpool(encode)  # PNG compression is CPU work: keep it off the event loop

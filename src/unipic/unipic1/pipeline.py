@@ -405,6 +405,11 @@ class UniPicPipeline:
             self._check_memory(height, width, min(settings["batch_size"], len(request.texts)))
         for key in ("height", "width"):
             settings.pop(key)  # each output has its source's size
+        # Each image reveals its masked tokens, at least one per step: `steps` is capped per image at
+        # its masked-token count, and the record says the steps each image really took.
+        settings["steps_used"] = [min(settings["steps"], int(token_grid_mask(pad_to_multiple(image, mask, stride)[1],
+                                                                              stride).sum()))
+                                  for image, mask in zip(request.images, request.masks)]
         request.settings.update(settings)
         return request
 
@@ -450,7 +455,7 @@ class UniPicPipeline:
             pixels = inpaint_images(self.model, self.tokenizer, images_to_tensor([canvases[r] for r in rows], device),
                                     torch.stack([token_masks[r] for r in rows]), [request.texts[r] for r in rows],
                                     generator=generator, progress=progress,
-                                    **{**kwargs, "steps": min(kwargs["steps"], masked)})  # ≥ 1 token per step
+                                    **{**kwargs, "steps": settings["steps_used"][rows[0]]})  # equal within a group
             self._check_finite(pixels, settings)
             for row, decoded in zip(rows, tensor_to_images(pixels)):
                 pasted = composite(decoded, canvases[row], feather_alpha(canvas_masks[row], settings["feather"]))
