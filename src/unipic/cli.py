@@ -91,7 +91,8 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, edit: bool = False,
                            help="UniPic-1: training-free shortcuts: half the MAR steps (unless --steps is given), the "
                                 "head sampled by DPM-Solver++ in 8 steps (--head-solver dpm++2m; unless --head-steps "
                                 "is given) and unconditional rows through MAR + LLM every 2nd step (--uncond-interval "
-                                "2); see docs/sampling.md for the measured speed and quality")
+                                "2; every step when only one MAR step is left); each option given explicitly wins "
+                                "over --fast; see docs/sampling.md for the measured speed and quality")
         speed.add_argument("--exact", dest="fast", action="store_const", const=False,
                            help="UniPic-1: the exact sampler (the default), reproducible bit for bit on one machine")
         group.add_argument("--head-solver", choices=("ddpm", "dpm++2m"), default=None,
@@ -106,7 +107,7 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, edit: bool = False,
         group.add_argument("--uncond-interval", type=int, default=None,
                            help="UniPic-1: run the unconditional rows through MAR and the LLM every K-th MAR step and "
                                 "reuse their last difference to the conditional ones between (default 1 = off, with "
-                                "--fast 2)")
+                                "--fast 2 or the MAR step count when smaller; an explicit value wins over --fast)")
         group.add_argument("--batch-size", type=int, default=None, help="images generated per forward pass (default 8)")
     group.add_argument("--cpu-offload", action="store_true",
                        help="UniPic-2: keep sub-models on the CPU and move each to the GPU only while it runs")

@@ -185,3 +185,31 @@ def test_outputs_record_device_dtype_and_the_inpainting_steps_really_taken(tmp_p
     settings = json.loads(read_image_metadata(filled)["settings"])
     assert settings["steps"] == 8 and settings["steps_used"] == [4]  # a 16x16 box on the 16-px grid: 4 tokens
     assert Image.open(filled).size == (128, 128)
+
+
+def test_a_size_too_small_for_the_models_steps_names_the_size(tmp_path, capsys):
+    assert main(["generate", "a photo of a red circle", "--size", "16", "-o", str(tmp_path / "o.png")]) == 2
+    line = _one_line(capsys)
+    assert line.startswith("unipic generate: error: size 16x16 is too small") and "--size 32" in line
+    # An explicit --steps that the size cannot hold is the steps' fault: that message names steps.
+    assert main(["generate", "a photo of a red circle", "--size", "32", "--steps", "9", "-o",
+                 str(tmp_path / "o.png")]) == 2
+    assert "steps" in _one_line(capsys)
+
+
+def test_fast_takes_an_explicit_interval_as_given(tmp_path):
+    import json
+
+    from unipic.io_utils import read_image_metadata
+
+    out = tmp_path / "f.png"
+    assert main(["generate", "a photo of a red circle", "--fast", "--uncond-interval", "1", "--head-anneal", "0.5",
+                 "--quiet", "--seed", "0", "-o", str(out)]) == 0
+    settings = json.loads(read_image_metadata(out)["settings"])
+    assert settings["fast"] is True and settings["uncond_interval"] == 1 and settings["head_anneal"] == 0.5
+
+
+def _one_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]

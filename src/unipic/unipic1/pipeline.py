@@ -180,6 +180,12 @@ class UniPicPipeline:
             raise UserError(f"fast={fast!r}: must be True (training-free shortcuts) or False (the exact sampler)")
         tokens = (size["height"] // stride) * (size["width"] // stride)
         default_steps = max(1, round(s.num_iter * FAST_STEPS_FRACTION)) if fast else s.num_iter
+        if "steps" not in options and "num_iter" not in options and default_steps > tokens:
+            # The size is what the user chose here, not the steps: name it (the CLI's --size).
+            side = stride * math.ceil(math.sqrt(default_steps))
+            raise UserError(f"size {size['width']}x{size['height']} is too small: it holds {tokens} token(s), fewer "
+                            f"than this model's {default_steps} sampling steps; ask for a size of at least "
+                            f"{side}x{side} (--size {side}), or for {tokens} step(s)")
         steps = check_int(options.get("steps", options.get("num_iter", default_steps)), "steps",
                           minimum=1, maximum=tokens,
                           hint=f" (a {size['height']}x{size['width']} image has {tokens} tokens)")
