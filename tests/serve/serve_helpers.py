@@ -137,7 +137,7 @@ class ServerProcess:
         return self.request("POST", path, json.dumps(payload), {"Content-Type": "application/json"}, **kwargs)
 
     def metrics(self) -> dict:
-        """GET /metrics.json (the counters as JSON)."""
+        """GET /metrics.json (the JSON view; /metrics is Prometheus' text format)."""
         return self.request("GET", "/metrics.json").json()
 
     def stop(self) -> None:
@@ -151,13 +151,14 @@ class ServerProcess:
                 self.process.wait(timeout=10)
 
 
-def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes, str]]) -> tuple[bytes, str]:
-    """A multipart/form-data body and its Content-Type."""
+def multipart(fields: dict[str, str],
+              files: dict[str, tuple[str, bytes, str]] | list[tuple[str, tuple[str, bytes, str]]]) -> tuple[bytes, str]:
+    """A multipart/form-data body and its Content-Type; `files` as a list may repeat a name (image[])."""
     boundary = "----unipic-test-boundary-7f3a"
     out = io.BytesIO()
     for name, value in fields.items():
         out.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n".encode())
-    for name, (filename, data, ctype) in files.items():
+    for name, (filename, data, ctype) in (files.items() if isinstance(files, dict) else files):
         out.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\n"
                   f"Content-Type: {ctype}\r\n\r\n".encode())
         out.write(data + b"\r\n")

@@ -2,18 +2,12 @@
 
 Endpoints: `POST /v1/images/generations`, `POST /v1/images/edits` (multipart), `POST
 /v1/chat/completions` (image_url data URLs; `stream: true` for server-sent events), `GET /v1/models`,
-`GET /health`, `GET /metrics` (Prometheus text format; `GET /metrics.json` the same counters as JSON)
-and the web page at `/`.
+`GET /health`, `GET /metrics` (queue and batch counters) and the web page at `/`.
 
 Bodies are read and validated here rather than by FastAPI's automatic parsing, so every mistake
 gets OpenAI's error body with the field at fault in `param`, and multipart uploads stay in memory.
 The model is loaded in the background after the server starts listening: `/health` says
 "loading" (503) until it is ready, then "ready".
-
-Safe by default: JSON endpoints take only `Content-Type: application/json` (415 otherwise; a browser
-cannot send that cross-site without a CORS preflight), the `Host` header must name the server
-(Starlette's TrustedHostMiddleware, against DNS rebinding), a browser POST from another origin is
-refused unless `allowed_origins` lists it (and Starlette's CORSMiddleware then answers preflights).
 """
 
 from __future__ import annotations
@@ -22,7 +16,6 @@ import asyncio
 import hmac
 import json
 import logging
-import math
 import re
 import secrets
 import time
@@ -38,16 +31,12 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.cors import CORSMiddleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
 
-from unipic.api import CheckedInputs, UnifiedPipeline, UserError
+from unipic.api import CheckedInputs, UnifiedPipeline, UserError, runtime_settings
 from unipic.checks import (
     MAX_CFG,
     MAX_SEED,
@@ -78,35 +67,29 @@ logger = logging.getLogger("unipic.serve")
 PUBLIC_PATHS = frozenset({"/", "/favicon.ico"})  # the page holds no data; it asks for the key itself
 MAX_CHAT_TEMPERATURE = 2.0  # OpenAI's range for chat completions
 KEEPALIVE_SECONDS = 5.0  # SSE comment while the answer is computed; also notices a gone client
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # the Host names accepted by default (IPv6 in brackets)
 REQUEST_TIMEOUT = 30.0  # seconds a request's body may take to arrive (slow clients hold a connection)
-MAX_STOP_SEQUENCES = 4  # OpenAI's limit for chat `stop`
 
-_ANY = object()
-# OpenAI parameters the server accepts when they ask for nothing (their neutral value); any other
-# value, and any parameter not listed or declared, is refused naming it rather than ignored.
-_CHAT_NEUTRAL: dict[str, tuple] = {
-    "user": (_ANY,), "metadata": (_ANY,), "store": (None, False), "logprobs": (None, False),
-    "top_logprobs": (None, 0), "frequency_penalty": (None, 0), "presence_penalty": (None, 0),
-    "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
-    "function_call": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
-    "response_format": (None, {"type": "text"}), "service_tier": (None, "auto", "default"),
-    "modalities": (None, ["text"]),
-}
-_IMAGE_NEUTRAL: dict[str, tuple] = {
-    "user": (_ANY,), "quality": (None, "auto"), "background": (None, "auto"), "moderation": (None, "auto"),
-    "style": (None,), "stream": (None, False, "false"), "partial_images": (None, 0, "0"),
-    "output_compression": (None, 100, "100"), "input_fidelity": (None,),
+# OpenAI parameters whose neutral value asks for nothing: sent with that value they are dropped before
+# validation; any other value (and any parameter not declared) is a 400 naming it.
+_NEUTRAL: dict[str, tuple] = {
+    "store": (None, False), "logprobs": (None, False), "top_logprobs": (None, 0), "frequency_penalty": (None, 0),
+    "presence_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,), "response_format": (None, {"type": "text"}), "service_tier": (None, "auto"),
+    "quality": (None, "auto"), "background": (None, "auto"), "moderation": (None, "auto"), "style": (None,),
+    "stream": (None, False, "false"), "partial_images": (None, 0, "0"),
 }
 
 
 # ---------------------------------------------------------------------------------------------
-# Request shapes (the fields OpenAI's client sends; unknown ones are ignored like OpenAI's extras)
+# Request shapes (the fields OpenAI's client sends that this server honours; any other field is a
+# 400 naming it, never silently ignored)
 # ---------------------------------------------------------------------------------------------
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
+
+    user: str | None = None  # OpenAI's end-user id: accepted and not used (documented)
 
 
 class ImageRequest(_Request):
@@ -148,33 +131,21 @@ def _same(value: Any, neutral: Any) -> bool:
     return value == neutral
 
 
-def _refuse_unsupported(data: Any, model: type[BaseModel], neutral: dict[str, tuple]) -> None:
-    """A 400 naming the first parameter the server would otherwise ignore (unknown, or not neutral)."""
-    if not isinstance(data, dict):
-        return  # `_validate` explains
-    for name, value in data.items():
-        if name in model.model_fields:
-            continue
-        allowed = neutral.get(name)
-        if allowed is None:
-            raise bad_request(f"'{name}' is not a parameter this server knows; leave it out", name,
-                              "unsupported_parameter")
-        if _ANY not in allowed and not any(_same(value, ok) for ok in allowed):
-            shown = json.dumps(value)[:80] if isinstance(value, (str, int, float, bool, list, dict)) else "..."
-            raise bad_request(f"'{name}' is not supported by this server (got {shown}); leave it out", name,
-                              "unsupported_parameter")
-
-
 def _validate(model: type[BaseModel], data: Any, *, strict: bool) -> Any:
     """Validate into `model`; the first problem becomes a 400 naming the field."""
     if not isinstance(data, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}", None,
                           "invalid_request")
+    data = {name: value for name, value in data.items()  # a neutral value asks for nothing: honoured by leaving it
+            if name in model.model_fields or not any(_same(value, ok) for ok in _NEUTRAL.get(name, ()))}
     try:
         return model.model_validate(data, strict=strict)
     except ValidationError as error:
         first = error.errors()[0]
         param = ".".join(str(part) for part in first.get("loc", ())) or None
+        if first.get("type") == "extra_forbidden":
+            raise bad_request(f"'{param}' is not supported by this server; leave it out (see docs/serve.md for the "
+                              "parameters each endpoint honours)", param, "unsupported_parameter") from None
         if first.get("type") == "missing":
             raise bad_request(f"'{param}' is required", param, "missing_required_parameter") from None
         got = first.get("input")
@@ -213,14 +184,13 @@ def create_app(load: Callable[[], UnifiedPipeline], *, model_name: str, limits: 
                allowed_origins: Sequence[str] = (), request_timeout: float | None = REQUEST_TIMEOUT) -> FastAPI:
     """The application; `load()` runs on the model thread after start-up (`on_ready`/`on_failed` report it).
 
-    `allowed_hosts`: the `Host` names accepted (default the loopback names; `"*"` any);
-    `allowed_origins`: web origins allowed to call the API from a browser (CORS; default none);
-    `request_timeout`: seconds a request body may take to arrive (408 after).
+    `allowed_hosts`: the `Host` names answered (None: any; `unipic serve` passes the names it is bound
+    to, so a DNS-rebinding page cannot read answers). `allowed_origins`: other sites' pages allowed
+    to call the API from a browser (CORS; none by default); a browser POST from any other page is
+    refused 403. `request_timeout`: seconds a request body may take to arrive (408 after; None: no limit).
     """
     limits = limits or ServeLimits()
     state = ServerState(model_name=model_name, limits=limits, api_key=api_key or None)
-    hosts = list(allowed_hosts) if allowed_hosts else list(LOOPBACK_HOSTS)
-    origins = [origin.rstrip("/") for origin in allowed_origins]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -251,12 +221,14 @@ def create_app(load: Callable[[], UnifiedPipeline], *, model_name: str, limits: 
 
     app = FastAPI(title="unipic", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.unipic = state
-    # The last added runs first: Host check, then CORS (preflights carry no key), then key and body limits.
-    app.add_middleware(_Guard, state=state, origins=origins, request_timeout=request_timeout)
-    if origins:
-        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+    app.add_middleware(_Guard, state=state, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins,
+                       request_timeout=request_timeout)
+    if allowed_origins:
+        # Added last, so it is outermost: preflights are answered before the key check.
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
-    app.add_middleware(_HostCheck, allowed_hosts=hosts)
     _add_error_handlers(app, state)
     _add_routes(app, state)
     return app
@@ -272,52 +244,34 @@ async def drain(app: FastAPI, timeout: float) -> None:
         await state.batcher.drain(timeout)
 
 
-class _HostCheck:
-    """Starlette's TrustedHostMiddleware, with its refusal answered in OpenAI's JSON shape."""
-
-    def __init__(self, app, allowed_hosts: list[str]) -> None:
-        self.app = app
-        self.hosts = allowed_hosts
-        self.check = TrustedHostMiddleware(self._passed, allowed_hosts=allowed_hosts, www_redirect=False)
-
-    async def _passed(self, scope, receive, send) -> None:
-        scope["unipic.host_ok"] = True
-        await self.app(scope, receive, send)
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.check(scope, receive, send)
-            return
-
-        async def guarded_send(message) -> None:
-            if message["type"] == "http.response.start" and not scope.get("unipic.host_ok"):
-                host = dict(scope.get("headers", [])).get(b"host", b"").decode("latin-1")
-                body = error_body(400, f"the Host header {host!r} does not name this server (it accepts "
-                                       f"{', '.join(self.hosts)}); start it with --allowed-hosts to add names",
-                                  code="invalid_host")
-                await _send_json(send, 400, body, {"Connection": "close"})
-                return
-            if message["type"] == "http.response.body" and not scope.get("unipic.host_ok"):
-                return  # the JSON above replaced Starlette's plain-text answer
-            await send(message)
-
-        await self.check(scope, receive, guarded_send)
-
-
 # ---------------------------------------------------------------------------------------------
 # Auth and body size (plain ASGI, so both act before the body is read)
 # ---------------------------------------------------------------------------------------------
 
 
-class _Guard:
-    """Bearer-key check and request-body limit; refusals are answered before any body is read."""
+def host_name(header: str) -> str:
+    """The name of a Host header, without its port: 'localhost:8000' -> 'localhost', '[::1]:80' -> '::1'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
-    def __init__(self, app, state: ServerState, origins: list[str], request_timeout: float | None) -> None:
+
+class _Guard:
+    """Host, origin, bearer-key and request-body checks; refusals are answered before any body is read.
+
+    Also: while shutting down everything is answered 503 `shutting_down`, and a body that stops
+    arriving for `request_timeout` seconds is answered 408.
+    """
+
+    def __init__(self, app, state: ServerState, allowed_hosts: Sequence[str] | None, allowed_origins: Sequence[str],
+                 request_timeout: float | None) -> None:
         self.app = app
         self.state = state
         self.limit = state.limits.max_body_bytes
         self.api_key = state.api_key.encode() if state.api_key else None
-        self.origins = set(origins)
+        self.hosts = None if allowed_hosts is None else {host_name(h) for h in allowed_hosts}
+        self.origins = {origin.rstrip("/") for origin in allowed_origins}
         self.request_timeout = request_timeout
 
     async def __call__(self, scope, receive, send) -> None:
@@ -325,13 +279,20 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
-        origin = headers.get(b"origin")
-        if origin is not None and scope.get("method") not in ("GET", "HEAD", "OPTIONS") and not self._same_site(
-                origin.decode("latin-1"), headers.get(b"host", b"").decode("latin-1")):
-            # A form POST (multipart is a "simple" request) from another web page: no preflight protects it.
-            await _send_json(send, 403, error_body(403, f"requests from the web page at {origin.decode('latin-1')} "
-                                                        f"are not allowed; start the server with --allowed-origins "
-                                                        f"to allow it", code="origin_not_allowed"))
+        if self.hosts is not None and "*" not in self.hosts:
+            name = host_name(headers.get(b"host", b"").decode("latin-1"))
+            if name not in self.hosts:
+                await _send_json(send, 400, error_body(400, f"this server answers for {', '.join(sorted(self.hosts))}, "
+                                                            f"not for Host '{name}' (see --allowed-hosts)",
+                                                       code="invalid_host"))
+                return
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        if origin and scope.get("method") not in ("GET", "HEAD", "OPTIONS") and not self._same_site(
+                origin, headers.get(b"host", b"").decode("latin-1")):
+            # A form POST from another site's page (multipart is a "simple" request: no preflight stops it).
+            await _send_json(send, 403, error_body(403, f"requests from the web page at {origin} are not allowed; "
+                                                        "start the server with --allowed-origins to allow them",
+                                                   code="origin_not_allowed"))
             return
         if self.state.closing:
             await _send_json(send, 503, shutting_down().body(), {"Connection": "close"})
@@ -388,6 +349,7 @@ class _Guard:
     def _same_site(self, origin: str, host: str) -> bool:
         """The page making the request is this server's own, or one `--allowed-origins` lists."""
         return origin.rstrip("/") in self.origins or urlsplit(origin).netloc.lower() == host.lower()
+
 
     async def _drain(self, receive, received: int) -> None:
         """Read and drop the rest of a refused body, up to a few times the limit.
@@ -467,26 +429,48 @@ def _ready(state: ServerState) -> tuple[UnifiedPipeline, Batcher]:
     return state.pipeline, state.batcher
 
 
-def _require_media_type(request: Request, expected: str, how: str) -> None:
-    """A 415 unless the Content-Type is `expected` (parameters such as charset aside)."""
-    given = request.headers.get("content-type", "")
-    if given.split(";", 1)[0].strip().lower() != expected:
-        raise APIError(415, f"send {how} with 'Content-Type: {expected}' (got {given or 'no Content-Type'!r})",
+MAX_JSON_DEPTH = 32  # OpenAI's requests nest a few levels; deeper is a mistake or an attack
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _require_media_type(request: Request, wanted: str, how: str) -> None:
+    """415 unless the request says it sends `wanted`: a browser page on another site can send
+    text/plain or a form without asking (no CORS preflight), never application/json."""
+    given = _media_type(request)
+    if given != wanted:
+        raise APIError(415, f"send the body as {wanted} ({how}); got Content-Type {given or 'none'}",
                        code="unsupported_media_type")
 
 
+def _json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 async def _json_body(request: Request) -> Any:
-    _require_media_type(request, "application/json", "the request as a JSON object")
+    _require_media_type(request, "application/json", "Content-Type: application/json")
     body = await request.body()
     if not body.strip():
         raise bad_request("the request body is empty; send a JSON object", None, "invalid_json")
     try:
-        return json.loads(body)
-    except RecursionError:
-        raise bad_request("the request body is nested too deeply", None, "invalid_json") from None
+        data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         where = f" at line {error.lineno} column {error.colno}" if isinstance(error, json.JSONDecodeError) else ""
         raise bad_request(f"the request body is not valid JSON{where}", None, "invalid_json") from None
+    except RecursionError:
+        data = None
+    if data is None and body.strip() != b"null" or _json_depth(data) > MAX_JSON_DEPTH:
+        raise bad_request(f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json")
+    return data
 
 
 def _check_model(state: ServerState, model: str | None) -> None:
@@ -588,7 +572,7 @@ def _check_request(pipeline: UnifiedPipeline, job: str, texts: list[str], images
         return pipeline.check_inputs(job, texts, images, height=height, width=width, seed=seed, **options)
     except UserError as error:
         message = str(error)
-        if height is None or not message.startswith(("height=", "width=")):
+        if height is None or width is None or not message.startswith(("height=", "width=")):
             raise from_user_error(error) from None
 
         def fits(w: int, h: int) -> bool:
@@ -636,32 +620,13 @@ async def _images_response(state: ServerState, images: list, request: CheckedInp
     """OpenAI's images response; each PNG records what the CLI records (`unipic.io_utils.output_record`):
     the model, the image's own seed and the settings the pipeline resolved for this request."""
     def encode() -> list[dict[str, Any]]:
-        return [{"b64_json": png_b64(image, output_record(state.model_name, seed, request.settings, **text, index=k)),
+        settings = {**request.settings, **runtime_settings(state.pipeline)}  # device and dtype change pixels
+        return [{"b64_json": png_b64(image, output_record(state.model_name, seed, settings, **text, index=k)),
                  "revised_prompt": None, "seed": seed} for k, (image, seed) in enumerate(zip(images, request.seed))]
 
     data = await run_in_threadpool(encode)  # PNG compression is CPU work: keep it off the event loop
     width, height = images[0].size
     return {"created": int(time.time()), "data": data, "output_format": "png", "size": f"{width}x{height}"}
-
-
-def _edit_size(pipeline: UnifiedPipeline, image, limits: ServeLimits) -> tuple[int | None, int | None]:
-    """No size given: the input's aspect ratio at the model's resolution (UniPic-1 models).
-
-    UniPic-2 keeps the aspect by its own longer-edge rule, and other pipelines decide for
-    themselves, so they get None.
-    """
-    stride = getattr(getattr(pipeline, "config", None), "pixel_stride", None)
-    side = pipeline.sampling_defaults().get("size")
-    if not isinstance(stride, int) or not isinstance(side, int):
-        return None, None
-    aspect = image.width / image.height
-    width = max(stride, round(side * math.sqrt(aspect) / stride) * stride)
-    height = max(stride, round(side / math.sqrt(aspect) / stride) * stride)
-    scale = min(1.0, limits.max_side / max(width, height))
-    if scale < 1.0:
-        width = max(stride, int(width * scale) // stride * stride)
-        height = max(stride, int(height * scale) // stride * stride)
-    return height, width
 
 
 def _token_count(pipeline: UnifiedPipeline, text: str) -> int:
@@ -745,79 +710,19 @@ def _default_question(pipeline: UnifiedPipeline) -> str:
     return getattr(sampling, "caption_prompt", None) or "Describe the image in detail."
 
 
-_STOPPED = "\x00stopped"  # internal marker: the answer was cut at a stop sequence
-
-
-def _stop_sequences(stop: str | list[str] | None) -> list[str]:
-    """Chat `stop`: a string or up to 4 non-empty strings; the answer ends before the first one found."""
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > MAX_STOP_SEQUENCES:
-        raise bad_request(f"'stop' has {len(stops)} sequences; the limit is {MAX_STOP_SEQUENCES}", "stop",
-                          "invalid_value")
-    if any(not s for s in stops):
-        raise bad_request("'stop' sequences must not be empty", "stop", "invalid_value")
-    return stops
-
-
 def _openai_mask(mask: Any, size: tuple[int, int]) -> np.ndarray:
     """OpenAI's edit mask -> the package's (H, W) bool mask: True where the mask is transparent (alpha < 128)."""
     if mask.size != size:
         raise bad_request(f"the mask is {mask.width}x{mask.height} but the image is {size[0]}x{size[1]}; they must "
                           f"be the same size", "mask", "invalid_mask")
-    has_alpha = mask.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in mask.info
-    if not has_alpha:
+    if mask.mode not in ("RGBA", "LA", "PA", "La", "RGBa") and "transparency" not in mask.info:
         raise bad_request("the mask has no transparency: its transparent pixels mark what to regenerate "
                           "(OpenAI's convention); send a PNG with an alpha channel", "mask", "invalid_mask")
-    alpha = np.asarray(mask.convert("RGBA").getchannel("A"))
-    regenerate = alpha < 128
+    regenerate = np.asarray(mask.convert("RGBA").getchannel("A")) < 128
     if not regenerate.any():
         raise bad_request("the mask has no transparent pixels, so there is nothing to regenerate", "mask",
                           "invalid_mask")
     return regenerate
-
-
-class _Collector:
-    """The server's counters for prometheus_client, read at each scrape (one registry per app)."""
-
-    def __init__(self, state: ServerState) -> None:
-        self.state = state
-
-    def collect(self):
-        state, batcher = self.state, self.state.batcher
-        stats = batcher.stats if batcher else None
-        yield GaugeMetricFamily("unipic_ready", "1 when the model is loaded and the server answers requests",
-                                value=1.0 if state.status == "ready" and not state.closing else 0.0)
-        yield GaugeMetricFamily("unipic_uptime_seconds", "Seconds since the server started",
-                                value=time.monotonic() - state.started)
-        yield GaugeMetricFamily("unipic_queue_waiting", "Requests waiting for a batch",
-                                value=batcher.waiting if batcher else 0)
-        yield GaugeMetricFamily("unipic_running", "Requests in the batch the model is working on",
-                                value=batcher.running if batcher else 0)
-        requests = CounterMetricFamily("unipic_requests", "Requests received, by endpoint", labels=["endpoint"])
-        for name, value in sorted(state.requests.items()):
-            requests.add_metric([name], value)
-        yield requests
-        errors = CounterMetricFamily("unipic_errors", "Error answers, by HTTP status", labels=["status"])
-        for status, value in sorted(state.errors.items()):
-            errors.add_metric([status], value)
-        yield errors
-        yield CounterMetricFamily("unipic_client_disconnects", "Clients that went away before their answer",
-                                  value=state.disconnects)
-        jobs = CounterMetricFamily("unipic_jobs", "Queued requests, by outcome", labels=["outcome"])
-        for outcome in ("admitted", "rejected_busy", "cancelled_waiting", "abandoned_running", "completed",
-                        "failed"):
-            jobs.add_metric([outcome], getattr(stats, outcome) if stats else 0)
-        yield jobs
-        yield CounterMetricFamily("unipic_batches_interrupted", "Batches stopped at a sampler step (every client "
-                                  "gone, or shutting down)", value=stats.interrupted_batches if stats else 0)
-        yield CounterMetricFamily("unipic_model_busy_seconds", "Seconds the model spent running batches",
-                                  value=stats.busy_seconds if stats else 0.0)
-        sizes = stats.batch_sizes if stats else {}
-        bounds = [1, 2, 4, 8, 16, 32, 64]
-        buckets = [(str(b), sum(v for k, v in sizes.items() if k <= b)) for b in bounds]
-        buckets.append(("+Inf", sum(sizes.values())))
-        yield HistogramMetricFamily("unipic_batch_requests", "Requests per batch", buckets=buckets,
-                                    sum_value=sum(k * v for k, v in sizes.items()))
 
 
 def _sse(data: Any) -> str:
@@ -836,6 +741,48 @@ def _pieces(text: str) -> list[str]:
 
 def _page() -> str:
     return (resources.files("unipic.serve") / "page.html").read_text(encoding="utf-8")
+
+
+def _prometheus_registry(state: ServerState):
+    """A registry whose collector reads the server's counters at each scrape."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    class ServerCollector:
+        def collect(self):
+            up = GaugeMetricFamily("unipic_model_ready", "1 when the model is loaded and serving", labels=["model"])
+            up.add_metric([state.model_name], 1.0 if state.status == "ready" else 0.0)
+            yield up
+            uptime = GaugeMetricFamily("unipic_uptime_seconds", "seconds since the server started")
+            uptime.add_metric([], time.monotonic() - state.started)
+            yield uptime
+            requests = CounterMetricFamily("unipic_requests", "requests by endpoint", labels=["endpoint"])
+            for name, value in sorted(state.requests.items()):
+                requests.add_metric([name], value)
+            yield requests
+            errors = CounterMetricFamily("unipic_errors", "error answers by HTTP status", labels=["status"])
+            for status, value in sorted(state.errors.items()):
+                errors.add_metric([status], value)
+            yield errors
+            yield CounterMetricFamily("unipic_client_disconnects", "clients that went away before their answer "
+                                      "(not errors)", value=state.disconnects)
+            batcher = state.batcher
+            for name, help_text, value in (("unipic_queue_waiting", "requests waiting for the model",
+                                            batcher.waiting if batcher else 0),
+                                           ("unipic_running", "requests the model is working on",
+                                            batcher.running if batcher else 0)):
+                gauge = GaugeMetricFamily(name, help_text)
+                gauge.add_metric([], value)
+                yield gauge
+            for key, value in (batcher.stats.as_dict() if batcher else {}).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    stat = GaugeMetricFamily(f"unipic_batching_{key}", f"batching statistic '{key}'")
+                    stat.add_metric([], float(value))
+                    yield stat
+
+    registry = CollectorRegistry()
+    registry.register(ServerCollector())
+    return registry
 
 
 def _add_routes(app: FastAPI, state: ServerState) -> None:
@@ -862,12 +809,13 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
         return JSONResponse(body)
 
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(state))
+    registry = _prometheus_registry(state)
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        """Prometheus text format (prometheus_client), for Prometheus, Grafana Agent, VictoriaMetrics ..."""
+        """Prometheus' text format (prometheus_client), for scrapers."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/metrics.json")
@@ -912,9 +860,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/images/generations")
     async def generations(request: Request) -> Response:
         count("images.generations")
-        data = await _json_body(request)
-        _refuse_unsupported(data, ImageRequest, _IMAGE_NEUTRAL)
-        req = _validate(ImageRequest, data, strict=True)
+        req = _validate(ImageRequest, await _json_body(request), strict=True)
         _check_model(state, req.model)
         prompt = _check_text(req.prompt, "prompt", limits)
         seeds, settings = _image_settings(req, limits)
@@ -928,7 +874,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/images/edits")
     async def edits(request: Request) -> Response:
         count("images.edits")
-        _require_media_type(request, "multipart/form-data", "the edit as a form with an 'image' file part")
+        _require_media_type(request, "multipart/form-data", "an 'image' file part and a 'prompt' field")
         body = await request.body()
         form = parse_multipart(body, request.headers.get("content-type", ""))
         images = form.all("image", "image[]")
@@ -943,34 +889,46 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                 fields[part.name] = part.data.decode("utf-8")
             except UnicodeDecodeError:
                 raise bad_request(f"'{part.name}' is not UTF-8 text", part.name, "invalid_type") from None
-        _refuse_unsupported(fields, ImageRequest, _IMAGE_NEUTRAL)
         req = _validate(ImageRequest, fields, strict=False)  # form fields are text: "2" is n=2
         _check_model(state, req.model)
         if not images:
             raise bad_request("'image' is required: attach the image to edit as a file part", "image",
                               "missing_required_parameter")
-        if len(images) > 1:
-            raise bad_request(f"got {len(images)} images; send one image per edit", "image", "too_many_images")
         instruction = _check_text(req.prompt, "prompt", limits)
         seeds, settings = _image_settings(req, limits)
         pipeline, batcher = _ready(state)
-        source = await run_in_threadpool(decode_image, images[0].data, limits)
+        most = int(pipeline.sampling_defaults().get("max_input_images", 1))
+        if len(images) > most:
+            reason = (f"this model ({state.model_name}) edits one image per request" if most == 1 else
+                      f"this model composes at most {most} images")
+            raise bad_request(f"got {len(images)} images; {reason}", "image", "too_many_images")
+        params = ["image"] if len(images) == 1 else [f"image[{index}]" for index in range(len(images))]
+        sources = [await run_in_threadpool(decode_image, part.data, limits, param=param)
+                   for part, param in zip(images, params)]
+        source = sources[0]
         if mask_part is not None:
-            return await inpaint(request, pipeline, batcher, req, source, mask_part, instruction, seeds, settings)
-        if settings.height is None:
-            height, width = _edit_size(pipeline, source, limits)
-            settings = ImageSettings(height, width, settings.steps, settings.guidance_scale, settings.temperature,
-                                     settings.fast)
+            if len(sources) > 1:
+                raise bad_request("a mask goes with one image; send one 'image' with it", "mask", "too_many_images")
+            return await inpaint(request, pipeline, batcher, source, mask_part, instruction, seeds, settings)
         n = len(seeds)
-        checked = await run_in_threadpool(_check_request, pipeline, "edit_image", [instruction] * n, [source] * n,
+        entry = source if len(sources) == 1 else sources  # UniPic-3: one list of images per instruction
+        checked = await run_in_threadpool(_check_request, pipeline, "edit_image", [instruction] * n, [entry] * n,
                                           seed=seeds, height=settings.height, width=settings.width,
                                           options=settings.options())
-        source = checked.images[0]  # RGB, converted by the pipeline's rule (as for the CLI)
+        source = checked.images[0]  # RGB (or a list of them), converted by the pipeline's rule (as for the CLI)
+        # Without `size` the pipeline chose the output size (the input's aspect ratio), as for the CLI.
+        height, width = (checked.settings.get("height"), checked.settings.get("width"))
+        if isinstance(height, int) and isinstance(width, int) and max(height, width) > limits.max_side:
+            scale = limits.max_side / max(height, width)
+            fit = f"{max(16, int(width * scale) // 16 * 16)}x{max(16, int(height * scale) // 16 * 16)}"
+            raise bad_request(f"the edit's output would be {width}x{height}, over this server's limit of "
+                              f"{limits.max_side} px a side; give a size within it, e.g. size={fit}", "size",
+                              "invalid_value")
         return await images_job(request, batcher, "edit", settings, EditWork(source, instruction, seeds, settings),
                                 checked, instruction=instruction)
 
-    async def inpaint(request: Request, pipeline: UnifiedPipeline, batcher: Batcher, req: ImageRequest, source,
-                      mask_part, instruction: str, seeds: list[int], settings: ImageSettings) -> Response:
+    async def inpaint(request: Request, pipeline: UnifiedPipeline, batcher: Batcher, source, mask_part,
+                      instruction: str, seeds: list[int], settings: ImageSettings) -> Response:
         """An edit with a mask: inpainting, by OpenAI's convention (the mask's transparent pixels are redrawn)."""
         if mask_part.filename is None:
             raise bad_request("'mask' must be a file part (a PNG with transparency)", "mask", "invalid_type")
@@ -999,9 +957,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         count("chat.completions")
-        data = await _json_body(request)
-        _refuse_unsupported(data, ChatRequest, _CHAT_NEUTRAL)
-        req = _validate(ChatRequest, data, strict=True)
+        req = _validate(ChatRequest, await _json_body(request), strict=True)
         _check_model(state, req.model)
         if req.n not in (None, 1):
             raise bad_request(f"n={req.n}: this server gives one answer per request", "n", "invalid_value")
@@ -1017,7 +973,6 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                 check_number(req.top_p, "top_p", minimum=0.0, above_minimum=True, maximum=1.0)
         with user_errors("seed"):
             check_seed(req.seed)
-        stops = _stop_sequences(req.stop)
         pipeline, batcher = _ready(state)
         question, image = await run_in_threadpool(_parse_messages, req.messages, limits)
         question = question if question.strip() else _default_question(pipeline)
@@ -1036,29 +991,29 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                     "total_tokens": prompt_tokens + completion_tokens}
 
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > 4 or not all(stops):
+            raise bad_request("stop: give up to 4 non-empty strings", "stop", "invalid_value")
+
         def finish(answer: str) -> str:
             limit = max_tokens
-            if answer.endswith(_STOPPED):
-                return "stop"
             return "length" if limit is not None and _token_count(pipeline, answer) >= limit else "stop"
 
-        def stop_at(answer: str) -> str:
-            """The answer up to the first stop sequence (marked, for `finish`, by a trailing sentinel)."""
-            cuts = [answer.find(stop) for stop in stops if stop in answer]
-            return answer[:min(cuts)] + _STOPPED if cuts else answer
+        def cut(answer: str) -> str:
+            """The answer up to the first stop string (OpenAI's `stop`: the stop string is not returned)."""
+            ends = [answer.find(stop) for stop in stops if stop in answer]
+            return answer[: min(ends)] if ends else answer
 
         if not req.stream:
             try:
-                answer = stop_at(await _await_job(request, batcher, job))
+                answer = cut(await _await_job(request, batcher, job))
             except ClientGone:
                 state.disconnects += 1
                 return Response(status_code=499)
-            reason = finish(answer)
-            answer = answer.removesuffix(_STOPPED)
             return JSONResponse({
                 "id": completion_id, "object": "chat.completion", "created": created, "model": state.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                             "finish_reason": reason, "logprobs": None}],
+                             "finish_reason": finish(answer), "logprobs": None}],
                 "usage": usage(answer)})
 
         include_usage = bool((req.stream_options or {}).get("include_usage"))
@@ -1082,15 +1037,13 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                     if not done:
                         yield ": the model is working\n\n"  # a comment line: clients ignore it
                 try:
-                    answer = stop_at(job.future.result())
+                    answer = cut(job.future.result())
                 except APIError as error:  # headers are sent: report the error in the stream, as OpenAI does
                     yield _sse(error.body())
                     return
-                reason = finish(answer)
-                answer = answer.removesuffix(_STOPPED)
                 for piece in _pieces(answer):
                     yield _sse(chunk({"content": piece}))
-                yield _sse(chunk({}, reason))
+                yield _sse(chunk({}, finish(answer)))
                 if include_usage:
                     yield _sse({**chunk({}), "choices": [], "usage": usage(answer)})
                 yield "data: [DONE]\n\n"

@@ -11,7 +11,6 @@ import asyncio
 import errno
 import ipaddress
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -41,30 +40,29 @@ def register_serve_commands(sub: argparse._SubParsersAction) -> None:
     net.add_argument("--api-key", default=None,
                      help="require 'Authorization: Bearer KEY' on every endpoint but the page itself "
                           "(default: $UNIPIC_API_KEY, else no key)")
+    net.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                     help="comma-separated Host header names the server answers for (default: the names of the "
+                          "address it is bound to: localhost, 127.0.0.1 and ::1 for a loopback address; any name "
+                          "for 0.0.0.0 or ::, with a warning); '*' allows any. Stops DNS-rebinding pages reading "
+                          "answers")
+    net.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
+                     help="comma-separated origins (https://app.example.com) whose pages may call the API from a "
+                          "browser (CORS, preflights answered); default none")
+    net.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM; uvicorn's TLS)")
+    net.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM)")
+    net.add_argument("--timeout-keep-alive", type=int, default=5,
+                     help="close an idle connection after this many seconds, also one that never sends a request "
+                          "(default 5)")
+    net.add_argument("--request-timeout", type=float, default=30.0,
+                     help="seconds a request body may take to arrive; slower ones get 408 (default 30; 0: no limit)")
+    net.add_argument("--limit-concurrency", type=int, default=256,
+                     help="most connections handled at once; more are answered 503 at once (default 256)")
+    net.add_argument("--shutdown-timeout", type=float, default=10.0,
+                     help="on SIGINT/SIGTERM, seconds the running batch may take to finish before it is stopped at "
+                          "its next sampler step; every other request gets 503 shutting_down (default 10)")
+    net.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     net.add_argument("--served-model-name", default=None,
                      help="the model id clients send and /v1/models lists (default: the --model value or folder name)")
-    net.add_argument("--allowed-hosts", default=None, metavar="NAMES",
-                     help="comma-separated Host header names the server answers (guards against DNS rebinding; "
-                          "'*' allows any). Default: the loopback names, plus --host itself, plus this machine's "
-                          "name when --host is 0.0.0.0 or ::")
-    net.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
-                     help="comma-separated web origins (e.g. https://app.example.com) whose pages may call the API "
-                          "from a browser; CORS preflights are answered for them (default: none, only the page at /)")
-    net.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key (PEM; uvicorn's TLS)")
-    net.add_argument("--ssl-certfile", default=None, help="the certificate (chain) for --ssl-keyfile (PEM)")
-    net.add_argument("--access-log", action="store_true", help="log one line per request (uvicorn's access log)")
-    con = serve.add_argument_group("connections and shutdown")
-    con.add_argument("--timeout-keep-alive", type=float, default=5.0,
-                     help="close a connection idle this many seconds, also one that never sends a request "
-                          "(default 5)")
-    con.add_argument("--request-timeout", type=float, default=30.0,
-                     help="seconds a request body may take to arrive; slower ones get 408 (default 30; 0: no limit)")
-    con.add_argument("--max-connections", type=int, default=256,
-                     help="open connections (and running requests) at most; beyond it uvicorn answers 503 "
-                          "(default 256)")
-    con.add_argument("--shutdown-timeout", type=float, default=10.0,
-                     help="on SIGINT/SIGTERM, seconds the running batch may take to finish before it is stopped "
-                          "at its next sampler step; other requests get 503 shutting_down (default 10)")
     lim = serve.add_argument_group("limits")
     lim.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / 2**20,
                      help=f"largest image file accepted, in MiB (default {d.max_upload_bytes / 2**20:g})")
@@ -119,66 +117,6 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _names(value: str | None) -> list[str]:
-    return [item.strip() for item in (value or "").split(",") if item.strip()]
-
-
-def _allowed_hosts(args: argparse.Namespace) -> list[str]:
-    """The Host names to accept: --allowed-hosts, else the loopback names and the bound host."""
-    from unipic.serve.app import LOOPBACK_HOSTS
-
-    given = _names(args.allowed_hosts)
-    if given:
-        return given
-    hosts = list(LOOPBACK_HOSTS)
-    if args.host in ("0.0.0.0", "::", ""):
-        hosts += [socket.gethostname(), socket.getfqdn()]
-    else:
-        hosts.append(f"[{args.host}]" if ":" in args.host else args.host)  # a Host header brackets IPv6
-    return list(dict.fromkeys(h.lower() for h in hosts if h))
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port, or a one-line `UserError` (bad address, port in use) before the model loads."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-    except (socket.gaierror, UnicodeError) as error:
-        raise UserError(f"--host {host}: not an address or name this machine can listen on "
-                        f"({getattr(error, 'strerror', None) or error})") from None
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError as error:
-        sock.close()
-        if error.errno == errno.EADDRINUSE:
-            raise UserError(f"port {port} on {host} is already in use (another server?); pick another --port, "
-                            f"or --port 0 for a free one") from None
-        if error.errno == errno.EADDRNOTAVAIL:
-            raise UserError(f"--host {host} is not an address of this machine; use 127.0.0.1, or 0.0.0.0 for every "
-                            f"network") from None
-        if error.errno == errno.EACCES:
-            raise UserError(f"port {port} needs administrator rights; use a port above 1023") from None
-        raise UserError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
-    sock.set_inheritable(True)
-    return sock
-
-
-def _log_config(access_log: bool, verbose: bool) -> dict:
-    """uvicorn's logging set-up, with its access log at INFO when asked for (the rest at WARNING unless -v)."""
-    import copy
-
-    from uvicorn.config import LOGGING_CONFIG
-
-    config = copy.deepcopy(LOGGING_CONFIG)
-    level = "INFO" if verbose else "WARNING"
-    config["loggers"]["uvicorn"]["level"] = level
-    config["loggers"]["uvicorn.error"] = {**config["loggers"].get("uvicorn.error", {}), "level": level}
-    config["loggers"]["uvicorn.access"]["level"] = "INFO" if access_log else "WARNING"
-    return config
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """`unipic serve`: start uvicorn, load the model in the background, print the URL when ready."""
     try:
@@ -186,33 +124,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         from unipic.serve.app import create_app, drain
     except ImportError as error:
-        raise UserError(f"unipic serve needs FastAPI, uvicorn, python-multipart and prometheus_client "
-                        f"({error.name} is missing): pip install 'unipic[serve]'") from None
+        raise UserError(f"unipic serve needs FastAPI, uvicorn and python-multipart ({error.name} is missing): "
+                        f"pip install 'unipic[serve]'") from None
+    from unipic.cli_common import loader_kwargs
     from unipic.loading import load_pipeline
 
     check_int(args.port, "--port", minimum=0, maximum=65535, hint=" (0 picks a free one)")
-    check_int(args.max_connections, "--max-connections", minimum=1)
-    if not args.timeout_keep_alive > 0:
-        raise UserError(f"--timeout-keep-alive must be more than 0 seconds, got {args.timeout_keep_alive:g}")
+    check_int(args.timeout_keep_alive, "--timeout-keep-alive", minimum=1)
+    check_int(args.limit_concurrency, "--limit-concurrency", minimum=1)
     for flag, value in (("--request-timeout", args.request_timeout), ("--shutdown-timeout", args.shutdown_timeout)):
         if not value >= 0:
             raise UserError(f"{flag} must be 0 or more seconds, got {value:g}")
-    if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
-        raise UserError("HTTPS needs both --ssl-keyfile and --ssl-certfile")
-    for flag, path in (("--ssl-keyfile", args.ssl_keyfile), ("--ssl-certfile", args.ssl_certfile)):
-        if path and not Path(path).is_file():
-            raise UserError(f"{flag} {path}: no such file")
+    _check_tls(args)
+    _check_address(args.host, args.port)  # before the model loads: a busy port costs no load time
+    allowed_hosts = _allowed_hosts(args)
+    allowed_origins = [o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()]
     limits = _limits(args)
     api_key = args.api_key or os.environ.get("UNIPIC_API_KEY") or None
     name = _model_name(args)
-    sock = _bind(args.host, args.port)  # a bad --host or a used port: one line, before the model loads
     if not _is_loopback(args.host) and api_key is None:
         print(f"unipic serve: warning: listening on {args.host} without an API key; anyone who can reach this "
               f"machine can use the model (set --api-key or UNIPIC_API_KEY)", file=sys.stderr)
 
     def load():
-        return load_pipeline(args.model, device=args.device, dtype=args.dtype, qwen_path=args.qwen,
-                             cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling)
+        return load_pipeline(args.model, **loader_kwargs(args))
 
     outcome: dict[str, object] = {}
     server: uvicorn.Server | None = None
@@ -227,24 +162,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(load, model_name=name, limits=limits, api_key=api_key, on_ready=on_ready, on_failed=on_failed,
-                     allowed_hosts=_allowed_hosts(args), allowed_origins=_names(args.allowed_origins),
+                     allowed_hosts=allowed_hosts, allowed_origins=allowed_origins,
                      request_timeout=args.request_timeout or None)
     verbose = bool(getattr(args, "verbose", False))
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=_log_config(args.access_log, verbose),
-                            access_log=args.access_log or verbose, lifespan="on",
+    config = uvicorn.Config(app, host=args.host, port=args.port,
+                            log_level="info" if verbose or args.access_log else "warning",
+                            access_log=verbose or args.access_log, lifespan="on",
                             timeout_graceful_shutdown=2, timeout_keep_alive=args.timeout_keep_alive,
-                            limit_concurrency=args.max_connections, ssl_keyfile=args.ssl_keyfile,
-                            ssl_certfile=args.ssl_certfile)
+                            limit_concurrency=args.limit_concurrency, ssl_certfile=args.ssl_certfile,
+                            ssl_keyfile=args.ssl_keyfile)
     try:
-        try:
-            config.load()  # here, so that a bad certificate is one line too
-        except (OSError, ValueError) as error:
-            raise UserError(f"cannot use --ssl-keyfile/--ssl-certfile: {error}") from None
-        config.http_protocol_class = _idle_first_request(config.http_protocol_class)
-        server = _make_server(config, drain=lambda: drain(app, args.shutdown_timeout))
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
+        config.load()  # here, so that an unusable certificate is one line too
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot use --ssl-certfile/--ssl-keyfile: {error}") from None
+    config.http_protocol_class = _idle_first_request(config.http_protocol_class)
+    server = _make_server(config, drain=lambda: drain(app, args.shutdown_timeout))
+    server.run()
     if "error" in outcome:
         return 2
     return 0 if server.started else 1
@@ -264,25 +197,63 @@ def _idle_first_request(protocol: type) -> type:
 
 
 def _make_server(config, drain):
-    """A uvicorn server whose shutdown first drains the app (`unipic.serve.app.drain`)."""
+    """A uvicorn server whose shutdown first drains the app (`unipic.serve.app.drain`): new and waiting
+    requests get 503 shutting_down, the running batch finishes within --shutdown-timeout or stops at its
+    next step; then uvicorn closes the connections (within 2 s: only answers are left to send)."""
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn's server; on SIGINT/SIGTERM it stops accepting, then drains the app before closing connections."""
-
-        def __init__(self, config, drain) -> None:
-            super().__init__(config)
-            self._drain = drain
-
         async def shutdown(self, sockets=None) -> None:
             for listener in getattr(self, "servers", []):
-                listener.close()  # stop accepting at once; uvicorn closes the connections after the drain
-            task = asyncio.ensure_future(self._drain())
+                listener.close()  # stop accepting at once
+            task = asyncio.ensure_future(drain())
             while not task.done() and not self.force_exit:  # a second Ctrl+C skips the wait
                 await asyncio.wait({task}, timeout=0.1)
             await super().shutdown(sockets)
 
-    return Server(config, drain)
+    return Server(config)
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def _allowed_hosts(args: argparse.Namespace) -> list[str] | None:
+    """The Host names to answer for: --allowed-hosts, else the bound address's names (None: any)."""
+    if args.allowed_hosts:
+        return [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+    if args.host in ("0.0.0.0", "::", ""):
+        print(f"unipic serve: warning: listening on every address ({args.host or 'all'}) and answering for any "
+              "Host name; pass --allowed-hosts with the names clients use", file=sys.stderr)
+        return None
+    return [*LOOPBACK_NAMES, args.host] if _is_loopback(args.host) else [args.host, *LOOPBACK_NAMES]
+
+
+def _check_tls(args: argparse.Namespace) -> None:
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise UserError("--ssl-certfile and --ssl-keyfile go together: give both for HTTPS, or neither")
+    for flag, path in (("--ssl-certfile", args.ssl_certfile), ("--ssl-keyfile", args.ssl_keyfile)):
+        if path and not Path(path).is_file():
+            raise UserError(f"{flag} {path}: file not found")
+
+
+def _check_address(host: str, port: int) -> None:
+    """One line, before anything loads, for an address this machine cannot listen on."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise UserError(f"--host {host}: not an address of this machine ({error.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise UserError(f"--port {port}: already in use on {host}; stop the other server or choose "
+                                "another port (0 picks a free one)") from None
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({error.strerror})") from None
 
 
 async def _announce(server, host: str, name: str) -> None:
@@ -295,5 +266,5 @@ async def _announce(server, host: str, name: str) -> None:
             port = sock.getsockname()[1]
             break
     shown = f"[{host}]" if ":" in host else host
-    scheme = "https" if getattr(server.config, "is_ssl", False) else "http"
+    scheme = "https" if getattr(server.config, "ssl_certfile", None) else "http"
     print(f"unipic serve: model '{name}' ready at {scheme}://{shown}:{port}/", flush=True)

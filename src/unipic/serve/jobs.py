@@ -59,9 +59,10 @@ class GenerateWork:
 
 @dataclass
 class EditWork:
-    """An edit request: one edit of `image` (RGB) by `instruction` per seed (edit k with `seeds[k]`)."""
+    """An edit request: one edit of `image` (RGB; UniPic-3: a list of 1-6) by `instruction` per seed
+    (edit k with `seeds[k]`)."""
 
-    image: Image.Image
+    image: Image.Image | list[Image.Image]
     instruction: str
     seeds: list[int]
     settings: ImageSettings

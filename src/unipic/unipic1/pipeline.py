@@ -29,7 +29,7 @@ from unipic.checks import (
     check_size,
     gib,
 )
-from unipic.images import to_rgb
+from unipic.images import aspect_size, to_rgb
 from unipic.inpainting import (
     DEFAULT_FEATHER,
     DEFAULT_GROW,
@@ -40,6 +40,7 @@ from unipic.inpainting import (
     pad_to_multiple,
     token_grid_mask,
 )
+from unipic.unipic1.sampling.diffusion import HEAD_SOLVERS
 from unipic.unipic1.sampling.edit import edit_images
 from unipic.unipic1.sampling.image_to_text import answer_questions
 from unipic.unipic1.sampling.inpaint import inpaint_images
@@ -56,16 +57,19 @@ from unipic.unipic1.sampling.rng import GeneratorGroups
 from unipic.unipic1.sampling.text_to_image import generate_images
 
 _T2I_OPTIONS = {"num_iter", "steps", "cfg", "cfg_schedule", "temperature", "head_steps", "batch_size", "fast",
-                "head_anneal", "guidance_interval", "uncond_interval"}
+                "head_anneal", "guidance_interval", "uncond_interval", "head_solver"}
 # `fast=True` (training-free; benchmarks/sampling.py measures speed and --quality-gate quality,
-# docs/sampling.md has the numbers): half the MAR steps and half the head steps (unless `steps` /
-# `head_steps` are given), DiSA-style head-step annealing to FAST_HEAD_ANNEAL of them at the last
-# MAR step, and LazyMAR-style condition caching: the unconditional rows through MAR + LLM every
-# FAST_UNCOND_INTERVAL-th MAR step. Guidance caching inside the head (`guidance_interval`) stays
+# docs/sampling.md has the numbers): half the MAR steps (unless `steps` is given), the head sampled
+# by DPM-Solver++(2M) in FAST_SOLVER_HEAD_STEPS steps (unless `head_steps` / `head_solver` are given;
+# with head_solver="ddpm": half the head steps, DiSA-style annealed to FAST_HEAD_ANNEAL of them at
+# the last MAR step), and LazyMAR-style condition caching: the unconditional rows through MAR + LLM
+# every FAST_UNCOND_INTERVAL-th MAR step. Guidance caching inside the head (`guidance_interval`) stays
 # off: measured on CPU it made the embedded model slower (the head is latency-bound, so halving its
-# rows saves nothing). Each part can be switched off alone: steps=..., head_steps=...,
-# head_anneal=1, uncond_interval=1.
+# rows saves nothing). Each part can be switched off alone: steps=..., head_solver="ddpm",
+# head_steps=..., head_anneal=1, uncond_interval=1.
 FAST_STEPS_FRACTION = 0.5
+FAST_HEAD_SOLVER = "dpm++2m"
+FAST_SOLVER_HEAD_STEPS = 8
 FAST_HEAD_STEPS_FRACTION = 0.5
 FAST_HEAD_ANNEAL = 0.2
 FAST_GUIDANCE_INTERVAL = 1
@@ -152,6 +156,10 @@ class UniPicPipeline:
             self._check_i2t_positions(texts, settings["max_new_tokens"])
             return CheckedInputs(job, texts, rgb, seed, 1, settings)
         images_per_prompt = check_int(images_per_prompt, "images_per_prompt", minimum=1)
+        if job == "edit_image" and height is None and width is None:
+            # No size given: the first source's aspect ratio at the model's resolution (every front end).
+            height, width = aspect_size(rgb[0].width, rgb[0].height, self.config.sampling.image_size,
+                                        self.config.pixel_stride)
         settings = self._mar_settings(_check_options(options, _T2I_OPTIONS, job.replace("_", "-")), job,
                                       height, width)
         self._check_positions(job, texts, settings["height"], settings["width"])
@@ -172,6 +180,12 @@ class UniPicPipeline:
             raise UserError(f"fast={fast!r}: must be True (training-free shortcuts) or False (the exact sampler)")
         tokens = (size["height"] // stride) * (size["width"] // stride)
         default_steps = max(1, round(s.num_iter * FAST_STEPS_FRACTION)) if fast else s.num_iter
+        if "steps" not in options and "num_iter" not in options and default_steps > tokens:
+            # The size is what the user chose here, not the steps: name it (the CLI's --size).
+            side = stride * math.ceil(math.sqrt(default_steps))
+            raise UserError(f"size {size['width']}x{size['height']} is too small: it holds {tokens} token(s), fewer "
+                            f"than this model's {default_steps} sampling steps; ask for a size of at least "
+                            f"{side}x{side} (--size {side}), or for {tokens} step(s)")
         steps = check_int(options.get("steps", options.get("num_iter", default_steps)), "steps",
                           minimum=1, maximum=tokens,
                           hint=f" (a {size['height']}x{size['width']} image has {tokens} tokens)")
@@ -179,17 +193,22 @@ class UniPicPipeline:
                            maximum=MAX_CFG, hint=" (1 = no guidance)")
         temperature = check_number(options.get("temperature", s.edit_temperature if editing else s.temperature),
                                    "temperature", minimum=0.0, maximum=MAX_TEMPERATURE)
+        head_solver = check_choice(options.get("head_solver", FAST_HEAD_SOLVER if fast else "ddpm"), "head_solver",
+                                   HEAD_SOLVERS)
+        solver = head_solver != "ddpm"
         default_head_steps = s.head_steps or self.config.head.num_sampling_steps
         if fast:
-            default_head_steps = max(1, round(default_head_steps * FAST_HEAD_STEPS_FRACTION))
+            default_head_steps = (min(FAST_SOLVER_HEAD_STEPS, default_head_steps) if solver
+                                  else max(1, round(default_head_steps * FAST_HEAD_STEPS_FRACTION)))
         head_steps = check_int(options.get("head_steps", default_head_steps),
-                               "head_steps", minimum=1, maximum=self.config.head.train_steps,
+                               "head_steps", minimum=1, maximum=self.config.head.train_steps - solver,
                                hint=" (the head's training steps)")
         return {"height": size["height"], "width": size["width"], "steps": steps, "cfg": cfg,
                 "cfg_schedule": check_choice(options.get("cfg_schedule", s.cfg_schedule), "cfg_schedule",
                                              ("constant", "linear")),
                 "temperature": temperature, "head_steps": head_steps, "fast": fast,
-                "head_anneal": check_number(options.get("head_anneal", FAST_HEAD_ANNEAL if fast else 1.0),
+                "head_solver": head_solver,
+                "head_anneal": check_number(options.get("head_anneal", FAST_HEAD_ANNEAL if fast and not solver else 1.0),
                                             "head_anneal", minimum=0.0, maximum=1.0, above_minimum=True,
                                             hint=" (1 = every MAR step runs all head steps)"),
                 "guidance_interval": check_int(options.get("guidance_interval",
@@ -307,7 +326,8 @@ class UniPicPipeline:
                 "temperature": settings["temperature"], "head_steps": settings["head_steps"],
                 "speed": SpeedOptions(head_anneal=settings["head_anneal"],
                                       guidance_interval=settings["guidance_interval"],
-                                      uncond_interval=settings["uncond_interval"])}
+                                      uncond_interval=settings["uncond_interval"],
+                                      head_solver=settings.get("head_solver", "ddpm"))}
 
     def text_to_image(self, prompts: Sequence[str], *, height: int | None = None, width: int | None = None,
                       images_per_prompt: int = 1, seed: int | Sequence[int] | None = None, progress: bool = False,
@@ -391,6 +411,11 @@ class UniPicPipeline:
             self._check_memory(height, width, min(settings["batch_size"], len(request.texts)))
         for key in ("height", "width"):
             settings.pop(key)  # each output has its source's size
+        # Each image reveals its masked tokens, at least one per step: `steps` is capped per image at
+        # its masked-token count, and the record says the steps each image really took.
+        settings["steps_used"] = [min(settings["steps"], int(token_grid_mask(pad_to_multiple(image, mask, stride)[1],
+                                                                              stride).sum()))
+                                  for image, mask in zip(request.images, request.masks)]
         request.settings.update(settings)
         return request
 
@@ -436,7 +461,7 @@ class UniPicPipeline:
             pixels = inpaint_images(self.model, self.tokenizer, images_to_tensor([canvases[r] for r in rows], device),
                                     torch.stack([token_masks[r] for r in rows]), [request.texts[r] for r in rows],
                                     generator=generator, progress=progress,
-                                    **{**kwargs, "steps": min(kwargs["steps"], masked)})  # ≥ 1 token per step
+                                    **{**kwargs, "steps": settings["steps_used"][rows[0]]})  # equal within a group
             self._check_finite(pixels, settings)
             for row, decoded in zip(rows, tensor_to_images(pixels)):
                 pasted = composite(decoded, canvases[row], feather_alpha(canvas_masks[row], settings["feather"]))
