@@ -143,7 +143,7 @@ def test_start_up_mistakes_are_one_line_and_exit_2():
         taken.listen(1)
         port = taken.getsockname()[1]
         busy = _serve_mistake("--port", str(port))
-    for result, needle in ((busy, "already in use"), (_serve_mistake("--host", "no-such-host.invalid"), "--host"),
+    for result, needle in ((busy, "already in use"), (_serve_mistake("--host", "192.0.2.1"), "--host"),
                            (_serve_mistake("--ssl-certfile", "cert.pem"), "go together")):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
