@@ -31,7 +31,7 @@ from unipic.checks import (
     check_size,
     check_writable,
 )
-from unipic.cli_common import add_model_options
+from unipic.cli_common import add_model_options, load_options
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -140,7 +140,10 @@ def _sampling_options(args: argparse.Namespace) -> dict:
 
 
 def _check_sampling_args(args: argparse.Namespace, *, seeds: int = 1) -> None:
-    """The option checks that need no model, run before loading one (names as typed on the command line)."""
+    """The option checks that need no model, run before loading one (names as typed on the command line).
+
+    `seeds` = 0: the caller checks --seed itself (inpaint, in its model-free request check).
+    """
     for flag, key in (("--size", "size"), ("--height", "height"), ("--width", "width")):
         value = getattr(args, key)
         if value is None:
@@ -151,7 +154,8 @@ def _check_sampling_args(args: argparse.Namespace, *, seeds: int = 1) -> None:
             check_int(value, flag, minimum=16)
         else:
             check_size(value, flag, PIXEL_MULTIPLE)
-    check_seed(args.seed, "--seed", count=seeds)
+    if seeds:
+        check_seed(args.seed, "--seed", count=seeds)
     for flag, key in (("--steps", "steps"), ("--head-steps", "head_steps"), ("--batch-size", "batch_size"),
                       ("--guidance-interval", "guidance_interval"), ("--uncond-interval", "uncond_interval")):
         if getattr(args, key) is not None:
@@ -165,13 +169,6 @@ def _check_sampling_args(args: argparse.Namespace, *, seeds: int = 1) -> None:
                      hint=" (1 = off)")
     if getattr(args, "input_resize", None) is not None:  # edit only
         check_choice(args.input_resize, "--input-resize", INPUT_RESIZE_MODES)
-
-
-def _load(args: argparse.Namespace):
-    from unipic.loading import load_pipeline
-
-    return load_pipeline(args.model, device=args.device, dtype=args.dtype, qwen_path=getattr(args, "qwen", None),
-                         cpu_offload=getattr(args, "cpu_offload", False), vae_tiling=getattr(args, "vae_tiling", False))
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
@@ -250,6 +247,7 @@ def _output_paths(out: Path, count: int) -> list[Path]:
 def cmd_generate(args: argparse.Namespace) -> int:
     """`unipic generate`: one prompt to -o FILE, or a prompt file to -o FOLDER (sharded under accelerate)."""
     from unipic.io_utils import save_image_atomic
+    from unipic.loading import load_pipeline
 
     if (args.prompt is None) == (args.prompt_file is None):
         raise UserError("give either a PROMPT or --prompt-file FILE")
@@ -264,14 +262,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if len(paths) > 1:  # -o x.png with -n 2 writes x-0.png and x-1.png, not x.png
         for path in paths:
             _check_output_file(str(path), overwrite=args.overwrite)
-    pipeline = _load(args)
+    pipeline = load_pipeline(**load_options(args))
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     height, width = _size_from_args(args)
     request = pipeline.check_inputs("text_to_image", [args.prompt], height=height, width=width,
                                     images_per_prompt=args.images_per_prompt, seed=seed, **_sampling_options(args))
-    images = pipeline.text_to_image([args.prompt], height=height, width=width,
-                                    images_per_prompt=args.images_per_prompt, seed=seed,
-                                    progress=not args.quiet, **_sampling_options(args))[0]
+    images = pipeline.run(request, progress=not args.quiet)[0]
     for k, (image, path) in enumerate(zip(images, paths)):
         save_image_atomic(image, path, _metadata(args, request, seed, prompt=args.prompt, index=k))
         print(path)
@@ -287,6 +283,7 @@ def _generate_batch(args: argparse.Namespace) -> int:
 
     from unipic.distributed import process_rank_and_world, process_shard
     from unipic.io_utils import read_image_metadata, save_image_atomic
+    from unipic.loading import load_pipeline
 
     prompts = _read_prompt_file(args.prompt_file)
     out_dir = Path(args.output)
@@ -306,7 +303,7 @@ def _generate_batch(args: argparse.Namespace) -> int:
             return [out_dir / f"{index:05d}.png"]
         return [out_dir / f"{index:05d}_{k}.png" for k in range(k_max)]
 
-    pipeline = _load(args)
+    pipeline = load_pipeline(**load_options(args))
     height, width = _size_from_args(args)
     # Prompt i uses seed base + i, so results do not depend on sharding or resuming.
     request = pipeline.check_inputs("text_to_image", prompts, height=height, width=width, images_per_prompt=k_max,
@@ -343,8 +340,7 @@ def _generate_batch(args: argparse.Namespace) -> int:
     if stale:
         print(f"process {rank + 1}/{world}: replacing {len(stale)} image(s) made by a different request (--overwrite)")
     for index in tqdm(todo, desc=f"prompts (process {rank + 1}/{world})", disable=args.quiet):
-        images = pipeline.text_to_image([prompts[index]], height=height, width=width, images_per_prompt=k_max,
-                                        seed=seeds[index], **_sampling_options(args))[0]
+        images = pipeline.run(request.select([index]))[0]  # checked above, with every prompt
         for k, (image, path) in enumerate(zip(images, paths_for(index))):
             save_image_atomic(image, path, record(index, k))
     print(f"process {rank + 1}/{world}: wrote {len(todo)} prompt(s) to {out_dir}")
@@ -380,6 +376,7 @@ def _difference(found: dict[str, str], expected: dict[str, str]) -> str:
 def cmd_edit(args: argparse.Namespace) -> int:
     """`unipic edit IMAGE INSTRUCTION -o OUT`."""
     from unipic.io_utils import save_image_atomic
+    from unipic.loading import load_pipeline
 
     if not args.instruction.strip():
         raise UserError("the instruction is empty; say how to edit the image")
@@ -387,12 +384,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
     out = _check_output_file(args.output, overwrite=args.overwrite)
     source = open_image(args.image)
     height, width = _size_from_args(args)
-    pipeline = _load(args)
+    pipeline = load_pipeline(**load_options(args))
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    # No size: the pipeline's own rule (UniPic-1: the source's aspect ratio), as for the server.
     request = pipeline.check_inputs("edit_image", [args.instruction], [source], height=height, width=width,
                                     seed=seed, **_sampling_options(args))
-    [image] = pipeline.edit_image([source], [args.instruction], height=height, width=width, seed=seed,
-                                  progress=not args.quiet, **_sampling_options(args))
+    [image] = pipeline.run(request, progress=not args.quiet)
     save_image_atomic(image, out, _metadata(args, request, seed, instruction=args.instruction,
                                             source=str(args.image)))
     print(out)
@@ -402,20 +399,18 @@ def cmd_edit(args: argparse.Namespace) -> int:
 def _inpainting_pipeline(args: argparse.Namespace):
     """The loaded pipeline, refused with a one-line error when its family cannot inpaint."""
     from unipic.api import InpaintingPipeline, UnsupportedTaskError
+    from unipic.loading import load_pipeline
 
-    pipeline = _load(args)
+    pipeline = load_pipeline(**load_options(args))
     if not isinstance(pipeline, InpaintingPipeline):
         raise UnsupportedTaskError(f"--model {args.model or 'default'} ({type(pipeline).__name__}) cannot inpaint")
     return pipeline
 
 
-def _inpaint_kwargs(args: argparse.Namespace, seed: int) -> dict:
-    return {"seed": seed, "grow": args.grow, "feather": args.feather, **_sampling_options(args)}
-
-
 def cmd_inpaint(args: argparse.Namespace) -> int:
     """`unipic inpaint IMAGE MASK PROMPT -o OUT` or `unipic inpaint IMAGE PROMPT --box x0,y0,x1,y1 -o OUT`."""
-    from unipic.inpainting import box_mask, check_grow_feather, check_mask, parse_box, prepare_masks
+    from unipic.images import upright_size
+    from unipic.inpainting import box_mask, check_inpaint_request, parse_box
     from unipic.io_utils import save_image_atomic
 
     if args.box is not None:
@@ -429,24 +424,25 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
         mask_path, prompt = args.inputs
     if not prompt.strip():
         raise UserError("the prompt is empty; describe the picture the masked region belongs to")
-    _check_sampling_args(args)
-    check_grow_feather(args.grow, args.feather, ("--grow", "--feather"))
+    _check_sampling_args(args, seeds=0)
     out = _check_output_file(args.output, overwrite=args.overwrite)
     source = open_image(args.image)
     if mask_path is None:
-        mask = check_mask(box_mask(source.size, parse_box(args.box)), source.size, f"--box {args.box}")
+        mask_name = f"--box {args.box}"
+        mask = box_mask(upright_size(source), parse_box(args.box))
     else:
         from unipic.images import open_image as open_named
 
-        mask = check_mask(open_named(mask_path, name="mask"), source.size, f"mask {mask_path}")
-    # A --grow that swallows the whole image fails before loading.
-    prepare_masks([source], [mask], args.grow, names=[f"mask {mask_path}" if mask_path else f"--box {args.box}"],
-                  grow_name="--grow")
-    pipeline = _inpainting_pipeline(args)
+        mask_name = f"mask {mask_path}"
+        mask = open_named(mask_path, name="mask")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    kwargs = _inpaint_kwargs(args, seed)
-    request = pipeline.check_inpaint([source], [mask], [prompt], **kwargs)
-    [image] = pipeline.inpaint([source], [mask], [prompt], progress=not args.quiet, **kwargs)
+    # Before loading: the prompt, seed, --grow/--feather and the mask, checked and grown once (a --grow
+    # that swallows the whole image fails here); the loaded family adds its settings.
+    request = check_inpaint_request([source], [mask], [prompt], seed=seed, grow=args.grow, feather=args.feather,
+                                    mask_names=[mask_name], names=("--grow", "--feather", "--seed"))
+    pipeline = _inpainting_pipeline(args)
+    request = pipeline.inpaint_settings(request, **_sampling_options(args))
+    [image] = pipeline.run(request, progress=not args.quiet)
     where = {"box": args.box} if mask_path is None else {"mask": str(mask_path)}
     save_image_atomic(image, out, _metadata(args, request, seed, prompt=prompt, source=str(args.image), **where))
     print(out)
@@ -455,7 +451,7 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
 
 def cmd_outpaint(args: argparse.Namespace) -> int:
     """`unipic outpaint IMAGE PROMPT --left N --right N --top N --bottom N -o OUT`."""
-    from unipic.inpainting import check_grow_feather, outpaint_canvas
+    from unipic.inpainting import check_grow_feather, check_padding, outpaint_request
     from unipic.io_utils import save_image_atomic
 
     if not args.prompt.strip():
@@ -464,13 +460,15 @@ def cmd_outpaint(args: argparse.Namespace) -> int:
     check_grow_feather(args.grow, args.feather, ("--grow", "--feather"))
     out = _check_output_file(args.output, overwrite=args.overwrite)
     source = open_image(args.image)
-    pads = {"left": args.left, "right": args.right, "top": args.top, "bottom": args.bottom}
-    canvas, mask = outpaint_canvas(source, **pads, names=("--left", "--right", "--top", "--bottom"))
+    sides = ("left", "right", "top", "bottom")
+    pads = dict(zip(sides, check_padding(*(getattr(args, side) for side in sides),
+                                         names=tuple(f"--{side}" for side in sides))))
     pipeline = _inpainting_pipeline(args)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    kwargs = _inpaint_kwargs(args, seed)
-    request = pipeline.check_inpaint([canvas], [mask], [args.prompt], **kwargs)
-    [image] = pipeline.outpaint([source], [args.prompt], **pads, progress=not args.quiet, **kwargs)
+    # The padded canvas and its border mask, checked once as an inpainting request, then sampled.
+    request = outpaint_request(pipeline, [source], [args.prompt], **pads, seed=seed, grow=args.grow,
+                               feather=args.feather, **_sampling_options(args))
+    [image] = pipeline.run(request, progress=not args.quiet)
     save_image_atomic(image, out, _metadata(args, request, seed, prompt=args.prompt, source=str(args.image),
                                             padding=json.dumps(pads)))
     print(out)
@@ -479,6 +477,8 @@ def cmd_outpaint(args: argparse.Namespace) -> int:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     """`unipic caption IMAGE [--prompt Q]`: print the answer alone on stdout."""
+    from unipic.loading import load_pipeline
+
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("--prompt is empty; ask a question or leave it out for a description")
     if args.max_new_tokens is not None:
@@ -493,7 +493,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     elif args.temperature is not None:
         raise UserError(f"--temperature {args.temperature} applies only with --sample; add --sample or leave it out")
     image = open_image(args.image)
-    pipeline = _load(args)
+    pipeline = load_pipeline(**load_options(args))
     question = args.prompt
     if question is None:
         question = str(pipeline.sampling_defaults().get("caption_question", "Describe the image in detail."))

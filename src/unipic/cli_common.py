@@ -39,8 +39,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def pipeline_from_args(args: argparse.Namespace):
-    """Load the pipeline named by --model/--device/--dtype (raises UserError on bad input)."""
-    from unipic.loading import load_pipeline
+def load_options(args: argparse.Namespace) -> dict[str, object]:
+    """The `unipic.loading.load_pipeline` keyword arguments for parsed model options.
 
-    return load_pipeline(args.model, device=args.device, dtype=args.dtype, qwen_path=getattr(args, "qwen", None))
+    The one mapping from the command line to the one loader, for every command that loads a model
+    (generate, edit, inpaint, outpaint, caption, eval, serve): `load_pipeline(**load_options(args))`.
+    Options a command does not offer take the loader's defaults.
+    """
+    return {"model": args.model, "device": args.device, "dtype": args.dtype, "qwen_path": getattr(args, "qwen", None),
+            "cpu_offload": getattr(args, "cpu_offload", False), "vae_tiling": getattr(args, "vae_tiling", False)}

@@ -16,7 +16,6 @@ import asyncio
 import hmac
 import json
 import logging
-import math
 import re
 import secrets
 import time
@@ -450,26 +449,6 @@ async def _images_response(state: ServerState, images: list, request: CheckedInp
     return {"created": int(time.time()), "data": data, "output_format": "png", "size": f"{width}x{height}"}
 
 
-def _edit_size(pipeline: UnifiedPipeline, image, limits: ServeLimits) -> tuple[int | None, int | None]:
-    """No size given: the input's aspect ratio at the model's resolution (UniPic-1 models).
-
-    UniPic-2 keeps the aspect by its own longer-edge rule, and other pipelines decide for
-    themselves, so they get None.
-    """
-    stride = getattr(getattr(pipeline, "config", None), "pixel_stride", None)
-    side = pipeline.sampling_defaults().get("size")
-    if not isinstance(stride, int) or not isinstance(side, int):
-        return None, None
-    aspect = image.width / image.height
-    width = max(stride, round(side * math.sqrt(aspect) / stride) * stride)
-    height = max(stride, round(side / math.sqrt(aspect) / stride) * stride)
-    scale = min(1.0, limits.max_side / max(width, height))
-    if scale < 1.0:
-        width = max(stride, int(width * scale) // stride * stride)
-        height = max(stride, int(height * scale) // stride * stride)
-    return height, width
-
-
 def _token_count(pipeline: UnifiedPipeline, text: str) -> int:
     """Tokens of `text` by the model's tokenizer when it has one, else words (an estimate)."""
     tokenizer = getattr(pipeline, "tokenizer", None)
@@ -675,10 +654,6 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         seeds, settings = _image_settings(req, limits)
         pipeline, batcher = _ready(state)
         source = await run_in_threadpool(decode_image, images[0].data, limits)
-        if settings.height is None:
-            height, width = _edit_size(pipeline, source, limits)
-            settings = ImageSettings(height, width, settings.steps, settings.guidance_scale, settings.temperature,
-                                     settings.fast)
         n = len(seeds)
         checked = await run_in_threadpool(_check_request, pipeline, "edit_image", [instruction] * n, [source] * n,
                                           seed=seeds, height=settings.height, width=settings.width,

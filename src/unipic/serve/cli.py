@@ -15,7 +15,7 @@ from pathlib import Path
 
 from unipic.api import UserError
 from unipic.checks import check_int
-from unipic.cli_common import add_model_options
+from unipic.cli_common import add_model_options, load_options
 
 
 def register_serve_commands(sub: argparse._SubParsersAction) -> None:
@@ -115,8 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"machine can use the model (set --api-key or UNIPIC_API_KEY)", file=sys.stderr)
 
     def load():
-        return load_pipeline(args.model, device=args.device, dtype=args.dtype, qwen_path=args.qwen,
-                             cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling)
+        return load_pipeline(**load_options(args))
 
     outcome: dict[str, object] = {}
     server: uvicorn.Server | None = None
