@@ -74,7 +74,8 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, edit: bool = False,
     group.add_argument("--steps", type=int, default=None,
                        help="sampling steps: MAR reveal steps for UniPic-1, denoising steps for UniPic-2")
     group.add_argument("--cfg", type=float, default=None,
-                       help=f"classifier-free guidance scale, 0 to {MAX_CFG:g} (1 = no guidance)"
+                       help=f"classifier-free guidance scale, 0 to {MAX_CFG:g} (UniPic-1 guides at every scale "
+                            "but 1, so 0 = unconditional; UniPic-2 only above 1; see docs/sampling.md)"
                             + (" against 'Repeat this image.'" if edit else " against the null prompt"
                                if sizes else " against the null prompt (UniPic-2: the negative prompt)"))
     group.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None,
@@ -565,9 +566,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=cmd_generate)
 
     edit = sub.add_parser("edit", help="edit an image by an instruction",
-                          description="Edit IMAGE following INSTRUCTION. UniPic-1 centre-crops the source to the "
-                                      "output aspect ratio and resizes it to the output size; UniPic-2 resizes it "
-                                      "straight to the output size, as upstream does (see --input-resize).")
+                          description="Edit IMAGE following INSTRUCTION. Without a size the output keeps the "
+                                      "source's aspect ratio (UniPic-1: at about the model's default pixel count; "
+                                      "UniPic-2: its longer side 512), as the server does. UniPic-1 centre-crops "
+                                      "the source to the output aspect ratio and resizes it to the output size; "
+                                      "UniPic-2 resizes it straight to the output size, as upstream does (see "
+                                      "--input-resize).")
     edit.add_argument("image", help="source image file (any mode: 16-bit and palette images are converted, "
                       "transparency is composited onto grey (UniPic-1) or white (UniPic-2), an animation gives its "
                       "first frame)")
