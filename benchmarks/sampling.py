@@ -104,7 +104,8 @@ def settings_for(pipeline, args, fast: bool) -> dict:
                if v is not None}
     if fast:
         options.update({k: v for k, v in (("head_anneal", args.head_anneal), ("guidance_interval", args.guidance_interval),
-                                          ("uncond_interval", args.uncond_interval)) if v is not None})
+                                          ("uncond_interval", args.uncond_interval), ("head_solver", args.head_solver),
+                                          ("head_steps", args.fast_head_steps)) if v is not None})
     size = args.size
     request = pipeline.check_inputs("text_to_image", PROMPTS, height=size, width=size, fast=fast, **options)
     return request.settings
@@ -121,7 +122,7 @@ def run_variant(variant: str, model, tokenizer, settings: dict[str, dict], seed:
     if variant == "reference":
         return reference_generate_images(model, tokenizer, PROMPTS, **common)
     speed = SpeedOptions(head_anneal=s["head_anneal"], guidance_interval=s["guidance_interval"],
-                         uncond_interval=s["uncond_interval"])
+                         uncond_interval=s["uncond_interval"], head_solver=s["head_solver"])
     return generate_images(model, tokenizer, PROMPTS, speed=speed, **common)
 
 
@@ -150,6 +151,10 @@ def child_peak_rss(argv: list[str], variant: str) -> float:
 
 def speed_benchmark(args, argv: list[str]) -> None:
     pipeline, model, tokenizer = load(args)
+    if not args.threads:
+        from unipic.loading import cpu_threads_for
+
+        cpu_threads_for(pipeline)
     settings = {"exact": settings_for(pipeline, args, False), "fast": settings_for(pipeline, args, True)}
     if args.rss_only:
         profile(model, tokenizer, args.rss_only, settings, args.seed)
@@ -172,7 +177,7 @@ def speed_benchmark(args, argv: list[str]) -> None:
     print(f"model {name} ({params:.1f}M params), {e['height']}x{e['width']}, cfg {e['cfg']}, "
           f"{torch.get_num_threads()} threads, {args.repeats} repeats interleaved")
     print(f"exact/reference: {e['steps']} MAR steps x {e['head_steps']} head steps; fast: {f['steps']} MAR steps, "
-          f"{f['head_steps']} head steps, head_anneal {f['head_anneal']}, guidance_interval {f['guidance_interval']}, "
+          f"{f['head_steps']} head steps ({f['head_solver']}), head_anneal {f['head_anneal']}, guidance_interval {f['guidance_interval']}, "
           f"uncond_interval {f['uncond_interval']}")
     print(f"max |exact - reference| pixel difference: {max_diff:.2e}")
     print("| variant | s/image (median) | peak RSS MiB | LLM | MAR | head | VAE | other |")
@@ -212,7 +217,9 @@ def quality_gate(args) -> int:
         if mode == "fast":
             options.update({k: v for k, v in (("head_anneal", args.head_anneal),
                                               ("guidance_interval", args.guidance_interval),
-                                              ("uncond_interval", args.uncond_interval)) if v is not None})
+                                              ("uncond_interval", args.uncond_interval),
+                                              ("head_solver", args.head_solver),
+                                              ("head_steps", args.fast_head_steps)) if v is not None})
         by_group: dict[str, list[bool]] = defaultdict(list)
         start = time.perf_counter()
         for i in range(0, len(records), args.batch_size):
@@ -348,9 +355,13 @@ def main() -> None:
                         help="fast mode's guidance_interval (default: --fast's)")
     parser.add_argument("--uncond-interval", type=int, default=None,
                         help="fast mode's uncond_interval (default: --fast's)")
+    parser.add_argument("--head-solver", default=None, help="fast mode's head_solver (default: --fast's)")
+    parser.add_argument("--fast-head-steps", type=int, default=None, help="fast mode's head_steps (default: --fast's)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: the command line's choice, `unipic.loading.cpu_threads_for`: "
+                             "one for a small model on CPU, else torch's)")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
     parser.add_argument("--quality-gate", action="store_true", help="ShapesEval + editing, exact vs fast")
     parser.add_argument("--per-category", type=int, default=50, help="quality gate: prompts per ShapesEval category")

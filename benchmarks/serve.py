@@ -113,10 +113,10 @@ class Server:
         return time.perf_counter() - t0
 
     def batch_sizes(self) -> dict[str, int]:
-        """Requests per batch -> batches, from /metrics."""
+        """Requests per batch -> batches, from /metrics.json."""
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         try:
-            connection.request("GET", "/metrics")
+            connection.request("GET", "/metrics.json")
             return json.loads(connection.getresponse().read())["batching"]["batch_sizes"]
         finally:
             connection.close()

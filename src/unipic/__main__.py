@@ -1,5 +1,5 @@
 """`python -m unipic` runs the command line."""
 
-from unipic.cli import main
+from unipic.console import main
 
 raise SystemExit(main())

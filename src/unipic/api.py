@@ -54,7 +54,7 @@ class CheckedInputs:
 
     job: str
     texts: list[str]
-    images: list[Image.Image] | None = None
+    images: list[Image.Image] | list[list[Image.Image]] | None = None  # UniPic-3 edits: one list per instruction
     seed: int | list[int] | None = None
     images_per_prompt: int = 1
     settings: dict[str, object] = field(default_factory=dict)
@@ -107,7 +107,7 @@ class UnifiedPipeline(Protocol):
 
     def edit_image(
         self,
-        images: Sequence[Image.Image],
+        images: Sequence[Image.Image | Sequence[Image.Image]],
         instructions: Sequence[str],
         *,
         height: int | None = None,
@@ -116,7 +116,11 @@ class UnifiedPipeline(Protocol):
         progress: bool = False,
         **options: object,
     ) -> list[Image.Image]:
-        """Apply instruction i to image i; returns one edited image per pair."""
+        """Apply instruction i to image i; returns one edited image per pair.
+
+        Multi-image families (UniPic-3: 1-6 images per instruction) also take a list of images as
+        entry i; single-image families reject such entries.
+        """
         ...
 
     def image_to_text(
@@ -200,3 +204,23 @@ class InpaintingPipeline(Protocol):
                  top: int = 0, bottom: int = 0, **kwargs: object) -> list[Image.Image]:
         """Extend each image by the given pixels (multiples of 16) on each side; keyword arguments go to `inpaint`."""
         ...
+
+
+def runtime_settings(pipeline: object) -> dict[str, str]:
+    """The device type and dtype a pipeline computes in, which change its pixels ({} for one without
+    torch weights, as the Shapes oracle); outputs record them beside the sampling settings."""
+    import sys
+
+    torch = sys.modules.get("torch")  # a pipeline with weights has imported torch already
+    if torch is None:
+        return {}
+    for name in ("model", "pipeline"):
+        holder = getattr(pipeline, name, None)
+        modules = [holder] if isinstance(holder, torch.nn.Module) else [
+            getattr(holder, part, None) for part in ("transformer", "text_encoder", "vae")]
+        for module in modules:
+            if isinstance(module, torch.nn.Module):
+                parameter = next(module.parameters(), None)
+                if parameter is not None:
+                    return {"device": parameter.device.type, "dtype": str(parameter.dtype).removeprefix("torch.")}
+    return {}

@@ -177,3 +177,31 @@ def _range(minimum: int | None, maximum: int | None) -> str:
     if minimum is not None:
         return f" >= {minimum}"
     return f" <= {maximum}" if maximum is not None else ""
+
+
+def parse_diffusion_options(options: dict, allowed: Sequence[str], aliases: dict[str, str], *, family: str,
+                            task: str) -> dict:
+    """A diffusion family's sampling options under their canonical names, the shared ones checked.
+
+    None means the default; an unknown name, or two spellings of one option with different values,
+    is a `UserError`. `num_inference_steps` (>= 1), `cfg` (0..MAX_CFG; these families turn guidance
+    off at <= 1) and `negative_prompt` (a string) are checked here; the family checks the rest.
+    """
+    parsed: dict = {}
+    for key, value in options.items():
+        if key not in allowed:
+            raise UserError(f"unknown {task} option {key!r} for {family}; valid options: {', '.join(allowed)}")
+        if value is None:
+            continue
+        name = aliases.get(key, key)
+        if name in parsed and parsed[name] != value:
+            raise UserError(f"option {key!r} conflicts with another spelling of {name!r}; pass it once")
+        parsed[name] = value
+    if "num_inference_steps" in parsed:
+        parsed["num_inference_steps"] = check_int(parsed["num_inference_steps"], "num_inference_steps", minimum=1)
+    if "cfg" in parsed:
+        parsed["cfg"] = check_number(parsed["cfg"], "cfg", minimum=0.0, maximum=MAX_CFG,
+                                     hint=" (<= 1 disables guidance)")
+    if "negative_prompt" in parsed and not isinstance(parsed["negative_prompt"], str):
+        raise UserError(f"negative_prompt must be a string, got {type(parsed['negative_prompt']).__name__}")
+    return parsed

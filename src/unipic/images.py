@@ -96,7 +96,8 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
 
 
 def open_image(path: str | os.PathLike, *, name: str = "image") -> Image.Image:
-    """Open and fully decode an image file (first frame), keeping its mode; convert with `to_rgb`.
+    """Open and fully decode an image file (first frame, upright by its EXIF orientation), keeping its
+    mode; convert with `to_rgb`.
 
     Raises:
         UserError: the path is missing or a folder, the file is not a readable image, or it is
@@ -117,7 +118,9 @@ def open_image(path: str | os.PathLike, *, name: str = "image") -> Image.Image:
                 if getattr(image, "n_frames", 1) > 1:
                     image.seek(0)
                 image.load()
-                return image.copy()
+                # Phone photos: every consumer (checks, masks, boxes, the model) sees the picture
+                # the way a viewer shows it, so a mask of the displayed size fits.
+                return ImageOps.exif_transpose(image.copy())
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         # PIL's message carries the pixel count: "Image size (N pixels) exceeds limit of M pixels ...".
         found = re.search(r"\((\d+) pixels\)", str(error))
@@ -127,3 +130,16 @@ def open_image(path: str | os.PathLike, *, name: str = "image") -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise UserError(f"{name} {path} is not a readable image ({type(error).__name__})") from None
 
+
+def aspect_size(width: int, height: int, side: int, stride: int) -> tuple[int, int]:
+    """(height, width) of an edit's output when no size is given: the input's aspect ratio at about
+    `side`² pixels, each side a multiple of `stride` (a 2:1 photo at side 128, stride 16: 96x176).
+
+    One rule for every front end (CLI, server, Python), kept by the pipeline that applies it.
+    """
+    import math
+
+    aspect = width / height
+    out_width = max(stride, round(side * math.sqrt(aspect) / stride) * stride)
+    out_height = max(stride, round(side / math.sqrt(aspect) / stride) * stride)
+    return out_height, out_width

@@ -25,8 +25,12 @@ def _current_umask() -> int:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically (temp file in the same folder, fsync, rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    created = _make_folders(path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -36,11 +40,33 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         os.chmod(tmp_name, 0o666 & ~_current_umask())
         os.replace(tmp_name, path)
     except BaseException:
-        # Leave nothing behind on failure, including KeyboardInterrupt.
+        # Leave nothing behind on failure (a full disk, KeyboardInterrupt): no temp file, and no
+        # output folder this call created and left empty.
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
+        _remove_empty(created)
         raise
     return path
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; returns those created, innermost first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for created in reversed(missing):
+        created.mkdir(exist_ok=True)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (innermost first) that are still empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another writer), or already gone
+            return
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -125,3 +151,12 @@ def read_image_metadata(path: str | os.PathLike) -> dict[str, str]:
     except json.JSONDecodeError:
         return {}
     return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """The JSON object in `path`; None when it is missing, a folder, unreadable, not JSON or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -1,10 +1,11 @@
 """`load_pipeline`: turn a `--model` value into a ready `UnifiedPipeline`.
 
 Accepted values: a UniPic-1 model folder (`config.json`), a UniPic-2 diffusers folder
-(`model_index.json`, or a release's subfolders without it), a Hugging Face hub id (downloaded
-when online), or a built-in name:
-`default` (the embedded Shapes-world model), `tiny-random` (an untrained tiny preset, for smoke
-tests) and `shapes-oracle` (renders template prompts exactly; checks the evaluators).
+(`model_index.json`, or a release's subfolders without it), a UniPic-3 folder (Qwen-Image-Edit
+layout; base, CM or DMD release), a Hugging Face hub id (downloaded when online), or a built-in
+name: `default` (the embedded Shapes-world model), `tiny-random` (an untrained tiny preset, for
+smoke tests), `unipic3-tiny-random` (a tiny random UniPic-3) and `shapes-oracle` (renders
+template prompts exactly; checks the evaluators).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from unipic.api import UnifiedPipeline, UserError
 
-BUILTIN_MODELS = ("default", "tiny-random", "shapes-oracle")
+BUILTIN_MODELS = ("default", "tiny-random", "unipic3-tiny-random", "shapes-oracle")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -95,9 +96,18 @@ def _download_from_hub(repo_id: str) -> Path:
 
 def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None = "auto",
                   dtype: str | torch.dtype | None = "auto", cpu_offload: bool = False,
-                  vae_tiling: bool = False, qwen_path: str | None = None) -> UnifiedPipeline:
-    """Load the pipeline for a `--model` value (see the module docstring) on a device and dtype."""
+                  vae_tiling: bool = False, qwen_path: str | None = None, base: str | None = None,
+                  ema: bool | None = None, variant: str | None = None,
+                  device_map: str | None = None, quantize: str | None = None) -> UnifiedPipeline:
+    """Load the pipeline for a `--model` value (see the module docstring) on a device and dtype.
+
+    `base`, `ema`, `variant`, `device_map` and `quantize` apply to UniPic-3 folders (see
+    `unipic.unipic3.load_unipic3_pipeline`).
+    """
     name = "default" if model in (None, "") else str(model)
+    unipic3_options = base or ema is not None or variant or device_map or quantize
+    if unipic3_options and name in ("shapes-oracle", "tiny-random", "default"):
+        raise UserError("--base, --ema, --variant, --device-map and --quantize apply to UniPic-3 models only")
     if name == "shapes-oracle":
         from unipic.world.oracle import ShapesOracle
 
@@ -110,6 +120,13 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None 
     if name == "tiny-random":
         net, tokenizer = tiny_random_model()
         return _unipic1_pipeline(net.to(device=torch_device, dtype=torch_dtype), tokenizer)
+    if name == "unipic3-tiny-random":
+        from unipic.unipic3.tiny import tiny_unipic3_unified
+
+        if base or ema is not None or device_map or quantize or cpu_offload:
+            raise UserError("the built-in unipic3-tiny-random takes --variant only; for --base, --ema, --device-map, "
+                            "--quantize or --cpu-offload save it as a folder (unipic.unipic3.tiny.save_tiny_unipic3)")
+        return tiny_unipic3_unified(device=str(torch_device), dtype=torch_dtype, variant=variant or "base")
     folder = default_model_folder() if name == "default" else Path(name).expanduser()
     if not folder.exists():
         if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
@@ -120,6 +137,16 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None 
     if not folder.is_dir():
         raise UserError(f"--model {name} is a file; give the model folder that holds it (UniPic-1: config.json, "
                         "weights and tokenizer files; UniPic-2: the component subfolders)")
+    from unipic.unipic3 import is_unipic3_folder, load_unipic3_pipeline  # detection reads JSON only
+
+    if is_unipic3_folder(folder):
+        if qwen_path:
+            raise UserError("--qwen applies to UniPic2-MetaQuery only; a UniPic-3 folder takes --base for missing parts")
+        return load_unipic3_pipeline(folder, device=str(torch_device), dtype=torch_dtype, cpu_offload=cpu_offload,
+                                     vae_tiling=vae_tiling, base=base, ema=ema, variant=variant,
+                                     device_map=device_map, quantize=quantize)
+    if unipic3_options:
+        raise UserError("--base, --ema, --variant, --device-map and --quantize apply to UniPic-3 models only")
     has_index = (folder / "model_index.json").is_file()
     # UniPic-2 release folders may lack model_index.json; their subfolder configs identify them.
     if has_index or not (folder / "config.json").is_file():
@@ -135,7 +162,7 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str | None 
 
         if cpu_offload or vae_tiling or qwen_path:
             raise UserError("--cpu-offload, --vae-tiling and --qwen apply to UniPic-2 models only")
-        net, tokenizer = load_model_folder(folder, device=torch_device, dtype=torch_dtype)
+        net, tokenizer = load_model_folder(folder, device=torch_device, dtype=torch_dtype, inference=True)
         return _unipic1_pipeline(net, tokenizer)
     raise UserError(f"--model {name}: the folder has neither config.json (UniPic-1) nor model_index.json or the "
                     "component subfolders of a UniPic-2 release")
@@ -145,3 +172,22 @@ def _unipic1_pipeline(model, tokenizer) -> UnifiedPipeline:
     from unipic.unipic1.pipeline import UniPicPipeline
 
     return UniPicPipeline(model, tokenizer)
+
+
+# Below this many parameters a model's ops on CPU are too small to split across threads: on the
+# project's two-core machine the embedded model (8.6M) drew an image in 0.19 s with one thread and
+# 0.5-11 s with two when the second core was busy (docs/sampling.md, "Issue 40").
+SMALL_MODEL_PARAMETERS = 50_000_000
+
+
+def cpu_threads_for(pipeline) -> int:
+    """One intra-op thread for a small model on CPU (unless OMP_NUM_THREADS is set); returns the count in use.
+
+    The command line calls this after loading; the library leaves torch's setting alone.
+    """
+    model = getattr(pipeline, "model", None)
+    if (isinstance(model, torch.nn.Module) and "OMP_NUM_THREADS" not in os.environ
+            and next(model.parameters()).device.type == "cpu"
+            and sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS):
+        torch.set_num_threads(1)
+    return torch.get_num_threads()

@@ -86,7 +86,7 @@ def test_generation_shards_across_processes(tmp_path, monkeypatch):
 def test_real_geneval_prompts_are_packaged_but_not_shapes_judgeable(tmp_path):
     records = load_metadata(None)
     assert len(records) == 553 and records[0]["prompt"] == "a photo of a bench"
-    generate_geneval(ShapesOracle(), records[:2], tmp_path, images_per_prompt=1, progress=False)
+    generate_geneval(ShapesOracle(blank_unknown=True), records[:2], tmp_path, images_per_prompt=1, progress=False)
     with pytest.raises(UserError, match="official evaluator"):
         judge_folder(tmp_path, progress=False)
 

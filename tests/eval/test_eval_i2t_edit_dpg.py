@@ -52,11 +52,11 @@ def test_edit_oracle_and_corruptions(tmp_path):
 def test_dpg_layout_is_resumable(tmp_path):
     prompts = load_dpg_prompts()
     assert len(prompts) == 1065 and prompts[0]["id"] == "0"
-    first = generate_dpg(ShapesOracle(), tmp_path, size=128, limit=3, progress=False)
+    first = generate_dpg(ShapesOracle(blank_unknown=True), tmp_path, size=128, limit=3, progress=False)
     assert first == {"generated": 3, "skipped": 0}
     grid = Image.open(tmp_path / "0.png")
     assert grid.size == (256, 256)
-    assert generate_dpg(ShapesOracle(), tmp_path, size=128, limit=3, progress=False) == {"generated": 0, "skipped": 3}
+    assert generate_dpg(ShapesOracle(blank_unknown=True), tmp_path, size=128, limit=3, progress=False) == {"generated": 0, "skipped": 3}
 
 
 # ---------------------------------------------------------------------------------------------

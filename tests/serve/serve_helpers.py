@@ -40,7 +40,7 @@ class ServerProcess:
     """`python -m unipic serve ... --port 0`, read until it prints its URL; stopped by `stop()`."""
 
     def __init__(self, *args: str, api_key: str | None = API_KEY, startup_timeout: float = 180.0,
-                 cwd: Path | None = None, extra_env: dict[str, str] | None = None) -> None:
+                 cwd: Path | None = None, extra_env: dict[str, str] | None = None, ssl_context=None) -> None:
         env = dict(os.environ, **(extra_env or {}))
         # The worktree's code, also in the child; one thread keeps the 2-core CI machine responsive.
         env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
@@ -51,11 +51,14 @@ class ServerProcess:
         if api_key:
             command += ["--api-key", api_key]
         self.api_key = api_key
+        self.ssl_context = ssl_context  # for an https:// server (--ssl-certfile)
+        self.stdout_lines: list[str] = []
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                         cwd=cwd)
         self.stderr_lines: list[str] = []
         lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, args=(self.process.stdout, lines), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.process.stdout, lines, self.stdout_lines),
+                         daemon=True).start()
         threading.Thread(target=self._pump_stderr, daemon=True).start()
         deadline = time.monotonic() + startup_timeout
         self.url = None
@@ -78,8 +81,9 @@ class ServerProcess:
         self.host, self.port = parts.hostname, parts.port
 
     @staticmethod
-    def _pump(stream, lines: queue.Queue) -> None:
+    def _pump(stream, lines: queue.Queue, kept: list[str]) -> None:
         for line in stream:
+            kept.append(line)
             lines.put(line)
         lines.put(None)
 
@@ -113,7 +117,7 @@ class ServerProcess:
     def request(self, method: str, path: str, body: bytes | str | None = None, headers: dict[str, str] | None = None,
                 *, auth: bool = True, timeout: float = 120.0) -> Reply:
         """One HTTP request on a fresh connection."""
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        connection = self.connection(timeout)
         try:
             all_headers = {**(self.auth() if auth else {}), **(headers or {})}
             connection.request(method, path, body=body, headers=all_headers)
@@ -122,13 +126,19 @@ class ServerProcess:
         finally:
             connection.close()
 
+    def connection(self, timeout: float = 120.0) -> http.client.HTTPConnection:
+        """A new (not yet opened) connection to the server, over TLS for an https:// server."""
+        if self.url.startswith("https://"):
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.ssl_context)
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
     def post_json(self, path: str, payload, **kwargs) -> Reply:
         """POST a JSON body."""
         return self.request("POST", path, json.dumps(payload), {"Content-Type": "application/json"}, **kwargs)
 
     def metrics(self) -> dict:
-        """GET /metrics."""
-        return self.request("GET", "/metrics").json()
+        """GET /metrics.json (the JSON view; /metrics is Prometheus' text format)."""
+        return self.request("GET", "/metrics.json").json()
 
     def stop(self) -> None:
         """SIGTERM (uvicorn shuts down gracefully), then SIGKILL if it lingers."""
@@ -141,13 +151,14 @@ class ServerProcess:
                 self.process.wait(timeout=10)
 
 
-def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes, str]]) -> tuple[bytes, str]:
-    """A multipart/form-data body and its Content-Type."""
+def multipart(fields: dict[str, str],
+              files: dict[str, tuple[str, bytes, str]] | list[tuple[str, tuple[str, bytes, str]]]) -> tuple[bytes, str]:
+    """A multipart/form-data body and its Content-Type; `files` as a list may repeat a name (image[])."""
     boundary = "----unipic-test-boundary-7f3a"
     out = io.BytesIO()
     for name, value in fields.items():
         out.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n".encode())
-    for name, (filename, data, ctype) in files.items():
+    for name, (filename, data, ctype) in (files.items() if isinstance(files, dict) else files):
         out.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\n"
                   f"Content-Type: {ctype}\r\n\r\n".encode())
         out.write(data + b"\r\n")

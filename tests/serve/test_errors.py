@@ -61,7 +61,8 @@ CASES = [
     ("malformed JSON", "POST", GEN, b'{"prompt": "a cat",', {"Content-Type": "application/json"}, 400,
      "invalid_json", None),
     ("empty body", "POST", GEN, b"", {"Content-Type": "application/json"}, 400, "invalid_json", None),
-    ("JSON that is not an object", "POST", GEN, b'["a cat"]', {}, 400, "invalid_request", None),
+    ("JSON that is not an object", "POST", GEN, b'["a cat"]', {"Content-Type": "application/json"}, 400,
+     "invalid_request", None),
     ("missing prompt", "POST", GEN, {"size": "16x16"}, {}, 400, "missing_required_parameter", "prompt"),
     ("prompt of the wrong type", "POST", GEN, {"prompt": 5}, {}, 400, "invalid_type", "prompt"),
     ("n of the wrong type", "POST", GEN, {**OK_GEN, "n": "two"}, {}, 400, "invalid_type", "n"),
@@ -90,7 +91,7 @@ CASES = [
     ("unknown endpoint", "GET", "/v1/nothing", None, {}, 404, "unknown_url", None),
     ("wrong method", "GET", GEN, None, {}, 405, "method_not_allowed", None),
     ("edit without an image", "POST", EDIT, edit_body(None), None, 400, "missing_required_parameter", "image"),
-    ("edit as JSON", "POST", EDIT, {"prompt": "x"}, {}, 400, "invalid_content_type", None),
+    ("edit as JSON", "POST", EDIT, {"prompt": "x"}, {}, 415, "unsupported_media_type", None),
     ("edit with a non-image", "POST", EDIT, edit_body(b"hello, I am text, not a picture"), None, 400,
      "invalid_image", "image"),
     ("edit with a truncated PNG", "POST", EDIT, edit_body(noise_png()[:3000]), None, 400, "invalid_image", "image"),
@@ -146,11 +147,17 @@ def test_error_paths(tiny_server, case):
     _still_serving(tiny_server)
 
 
-def test_edit_with_a_mask_is_refused(tiny_server):
+def test_a_mask_without_transparency_is_refused(tiny_server):
+    """OpenAI's masks mark what to redraw by transparency: an opaque mask marks nothing, and says so."""
     body, ctype = multipart({"prompt": "x"}, {"image": ("a.png", png_bytes(SMALL_IMAGE), "image/png"),
                                               "mask": ("m.png", png_bytes(SMALL_IMAGE), "image/png")})
     reply = tiny_server.request("POST", EDIT, body, {"Content-Type": ctype})
-    assert_openai_error(reply, 400, code="unsupported_parameter", param="mask")
+    assert_openai_error(reply, 400, code="invalid_mask", param="mask")
+    wrong_size = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
+    body, ctype = multipart({"prompt": "x"}, {"image": ("a.png", png_bytes(SMALL_IMAGE), "image/png"),
+                                              "mask": ("m.png", png_bytes(wrong_size), "image/png")})
+    reply = tiny_server.request("POST", EDIT, body, {"Content-Type": ctype})
+    assert_openai_error(reply, 400, code="invalid_mask", param="mask")
 
 
 @pytest.mark.parametrize("given", [None, "Bearer wrong-key", "Basic dGVzdDp0ZXN0", "test-key-123"])
@@ -180,7 +187,7 @@ def test_oversized_body_with_content_length(tiny_server):
 def test_oversized_body_refused_before_it_is_sent(tiny_server):
     """With `Expect: 100-continue` the 413 comes before the client sends the body at all."""
     with socket.create_connection((tiny_server.host, tiny_server.port), timeout=30) as sock:
-        sock.sendall(f"POST {EDIT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tiny_server.api_key}\r\n"
+        sock.sendall(f"POST {EDIT} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {tiny_server.api_key}\r\n"
                      f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 50000000\r\n"
                      f"Expect: 100-continue\r\n\r\n".encode())
         answer = b""

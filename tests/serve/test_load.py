@@ -162,7 +162,7 @@ def test_a_disconnected_client_frees_its_slot(load_server):
         assert server.metrics()["running"] == 1, "the long request never started"
         payload = json.dumps({"prompt": "I will hang up", "size": "32x32", "seed": 1}).encode()
         with socket.create_connection((server.host, server.port), timeout=30) as sock:
-            sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                          + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
             while server.metrics()["queue_waiting"] == 0 and time.monotonic() < deadline:
                 time.sleep(0.02)

@@ -166,7 +166,8 @@ def test_attention_targets_point_from_each_answer_row_to_the_named_objects(tiny)
 
 
 def test_head_attention_equals_the_layers_eager_weights(tiny):
-    from unipic.training.losses import captured_inputs, head_attention
+    from unipic.training.losses import captured_inputs
+    from unipic.training.world_aux import head_attention
 
     model, _ = tiny
     llm = model.llm.model

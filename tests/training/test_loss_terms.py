@@ -10,15 +10,15 @@ import math
 import pytest
 import torch
 
+from unipic.training.config import LossConfig
 from unipic.training.losses import (
-    ObjectReadout,
-    RelationReadout,
     TokenProbe,
     changed_tokens,
     edit_loss,
     object_tokens,
     text_to_image_loss,
 )
+from unipic.training.world_aux import ObjectReadout, RelationReadout
 
 
 @pytest.fixture(scope="module")
@@ -196,12 +196,12 @@ def test_relation_losses_train_two_heads_and_the_readout():
     source = TaskSource("i2t", data, 0, 1)
     batch = BatchBuilder(model, tokenizer, data)("i2t", [source.get(k) for k in range(4)], np.random.default_rng(0))
     assert len(batch["relation_query"]) > 0
-    loss = UniPicLoss(model.train(), {"i2t": 1.0}, attend_named=1.0, attend_relation=1.0, relation_readout=1.0)
+    loss = UniPicLoss(model.train(), LossConfig(weights={"i2t": 1.0}, attend_named=1.0, attend_relation=1.0, relation_readout=1.0))
     out = loss("i2t", batch, torch.Generator().manual_seed(0))
     assert {"loss_i2t", "loss_attend", "loss_attend_relation", "loss_relation"} <= set(out)
     assert all(torch.isfinite(v) for v in out.values())
     out["loss"].backward()
-    assert loss.relation.order.weight.grad.abs().sum() > 0
+    assert loss.world.relation.order.weight.grad.abs().sum() > 0
     q_proj = model.llm.model.layers[1].self_attn.q_proj.weight.grad
     head_dim = model.llm.model.layers[1].self_attn.head_dim
     # Both supervised heads' query rows get a gradient from the attention losses.
@@ -227,11 +227,11 @@ def test_relation_readout_reads_the_chosen_layer():
         states = model.llm.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                                  output_hidden_states=True).hidden_states  # embeddings, then each layer
         for layer in (0, -1):
-            loss = UniPicLoss(model, {"i2t": 1.0}, relation_readout=1.0, relation_layer=layer)
+            loss = UniPicLoss(model, LossConfig(weights={"i2t": 1.0}, relation_readout=1.0, relation_layer=layer))
             got = loss("i2t", batch, torch.Generator().manual_seed(0))["loss_relation"]
             hidden = states[1] if layer == 0 else model.llm.model(
                 inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
-            want = loss.relation.loss(hidden, batch["relation_query"], batch["relation_order"])
+            want = loss.world.relation.loss(hidden, batch["relation_query"], batch["relation_order"])
             assert torch.allclose(got, want, atol=1e-5), layer
         # An early layer's rows differ from the final output's: the option reads what it says.
         assert not torch.allclose(states[1], states[-1])
@@ -266,7 +266,7 @@ def test_edit_attention_points_the_buffer_rows_at_the_named_object():
         found = {int((image_rows == p).nonzero()) for p in torch.nonzero(targets[b]).flatten()}
         assert found == set(covered_cells(edit.source.objects[edit.index].box, *grid)) and found
     assert named > 0
-    loss = UniPicLoss(model.train(), {"edit": 1.0}, attend_edit=1.0)
+    loss = UniPicLoss(model.train(), LossConfig(weights={"edit": 1.0}, attend_edit=1.0))
     out = loss("edit", batch, torch.Generator().manual_seed(0))
     assert {"loss_edit", "loss_attend_edit"} <= set(out) and all(torch.isfinite(v) for v in out.values())
     out["loss"].backward()
@@ -287,7 +287,7 @@ def test_edit_region_readout_learns_which_cells_the_named_object_covers():
     from unipic.training.config import DataConfig
     from unipic.training.data import BatchBuilder, TaskSource
     from unipic.training.jobs import UniPicLoss
-    from unipic.training.losses import EditRegionReadout
+    from unipic.training.world_aux import EditRegionReadout
     from unipic.world.examples import edit_example
     from unipic.world.scene import covered_cells
 
@@ -303,11 +303,11 @@ def test_edit_region_readout_learns_which_cells_the_named_object_covers():
         cells = set(covered_cells(edit.source.objects[edit.index].box, *grid)) if edit.index is not None else set()
         assert set(torch.nonzero(batch["edit_region"][b]).flatten().tolist()) == cells
     assert batch["edit_named"].any()
-    loss = UniPicLoss(model.train(), {"edit": 1.0}, edit_region_readout=1.0)
+    loss = UniPicLoss(model.train(), LossConfig(weights={"edit": 1.0}, edit_region_readout=1.0))
     out = loss("edit", batch, torch.Generator().manual_seed(0))
     assert {"loss_edit", "loss_edit_region"} <= set(out) and torch.isfinite(out["loss_edit_region"])
     out["loss"].backward()
-    assert loss.region.region.weight.grad.abs().sum() > 0
+    assert loss.world.region.region.weight.grad.abs().sum() > 0
     assert model.mar.decoder_blocks[0].mlp.fc1.weight.grad.abs().sum() > 0  # the decoder is taught, too
     # The read-out scores exactly the named rows: zero logits cost log 2 per cell.
     readout = EditRegionReadout(width=4, weight=1.0)
@@ -330,15 +330,15 @@ def test_edit_region_readout_can_read_the_source_rows_that_see_the_instruction()
 
     model, tokenizer = tiny_random_model(seed=0)
     with pytest.raises(UserError, match="needs model.edit_source_through_llm=true"):
-        UniPicLoss(model, {"edit": 1.0}, edit_region_readout=1.0, edit_region_at="source")
+        UniPicLoss(model, LossConfig(weights={"edit": 1.0}, edit_region_readout=1.0, edit_region_at="source"))
     model = copy.deepcopy(model)
     model.config.edit_source_through_llm = True
     data = DataConfig(world_seed=3, image_size=64, batch_size=4, cache_latents=False, edit_repeat_prob=0.0)
     examples = [TaskSource("edit", data, 0, 1).get(k) for k in range(4)]
     batch = BatchBuilder(model, tokenizer, data, ["edit_region"])("edit", examples, np.random.default_rng(0))
     assert batch["edit_named"].any()
-    loss = UniPicLoss(model.train(), {"edit": 1.0}, edit_region_readout=1.0, edit_region_at="source")
-    assert loss.region.region.in_features == model.config.llm.hidden_size
+    loss = UniPicLoss(model.train(), LossConfig(weights={"edit": 1.0}, edit_region_readout=1.0, edit_region_at="source"))
+    assert loss.world.region.region.in_features == model.config.llm.hidden_size
     out = loss("edit", batch, torch.Generator().manual_seed(0))
     assert torch.isfinite(out["loss_edit_region"])
     out["loss"].backward()
@@ -346,7 +346,7 @@ def test_edit_region_readout_can_read_the_source_rows_that_see_the_instruction()
     assert model.llm.model.layers[-1].mlp.down_proj.weight.grad.abs().sum() > 0
     region_only = copy.deepcopy(model)
     region_only.zero_grad()
-    out = UniPicLoss(region_only.train(), {"edit": 0.0}, edit_region_readout=1.0, edit_region_at="source")(
+    out = UniPicLoss(region_only.train(), LossConfig(weights={"edit": 0.0}, edit_region_readout=1.0, edit_region_at="source"))(
         "edit", batch, torch.Generator().manual_seed(0))
     out["loss"].backward()
     assert region_only.llm.model.layers[-1].mlp.down_proj.weight.grad.abs().sum() > 0

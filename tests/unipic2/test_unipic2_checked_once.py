@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import unipic.checks as checks
 import unipic.inpainting as inpainting
 import unipic.unipic2.adapters as adapters
 import unipic.unipic2.pipeline_kontext as pipeline_kontext
@@ -21,18 +22,19 @@ def calls(monkeypatch, kontext_pipe):
     diffusers pipeline's own input checks (which only its public `__call__` runs)."""
     counts: dict[str, int] = {}
 
-    def count(module, name, label):
+    def count(module, name, label, only=None):
         original = getattr(module, name)
 
         def counted(*args, **kwargs):
-            counts[label] = counts.get(label, 0) + 1
+            if only is None or only in args:
+                counts[label] = counts.get(label, 0) + 1
             return original(*args, **kwargs)
 
         monkeypatch.setattr(module, name, counted)
 
     count(adapters, "check_size", "size")
     count(pipeline_kontext, "check_size", "size")
-    count(adapters, "check_number", "cfg")
+    count(checks, "check_number", "cfg", only="cfg")  # the diffusion families' option check
     count(inpainting, "check_mask", "check_mask")
     count(inpainting, "grow_mask", "grow_mask")
     count(pipeline_kontext, "check_mask", "check_mask")

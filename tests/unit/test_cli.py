@@ -55,7 +55,6 @@ def test_edit_and_caption(tmp_path, capsys):
     out = tmp_path / "edited.png"
     assert main(["edit", str(source), "Remove the star.", "-o", str(out), "--seed", "1", *TINY]) == 0
     with Image.open(out) as image:
-        # No size: the source's 5:3 aspect at the model's 128x128 pixels (the server gives the same).
         assert image.size == (160, 96) and image.text["instruction"] == "Remove the star."
     capsys.readouterr()
     assert main(["caption", str(out), "--prompt", "How many stars are there?", "--model", "tiny-random",
@@ -98,7 +97,7 @@ def _not_an_image(tmp_path: Path) -> str:
         (lambda t: ["generate", "a cat", "--model", str(t / "nope"), "-o", str(t / "o.png")], "no such folder"),
         (lambda t: ["generate", "a cat", "--model", "someone/some-model", "-o", str(t / "o.png")], "unreachable"),
         (lambda t: ["generate", "a cat", "-o", str(t / "o.txt")], "end"),
-        (lambda t: ["generate", "--prompt-file", str(t / "none.json"), "-o", str(t)], "prompt file not found"),
+        (lambda t: ["generate", "--prompt-file", str(t / "none.json"), "-o", str(t)], "none.json: file not found"),
         (lambda t: ["state-dict", "--preset", "huge"], "unknown preset"),
         (lambda t: ["generate", "a cat", "--steps", "x"], "invalid int value"),
         (lambda t: ["edit", str(t / "missing.png"), " ", "-o", str(t / "o.png")], "instruction is empty"),

@@ -404,6 +404,7 @@ def test_precomputed_modulations_equal_the_plain_loop(cfg: float, learn_sigma: b
                                      temperature=0.9, generator=torch.Generator().manual_seed(4))
     for budget in (2**30, 1):  # all steps in one matmul; one step per chunk
         monkeypatch.setattr(mar_decode, "MODULATION_BUDGET", budget)
+        monkeypatch.setattr(mar_decode, "CPU_MODULATION_BUDGET", budget)
         fast = _sample(head, cond, cfg=cfg, temperature=0.9, generator=torch.Generator().manual_seed(4))
         # float32 rounding of differently batched matmuls, relative to this random head's O(100) samples
         assert _diff(fast, plain)[0] <= 1e-6 * plain.abs().max().item()

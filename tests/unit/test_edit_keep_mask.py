@@ -120,7 +120,7 @@ def test_each_source_in_a_batch_is_edited_as_if_alone(keep_model) -> None:
 
 
 def test_training_keeps_the_cells_visible_and_teaches_the_head(keep_model) -> None:
-    from unipic.training.config import DataConfig
+    from unipic.training.config import DataConfig, LossConfig
     from unipic.training.data import BatchBuilder, TaskSource
     from unipic.training.jobs import UniPicLoss
     from unipic.training.losses import _masked_targets_outside
@@ -153,7 +153,7 @@ def test_training_keeps_the_cells_visible_and_teaches_the_head(keep_model) -> No
         others = (~keep).sum(dim=1)
         # Rows hide their other cells first: a kept cell is hidden only once all others are.
         assert ((hidden & keep).sum(dim=1) == (counts - others).clamp(min=0)).all()
-    loss = UniPicLoss(model, {"edit": 1.0})
+    loss = UniPicLoss(model, LossConfig(weights={"edit": 1.0}))
     out = loss("edit", batch, torch.Generator().manual_seed(0))
     assert {"loss_edit", "loss_edit_keep"} <= set(out) and torch.isfinite(out["loss_edit_keep"])
     out["loss"].backward()

@@ -59,21 +59,22 @@ def test_the_batch_marks_the_edited_object_of_the_target(tiny_model_and_tokenize
 
 def test_the_read_out_trains_the_decoder_and_round_trips_with_checkpoints(tiny_model_and_tokenizer,
                                                                            tmp_path) -> None:
+    from unipic.training.config import LossConfig
     from unipic.training.jobs import UniPicLoss
 
     model, tokenizer = tiny_model_and_tokenizer
     model = copy.deepcopy(model).train()
     _, batch = _batch(model, tokenizer)
     assert batch["edit_drawn"].any()
-    loss = UniPicLoss(model, {"edit": 1.0}, edit_target_readout=1.0)
+    loss = UniPicLoss(model, LossConfig(weights={"edit": 1.0}, edit_target_readout=1.0))
     out = loss("edit", batch, torch.Generator().manual_seed(0))
     assert "loss_edit_target" in out and torch.isfinite(out["loss_edit_target"])
-    plain = UniPicLoss(model, {"edit": 1.0})("edit", batch, torch.Generator().manual_seed(0))
+    plain = UniPicLoss(model, LossConfig(weights={"edit": 1.0}))("edit", batch, torch.Generator().manual_seed(0))
     # The total is the task loss plus the read-out (same masks and noise: same generator seed).
     assert torch.allclose(out["loss"], plain["loss"] + out["loss_edit_target"], atol=1e-5)
     out["loss"].backward()
-    assert loss.drawn.what.shape.weight.grad.abs().sum() > 0
-    assert loss.drawn.where.region.weight.grad.abs().sum() > 0
+    assert loss.world.drawn.what.shape.weight.grad.abs().sum() > 0
+    assert loss.world.drawn.where.region.weight.grad.abs().sum() > 0
     assert model.mar.decoder_embed.weight.grad.abs().sum() > 0  # the decoder itself learns from it
 
 
@@ -84,12 +85,12 @@ def test_a_run_saves_and_continues_the_read_out(tmp_path) -> None:
     config = load_config(None, ["stage=joint", "data.image_size=64", "data.tasks={edit: 1}",
                                 "loss.edit_target_readout=0.5"])
     job = UniPicJob(config, None)
-    assert "loss_edit_target" in job.metric_names and job.module.drawn.weight == 0.5
-    torch.nn.init.constant_(job.module.drawn.what.color.bias, 0.25)
+    assert "loss_edit_target" in job.metric_names and job.module.world.drawn.weight == 0.5
+    torch.nn.init.constant_(job.module.world.drawn.what.color.bias, 0.25)
     job.save_weights(tmp_path)
     assert (tmp_path / DRAWN_FILE).is_file()
     resumed = UniPicJob(config, tmp_path)
-    assert torch.equal(resumed.module.drawn.what.color.bias, torch.full_like(resumed.module.drawn.what.color.bias,
+    assert torch.equal(resumed.module.world.drawn.what.color.bias, torch.full_like(resumed.module.world.drawn.what.color.bias,
                                                                             0.25))
 
 

@@ -1,11 +1,12 @@
 """Layers point one way: the import graph of `src/unipic` (every import statement, also those inside
 functions) has no arrow against the layers below.
 
-- A model family (`unipic1/`, `unipic2/`) imports neither the other family nor the front ends
-  (`cli`, `serve/`, `eval/`, `loading`); UniPic-1's networks (`unipic1.models`) do not import its
+- A model family (`unipic1/`, `unipic2/`, `unipic3/`) imports no front end (`cli`, `serve/`,
+  `eval/`, `loading`) and no other family, except that UniPic-3 builds on UniPic-2's Qwen2.5-VL
+  pieces (its tiny Qwen tokenizer and the memory arithmetic of Qwen2.5-VL-7B); UniPic-1's networks (`unipic1.models`) do not import its
   sampling loops or pipeline, and its settings do not import its networks.
 - The shared pieces the families build on (`api`, `checks`, `images`, `io_utils`, `inpainting`,
-  `world/`) import no family, and `loading` imports no evaluator.
+  `interrupt`, `world/`) import no family, and `loading` imports no evaluator.
 """
 
 from __future__ import annotations
@@ -42,12 +43,12 @@ def _layer(module: str) -> str:
     return parts[1] if len(parts) > 1 else "unipic"
 
 
-FAMILIES = ("unipic1", "unipic2")
+FAMILIES = ("unipic1", "unipic2", "unipic3")
 FRONT_ENDS = ("cli", "cli_common", "serve", "eval", "loading")
-SHARED = ("api", "checks", "images", "io_utils", "inpainting", "world")
+SHARED = ("api", "checks", "images", "io_utils", "inpainting", "interrupt", "world")
 RULES = (
     [(family, front) for family in FAMILIES for front in FRONT_ENDS]
-    + [("unipic1", "unipic2"), ("unipic2", "unipic1")]
+    + [(a, b) for a in FAMILIES for b in FAMILIES if a != b and (a, b) != ("unipic3", "unipic2")]
     + [(shared, family) for shared in SHARED for family in FAMILIES]
     + [("unipic1.models", "unipic1.sampling"), ("unipic1.models", "unipic1.pipeline"),
        ("unipic1.settings", "unipic1.models"), ("loading", "eval")]

@@ -51,8 +51,7 @@ def test_edit_is_reproducible_and_keeps_size(tiny_pipeline):
     source = Image.new("RGBA", (200, 120), (255, 0, 0, 128))  # any mode, any aspect
     a = tiny_pipeline.edit_image([source], ["Remove the circle."], seed=5)[0]
     b = tiny_pipeline.edit_image([source], ["Remove the circle."], seed=5)[0]
-    # No size: the source's 5:3 aspect at about the model's 128x128 pixels, in 16-pixel steps.
-    assert a.size == (160, 96)
+    assert a.size == (160, 96)  # no size given: the source's 5:3 aspect at about 128² pixels (aspect_size)
     assert np.array_equal(np.asarray(a), np.asarray(b))
     wide = tiny_pipeline.edit_image([source], ["Remove the circle."], seed=5, height=64, width=128)[0]
     assert wide.size == (128, 64)

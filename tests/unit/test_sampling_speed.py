@@ -40,6 +40,17 @@ def test_exact_path_equals_the_reference_loop(tiny_model_and_tokenizer, cfg: flo
     assert (ours - plain).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_one_mar_step_runs_prefix_and_image_rows_in_one_pass(tiny_model_and_tokenizer, cfg: float) -> None:
+    """With a single MAR step there is no prefix cache (one LLM pass, issue 40); still the reference's pixels."""
+    model, tokenizer = tiny_model_and_tokenizer
+    settings = {"steps": 1, "cfg": cfg, "head_steps": 5, "height": 32, "width": 32, "temperature": 0.9}
+    ours = generate_images(model, tokenizer, ["a red circle"], generator=torch.Generator().manual_seed(3), **settings)
+    plain = reference_generate_images(model, tokenizer, ["a red circle"], generator=torch.Generator().manual_seed(3),
+                                      **settings)
+    assert (ours - plain).abs().max().item() <= 1e-5
+
+
 def test_exact_path_is_reproducible_bit_for_bit(tiny_pipeline) -> None:
     a = tiny_pipeline.text_to_image(["a red circle"], height=32, width=32, seed=7, steps=2, head_steps=4)
     b = tiny_pipeline.text_to_image(["a red circle"], height=32, width=32, seed=7, steps=2, head_steps=4)
@@ -57,10 +68,11 @@ def test_fast_mode_is_deterministic_and_each_option_switches_off_alone(tiny_pipe
     assert np.array_equal(fast, _pixels(tiny_pipeline, fast=True, steps=4)), "one seed, one image"
     assert not np.array_equal(fast, exact)
     # Every shortcut off again gives the exact sampler, bit for bit.
-    assert np.array_equal(_pixels(tiny_pipeline, fast=True, steps=4, head_anneal=1.0, guidance_interval=1,
-                                  uncond_interval=1), exact)
+    assert np.array_equal(_pixels(tiny_pipeline, fast=True, steps=4, head_solver="ddpm", head_anneal=1.0,
+                                  guidance_interval=1, uncond_interval=1), exact)
     # Each on alone changes the result.
     assert not np.array_equal(_pixels(tiny_pipeline, steps=4, head_anneal=0.2), exact)
+    assert not np.array_equal(_pixels(tiny_pipeline, steps=4, head_solver="dpm++2m"), exact)
     # (The tiny model's zero-initialised head makes guidance a no-op, so guidance caching is tested
     # on a randomised head: tests/unit/test_diffusion_head.py::test_lazy_guidance_reuses_the_residual.)
     assert tiny_pipeline.check_inputs("text_to_image", ["a"], guidance_interval=2).settings["guidance_interval"] == 2
@@ -69,7 +81,11 @@ def test_fast_mode_is_deterministic_and_each_option_switches_off_alone(tiny_pipe
     defaults = tiny_pipeline.check_inputs("text_to_image", ["a"]).settings
     assert settings["fast"] and not defaults["fast"]
     assert settings["steps"] == max(1, round(defaults["steps"] / 2))
-    assert settings["head_steps"] == max(1, round(defaults["head_steps"] / 2))
+    assert settings["head_solver"] == "dpm++2m" and defaults["head_solver"] == "ddpm"
+    assert settings["head_steps"] == min(8, defaults["head_steps"])
+    assert settings["head_anneal"] == 1.0  # annealing a few-step solver only removes the steps it needs
+    ddpm = tiny_pipeline.check_inputs("text_to_image", ["a"], fast=True, head_solver="ddpm").settings
+    assert ddpm["head_steps"] == max(1, round(defaults["head_steps"] / 2)) and ddpm["head_anneal"] == 0.2
     assert defaults["head_anneal"] == 1.0 and defaults["guidance_interval"] == 1
     assert settings["uncond_interval"] == min(2, settings["steps"]) and defaults["uncond_interval"] == 1
     assert tiny_pipeline.check_inputs("text_to_image", ["a"], fast=True, steps=1).settings["uncond_interval"] == 1
@@ -114,6 +130,7 @@ def test_head_step_annealing_schedule() -> None:
     ({"head_anneal": 1.5}, "head_anneal=1.5"),
     ({"guidance_interval": 0}, "guidance_interval=0"),
     ({"uncond_interval": 0}, "uncond_interval=0"),
+    ({"head_solver": "euler"}, "head_solver"),
 ])
 def test_fast_options_errors_name_the_argument(tiny_pipeline, options: dict, message: str) -> None:
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
@@ -125,7 +142,7 @@ def test_cli_fast_flags(tmp_path, capsys) -> None:
     assert main(["generate", "a star", "-o", str(out), "--size", "32", "--seed", "2", "--fast", *TINY]) == 0
     with Image.open(out) as image:
         settings = json.loads(image.text["settings"])
-    assert settings["fast"] is True and settings["head_anneal"] == 0.2 and settings["steps"] == 2
+    assert settings["fast"] is True and settings["head_solver"] == "dpm++2m" and settings["steps"] == 2
     out = tmp_path / "exact.png"
     assert main(["generate", "a star", "-o", str(out), "--size", "32", "--exact", "--head-anneal", "0.5", *TINY]) == 0
     with Image.open(out) as image:

@@ -327,7 +327,7 @@ def test_settings_are_resolved_once_each(tiny_pipeline):
     request = tiny_pipeline.check_inputs("text_to_image", ["a red circle"], height=64, width=32, num_iter=2)
     assert request.settings == {"height": 64, "width": 32, "steps": 2, "cfg": 3.0, "cfg_schedule": "constant",
                                 "temperature": 1.0, "head_steps": 10, "batch_size": 8, "fast": False,
-                                "head_anneal": 1.0, "guidance_interval": 1, "uncond_interval": 1}
+                                "head_anneal": 1.0, "guidance_interval": 1, "uncond_interval": 1, "head_solver": "ddpm"}
     edit = tiny_pipeline.check_inputs("edit_image", ["Remove it."], [RGB8])
     assert edit.settings["temperature"] == tiny_pipeline.config.sampling.edit_temperature
 
@@ -498,7 +498,8 @@ def test_outputs_record_exactly_the_settings_used(tmp_path, suffix):
     settings = json.loads(found["settings"], parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
     assert settings == {"height": 32, "width": 32, "steps": 2, "cfg": 2.5, "cfg_schedule": "constant",
                         "temperature": 1.0, "head_steps": 2, "batch_size": 8, "fast": False, "head_anneal": 1.0,
-                        "guidance_interval": 1, "uncond_interval": 1}
+                        "guidance_interval": 1, "uncond_interval": 1, "head_solver": "ddpm",
+                        "device": "cpu", "dtype": "float32"}
     assert found["prompt"] == "a café" and found["seed"] == "3" and found["model"] == "tiny-random"
 
 

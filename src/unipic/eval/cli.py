@@ -12,7 +12,7 @@ from pathlib import Path
 
 from unipic.api import UserError
 from unipic.checks import check_int, check_seed, check_writable
-from unipic.cli_common import add_model_options, load_options
+from unipic.cli_common import add_model_options, loader_kwargs
 
 
 def _add_common(parser: argparse.ArgumentParser, *, size_default: int | None, seed: bool = True) -> None:
@@ -59,7 +59,7 @@ def cmd_eval_geneval(args: argparse.Namespace) -> int:
 
     _check_before_load(args)
     metadata = load_metadata(args.metadata)
-    pipeline = load_pipeline(**load_options(args))
+    pipeline = load_pipeline(args.model, **loader_kwargs(args))
     result = generate_geneval(pipeline, metadata, args.out, args.images_per_prompt, args.size, args.seed,
                               _model_name(args), progress=not args.quiet)
     print(f"{args.out}: generated {result['generated']} prompts, {result['skipped']} already done "
@@ -81,7 +81,7 @@ def cmd_eval_t2i(args: argparse.Namespace) -> int:
     from unipic.loading import load_pipeline
 
     _check_before_load(args)
-    pipeline = load_pipeline(**load_options(args))
+    pipeline = load_pipeline(args.model, **loader_kwargs(args))
     summary = run_t2i_eval(pipeline, args.out, args.n_per_category, args.images_per_prompt, args.size, args.seed,
                            _model_name(args), progress=not args.quiet)
     if summary is not None:  # the main process judges; the others only generated
@@ -95,7 +95,7 @@ def _run_per_kind_eval(args: argparse.Namespace, run: Callable[..., dict], table
     from unipic.loading import load_pipeline
 
     _check_before_load(args)
-    pipeline = load_pipeline(**load_options(args))
+    pipeline = load_pipeline(args.model, **loader_kwargs(args))
     summary = run(pipeline, args.out, args.n_per_kind, args.size, args.seed, args.batch_size, progress=not args.quiet)
     print(table(summary))
     print(f"wrote {args.out}/summary.json, results.jsonl and contact_sheet.png")
@@ -125,7 +125,7 @@ def cmd_eval_dpg(args: argparse.Namespace) -> int:
     from unipic.loading import load_pipeline
 
     _check_before_load(args)
-    pipeline = load_pipeline(**load_options(args))
+    pipeline = load_pipeline(args.model, **loader_kwargs(args))
     result = generate_dpg(pipeline, args.out, args.size, args.seed, args.limit, _model_name(args),
                           progress=not args.quiet)
     print(f"{args.out}: wrote {result['generated']} DPG-Bench grids, {result['skipped']} already there")

@@ -9,7 +9,13 @@ requests and disconnects while the model works.
 
 Admission is bounded: with `max_queue` jobs already waiting, a new one is refused at once with 503
 and a `Retry-After` estimated from recent batch times, rather than growing memory and latency
-without limit. A job whose client disconnects while it waits is removed, freeing its slot.
+without limit. A job whose client disconnects while it waits is removed, freeing its slot; when
+every client of the running batch has gone, the batch stops at its next sampler step
+(`unipic.interrupt`), so the next request does not wait behind work nobody will read.
+
+Shutting down (`begin_shutdown`, then `drain`): new and waiting jobs are answered 503
+`shutting_down` at once, the running batch may finish within the shutdown timeout, and is then
+stopped at its next sampler step, its clients answered 503 `shutting_down` too.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from unipic.interrupt import Interrupted, interruptible
 from unipic.serve.errors import APIError, busy
 from unipic.serve.limits import ServeLimits
 
@@ -54,6 +61,7 @@ class BatchStats:
     rejected_busy: int = 0
     cancelled_waiting: int = 0
     abandoned_running: int = 0
+    interrupted_batches: int = 0  # stopped at a sampler step: every client gone, or shutting down
     completed: int = 0
     failed: int = 0
     batches: int = 0
@@ -66,6 +74,7 @@ class BatchStats:
         """A JSON-ready copy."""
         return {"admitted": self.admitted, "rejected_busy": self.rejected_busy,
                 "cancelled_waiting": self.cancelled_waiting, "abandoned_running": self.abandoned_running,
+                "interrupted_batches": self.interrupted_batches,
                 "completed": self.completed, "failed": self.failed, "batches": self.batches,
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
                 "batch_rows": {str(k): v for k, v in sorted(self.batch_rows.items())},
@@ -87,7 +96,10 @@ class Batcher:
         self._queue: deque[Job] = deque()
         self._arrived = asyncio.Event()
         self._running: list[Job] = []
+        self._current: asyncio.Future | None = None  # the running batch, on the model thread
         self._task: asyncio.Task | None = None
+        self.closing = False  # shutting down: no new work, waiting work answered 503
+        self._interrupt = False  # stop the running batch at its next sampler step
         # One thread: the pipeline is not made for concurrent calls, and the device runs one batch anyway.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unipic-model")
 
@@ -97,18 +109,38 @@ class Batcher:
         """Start the worker task on the running loop."""
         self._task = asyncio.get_running_loop().create_task(self._work(), name="unipic-batcher")
 
+    def begin_shutdown(self) -> None:
+        """Refuse new jobs and answer the waiting ones 503 `shutting_down`; the running batch goes on."""
+        self.closing = True
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.future.done():
+                job.future.set_exception(shutting_down())
+        self._arrived.set()
+
+    async def drain(self, timeout: float) -> None:
+        """Let the running batch finish within `timeout` seconds, then stop it at its next sampler step."""
+        self.begin_shutdown()
+        current = self._current
+        if current is None or current.done():
+            return
+        await asyncio.wait({current}, timeout=max(0.0, timeout))
+        if not current.done():
+            logger.warning("shutdown: stopping the running batch at its next step (--shutdown-timeout %g s passed)",
+                           timeout)
+            self._interrupt = True
+            await asyncio.wait({current}, timeout=30.0)  # one sampler step; bounded all the same
+
     async def stop(self) -> None:
-        """Stop the worker; waiting jobs are answered 503."""
+        """Stop the worker; waiting jobs are answered 503, a running batch stops at its next step."""
+        self.begin_shutdown()
+        self._interrupt = True
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
-        while self._queue:
-            job = self._queue.popleft()
-            if not job.future.done():
-                job.future.set_exception(APIError(503, "the server is shutting down", code="shutting_down"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def run_sync(self, function: Callable[[], Any]) -> asyncio.Future:
@@ -135,6 +167,8 @@ class Batcher:
 
     def submit(self, kind: str, key: Hashable, rows: int, payload: Any) -> Job:
         """Queue a job, or raise a 503 `APIError` with Retry-After when `max_queue` jobs already wait."""
+        if self.closing:
+            raise shutting_down()
         if len(self._queue) >= self.limits.max_queue:
             self.stats.rejected_busy += 1
             wait = self.retry_after()
@@ -153,9 +187,11 @@ class Batcher:
             self.stats.cancelled_waiting += 1
             logger.info("request %d cancelled while waiting (client disconnected)", job.id)
         except ValueError:
-            if not job.future.done():
+            if not job.future.done() and not job.abandoned:
                 job.abandoned = True
                 self.stats.abandoned_running += 1
+                if self._running and all(j.abandoned for j in self._running):
+                    logger.info("every client of the running batch has gone: it stops at its next step")
         if not job.future.done():
             job.future.cancel()
 
@@ -175,7 +211,8 @@ class Batcher:
             self._running = batch
             started = time.monotonic()
             try:
-                results = await loop.run_in_executor(self._executor, self._run, batch)
+                self._current = loop.run_in_executor(self._executor, self._run, batch)
+                results = await asyncio.shield(self._current)  # a cancelled worker leaves the batch to stop
             except Exception as error:  # the executor itself failed (e.g. shut down)
                 results = [error] * len(batch)
             finally:
@@ -223,9 +260,22 @@ class Batcher:
         return batch
 
     def _run(self, batch: list[Job]) -> list[Any]:
-        """On the model thread: the runner's results, or its exception for every job."""
+        """On the model thread: the runner's results, or its exception for every job.
+
+        The sampler checks between steps whether to go on: not when shutting down past the
+        timeout, nor when every client of the batch has gone.
+        """
+        def should_stop() -> bool:
+            return self._interrupt or all(job.abandoned or job.future.cancelled() for job in batch)
+
         try:
-            results = self.runner(batch)
+            with interruptible(should_stop):
+                results = self.runner(batch)
+        except Interrupted:
+            self.stats.interrupted_batches += 1
+            logger.info("a batch of %d %s request(s) stopped early (%s)", len(batch), batch[0].kind,
+                        "shutting down" if self._interrupt else "every client has gone")
+            return [shutting_down()] * len(batch)
         except Exception as error:
             return [error] * len(batch)
         if len(results) != len(batch):
@@ -242,3 +292,9 @@ class Batcher:
         stats.recent_batch_seconds = seconds if stats.batches == 1 else 0.8 * stats.recent_batch_seconds + 0.2 * seconds
         logger.info("batch of %d %s request(s), %d row(s), in %.3f s; %d waiting", len(batch), batch[0].kind,
                     sum(job.rows for job in batch), seconds, len(self._queue))
+
+
+def shutting_down() -> APIError:
+    """The 503 answered to work the server will not do because it is shutting down."""
+    return APIError(503, "the server is shutting down; retry against a running server", code="shutting_down",
+                    headers={"Connection": "close"})

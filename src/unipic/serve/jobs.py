@@ -59,9 +59,21 @@ class GenerateWork:
 
 @dataclass
 class EditWork:
-    """An edit request: one edit of `image` (RGB) by `instruction` per seed (edit k with `seeds[k]`)."""
+    """An edit request: one edit of `image` (RGB; UniPic-3: a list of 1-6) by `instruction` per seed
+    (edit k with `seeds[k]`)."""
+
+    image: Image.Image | list[Image.Image]
+    instruction: str
+    seeds: list[int]
+    settings: ImageSettings
+
+
+@dataclass
+class InpaintWork:
+    """An edit with a mask: the masked pixels of `image` (RGB) redrawn by `instruction`, once per seed."""
 
     image: Image.Image
+    mask: Any  # (H, W) bool, True = regenerate
     instruction: str
     seeds: list[int]
     settings: ImageSettings
@@ -137,6 +149,8 @@ def _run(pipeline, jobs: Sequence[Job]) -> list[Any]:
         return _generate(pipeline, [job.payload for job in jobs])
     if kind == "edit":
         return _edit(pipeline, [job.payload for job in jobs])
+    if kind == "inpaint":
+        return _inpaint(pipeline, [job.payload for job in jobs])
     if kind == "chat":
         return _chat(pipeline, [job.payload for job in jobs])
     raise ValueError(f"unknown job kind {kind!r}")
@@ -167,6 +181,16 @@ def _edit(pipeline, works: Sequence[EditWork]) -> list[list[Image.Image]]:
     edited = pipeline.edit_image(images, instructions, height=settings.height, width=settings.width, seed=seeds,
                                  **settings.options())
     return _split(list(edited), [len(w.seeds) for w in works])
+
+
+def _inpaint(pipeline, works: Sequence[InpaintWork]) -> list[list[Image.Image]]:
+    settings = works[0].settings
+    images = [w.image for w in works for _ in w.seeds]
+    masks = [w.mask for w in works for _ in w.seeds]
+    instructions = [w.instruction for w in works for _ in w.seeds]
+    seeds = [seed for w in works for seed in w.seeds]
+    painted = pipeline.inpaint(images, masks, instructions, seed=seeds, **settings.options())
+    return _split(list(painted), [len(w.seeds) for w in works])
 
 
 def _chat(pipeline, works: Sequence[ChatWork]) -> list[str]:

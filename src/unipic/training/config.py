@@ -65,7 +65,7 @@ class ModelConfig:
     edit_source_through_llm: bool | None = None
     # True: give the model its edit_keep_mask head (needs edit_source_through_llm): the edit sampler
     # keeps the cells it marks at the source's tokens; edit batches train it and keep those cells
-    # visible. Null keeps the starting model's (docs/training.md, "Seventeenth session").
+    # visible. Null keeps the starting model's (research/shapes-model-notebook.md, "Seventeenth session").
     edit_keep_mask: bool | None = None
     # Preset only: nested changes to its architecture, e.g. {vae: {embed_dim: 32}, mar: {encoder_depth: 4}}.
     architecture: dict[str, Any] = field(default_factory=dict)
@@ -335,6 +335,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         data = loaded or {}
     for item in overrides:
         apply_override(data, item)
+    if not data:
+        # Defaults alone would train 100 steps of an untrained preset into ./runs/unnamed.
+        where = f"{path} sets no keys" if path is not None else "no run file and no overrides"
+        raise UserError(f"{where}: a run must say what it trains (at least stage: and out_dir:); "
+                        "start from one of configs/shapes/*.yaml")
     config = from_dict(TrainConfig, data, "config")
     config.validate()
     config.model.sampling = config.model_sampling()  # explicit: printed and saved with the run

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from unipic.training.config import TASKS, DataConfig
+from unipic.training.world_aux import TARGETS, WorldTargets, world_example
 from unipic.unipic1.sampling.prompts import (
     center_crop_resize,
     edit_user_text,
@@ -33,14 +34,6 @@ from unipic.unipic1.sampling.prompts import (
 )
 
 IMAGE_KEYS = {"t2i": ("image",), "i2t": ("image",), "edit": ("source", "target")}
-# The training-only targets a world batch can carry, each read by one family of losses:
-# objects (loss.object_readout at each object's centre cell), object_cells (the same at every cell
-# one object alone covers: loss.object_readout_cells=covered), attend (loss.attend_named), relation
-# (loss.attend_relation, loss.relation_readout), edit_attend (loss.attend_edit), edit_region
-# (loss.edit_region_readout), edit_keep (models with edit_keep_mask: the cells an edit leaves alone),
-# edit_target (loss.edit_target_readout: where the edited object lies in the target, its shape and colour).
-TARGETS = ("objects", "object_cells", "attend", "relation", "edit_attend", "edit_region", "edit_keep",
-           "edit_target")
 
 
 class TaskSource:
@@ -80,44 +73,7 @@ class TaskSource:
         index = k * self.world_size + self.rank  # global example index
         if self._stream is not None:
             example_id = index % self.pool if self.pool else index
-            if self.task == "edit":
-                # Editing examples also carry the box of the object their instruction names (none
-                # for add), for loss.attend_edit and loss.edit_region_readout; the boxes of the
-                # objects it leaves alone and of the edited object in the target (none for remove),
-                # for models with edit_keep_mask.
-                example, edit = self._stream.example(example_id, with_world=True)
-                boxes = [] if edit.index is None else [edit.source.objects[edit.index].box]
-                kept = [o.box for i, o in enumerate(edit.source.objects) if i != edit.index]
-                new = [] if edit.new_index is None else [edit.target.objects[edit.new_index].box]
-                # And the edited object's shape, colour and index in the target, with every target
-                # box, for loss.edit_target_readout (the cells that object alone covers).
-                drawn = [] if edit.new_index is None else [(edit.target.objects[edit.new_index].shape,
-                                                            edit.target.objects[edit.new_index].color)]
-                return {**example, "example_id": example_id, "edited_boxes": boxes, "kept_boxes": kept,
-                        "new_boxes": new, "new_objects": drawn, "new_target_index": edit.new_index,
-                        "target_boxes": [o.box for o in edit.target.objects]}
-            if self.task != "i2t":
-                return {**self._stream.example(example_id), "example_id": example_id}
-            # Understanding examples also carry their objects, for loss.object_readout.
-            example, world = self._stream.example(example_id, with_world=True)
-            objects = [(o.cx, o.cy, o.shape, o.color) for o in world.scene.objects]
-            row = {**example, "example_id": example_id, "objects": objects,
-                   "object_boxes": [o.box for o in world.scene.objects]}
-            from unipic.world.questions import named_objects, relation_order
-
-            questions = [world.question]
-            if self.questions > 1:
-                from unipic.world.examples import extra_questions
-
-                more = extra_questions(self.seed, example_id, world.scene, world.question, self.questions - 1,
-                                       self.kinds)
-                row["more_questions"] = [(q.question, q.answer) for q in more]
-                questions += more
-            # Per turn, the boxes of the objects its question names (for loss.attend_named; a
-            # relation's two in the question's order) and a relation's order (loss.relation_readout).
-            row["named_boxes"] = [[o.box for o in named_objects(world.scene, q)] for q in questions]
-            row["relation_order"] = [relation_order(world.scene, q) for q in questions]
-            return row
+            return world_example(self._stream, self.task, example_id, self.seed, self.questions, self.kinds)
         n = len(self._folder)
         epoch, offset = divmod(index, n)
         if self._perm is None or self._perm[0] != epoch:
@@ -186,15 +142,10 @@ class BatchBuilder:
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = config
-        # Which training-only targets world batches carry (TARGETS); None = all, with the object
-        # read-out at centre cells. A run builds only those its losses read: about 1.6 ms a batch.
-        self.targets = set(TARGETS) - {"object_cells"} if targets is None else set(targets)
-        unknown = self.targets - set(TARGETS)
-        if unknown:
-            raise ValueError(f"unknown batch targets {sorted(unknown)}; known: {list(TARGETS)}")
-        if {"objects", "object_cells"} <= self.targets:
-            raise ValueError("batch targets 'objects' and 'object_cells' are alternatives; give one")
         self.size = config.image_size
+        # Which Shapes-world training-only targets batches carry (world_aux.TARGETS); None = all,
+        # with the object read-out at centre cells. A run builds only those its losses read.
+        self.world = WorldTargets(model, self.size, set(TARGETS) - {"object_cells"} if targets is None else targets)
         self.pad_id = padding_id(tokenizer)
         # A finite data set (a world pool or folders) repeats its images, and the VAE is frozen.
         finite = config.source == "folder" or config.world_pool > 0
@@ -285,86 +236,8 @@ class BatchBuilder:
             answer_rows.append(rows)
         batch = self._pad(sequences, labels)
         batch["pixels"] = self._pixels([ex["image"] for ex in examples], pad=True)
-        if {"objects", "object_cells"} & self.targets and all("objects" in ex for ex in examples):
-            batch["object_index"], batch["object_labels"] = self._object_targets(examples,
-                                                                                 "object_cells" in self.targets)
-        if "attend" in self.targets and all("named_boxes" in ex for ex in examples):
-            batch["attend_query"], batch["attend_target"] = self._attention_targets(examples, batch["input_ids"],
-                                                                                    answer_rows)
-        if "relation" in self.targets and all("relation_order" in ex for ex in examples):
-            batch.update(self._relation_targets(examples, batch["input_ids"], answer_rows))
+        self.world.add_i2t(batch, examples, answer_rows)
         return batch
-
-    def _cells_of(self, boxes: Sequence, image_positions: torch.Tensor, length: int) -> torch.Tensor:
-        """(length,) bool: the `<image>` rows (at `image_positions`, grid cells first) of the
-        understanding-grid cells that `boxes` cover."""
-        from unipic.world.scene import covered_cells
-
-        rows, cols = self.model.understanding_grid(self.size)
-        target = torch.zeros(length, dtype=torch.bool)
-        for box in boxes:
-            target[image_positions[covered_cells(box, rows, cols)]] = True
-        return target
-
-    def _relation_targets(self, examples: Sequence[dict], input_ids: torch.Tensor,
-                          answer_rows: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Per relation turn: relation_query (R, 2) (batch row, answer row); relation_order (R, 2)
-        float, whether the first named shape lies left of / above the second; relation_first and
-        relation_second (R, T) bool, the `<image>` rows each of the two covers."""
-        image_id, length = self.model.image_token_id, input_ids.shape[1]
-        queries, orders, first, second = [], [], [], []
-        for b, ex in enumerate(examples):
-            image_positions = torch.nonzero(input_ids[b] == image_id).flatten()
-            for answer_row, order, boxes in zip(answer_rows[b], ex["relation_order"], ex["named_boxes"]):
-                if order is None:
-                    continue
-                queries.append((b, answer_row))
-                orders.append([float(order[0]), float(order[1])])
-                first.append(self._cells_of(boxes[:1], image_positions, length))
-                second.append(self._cells_of(boxes[1:], image_positions, length))
-        if not queries:
-            empty = torch.zeros((0, length), dtype=torch.bool)
-            return {"relation_query": torch.zeros((0, 2), dtype=torch.long), "relation_order": torch.zeros((0, 2)),
-                    "relation_first": empty, "relation_second": empty}
-        return {"relation_query": torch.tensor(queries, dtype=torch.long), "relation_order": torch.tensor(orders),
-                "relation_first": torch.stack(first), "relation_second": torch.stack(second)}
-
-    def _attention_targets(self, examples: Sequence[dict], input_ids: torch.Tensor,
-                           answer_rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, 2) (batch row, answer row) of every turn that names an object, and (K, T) bool: the
-        `<image>` rows of the token cells that those objects' boxes cover."""
-        image_id = self.model.image_token_id
-        queries, targets = [], []
-        for b, ex in enumerate(examples):
-            image_positions = torch.nonzero(input_ids[b] == image_id).flatten()  # grid cells first (MAR: buffers last)
-            for answer_row, boxes in zip(answer_rows[b], ex["named_boxes"]):
-                if not boxes:
-                    continue
-                queries.append((b, answer_row))
-                targets.append(self._cells_of(boxes, image_positions, input_ids.shape[1]))
-        if not queries:
-            return torch.zeros((0, 2), dtype=torch.long), torch.zeros((0, input_ids.shape[1]), dtype=torch.bool)
-        return torch.tensor(queries, dtype=torch.long), torch.stack(targets)
-
-    def _object_targets(self, examples: Sequence[dict], covered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, 2) (row, feature index) and (K, 2) (shape, colour) indices: per object of the batch's
-        world scenes, the token under its centre, or with `covered` every cell its box alone covers."""
-        from unipic.world.scene import sole_covered_cells
-        from unipic.world.spec import COLORS, SHAPES
-
-        rows, cols = self.model.understanding_grid(self.size)
-        colors = list(COLORS)
-        index, labels = [], []
-        for row, ex in enumerate(examples):
-            sole = sole_covered_cells(ex["object_boxes"], rows, cols) if covered else None
-            for k, (cx, cy, shape, color) in enumerate(ex["objects"]):
-                if covered:
-                    cells = sole[k]
-                else:
-                    cells = [min(int(cy * rows), rows - 1) * cols + min(int(cx * cols), cols - 1)]
-                index += [(row, cell) for cell in cells]
-                labels += [(SHAPES.index(shape), colors.index(color))] * len(cells)
-        return torch.tensor(index, dtype=torch.long).view(-1, 2), torch.tensor(labels, dtype=torch.long).view(-1, 2)
 
     def _edit(self, examples: Sequence[dict], rng: np.random.Generator) -> dict[str, torch.Tensor]:
         image_token = self.config.image_token
@@ -384,86 +257,8 @@ class BatchBuilder:
         batch["source"] = self._pixels(sources)
         batch["target"] = self._pixels(targets)
         batch["target_is_source"] = torch.tensor(repeats, dtype=torch.bool)
-        wanted = {"edit_attend", "edit_region"} & self.targets
-        if wanted and all("edited_boxes" in ex for ex in examples):
-            named, region = self._edit_regions(examples, repeats)
-            if "edit_region" in wanted:
-                batch["edit_named"], batch["edit_region"] = named, region
-            if "edit_attend" in wanted:
-                batch["edit_attend_target"] = self._edit_attention_targets(batch["input_ids"], region)
-        if "edit_keep" in self.targets and all("kept_boxes" in ex for ex in examples):
-            batch["edit_keep"] = self._edit_keep(examples, repeats)
-        if "edit_target" in self.targets and all("new_objects" in ex for ex in examples):
-            batch.update(self._edit_target_targets(examples, repeats))
+        self.world.add_edit(batch, examples, repeats)
         return batch
-
-    def _edit_target_targets(self, examples: Sequence[dict], repeats: Sequence[bool]) -> dict[str, torch.Tensor]:
-        """Where the edited object lies in the target and what it is, for every example that draws
-        one (not remove, not "Repeat this image."): edit_drawn (B,) bool; edit_drawn_region (B, L)
-        bool, raster order, the cells its box covers; edit_drawn_index (K, 2) (row, cell) and
-        edit_drawn_labels (K, 2) (shape, colour), over the cells its box alone covers in the target."""
-        from unipic.world.scene import covered_cells, sole_covered_cells
-        from unipic.world.spec import COLORS, SHAPES
-
-        rows, cols = self.model.grid_for(self.size, self.size)
-        colors = list(COLORS)
-        drawn = torch.zeros(len(examples), dtype=torch.bool)
-        region = torch.zeros(len(examples), rows * cols, dtype=torch.bool)
-        index, labels = [], []
-        for b, (ex, repeat) in enumerate(zip(examples, repeats)):
-            if repeat or not ex["new_objects"]:
-                continue
-            (box,), ((shape, color),) = ex["new_boxes"], ex["new_objects"]
-            drawn[b] = True
-            region[b, covered_cells(box, rows, cols)] = True
-            sole = sole_covered_cells(ex["target_boxes"], rows, cols)[ex["new_target_index"]]
-            index += [(b, cell) for cell in sole]
-            labels += [(SHAPES.index(shape), colors.index(color))] * len(sole)
-        return {"edit_drawn": drawn, "edit_drawn_region": region,
-                "edit_drawn_index": torch.tensor(index, dtype=torch.long).view(-1, 2),
-                "edit_drawn_labels": torch.tensor(labels, dtype=torch.long).view(-1, 2)}
-
-    def _edit_keep(self, examples: Sequence[dict], repeats: Sequence[bool]) -> torch.Tensor:
-        """(B, L) bool, raster order: the cells an edit leaves alone. Those the boxes of the objects
-        it does not touch cover, less those the named object (in the source) or the edited object
-        (in the target) covers; for "Repeat this image." examples, every object's cells."""
-        from unipic.world.scene import cells_left
-
-        rows, cols = self.model.grid_for(self.size, self.size)
-        keep = torch.zeros(len(examples), rows * cols, dtype=torch.bool)
-        for b, (ex, repeat) in enumerate(zip(examples, repeats)):
-            if repeat:
-                cells = cells_left(ex["kept_boxes"] + ex["edited_boxes"], [], rows, cols)
-            else:
-                cells = cells_left(ex["kept_boxes"], ex["edited_boxes"] + ex["new_boxes"], rows, cols)
-            keep[b, sorted(cells)] = True
-        return keep
-
-    def _edit_regions(self, examples: Sequence[dict], repeats: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,) bool: whether the example's instruction names a source object (not add, not a
-        repeat), and (B, L) bool: the token cells, in raster order, that object covers."""
-        from unipic.world.scene import covered_cells
-
-        rows, cols = self.model.grid_for(self.size, self.size)
-        named = torch.zeros(len(examples), dtype=torch.bool)
-        region = torch.zeros(len(examples), rows * cols, dtype=torch.bool)
-        for b, (ex, repeat) in enumerate(zip(examples, repeats)):
-            if ex["edited_boxes"] and not repeat:
-                named[b] = True
-                for box in ex["edited_boxes"]:
-                    region[b, covered_cells(box, rows, cols)] = True
-        return named, region
-
-    def _edit_attention_targets(self, input_ids: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-        """(B, T) bool: the source `<image>` rows of the cells in `region` (B, L), the named object's
-        (none for add and "repeat this image" examples)."""
-        targets = torch.zeros(input_ids.shape, dtype=torch.bool)
-        for b in torch.nonzero(region.any(dim=1)).flatten().tolist():
-            # The source's first L `<image>` rows are its grid cells in raster order (buffers last).
-            image_positions = torch.nonzero(input_ids[b] == self.model.image_token_id).flatten()
-            targets[b, image_positions[: region.shape[1]][region[b]]] = True
-        return targets
-
 
 class LatentCache:
     """The frozen VAE's tokens of each training image, encoded once and reused on every later epoch.

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from unipic.api import UserError
@@ -29,23 +28,11 @@ from unipic.training.build import (
     resolve_model_folder,
     save_vae_file,
 )
-from unipic.training.config import TrainConfig
+from unipic.training.config import LossConfig, TrainConfig
 from unipic.training.data import BatchBuilder, vae_pixels
-from unipic.training.losses import (
-    EditRegionReadout,
-    EditTargetReadout,
-    ObjectReadout,
-    RelationReadout,
-    TokenProbe,
-    captured_inputs,
-    captured_output,
-    edit_loss,
-    head_attention,
-    image_to_text_loss,
-    named_attention_loss,
-    text_to_image_loss,
-)
+from unipic.training.losses import TokenProbe, edit_loss, image_to_text_loss, text_to_image_loss
 from unipic.training.monitor import quick_eval, save_samples, unipic_samples, vae_eval
+from unipic.training.world_aux import WorldAuxiliaryLosses, metric_names, wanted_targets
 from unipic.unipic1.settings import SamplingConfig, from_dict
 
 logger = logging.getLogger(__name__)
@@ -66,138 +53,55 @@ TRAINING_ONLY_FILES = (PROBE_FILE, READOUT_FILE, RELATION_FILE, REGION_FILE, DRA
 
 
 class UniPicLoss(nn.Module):
-    """Weighted loss of one task's batch; returns {"loss": weighted, "loss_<task>": raw (detached)}."""
+    """Weighted loss of one task's batch; returns {"loss": weighted, "loss_<task>": raw (detached)}.
 
-    def __init__(self, model, weights: dict[str, float], token_probe: float = 0.0, grad_scale: float = 0.1,
-                 object_weight: float = 0.0, object_readout: float = 0.0, attend_named: float = 0.0,
-                 attend_layer: int = 1, attend_relation: float = 0.0, relation_readout: float = 0.0,
-                 relation_layer: int = -1, edit_changed_weight: float = 0.0, attend_edit: float = 0.0,
-                 edit_region_readout: float = 0.0, edit_region_at: str = "decoder", edit_keep: float = 1.0,
-                 edit_target_readout: float = 0.0) -> None:
+    Built from the run's `LossConfig` alone. The generic terms (task weights, the visual gradient
+    scale, object and changed-token weights, the token probe) live here; the Shapes world's
+    read-outs and attention supervision come from `world_aux.WorldAuxiliaryLosses` through its
+    `before` / `capturing` / `after` hooks.
+    """
+
+    def __init__(self, model, loss: LossConfig) -> None:
         super().__init__()
         self.model = model
-        self.weights = dict(weights)
-        self.grad_scale = grad_scale
-        self.object_weight = object_weight
-        self.edit_changed_weight, self.attend_edit = edit_changed_weight, attend_edit
+        self.weights = dict(loss.weights)
+        self.grad_scale = loss.grad_scale
+        self.object_weight = loss.object_weight
+        self.edit_changed_weight = loss.edit_changed_weight
         config = model.config
-        self.probe = TokenProbe(config.mar.decoder_embed_dim, config.token_dim, token_probe) if token_probe > 0 else None
-        self.attend_named, self.attend_layer, self.attend_relation = attend_named, attend_layer, attend_relation
-        self.relation = RelationReadout(config.llm.hidden_size, relation_readout) if relation_readout > 0 else None
-        self.relation_layer = relation_layer
-        if edit_region_at == "source" and not config.edit_source_through_llm:
-            raise UserError("loss.edit_region_at=source reads source rows that see the instruction: it needs "
-                            "model.edit_source_through_llm=true")
-        self.region_key = "source_rows" if edit_region_at == "source" else "z"
-        region_width = config.llm.hidden_size if edit_region_at == "source" else config.mar.decoder_embed_dim
-        self.region = EditRegionReadout(region_width, edit_region_readout) if edit_region_readout > 0 else None
-        self.edit_keep = edit_keep
-        from unipic.world.spec import COLORS, SHAPES
-
-        self.readout = None
-        if object_readout > 0:
-            self.readout = ObjectReadout(config.llm.hidden_size, len(SHAPES), len(COLORS), object_readout)
-        self.drawn = None
-        if edit_target_readout > 0:
-            self.drawn = EditTargetReadout(config.mar.decoder_embed_dim, len(SHAPES), len(COLORS), edit_target_readout)
-
-    def _edit_attention_loss(self, layer: nn.Module, layer_input: dict, prefix_mask: torch.Tensor,
-                             targets: torch.Tensor) -> torch.Tensor:
-        """Head 0's attention from each image buffer row to the source rows of the named object.
-
-        At the first sampling step every target token is hidden, so the buffer rows, last in the
-        LLM's image rows, are all that carries the instruction to the MAR decoder; this tells them
-        where in the source the instruction's object lies. targets: (B, T) over the prefix rows.
-        """
-        hidden = layer_input["hidden_states"]  # (B, T + L_vis + buffer, hidden)
-        batch, prefix = targets.shape
-        length, buffer = hidden.shape[1], self.model.config.mar.buffer_size
-        rows = targets.any(dim=1).nonzero().flatten()
-        query = torch.stack([rows.repeat_interleave(buffer),
-                             torch.arange(length - buffer, length).repeat(len(rows))], dim=1)  # (K, 2)
-        keys_valid = torch.cat([prefix_mask.bool(), prefix_mask.new_ones(batch, length - prefix, dtype=torch.bool)],
-                               dim=1)  # (B, T + Lz): image rows follow every row's valid prefix
-        weights = head_attention(layer, hidden, layer_input["position_embeddings"], keys_valid, query, 0)
-        return named_attention_loss(weights, F.pad(targets, (0, length - prefix))[query[:, 0]])
+        self.probe = TokenProbe(config.mar.decoder_embed_dim, config.token_dim, loss.token_probe) \
+            if loss.token_probe > 0 else None
+        self.world = WorldAuxiliaryLosses(model, loss)
 
     def forward(self, task: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict:
         m = self.model
-        # Understanding's training-only losses, when on (i2t world batches): name -> (weight, loss).
-        extra: dict[str, tuple[float, torch.Tensor]] = {}
         # Cached VAE tokens (finite data) stand in for encoding the pixels again.
         if task == "t2i":
+            extra: dict[str, tuple[float, torch.Tensor]] = {}
             raw = text_to_image_loss(m, batch["pixels"], batch["input_ids"], batch["attention_mask"],
                                      generator=generator, tokens=batch.get("pixels_tokens"), probe=self.probe,
                                      object_weight=self.object_weight)
         elif task == "i2t":
             features = m.understanding_features(batch["pixels"], tokens=batch.get("pixels_tokens"))
-            if self.readout is not None and "object_index" in batch:
-                extra["readout"] = (self.readout.weight,
-                                    self.readout.loss(features, batch["object_index"], batch["object_labels"]))
-            attend_on = self.attend_named > 0 and len(batch.get("attend_query", ())) > 0
-            relations = len(batch.get("relation_query", ())) > 0
-            split_on = self.attend_relation > 0 and relations
-            # The supervised heads' weights are recomputed from the layer's input, so the LLM itself
-            # keeps its fast attention kernel.
-            layer = m.llm.model.layers[self.attend_layer].self_attn
+            extra = self.world.before(task, batch, features)
             output: dict = {}
-            # The relation read-out may read an earlier layer, leaving later ones to combine the order
-            # with the question's relation word.
-            read_layer = self.relation is not None and relations and self.relation_layer >= 0
-            source = m.llm.model.layers[self.relation_layer if read_layer else 0]
-            with captured_inputs(layer, active=attend_on or split_on) as layer_input, \
-                    captured_output(source, active=read_layer) as layer_output:
+            with self.world.capturing(task, batch) as captured:
                 raw = image_to_text_loss(m, batch["pixels"], batch["input_ids"], batch["attention_mask"],
                                          batch["labels"], grad_scale=self.grad_scale, features=features,
                                          hidden_out=output)
-
-            def attention_loss(query: torch.Tensor, target: torch.Tensor, head: int) -> torch.Tensor:
-                weights = head_attention(layer, layer_input["hidden_states"], layer_input["position_embeddings"],
-                                         batch["attention_mask"], query, head)
-                return named_attention_loss(weights, target)
-
-            if attend_on:
-                extra["attend"] = (self.attend_named, attention_loss(batch["attend_query"], batch["attend_target"], 0))
-            if split_on:
-                # Two heads, one per named shape, so that the answer row receives both positions apart.
-                query = batch["relation_query"]
-                split = attention_loss(query, batch["relation_first"], 0) + attention_loss(query, batch["relation_second"], 1)
-                extra["attend_relation"] = (self.attend_relation, split / 2)
-            if self.relation is not None and relations:
-                hidden = layer_output["output"] if read_layer else output["hidden"]
-                extra["relation"] = (self.relation.weight, self.relation.loss(hidden, batch["relation_query"],
-                                                                             batch["relation_order"]))
+            extra.update(self.world.after(task, batch, captured, hidden=output["hidden"]))
         elif task == "edit":
-            targets = batch.get("edit_attend_target")
-            attend_on = self.attend_edit > 0 and targets is not None and bool(targets.any())
-            layer = m.llm.model.layers[self.attend_layer].self_attn
-            named = batch.get("edit_named")
-            region_on = self.region is not None and named is not None and bool(named.any())
             keep = batch.get("edit_keep") if m.edit_keep is not None else None
-            drawn = batch.get("edit_drawn")
-            drawn_on = self.drawn is not None and drawn is not None and bool(drawn.any())
             decoder: dict = {}
-            with captured_inputs(layer, active=attend_on) as layer_input:
+            with self.world.capturing(task, batch) as captured:
                 raw = edit_loss(m, batch["source"], batch["target"], batch["input_ids"], batch["attention_mask"],
                                 generator=generator, source_tokens=batch.get("source_tokens"),
                                 target_tokens=batch.get("target_tokens"), probe=self.probe,
                                 grad_scale=self.grad_scale, object_weight=self.object_weight,
                                 changed_weight=self.edit_changed_weight,
-                                decoder_out=decoder if region_on or drawn_on or keep is not None else None,
+                                decoder_out=decoder if self.world.wants_decoder(batch) or keep is not None else None,
                                 keep=keep)
-            if keep is not None:
-                logits = m.edit_keep_logits(decoder["source_rows"])  # (B, L)
-                extra["edit_keep"] = (self.edit_keep, F.binary_cross_entropy_with_logits(logits, keep.float()))
-            if region_on:
-                extra["edit_region"] = (self.region.weight, self.region.loss(decoder[self.region_key], batch["edit_region"],
-                                                                           named))
-            if drawn_on:
-                extra["edit_target"] = (self.drawn.weight, self.drawn.loss(decoder["z"], drawn, batch["edit_drawn_region"],
-                                                                          batch["edit_drawn_index"],
-                                                                          batch["edit_drawn_labels"]))
-            if attend_on:
-                extra["attend_edit"] = (self.attend_edit,
-                                        self._edit_attention_loss(layer, layer_input, batch["attention_mask"], targets))
+            extra = self.world.after(task, batch, captured, decoder=decoder)
         else:
             raise ValueError(f"unknown task {task!r}")
         out = {"loss": raw * self.weights[task], f"loss_{task}": raw.detach().float()}
@@ -264,14 +168,7 @@ class UniPicJob:
         # whatever the global RNG holds, so that two runs of one config are identical.
         with torch.random.fork_rng():
             torch.manual_seed(config.seed)
-            self.module = UniPicLoss(model, config.loss.weights, config.loss.token_probe, config.loss.grad_scale,
-                                     config.loss.object_weight, config.loss.object_readout,
-                                     config.loss.attend_named, config.loss.attend_layer,
-                                     config.loss.attend_relation, config.loss.relation_readout,
-                                     config.loss.relation_layer, config.loss.edit_changed_weight,
-                                     config.loss.attend_edit, config.loss.edit_region_readout,
-                                     config.loss.edit_region_at, config.loss.edit_keep,
-                                     config.loss.edit_target_readout)
+            self.module = UniPicLoss(model, config.loss)
         # Resuming restores the loss's own parts from the checkpoint; a stage that starts from the
         # previous stage's result continues with that run's probe and read-outs when it saved them
         # (a fresh probe would first pull z towards its random read-out).
@@ -285,29 +182,11 @@ class UniPicJob:
                 if (start / name).is_file():
                     part.load_state_dict(load_file(str(start / name)))
                     logger.info("loss part %s continues from %s", name, start)
-        loss = config.loss
-        readout_cells = "object_cells" if loss.object_readout_cells == "covered" else "objects"
-        wanted = {readout_cells: loss.object_readout > 0, "attend": loss.attend_named > 0,
-                  "relation": loss.attend_relation > 0 or loss.relation_readout > 0, "edit_attend": loss.attend_edit > 0,
-                  "edit_region": loss.edit_region_readout > 0, "edit_keep": model.config.edit_keep_mask,
-                  "edit_target": loss.edit_target_readout > 0}
-        self.builder = BatchBuilder(model, tokenizer, config.data, [name for name, on in wanted.items() if on])
+        self.builder = BatchBuilder(model, tokenizer, config.data,
+                                    wanted_targets(config.loss, model.config.edit_keep_mask))
         self.metric_names = [f"loss_{t}" for t in config.active_tasks]
-        if self.module.readout is not None and "i2t" in config.active_tasks:
-            self.metric_names.append("loss_readout")
-        if "i2t" in config.active_tasks:
-            for name, weight in (("loss_attend", config.loss.attend_named),
-                                 ("loss_attend_relation", config.loss.attend_relation),
-                                 ("loss_relation", config.loss.relation_readout)):
-                if weight > 0:
-                    self.metric_names.append(name)
-        if "edit" in config.active_tasks:
-            for name, weight in (("loss_attend_edit", config.loss.attend_edit),
-                                 ("loss_edit_region", config.loss.edit_region_readout),
-                                 ("loss_edit_keep", config.loss.edit_keep if model.config.edit_keep_mask else 0),
-                                 ("loss_edit_target", config.loss.edit_target_readout)):
-                if weight > 0:
-                    self.metric_names.append(name)
+        self.metric_names += metric_names(config.loss, model.config.edit_keep_mask, config.active_tasks,
+                                          self.module.world.readout is not None)
         self.eval_names = [f"eval_{t}" for t in config.active_tasks]
         logger.info("model: %s", parameter_summary(model))
 
@@ -344,9 +223,10 @@ class UniPicJob:
 
     def _training_only_parts(self) -> list[tuple[nn.Module, str]]:
         """The loss's own trained modules (not part of the model) and their checkpoint file names."""
-        parts = [(self.module.probe, PROBE_FILE), (self.module.readout, READOUT_FILE),
-                 (self.module.relation, RELATION_FILE), (self.module.region, REGION_FILE),
-                 (self.module.drawn, DRAWN_FILE)]
+        world = dict(self.module.world.parts())
+        parts = [(self.module.probe, PROBE_FILE), (world["object_readout"], READOUT_FILE),
+                 (world["relation_readout"], RELATION_FILE), (world["edit_region_readout"], REGION_FILE),
+                 (world["edit_target_readout"], DRAWN_FILE)]
         return [(part, name) for part, name in parts if part is not None]
 
     def export_final(self, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> Path:

@@ -35,17 +35,18 @@ class CheckpointError(UserError):
     """A checkpoint does not match the model (names the offending tensors)."""
 
 
-def build_model(config: UniPicConfig, *, empty: bool = False, seed: int | None = None):
-    """Build a `UniPic`; `empty=True` gives meta parameters (instant, no memory) for loading into."""
+def build_model(config: UniPicConfig, *, empty: bool = False, seed: int | None = None, light_llm: bool = False):
+    """Build a `UniPic`; `empty=True` gives meta parameters (instant, no memory) for loading into;
+    `light_llm`: the transformers-free LLM for inference (`UniPic`)."""
     from unipic.unipic1.models.unipic import UniPic, init_empty_weights
 
     if empty:
         with init_empty_weights():
-            return UniPic(config)
+            return UniPic(config, light_llm=light_llm)
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        return UniPic(config)
+        return UniPic(config, light_llm=light_llm)
 
 
 def expected_tensors(config: UniPicConfig) -> dict[str, tuple[int, ...]]:
@@ -205,9 +206,31 @@ def read_model_folder_tensors(folder: str | os.PathLike) -> dict[str, torch.Tens
     raise UserError(f"{folder} has no {WEIGHTS_NAME} or {INDEX_NAME}")
 
 
+# Below this many LLM parameters the pipelines load the transformers-free decoder (issue 40: for the
+# embedded model, importing transformers' Qwen2 cost more than drawing an image).
+LIGHT_LLM_PARAMETERS = 50_000_000
+
+
+def llm_parameters(config: UniPicConfig) -> int:
+    """The LLM's parameter count from its config (embeddings, attention, MLP; norms and biases left out)."""
+    llm = config.llm
+    head_dim = llm.hidden_size // llm.num_attention_heads
+    attention = llm.hidden_size * head_dim * (2 * llm.num_attention_heads + 2 * llm.num_key_value_heads)
+    mlp = 3 * llm.hidden_size * llm.intermediate_size
+    return llm.vocab_size * llm.hidden_size + llm.num_hidden_layers * (attention + mlp)
+
+
 def load_model_folder(folder: str | os.PathLike, *, device: torch.device | str = "cpu",
-                      dtype: torch.dtype | None = None):
-    """Load (model, tokenizer) from our model folder, strictly, without holding two copies."""
+                      dtype: torch.dtype | None = None, inference: bool = False):
+    """Load (model, tokenizer) from our model folder, strictly, without holding two copies.
+
+    `inference=True` (the pipelines' loader): for a small LLM (under `LIGHT_LLM_PARAMETERS`, e.g. the
+    embedded Shapes model), the transformers-free LLM and tokenizer (`unipic.unipic1.models.qwen2`,
+    `tokenizer.load_inference_tokenizer`), which import transformers only if something beyond
+    sampling asks for it (captioning's `generate`, a SigLIP tower). A real checkpoint (the 1.5B
+    release) loads transformers' Qwen2 as upstream does: there the import is a small part of the
+    load, and the library's own implementation is the reference.
+    """
     from unipic.unipic1.tokenizer import load_tokenizer
 
     folder = Path(folder)
@@ -217,9 +240,15 @@ def load_model_folder(folder: str | os.PathLike, *, device: torch.device | str =
         config = UniPicConfig.load(folder / CONFIG_NAME)
     except (ValueError, TypeError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
         raise UserError(f"{folder / CONFIG_NAME}: {error}") from None
+    light = inference and llm_parameters(config) < LIGHT_LLM_PARAMETERS
     # The tokenizer is checked before the weights are read, so a broken folder fails fast.
-    tokenizer = load_tokenizer(folder, config.image_token)
-    model = build_model(config, empty=True)
+    if light:
+        from unipic.unipic1.tokenizer import load_inference_tokenizer
+
+        tokenizer = load_inference_tokenizer(folder, config.image_token)
+    else:
+        tokenizer = load_tokenizer(folder, config.image_token)
+    model = build_model(config, empty=True, light_llm=light)
     load_state_dict_strict(model, read_model_folder_tensors(folder), assign=True)
     model.to(device=device, dtype=dtype)
     model.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)

@@ -29,7 +29,7 @@ from unipic.checks import (
     check_size,
     gib,
 )
-from unipic.images import to_rgb
+from unipic.images import aspect_size, to_rgb
 from unipic.inpainting import (
     DEFAULT_FEATHER,
     DEFAULT_GROW,
@@ -41,6 +41,7 @@ from unipic.inpainting import (
     rgb_request,
     token_grid_mask,
 )
+from unipic.unipic1.sampling.diffusion import HEAD_SOLVERS
 from unipic.unipic1.sampling.edit import edit_images
 from unipic.unipic1.sampling.image_to_text import answer_questions
 from unipic.unipic1.sampling.inpaint import inpaint_images
@@ -57,16 +58,19 @@ from unipic.unipic1.sampling.rng import GeneratorGroups
 from unipic.unipic1.sampling.text_to_image import generate_images
 
 _T2I_OPTIONS = {"num_iter", "steps", "cfg", "cfg_schedule", "temperature", "head_steps", "batch_size", "fast",
-                "head_anneal", "guidance_interval", "uncond_interval"}
+                "head_anneal", "guidance_interval", "uncond_interval", "head_solver"}
 # `fast=True` (training-free; benchmarks/sampling.py measures speed and --quality-gate quality,
-# docs/sampling.md has the numbers): half the MAR steps and half the head steps (unless `steps` /
-# `head_steps` are given), DiSA-style head-step annealing to FAST_HEAD_ANNEAL of them at the last
-# MAR step, and LazyMAR-style condition caching: the unconditional rows through MAR + LLM every
-# FAST_UNCOND_INTERVAL-th MAR step. Guidance caching inside the head (`guidance_interval`) stays
+# docs/sampling.md has the numbers): half the MAR steps (unless `steps` is given), the head sampled
+# by DPM-Solver++(2M) in FAST_SOLVER_HEAD_STEPS steps (unless `head_steps` / `head_solver` are given;
+# with head_solver="ddpm": half the head steps, DiSA-style annealed to FAST_HEAD_ANNEAL of them at
+# the last MAR step), and LazyMAR-style condition caching: the unconditional rows through MAR + LLM
+# every FAST_UNCOND_INTERVAL-th MAR step. Guidance caching inside the head (`guidance_interval`) stays
 # off: measured on CPU it made the embedded model slower (the head is latency-bound, so halving its
-# rows saves nothing). Each part can be switched off alone: steps=..., head_steps=...,
-# head_anneal=1, uncond_interval=1.
+# rows saves nothing). Each part can be switched off alone: steps=..., head_solver="ddpm",
+# head_steps=..., head_anneal=1, uncond_interval=1.
 FAST_STEPS_FRACTION = 0.5
+FAST_HEAD_SOLVER = "dpm++2m"
+FAST_SOLVER_HEAD_STEPS = 8
 FAST_HEAD_STEPS_FRACTION = 0.5
 FAST_HEAD_ANNEAL = 0.2
 FAST_GUIDANCE_INTERVAL = 1
@@ -76,23 +80,6 @@ DEFAULT_BATCH_SIZE = 8
 # Transparent input pixels are composited onto the Shapes world's flat grey background
 # (docs/world.md), which is also the neutral grey the understanding path pads with.
 ALPHA_BACKGROUND = (128, 128, 128)
-# An edit without a size keeps its source's aspect ratio at about the model's default pixel count;
-# sources beyond 4:1 are drawn at 4:1 (the longer side at most twice the default side).
-MAX_EDIT_ASPECT = 4.0
-
-
-def default_edit_size(width: int, height: int, side: int, stride: int) -> tuple[int, int]:
-    """(height, width) of an edit of a `width` x `height` source when the caller gives no size.
-
-    The source's aspect ratio (clamped to `MAX_EDIT_ASPECT`) at about `side` x `side` pixels, the
-    model's default size, each side rounded to the nearest multiple of `stride`: what users expect
-    of an edit (no squashing or cropping of a wide photo), at the token count the model draws by
-    default. The CLI and the server both get it here, from `check_inputs`.
-    """
-    aspect = min(max(width / height, 1 / MAX_EDIT_ASPECT), MAX_EDIT_ASPECT)
-    out_w = max(stride, round(side * math.sqrt(aspect) / stride) * stride)
-    out_h = max(stride, round(side / math.sqrt(aspect) / stride) * stride)
-    return out_h, out_w
 
 
 def _check_options(options: dict, allowed: set[str], job: str) -> dict:
@@ -156,8 +143,9 @@ class UniPicPipeline:
 
         Raises `UserError` naming the argument, the bad value and the fix. The returned settings
         are exactly what sampling uses (defaults filled in, `num_iter`/`steps` merged into `steps`).
-        An edit without height and width keeps each source's aspect ratio (`default_edit_size`);
-        `sizes` holds every edit's output size.
+        An edit without height and width keeps each source's aspect ratio at the model's resolution
+        (`unipic.images.aspect_size`, the one rule every front end gets here); `sizes` holds every
+        edit's output size.
         """
         what = {"text_to_image": "prompts", "edit_image": "instructions", "image_to_text": "questions"}.get(job)
         if what is None:
@@ -177,7 +165,7 @@ class UniPicPipeline:
         sizes = None
         if job == "edit_image" and height is None and width is None:
             side, stride = self.config.sampling.image_size, self.config.pixel_stride
-            sizes = [default_edit_size(im.width, im.height, side, stride) for im in rgb]
+            sizes = [aspect_size(im.width, im.height, side, stride) for im in rgb]
         settings = self._mar_settings(_check_options(options, _T2I_OPTIONS, job.replace("_", "-")), job,
                                       sorted(set(sizes)) if sizes else [(height, width)],
                                       rows=len(texts) * images_per_prompt, texts=texts)
@@ -211,6 +199,12 @@ class UniPicPipeline:
             raise UserError(f"fast={fast!r}: must be True (training-free shortcuts) or False (the exact sampler)")
         tokens = (size["height"] // stride) * (size["width"] // stride)
         default_steps = max(1, round(s.num_iter * FAST_STEPS_FRACTION)) if fast else s.num_iter
+        if "steps" not in options and "num_iter" not in options and default_steps > tokens:
+            # The size is what the user chose here, not the steps: name it (the CLI's --size).
+            side = stride * math.ceil(math.sqrt(default_steps))
+            raise UserError(f"size {size['width']}x{size['height']} is too small: it holds {tokens} token(s), fewer "
+                            f"than this model's {default_steps} sampling steps; ask for a size of at least "
+                            f"{side}x{side} (--size {side}), or for {tokens} step(s)")
         steps = check_int(options.get("steps", options.get("num_iter", default_steps)), "steps",
                           minimum=1, maximum=tokens,
                           hint=f" (a {size['height']}x{size['width']} image has {tokens} tokens)")
@@ -218,17 +212,23 @@ class UniPicPipeline:
                            maximum=MAX_CFG, hint=" (1 = no guidance)")
         temperature = check_number(options.get("temperature", s.edit_temperature if editing else s.temperature),
                                    "temperature", minimum=0.0, maximum=MAX_TEMPERATURE)
+        head_solver = check_choice(options.get("head_solver", FAST_HEAD_SOLVER if fast else "ddpm"), "head_solver",
+                                   HEAD_SOLVERS)
+        solver = head_solver != "ddpm"
         default_head_steps = s.head_steps or self.config.head.num_sampling_steps
         if fast:
-            default_head_steps = max(1, round(default_head_steps * FAST_HEAD_STEPS_FRACTION))
+            default_head_steps = (min(FAST_SOLVER_HEAD_STEPS, default_head_steps) if solver
+                                  else max(1, round(default_head_steps * FAST_HEAD_STEPS_FRACTION)))
         head_steps = check_int(options.get("head_steps", default_head_steps),
-                               "head_steps", minimum=1, maximum=self.config.head.train_steps,
+                               "head_steps", minimum=1, maximum=self.config.head.train_steps - solver,
                                hint=" (the head's training steps)")
         settings = {"height": None, "width": None, "steps": steps, "cfg": cfg,
                     "cfg_schedule": check_choice(options.get("cfg_schedule", s.cfg_schedule), "cfg_schedule",
                                                  ("constant", "linear")),
                     "temperature": temperature, "head_steps": head_steps, "fast": fast,
-                    "head_anneal": check_number(options.get("head_anneal", FAST_HEAD_ANNEAL if fast else 1.0),
+                    "head_solver": head_solver,
+                    "head_anneal": check_number(options.get("head_anneal",
+                                                            FAST_HEAD_ANNEAL if fast and not solver else 1.0),
                                                 "head_anneal", minimum=0.0, maximum=1.0, above_minimum=True,
                                                 hint=" (1 = every MAR step runs all head steps)"),
                     "guidance_interval": check_int(options.get("guidance_interval",
@@ -354,7 +354,8 @@ class UniPicPipeline:
                 "temperature": settings["temperature"], "head_steps": settings["head_steps"],
                 "speed": SpeedOptions(head_anneal=settings["head_anneal"],
                                       guidance_interval=settings["guidance_interval"],
-                                      uncond_interval=settings["uncond_interval"])}
+                                      uncond_interval=settings["uncond_interval"],
+                                      head_solver=settings.get("head_solver", "ddpm"))}
 
     def text_to_image(self, prompts: Sequence[str], *, height: int | None = None, width: int | None = None,
                       images_per_prompt: int = 1, seed: int | Sequence[int] | None = None, progress: bool = False,
@@ -457,6 +458,11 @@ class UniPicPipeline:
         settings = self._mar_settings(options, "text_to_image", sizes, rows=len(request.texts), texts=request.texts)
         settings.pop("height", None)  # each output has its source's size
         settings.pop("width", None)
+        # Each image reveals its masked tokens, at least one per step: `steps` is capped per image at
+        # its masked-token count, and the record says the steps each image really took.
+        settings["steps_used"] = [min(settings["steps"], int(token_grid_mask(pad_to_multiple(image, mask, stride)[1],
+                                                                              stride).sum()))
+                                  for image, mask in zip(request.images, request.masks)]
         request.settings.update(settings)
         return request
 
@@ -505,7 +511,7 @@ class UniPicPipeline:
             pixels = inpaint_images(self.model, self.tokenizer, images_to_tensor([canvases[r] for r in rows], device),
                                     torch.stack([token_masks[r] for r in rows]), [request.texts[r] for r in rows],
                                     generator=generator, progress=progress,
-                                    **{**kwargs, "steps": min(kwargs["steps"], masked)})  # ≥ 1 token per step
+                                    **{**kwargs, "steps": settings["steps_used"][rows[0]]})  # equal within a group
             self._check_finite(pixels, settings)
             for row, decoded in zip(rows, tensor_to_images(pixels)):
                 pasted = composite(decoded, canvases[row], feather_alpha(canvas_masks[row], settings["feather"]))

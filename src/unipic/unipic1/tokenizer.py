@@ -8,12 +8,15 @@ tiny presets follows the same rule: 256 byte symbols, the ChatML specials at 256
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
-
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from typing import TYPE_CHECKING
 
 from unipic.api import UserError
+
+if TYPE_CHECKING:  # transformers is imported where a function needs it (it costs ~0.8 s)
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
@@ -45,6 +48,8 @@ def build_byte_tokenizer(image_token: str = "<image>") -> PreTrainedTokenizerFas
 
 def _with_chatml_specials(backend, image_token: str) -> PreTrainedTokenizerFast:
     """Wrap a `tokenizers` backend and append the ChatML specials, then `image_token` (Qwen's order)."""
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, padding_side="right")
     # Added in id order first, then named: eos/pad must not claim ids of their own.
     tokenizer.add_special_tokens({"additional_special_tokens": [*CHATML_SPECIALS]})
@@ -63,6 +68,7 @@ def add_image_token(tokenizer: PreTrainedTokenizerBase, image_token: str = "<ima
 
 def load_tokenizer(folder: str | Path, image_token: str = "<image>") -> PreTrainedTokenizerBase:
     """Load a tokenizer saved in a model folder (Qwen2.5 or ours) and make sure `image_token` exists."""
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     folder = Path(folder)
@@ -121,3 +127,92 @@ def build_world_tokenizer(corpus: Iterable[str], vocab_size: int = 512,
     backend.train_from_iterator(list(corpus), trainer=trainer)
     # Specials after the learned symbols, in Qwen's order; `<image>` last (as UniPic appends it).
     return _with_chatml_specials(backend, image_token)
+
+
+class InferenceTokenizer:
+    """The tokenizer of a model folder for sampling, read by `tokenizers` alone (no transformers import).
+
+    Encoding (`__call__`, `encode`), `convert_tokens_to_ids`, `get_vocab` and the pad/eos/unk
+    ids are answered from `tokenizer.json` and `tokenizer_config.json`, the same ids as
+    transformers' fast tokenizer gives (tests/unit/test_light_llm.py); every other attribute
+    (decode, save_pretrained, chat templates, ...) is transformers' tokenizer, loaded by
+    `load_tokenizer` the first time one is asked for.
+    """
+
+    def __init__(self, folder: Path, backend, image_token: str, pad_token: str, eos_token: str | None,
+                 unk_token: str | None) -> None:
+        self._folder, self._backend, self._image_token = folder, backend, image_token
+        self.pad_token, self.eos_token, self.unk_token = pad_token, eos_token, unk_token
+        self._full = None
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": self.encode(text, add_special_tokens=add_special_tokens)}
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def convert_tokens_to_ids(self, tokens):
+        if isinstance(tokens, str):
+            return self._backend.token_to_id(tokens)
+        return [self._backend.token_to_id(t) for t in tokens]
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._backend.get_vocab(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.convert_tokens_to_ids(self.pad_token) if self.pad_token is not None else None
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.convert_tokens_to_ids(self.eos_token) if self.eos_token is not None else None
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self.convert_tokens_to_ids(self.unk_token) if self.unk_token is not None else None
+
+    def full(self) -> PreTrainedTokenizerBase:
+        """transformers' tokenizer of the same folder (loaded once)."""
+        if self._full is None:
+            self._full = load_tokenizer(self._folder, self._image_token)
+        return self._full
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("_full", "_folder", "_backend", "_image_token"):
+            raise AttributeError(name)
+        return getattr(self.full(), name)
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json stores it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def load_inference_tokenizer(folder: str | Path, image_token: str = "<image>"):
+    """`InferenceTokenizer` for a folder whose tokenizer.json already holds `image_token` as an added
+    special token and whose tokenizer_config.json names the pad or eos token; otherwise (any other
+    layout, or anything unexpected) `load_tokenizer`, transformers' tokenizer."""
+    folder = Path(folder)
+    try:
+        from tokenizers import Tokenizer
+
+        data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        added = {t.get("content"): t for t in data.get("added_tokens", [])}
+        eos, pad = _token_text(config.get("eos_token")), _token_text(config.get("pad_token"))
+        unk = _token_text(config.get("unk_token"))
+        simple = (config.get("backend", "tokenizers") == "tokenizers" and not config.get("add_bos_token")
+                  and not config.get("add_eos_token") and config.get("padding_side", "right") == "right"
+                  and image_token in added and added[image_token].get("special")
+                  and all(t is None or t in added for t in (eos, pad, unk)) and (pad or eos))
+        if simple:
+            backend = Tokenizer.from_str(json.dumps(data))
+            return InferenceTokenizer(folder, backend, image_token, pad or eos, eos, unk)
+    except (OSError, ValueError, TypeError, AttributeError, ImportError):
+        pass
+    return load_tokenizer(folder, image_token)

@@ -28,7 +28,6 @@ from PIL import Image
 
 from unipic.api import CheckedInputs, Job, UnsupportedTaskError, UserError, check_texts
 from unipic.checks import (
-    MAX_CFG,
     MAX_TEMPERATURE,
     check_choice,
     check_image_list,
@@ -36,6 +35,7 @@ from unipic.checks import (
     check_number,
     check_seed,
     check_seeds,
+    parse_diffusion_options,
 )
 from unipic.inpainting import (
     DEFAULT_FEATHER,
@@ -69,25 +69,9 @@ DEFAULT_MAX_NEW_TOKENS = 512  # upstream i2t script
 
 def _parse_options(options: dict, allowed: Sequence[str], task: str) -> dict:
     """Canonical option names -> values; None means default; unknown names raise `UserError`."""
-    parsed: dict = {}
-    for key, value in options.items():
-        if key not in allowed:
-            raise UserError(f"unknown {task} option {key!r} for UniPic-2; valid options: {', '.join(allowed)}")
-        if value is None:
-            continue
-        name = _ALIASES.get(key, key)
-        if name in parsed and parsed[name] != value:
-            raise UserError(f"option {key!r} conflicts with another spelling of {name!r}; pass it once")
-        parsed[name] = value
-    if "num_inference_steps" in parsed:
-        parsed["num_inference_steps"] = check_int(parsed["num_inference_steps"], "num_inference_steps", minimum=1)
-    if "cfg" in parsed:
-        parsed["cfg"] = check_number(parsed["cfg"], "cfg", minimum=0.0, maximum=MAX_CFG,
-                                     hint=" (<= 1 disables guidance)")
+    parsed = parse_diffusion_options(options, allowed, _ALIASES, family="UniPic-2", task=task)
     if "input_resize" in parsed:
         parsed["input_resize"] = check_choice(parsed["input_resize"], "input_resize", INPUT_RESIZE_MODES)
-    if "negative_prompt" in parsed and not isinstance(parsed["negative_prompt"], str):
-        raise UserError(f"negative_prompt must be a string, got {type(parsed['negative_prompt']).__name__}")
     for name, minimum in (("image_size", EDIT_MULTIPLE), ("batch_size", 1)):
         if name in parsed:
             parsed[name] = check_int(parsed[name], name, minimum=minimum)

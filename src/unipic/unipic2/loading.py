@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from unipic.api import UnifiedPipeline, UserError
+from unipic.io_utils import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -49,15 +50,6 @@ QWEN_PATH_KEYS = (QWEN_PATH_KEY, "qwen_path")
 VAE_TILE_SIZE = 512  # pixels; the SD3 VAE's own tile (config.sample_size = 1024) never triggers at <= 1024 px
 
 
-def _read_json(path: Path) -> dict | None:
-    """The JSON object in `path`; None when it is missing, a folder, unreadable, not JSON or not an object."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _component_class(index: dict, name: str) -> str | None:
     """Class name recorded for component `name` in model_index.json (None when absent or null)."""
     entry = index.get(name)
@@ -78,7 +70,7 @@ def detect_unipic2_family(path: str | Path) -> str | None:
     folder = Path(path)
     if not folder.is_dir():
         return None
-    index = _read_json(folder / "model_index.json")
+    index = read_json_object(folder / "model_index.json")
     if index is not None:
         pipeline_class = index.get("_class_name")
         if pipeline_class in METAQUERY_PIPELINES or _component_class(index, "conditioner"):
@@ -89,8 +81,8 @@ def detect_unipic2_family(path: str | Path) -> str | None:
         ):
             return KONTEXT
         return None
-    conditioner = _read_json(folder / "conditioner" / "config.json") or {}
-    transformer = _read_json(folder / "transformer" / "config.json") or {}
+    conditioner = read_json_object(folder / "conditioner" / "config.json") or {}
+    transformer = read_json_object(folder / "transformer" / "config.json") or {}
     if transformer.get("_class_name") not in SD3_TRANSFORMERS:
         return None
     if conditioner.get("_class_name") == "StableDiffusion3Conditioner":
@@ -102,10 +94,10 @@ def detect_unipic2_family(path: str | Path) -> str | None:
 
 def _has_kontext_components(folder: Path) -> bool:
     """True when the Kontext subfolders other than transformer/ carry the configs their loaders read."""
-    vae = _read_json(folder / "vae" / "config.json") or {}
+    vae = read_json_object(folder / "vae" / "config.json") or {}
     if vae.get("_class_name") != "AutoencoderKL" or not (folder / "scheduler" / "scheduler_config.json").is_file():
         return False
-    encoders = [_read_json(folder / name / "config.json") or {} for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+    encoders = [read_json_object(folder / name / "config.json") or {} for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
     model_types = [encoder.get("model_type") for encoder in encoders]
     # CLIP text towers save "clip_text_model" (transformers 4 and 5); T5's encoder saves "t5".
     return model_types[0] == model_types[1] == "clip_text_model" and model_types[2] == "t5"
@@ -182,7 +174,7 @@ def resolve_qwen_folders(path: str | Path, qwen_path: str | Path | None = None) 
         tokenizer = folder / "mllm_tokenizer" if (folder / "mllm_tokenizer").is_dir() else model
         processor = folder / "mllm_image_processor" if (folder / "mllm_image_processor").is_dir() else model
         return model, tokenizer, processor
-    index = _read_json(folder / "model_index.json") or {}
+    index = read_json_object(folder / "model_index.json") or {}
     for key in QWEN_PATH_KEYS:
         if index.get(key):
             qwen = Path(index[key]).expanduser()

@@ -39,6 +39,7 @@ from unipic.inpainting import (
     grow_mask,
     token_grid_mask,
 )
+from unipic.interrupt import check_interrupt
 from unipic.unipic2.images import check_size, to_rgb
 
 logger = logging.getLogger(__name__)
@@ -292,6 +293,7 @@ class KontextSamplingMixin:
 
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
+                check_interrupt()  # a server may stop a batch nobody waits for
                 latent_model_input = torch.cat([latents] * 2) if do_cfg else latents  # (2B, C, h, w)
                 timestep = t.expand(latent_model_input.shape[0])
                 noise_pred = self.transformer(

@@ -2,7 +2,7 @@
 
 docs/world.md leaves place, size and (for most templates) color free. For a model as small as the
 embedded one that freedom is the limit: each token's distribution becomes many-moded and the
-sampler's per-token draws fall between the modes (docs/training.md, issue 9). With
+sampler's per-token draws fall between the modes (research/shapes-model-notebook.md, issue 9). With
 `data.world_layout: canonical` text-to-image training pairs each prompt with one scene instead:
 
 - every object has side 0.25·S, on the 1/128 lattice (the judge reads each shape exactly);

@@ -34,6 +34,7 @@ from unipic.world.spec import (
 )
 from unipic.world.text import (
     TAGS,
+    noun_phrase,
     parse_template,
     prompt_color_attr,
     prompt_colors,
@@ -79,6 +80,15 @@ def position(shape1: str, relation: str, shape2: str) -> dict:
     # [teddy bear, dog with position ["right of", 0]].
     include = [{"class": shape2, "count": 1}, {"class": shape1, "count": 1, "position": [relation, 0]}]
     return _record("position", include, prompt_position(shape1, relation, shape2))
+
+
+def colored_position(color1: str, shape1: str, relation: str, color2: str, shape2: str) -> dict:
+    """A position record whose two objects also have named colours (not a ShapesEval category)."""
+    record = position(shape1, relation, shape2)
+    record["include"][0]["color"] = color2  # the reference object comes first (see `position`)
+    record["include"][1]["color"] = color1
+    record["prompt"] = f"a photo of {noun_phrase(color1, shape1)} {relation} {noun_phrase(color2, shape2)}"
+    return record
 
 
 def color_attr(color1: str, shape1: str, color2: str, shape2: str) -> dict:

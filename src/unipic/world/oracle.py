@@ -1,10 +1,12 @@
 """`ShapesOracle`: a "model" that is exactly right about the Shapes world, for checking the
 evaluators end to end (`--model shapes-oracle`).
 
-- text to image: parses a template prompt (or a canonical caption) and renders a scene that
-  satisfies it exactly; an unparseable prompt gives an empty canvas.
+- text to image: parses a template prompt, a canonical caption or a coloured position prompt
+  (`a photo of a red circle left of a blue star`) and renders a scene that satisfies it exactly;
+  any other prompt is a `UserError` saying what it can draw.
 - editing: reads the source with the judge, applies the instruction, renders the result.
-- image to text: reads the image with the judge and answers the five question forms.
+- image to text: reads the image with the judge and answers the five question forms (any other
+  question is a `UserError`).
 - inpainting: keeps the objects the judge finds outside the mask and draws what the prompt names
   but the kept scene lacks (a one-object prompt: that object) centred in the mask's bounding box,
   pasted into the source like every family's output (outpainting pads and inpaints).
@@ -36,13 +38,13 @@ from unipic.inpainting import (
     rgb_request,
 )
 from unipic.world.edits import apply_instruction
-from unipic.world.geneval import record_for_prompt, scene_for_record
+from unipic.world.geneval import colored_position, record_for_prompt, scene_for_record
 from unipic.world.judge import judge, judge_scene
-from unipic.world.questions import answer_question
+from unipic.world.questions import answer_question, is_world_question
 from unipic.world.render import render
 from unipic.world.scene import LATTICE, Scene, WorldObject, layout, rng_for
 from unipic.world.spec import COLOR_NAMES, DEFAULT_SIZE, MAX_BOX, MIN_BOX
-from unipic.world.text import parse_description
+from unipic.world.text import parse_colored_position, parse_description
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +57,15 @@ class ShapesOracle:
         drop_object: leave one object out of every image.
         mirror_positions: mirror every object's centre through the canvas centre.
         size: default image side when height/width are not given.
+        blank_unknown: draw an empty canvas for a prompt it cannot parse instead of refusing it
+            (tests of evaluators' file layouts on real-world prompt sets use this).
     """
 
     alpha_background = (128, 128, 128)  # transparent input pixels are composited onto this
 
     def __init__(self, wrong_colors: bool = False, drop_object: bool = False, mirror_positions: bool = False,
-                 size: int = DEFAULT_SIZE) -> None:
+                 size: int = DEFAULT_SIZE, blank_unknown: bool = False) -> None:
+        self.blank_unknown = blank_unknown
         self.wrong_colors = wrong_colors
         self.drop_object = drop_object
         self.mirror_positions = mirror_positions
@@ -68,7 +73,7 @@ class ShapesOracle:
 
     def sampling_defaults(self) -> dict[str, object]:
         """The oracle's settings: its default size and corruption switches."""
-        return {"oracle": True, "size": self.size, "caption_question": "Describe the image in detail.",
+        return {"oracle": True, "size": self.size, "caption_question": "Describe the image.",
                 "wrong_colors": self.wrong_colors,
                 "drop_object": self.drop_object, "mirror_positions": self.mirror_positions}
 
@@ -92,6 +97,8 @@ class ShapesOracle:
         if job == "text_to_image":
             images_per_prompt = check_int(images_per_prompt, "images_per_prompt", minimum=1)
             settings["size"] = self._size(height, width)
+            for prompt in texts:  # an unparseable prompt is refused before anything is drawn
+                self.scene_for_prompt(prompt, rng_for(0, 31))
         elif job == "edit_image":  # each source's own size unless one is given
             if height is not None or width is not None:
                 settings["size"] = self._size(height, width)
@@ -142,15 +149,21 @@ class ShapesOracle:
         pairs = parse_description(prompt)
         if pairs is not None and len(pairs) <= 4:
             return layout(rng, pairs)
-        logger.warning("shapes-oracle: cannot parse prompt %r; drawing an empty canvas", prompt)
-        return Scene(())
+        fields = parse_colored_position(prompt)
+        if fields is not None:
+            return scene_for_record(rng, colored_position(**fields), allow_held_out=True)
+        if self.blank_unknown:
+            return Scene(())
+        raise UserError(f"the Shapes oracle cannot draw {prompt!r}: it draws the world's template prompts "
+                        "(docs/world.md §7, e.g. 'a photo of two stars'), canonical captions "
+                        "('a red circle and a blue star') and 'a photo of a red circle left of a blue star'")
 
     # -- UnifiedPipeline ---------------------------------------------------------------------------
 
     def text_to_image(self, prompts: Sequence[str], *, height: int | None = None, width: int | None = None,
                       images_per_prompt: int = 1, seed: int | Sequence[int] | None = None, progress: bool = False,
                       **options: object) -> list[list[Image.Image]]:
-        """Render each prompt's scene `images_per_prompt` times (an unparseable prompt: empty canvas)."""
+        """Render each prompt's scene `images_per_prompt` times (an unparseable prompt is a UserError)."""
         return self.run(self.check_inputs("text_to_image", prompts, height=height, width=width,
                                           images_per_prompt=images_per_prompt, seed=seed, **options))
 
@@ -269,7 +282,12 @@ class ShapesOracle:
             if self.wrong_colors or self.drop_object or self.mirror_positions:
                 rng = rng_for(self._seed(request.seed), 33, i)
                 found = list(self._corrupt(Scene(tuple(d.to_object() for d in found)), rng).objects)
-            answers.append(answer_question(found, question) or "")
+            answer = answer_question(found, question)
+            if answer is None and not is_world_question(question):
+                raise UserError(f"the Shapes oracle answers the world's five question forms (docs/world.md §9, e.g. "
+                                f"'How many stars are there?'); questions[{i}] is {question!r}")
+            # A form that does not apply (its shape is not there exactly once) gets a plain reason.
+            answers.append(answer if answer is not None else "the question does not apply to this image")
         return answers
 
 

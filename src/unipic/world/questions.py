@@ -133,6 +133,11 @@ def _parse_question(question: str) -> tuple[str, re.Match] | None:
     return None
 
 
+def is_world_question(question: str) -> bool:
+    """Whether `question` is one of the five question forms of docs/world.md §9."""
+    return _parse_question(question) is not None
+
+
 def answer_question(objects: Sequence, question: str) -> str | None:
     """The correct answer to one of the five question forms about `objects` (scene objects or
     judge detections: anything with color, shape, cx, cy), or None when the question is not one

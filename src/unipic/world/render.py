@@ -6,11 +6,11 @@ filter after supersampling). Objects never overlap, so per-object blending is ex
 from `geometry.shape_mask`, the same tests the judge renders its templates with.
 
 The default is `supersample=1`: each pixel takes the object's color when its centre lies in the
-shape, which is exactly how the judge samples its shape templates. docs/world.md allows anti-aliased
-edges, but at S = 128 anti-aliasing erodes the thin star tips into fringe colors and leaves some
-small stars within 0.01 IoU of a diamond; hard edges on the 1/128 lattice keep every star at
-least 0.05 IoU clear (checked exhaustively in the tests). Pass `supersample=4` for smoother
-pictures where exact judging does not matter.
+shape, which is exactly how the judge samples its shape templates, so hard edges on the 1/128
+lattice keep every shape at least 0.05 IoU clear of the runner-up (checked exhaustively in the
+tests). docs/world.md allows anti-aliased edges too: `supersample=4` gives smoother pictures that
+the judge still reads right at every size in [0.16, 0.28]·S (tested at S = 128 and 256, also
+under a 0.7 px blur).
 """
 
 from __future__ import annotations

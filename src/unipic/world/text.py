@@ -145,6 +145,19 @@ def parse_template(prompt: str) -> dict | None:
     return None
 
 
+_COLORED_POSITION = re.compile(rf"(?:a photo of )?{_ART} {_COLOR} {_SHAPE} {_REL} {_ART} {_COLOR} {_SHAPE}")
+
+
+def parse_colored_position(prompt: str) -> dict | None:
+    """Parse `a photo of a {color} {shape} {relation} a {color} {shape}` (the README's example
+    prompt: position and colour binding at once), or None. The two shapes must differ."""
+    m = _COLORED_POSITION.fullmatch(normalize(prompt))
+    if m is None or m.group(2) == m.group(5):
+        return None
+    color1, shape1, relation, color2, shape2 = m.groups()
+    return {"color1": color1, "shape1": shape1, "relation": relation, "color2": color2, "shape2": shape2}
+
+
 _ANY_PAIR = re.compile(
     rf"\b(?:(a|an|one|two|three|four)\s+)?{_COLOR}\s+({'|'.join(SHAPES + tuple(PLURALS.values()))})\b"
 )

@@ -116,12 +116,12 @@ class UniPicConfig:
     grad_scale: float = 0.1  # the released config records it (spec §10-11); training uses its own loss.grad_scale
     # Editing, our extension (upstream: False). True: the instruction precedes the source's `<image>`
     # rows, and those rows' LLM states add to x_con through proj_out, so every hidden position starts
-    # from a source feature that has read the instruction (docs/training.md, "Fifteenth session").
+    # from a source feature that has read the instruction (research/shapes-model-notebook.md, "Fifteenth session").
     edit_source_through_llm: bool = False
     # Editing, our extension (upstream: False; needs edit_source_through_llm). True: a linear head on
     # the source rows' LLM states predicts which token cells hold objects the instruction leaves
     # alone; the edit sampler keeps those cells at the source's tokens and regenerates only the rest
-    # (docs/training.md, "Seventeenth session").
+    # (research/shapes-model-notebook.md, "Seventeenth session").
     edit_keep_mask: bool = False
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     model_type: str = "unipic1"

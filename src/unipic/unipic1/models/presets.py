@@ -98,7 +98,7 @@ def shapes_embedded_config(vocab_size: int = WORLD_VOCAB_SIZE) -> UniPicConfig:
         # KL-8 with 4 latent channels (as LDM's f8c4) and MAR patches of 2×2 latents, so the token grid
         # (8×8 at 128 px) and token width (16) are those of the released KL-16 layout, but the decoder
         # starts from a 16×16 latent: it learned sharp shapes faster per step than the KL-16 layout at
-        # the same budget (docs/training.md, issue 9 experiments). 4×4 pixel patches are folded into
+        # the same budget (research/shapes-model-notebook.md, issue 9 experiments). 4×4 pixel patches are folded into
         # channels first and two levels (64, 128 channels) follow, so every convolution runs at 1/4
         # resolution or less and the frozen encoder that sees every training image costs little.
         vae=VAEConfig(ch=32, ch_mult=(2, 4), num_res_blocks=1, patch_size=4, embed_dim=4),

@@ -75,25 +75,44 @@ def init_empty_weights() -> Iterator[None]:
         if param is not None and not param.is_meta:
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
+    # Initialising a meta tensor is meaningless, and `normal_` on one runs torch's Python reference
+    # implementation, whose first call imports torch._dynamo (~1.3 s): skip it.
+    original_normal = nn.init.normal_
+
+    def normal_unless_meta(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return tensor if tensor.is_meta else original_normal(tensor, *args, **kwargs)
+
     nn.Module.register_parameter = register_on_meta
+    nn.init.normal_ = normal_unless_meta
     try:
         yield
     finally:
         nn.Module.register_parameter = original
+        nn.init.normal_ = original_normal
 
 
 class UniPic(nn.Module):
-    """The UniPic-1 model. Build with a `UniPicConfig`; load weights with `unipic.unipic1.checkpoint`."""
+    """The UniPic-1 model. Build with a `UniPicConfig`; load weights with `unipic.unipic1.checkpoint`.
 
-    def __init__(self, config: UniPicConfig) -> None:
+    `light_llm=True` builds the LLM from `unipic.unipic1.models.qwen2` (same parameter names and
+    forward arithmetic, no transformers import; what loading for inference uses), otherwise from
+    transformers (training: gradient checkpointing, its attention internals).
+    """
+
+    def __init__(self, config: UniPicConfig, *, light_llm: bool = False) -> None:
         super().__init__()
-        from transformers import Qwen2ForCausalLM
-
         self.config = config
         hidden = config.llm.hidden_size
         enc = config.mar.encoder_embed_dim
         self.vae = AutoencoderKL(config.vae)
-        self.llm = Qwen2ForCausalLM(config.llm.to_transformers())
+        if light_llm:
+            from unipic.unipic1.models.qwen2 import Qwen2ForCausalLM
+
+            self.llm = Qwen2ForCausalLM(config.llm)
+        else:
+            from transformers import Qwen2ForCausalLM
+
+            self.llm = Qwen2ForCausalLM(config.llm.to_transformers())
         self.mar = MAR(config.mar, config.head, token_dim=config.token_dim, grid_size=config.trained_grid_size)
         self.proj_in = build_mlp(enc, hidden, hidden)
         self.proj_out = build_mlp(hidden, hidden, enc)

@@ -81,7 +81,7 @@ def edit_images(
         return _edit_with_keep_mask(model, tokenizer, source_tokens, instructions, x_con, z_src, grid,
                                     steps=steps, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
                                     head_steps=head_steps, generator=generator, progress=progress, speed=speed)
-    cache = new_prefix_cache()  # filled by whichever pass over the prefix comes first
+    cache = new_prefix_cache(model)  # filled by whichever pass over the prefix comes first
     prefix, mask, x_con = build_edit_condition(model, tokenizer, instructions, x_con, z_src, cfg=cfg,
                                                device=model.device, cache=cache)
     tokens = mar_generate_tokens(model, prefix, mask, grid, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
@@ -110,7 +110,7 @@ def edit_tokens_keeping(model: UniPic, tokenizer, source_tokens: torch.Tensor, i
                         progress: bool = False, speed: SpeedOptions = EXACT) -> tuple[torch.Tensor, torch.Tensor]:
     """One source's edit with the `keep` cells (L,) bool held at its tokens (1, L, token_dim) and
     the rest sampled; `keep=None` takes the model's keep head. Returns (tokens, the keep mask used)."""
-    cache, keep_out = new_prefix_cache(), {}  # one LLM pass over the prefix serves both
+    cache, keep_out = new_prefix_cache(model), {}  # one LLM pass over the prefix serves both
     prefix, mask, x_con = build_edit_condition(model, tokenizer, [instruction], x_con, z_src, cfg=cfg,
                                                device=model.device, cache=cache, keep_out=keep_out)
     if keep is None:

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 from tqdm.auto import tqdm
 
+from unipic.interrupt import check_interrupt
 from unipic.unipic1.models.unipic import cache_argument
 from unipic.unipic1.sampling import rng
-from unipic.unipic1.sampling.diffusion import HeadScheduler
+from unipic.unipic1.sampling.diffusion import DPMSolverHeadScheduler, HeadScheduler, make_head_scheduler
 from unipic.unipic1.sampling.schedules import (
     cfg_at_step,
     mask_by_order,
@@ -54,8 +55,12 @@ def with_unconditional(conditional: Rows, unconditional: Rows, cfg: float) -> Ro
     return list(conditional) + list(unconditional)
 
 
-def new_prefix_cache():
-    """An empty key/value cache for a prefix pass through the LLM."""
+def new_prefix_cache(model: UniPic | None = None):
+    """An empty key/value cache for a prefix pass through `model`'s LLM (its own kind when it has one,
+    `unipic.unipic1.models.qwen2.KVCache`; else transformers' DynamicCache)."""
+    new_cache = getattr(getattr(model, "llm", None), "new_cache", None)
+    if new_cache is not None:
+        return new_cache()
     from transformers import DynamicCache
 
     return DynamicCache()
@@ -84,11 +89,14 @@ class SpeedOptions:
             go through the MAR encoder, the LLM and the MAR decoder only every k-th MAR step;
             between, their decoder features are the conditional ones minus the last measured
             difference z_c − z_u. 1 = off.
+        head_solver: the head's sampler: "ddpm" (ancestral, the trained process) or "dpm++2m"
+            (DPM-Solver++(2M), deterministic, for few head steps; `sampling.diffusion`).
     """
 
     head_anneal: float = 1.0
     guidance_interval: int = 1
     uncond_interval: int = 1
+    head_solver: str = "ddpm"
 
     def head_steps_at(self, step: int, steps: int, head_steps: int) -> int:
         """Head steps for MAR step `step` of `steps`."""
@@ -100,14 +108,17 @@ class SpeedOptions:
 
 EXACT = SpeedOptions()
 # Bytes of adaLN modulations precomputed at once (rows × head steps); bounds the memory of
-# large batches (UniPic-1.5B at 1024 px: ~400 rows × 117 KB per head step).
+# large batches (UniPic-1.5B at 1024 px: ~400 rows × 117 KB per head step). On CPU the chunk is
+# kept near the size of a core's cache instead: modulations written and read back while they are
+# still cached made the embedded model's head 13% faster than one 50 MB chunk (docs/sampling.md).
 MODULATION_BUDGET = 64 * 2**20
+CPU_MODULATION_BUDGET = 4 * 2**20
 
 
 @torch.no_grad()
 def denoise_tokens(
     net: SimpleMLPAdaLN,
-    scheduler: HeadScheduler,
+    scheduler: HeadScheduler | DPMSolverHeadScheduler,
     cond: torch.Tensor,
     *,
     guided: bool = False,
@@ -127,11 +138,12 @@ def denoise_tokens(
 
     Args:
         net: the head network.
-        scheduler: a `HeadScheduler` set to the wanted number of head steps.
+        scheduler: a `HeadScheduler` (or `DPMSolverHeadScheduler`) set to the wanted number of head steps.
         cond: (N, D) conditions. With `guided`, rows are `[conditional; unconditional]` (N = 2N')
             and each step's ε̂ is `ε_u + cfg·(ε_c − ε_u)`; the variance channels are the
             conditional rows', unguided. Without, N' = N and every row is independent.
-        temperature: multiplies the per-step noise (not the initial noise).
+        temperature: multiplies the per-step noise (not the initial noise); with a scheduler that adds
+            no noise after the start, the initial noise (`scheduler.initial_noise_scale`).
         generator: source of all randomness, in this order: initial noise (N', C), then one
             (N', C) draw per step but the last; a `rng.GeneratorGroups` draws each image's rows
             from its own generator.
@@ -158,8 +170,11 @@ def denoise_tokens(
     width = c_emb.shape[1]
     rows = n_eff if lazy else n  # rows whose modulations are precomputed for every step
     per_step = rows * net.modulation_width * c_emb.element_size()
-    chunk = max(1, MODULATION_BUDGET // max(per_step, 1))
+    budget = min(MODULATION_BUDGET, CPU_MODULATION_BUDGET) if device.type == "cpu" else MODULATION_BUDGET
+    chunk = max(1, budget // max(per_step, 1))
     x = noise.to(device=device, dtype=dtype)  # (N', C)
+    if scheduler.initial_noise_scale(temperature) != 1.0:
+        x = x * scheduler.initial_noise_scale(temperature)
     residual = None  # ε_c − ε_u of the last full guided step (lazy guidance)
     for start in range(0, scheduler.num_steps, chunk):
         stop = min(scheduler.num_steps, start + chunk)
@@ -258,7 +273,7 @@ def mar_generate_tokens(
     device = prefix_embeds.device
     head_config = model.mar.diffloss.config
     head_steps = head_config.num_sampling_steps if head_steps is None else head_steps
-    scheduler = HeadScheduler(head_config, head_steps, device)
+    scheduler = make_head_scheduler(head_config, head_steps, device, speed.head_solver)
 
     # 1. Random reveal orders; the unconditional rows follow their conditional partners exactly.
     if hidden is None:
@@ -275,17 +290,20 @@ def mar_generate_tokens(
     mask = with_unconditional(mask, mask, cfg)  # (R, L)
     num_masked = total
 
-    # 2. The prefix never changes: run it through the LLM once and reuse its keys/values.
+    # 2. The prefix never changes: run it through the LLM once and reuse its keys/values. With a
+    # single MAR step there is nothing to reuse it for: the prefix and the image rows go through
+    # the LLM in one pass (what the reference loop does at every step), one pass fewer.
     prefix_len = prefix_embeds.shape[1]
-    cache = new_prefix_cache() if prefix_cache is None else prefix_cache
-    if cache.get_seq_length() == 0:
+    one_pass = steps == 1 and prefix_cache is None
+    cache = new_prefix_cache(model) if prefix_cache is None else prefix_cache
+    if cache.get_seq_length() == 0 and not one_pass:
         model.llm.model(inputs_embeds=prefix_embeds.to(model.dtype), attention_mask=attention_mask.long(),
                         use_cache=True, **{cache_argument(type(model.llm.model)): cache})
-    elif cache.get_seq_length() != prefix_len:
+    elif cache.get_seq_length() not in (0, prefix_len):
         raise ValueError(f"prefix_cache holds {cache.get_seq_length()} positions, the prefix has {prefix_len}")
     lazy = guided and speed.uncond_interval > 1
     if lazy:  # a second cache for the conditional rows alone, used on the steps that skip the others
-        cache_cond = new_prefix_cache()
+        cache_cond = new_prefix_cache(model)
         model.llm.model(inputs_embeds=prefix_embeds[:n_cond].to(model.dtype),
                         attention_mask=attention_mask[:n_cond].long(), use_cache=True,
                         **{cache_argument(type(model.llm.model)): cache_cond})
@@ -293,6 +311,7 @@ def mar_generate_tokens(
 
     # 3. Reveal loop.
     for step in tqdm(range(steps), disable=not progress, desc="MAR steps", leave=False):
+        check_interrupt()  # a server may stop a batch nobody waits for
         if lazy and step % speed.uncond_interval:
             x_enc = model.encode_with_llm(tokens[:n_cond], mask[:n_cond].float(), grid, attention_mask[:n_cond],
                                           past_key_values=cache_cond)  # (B, buf + L_vis, enc_dim)
@@ -302,9 +321,13 @@ def mar_generate_tokens(
             z = torch.cat([z_c, z_c - difference])  # (R, L, dec_dim): [conditional; estimated unconditional]
         else:
             # Both guidance halves see the same tokens: the MAR encoder runs once for the pair.
-            x_enc = model.encode_with_llm(tokens, mask.float(), grid, attention_mask, past_key_values=cache,
-                                          copies=2 if guided else 1)  # (R, buf + L_vis, enc_dim)
-            _truncate_cache(cache, prefix_len)  # drop this step's image rows; only the prefix stays cached
+            if one_pass:
+                x_enc = model.encode_with_llm(tokens, mask.float(), grid, attention_mask, prefix_embeds=prefix_embeds,
+                                              copies=2 if guided else 1)  # (R, buf + L_vis, enc_dim)
+            else:
+                x_enc = model.encode_with_llm(tokens, mask.float(), grid, attention_mask, past_key_values=cache,
+                                              copies=2 if guided else 1)  # (R, buf + L_vis, enc_dim)
+                _truncate_cache(cache, prefix_len)  # drop this step's image rows; only the prefix stays cached
             z = model.mar.forward_decoder(x_enc, mask.float(), grid, x_con=x_con)  # (R, L, dec_dim)
             if lazy:
                 difference = z[:n_cond] - z[n_cond:]
