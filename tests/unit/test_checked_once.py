@@ -15,7 +15,8 @@ from PIL import Image
 import unipic.inpainting as inpainting
 import unipic.unipic1.pipeline as unipic1_pipeline
 from unipic.cli import main
-from unipic.unipic1.pipeline import UniPicPipeline, default_edit_size
+from unipic.images import aspect_size
+from unipic.unipic1.pipeline import UniPicPipeline
 
 TINY = ["--model", "tiny-random", "--steps", "1", "--head-steps", "2", "--quiet", "--size", "32"]
 FAST = {"steps": 1, "head_steps": 2}
@@ -195,18 +196,8 @@ def test_unipic2_guides_only_above_one():
 
 
 # ---------------------------------------------------------------------------------------------
-# Edit size: one rule, in the pipeline, for every front end
+# Edit size: one rule (`unipic.images.aspect_size`), in the pipeline, per source
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("size", "expected"), [
-    ((100, 60), (96, 160)),     # 5:3 at about 128x128 pixels, multiples of 16
-    ((60, 100), (160, 96)),
-    ((64, 64), (128, 128)),     # square sources keep the model's default size
-    ((1000, 10), (64, 256)),    # beyond 4:1 the aspect is clamped: the longer side at most twice the default
-])
-def test_default_edit_size_keeps_the_aspect_ratio(size, expected):
-    assert default_edit_size(*size, side=128, stride=16) == expected
 
 
 def test_edit_size_is_decided_once_in_check_inputs(tiny_pipeline):
@@ -225,5 +216,5 @@ def test_cli_edit_output_size_is_the_pipelines_rule(tmp_path):
     _source((100, 60)).save(tmp_path / "src.png")
     tiny = [arg for arg in TINY if arg not in ("--size", "32")]
     assert main(["edit", str(tmp_path / "src.png"), "make it blue", "-o", str(tmp_path / "e.png"), *tiny]) == 0
-    height, width = default_edit_size(100, 60, side=128, stride=16)
+    height, width = aspect_size(100, 60, 128, 16)
     assert Image.open(tmp_path / "e.png").size == (width, height) == (160, 96)
