@@ -47,6 +47,9 @@ class CheckedInputs:
     `seed` is None, one seed, or (generation and editing) a list with one seed per text.
     `settings` holds every value sampling will use (defaults filled in, aliases resolved), once
     each, as plain JSON-safe values; the CLI and the server record it with each output.
+
+    A checked request is what the pipeline's `run` samples from: nothing below `check_inputs` /
+    `check_inpaint` checks or derives it again (docs/sampling.md, "Each request is checked once").
     """
 
     job: str
@@ -56,6 +59,19 @@ class CheckedInputs:
     images_per_prompt: int = 1
     settings: dict[str, object] = field(default_factory=dict)
     masks: list | None = None  # inpainting: one grown bool (H, W) numpy mask per image, True = regenerate
+    sizes: list[tuple[int, int]] | None = None  # editing: each output's (height, width), decided by the pipeline
+
+    def select(self, indices: Sequence[int]) -> CheckedInputs:
+        """The same checked request for the texts at `indices` only (e.g. one prompt of a batch file).
+
+        A seed list is sliced with them; one seed (or None) stays as it is.
+        """
+        def pick(items: list | None) -> list | None:
+            return None if items is None else [items[i] for i in indices]
+
+        seed = [self.seed[i] for i in indices] if isinstance(self.seed, list) else self.seed
+        return CheckedInputs(self.job, [self.texts[i] for i in indices], pick(self.images), seed,
+                             self.images_per_prompt, dict(self.settings), pick(self.masks), pick(self.sizes))
 
 
 @runtime_checkable
@@ -70,6 +86,9 @@ class UnifiedPipeline(Protocol):
     shares the call (the server batches unrelated requests this way).
     Extra keyword options (`cfg`, `temperature`, `num_iter`, `num_inference_steps`, ...) are
     family-specific sampling settings; unknown ones raise `UserError`.
+
+    Each job method is `run(check_inputs(...))`: the request is checked once, and a front end that
+    needs the checked request first (the CLI records its settings) calls the two itself.
     """
 
     def text_to_image(
@@ -135,6 +154,14 @@ class UnifiedPipeline(Protocol):
         """
         ...
 
+    def run(self, request: CheckedInputs, *, progress: bool = False) -> list:
+        """Sample a request `check_inputs` (or `check_inpaint`) returned, without checking it again.
+
+        Returns what the job's method returns: one list of images per prompt (text_to_image), one
+        image per pair (edit_image, inpaint) or one answer per question (image_to_text).
+        """
+        ...
+
     def sampling_defaults(self) -> dict[str, object]:
         """The default settings this pipeline samples with.
 
@@ -151,7 +178,15 @@ class InpaintingPipeline(Protocol):
     Masks are PIL images (white = regenerate) or (H, W) bool arrays of the image's size; `grow`
     dilates them by that many pixels and `feather` fades the generated pixels into the source over
     that many pixels inside the mask, so every pixel outside the grown mask stays the source's.
+
+    `check_inpaint` = `inpaint_settings(unipic.inpainting.check_inpaint_request(...))`: the first
+    part needs no model (the CLI runs it before loading one, so masks are checked and grown once),
+    the second converts the images to RGB and adds the family's sampling settings.
     """
+
+    def inpaint_settings(self, request: CheckedInputs, **options: object) -> CheckedInputs:
+        """Complete a model-free `check_inpaint_request`: RGB images, this family's checked settings."""
+        ...
 
     def check_inpaint(self, images: Sequence[Image.Image], masks: Sequence[object], prompts: Sequence[str], *,
                       seed: int | Sequence[int] | None = None, grow: int = 0, feather: int = 4,

@@ -75,7 +75,8 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, edit: bool = False,
     group.add_argument("--steps", type=int, default=None,
                        help="sampling steps: MAR reveal steps for UniPic-1, denoising steps for UniPic-2")
     group.add_argument("--cfg", type=float, default=None,
-                       help=f"classifier-free guidance scale, 0 to {MAX_CFG:g} (1 = no guidance)"
+                       help=f"classifier-free guidance scale, 0 to {MAX_CFG:g} (UniPic-1 guides at every scale "
+                            "but 1, so 0 = unconditional; UniPic-2 only above 1; see docs/sampling.md)"
                             + (" against 'Repeat this image.'" if edit else " against the null prompt"
                                if sizes else " against the null prompt (UniPic-2: the negative prompt)"))
     group.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None,
@@ -145,7 +146,10 @@ def _sampling_options(args: argparse.Namespace) -> dict:
 
 
 def _check_sampling_args(args: argparse.Namespace, *, seeds: int = 1) -> None:
-    """The option checks that need no model, run before loading one (names as typed on the command line)."""
+    """The option checks that need no model, run before loading one (names as typed on the command line).
+
+    `seeds` = 0: the caller checks --seed itself (inpaint, in its model-free request check).
+    """
     for flag, key in (("--size", "size"), ("--height", "height"), ("--width", "width")):
         value = getattr(args, key)
         if value is None:
@@ -156,7 +160,8 @@ def _check_sampling_args(args: argparse.Namespace, *, seeds: int = 1) -> None:
             check_int(value, flag, minimum=16)
         else:
             check_size(value, flag, PIXEL_MULTIPLE)
-    check_seed(args.seed, "--seed", count=seeds)
+    if seeds:
+        check_seed(args.seed, "--seed", count=seeds)
     for flag, key in (("--steps", "steps"), ("--head-steps", "head_steps"), ("--batch-size", "batch_size"),
                       ("--guidance-interval", "guidance_interval"), ("--uncond-interval", "uncond_interval")):
         if getattr(args, key) is not None:
@@ -173,10 +178,11 @@ def _check_sampling_args(args: argparse.Namespace, *, seeds: int = 1) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from unipic.cli_common import pipeline_from_args
-    from unipic.loading import cpu_threads_for
+    """The one loader (`unipic.loading.load_pipeline`) on the parsed model options, set up for the CLI."""
+    from unipic.cli_common import loader_kwargs
+    from unipic.loading import cpu_threads_for, load_pipeline
 
-    pipeline = pipeline_from_args(args)
+    pipeline = load_pipeline(args.model, **loader_kwargs(args))
     cpu_threads_for(pipeline)  # one thread for a small model on CPU (issue 40)
     args.loaded_pipeline = pipeline  # outputs record its device and dtype (`_metadata`)
     return pipeline
@@ -290,9 +296,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     height, width = _size_from_args(args)
     request = pipeline.check_inputs("text_to_image", [args.prompt], height=height, width=width,
                                     images_per_prompt=args.images_per_prompt, seed=seed, **_sampling_options(args))
-    images = pipeline.text_to_image([args.prompt], height=height, width=width,
-                                    images_per_prompt=args.images_per_prompt, seed=seed,
-                                    progress=not args.quiet, **_sampling_options(args))[0]
+    images = pipeline.run(request, progress=not args.quiet)[0]
     for k, (image, path) in enumerate(zip(images, paths)):
         save_image_atomic(image, path, _metadata(args, request, seed, prompt=args.prompt, index=k))
         print(path)
@@ -344,8 +348,7 @@ def _generate_batch(args: argparse.Namespace) -> int:
     if stale:
         print(f"process {rank + 1}/{world}: replacing {len(stale)} image(s) made by a different request (--overwrite)")
     for index in tqdm(todo, desc=f"prompts (process {rank + 1}/{world})", disable=args.quiet):
-        images = pipeline.text_to_image([prompts[index]], height=height, width=width, images_per_prompt=k_max,
-                                        seed=seeds[index], **_sampling_options(args))[0]
+        images = pipeline.run(request.select([index]))[0]  # checked above, with every prompt
         for k, (image, path) in enumerate(zip(images, paths_for(index))):
             save_image_atomic(image, path, record(index, k))
     print(f"process {rank + 1}/{world}: wrote {len(todo)} prompt(s) to {out_dir}")
@@ -413,15 +416,23 @@ def _edit_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def _edit_one(pipeline, sources: list, instruction: str, seed: int, args: argparse.Namespace, *,
-              progress: bool) -> tuple[Image.Image, CheckedInputs]:
-    """One instruction applied to its sources (one image, or a list for UniPic-3): the image and its request."""
+def _edit_request(pipeline, sources: list, instruction: str, seed: int, args: argparse.Namespace) -> CheckedInputs:
+    """The checked request of one instruction applied to its sources (one image, or a list for UniPic-3).
+
+    Without a size the pipeline decides it (UniPic-1: the source's aspect ratio), as for the server.
+    """
     height, width = _size_from_args(args)
     entry = sources[0] if len(sources) == 1 else sources
-    request = pipeline.check_inputs("edit_image", [instruction], [entry], height=height, width=width, seed=seed,
-                                    **_edit_options(args))
-    [image] = pipeline.edit_image([entry], [instruction], height=height, width=width, seed=seed, progress=progress,
-                                  **_edit_options(args))
+    return pipeline.check_inputs("edit_image", [instruction], [entry], height=height, width=width, seed=seed,
+                                 **_edit_options(args))
+
+
+def _edit_one(pipeline, sources: list, instruction: str, seed: int, args: argparse.Namespace, *,
+              progress: bool, request: CheckedInputs | None = None) -> tuple[Image.Image, CheckedInputs]:
+    """One instruction applied to its sources: the image and its request (checked here unless given)."""
+    if request is None:
+        request = _edit_request(pipeline, sources, instruction, seed, args)
+    [image] = pipeline.run(request, progress=progress)
     return image, request
 
 
@@ -548,13 +559,15 @@ def _edit_batch(args: argparse.Namespace) -> int:
         return _metadata(args, request, base_seed + index, instruction=jobs[index][1], prompt_index=index,
                          **_source_record([str(p) for p in jobs[index][0]]))
 
+    checked: dict[int, CheckedInputs] = {}  # each job's request, checked once
+
+    def request_for(index: int) -> CheckedInputs:
+        if index not in checked:
+            checked[index] = _edit_request(pipeline, *job(index), args)
+        return checked[index]
+
     def expected(index: int) -> dict:
-        images, instruction, seed = job(index)
-        height, width = _size_from_args(args)
-        entry = images[0] if len(images) == 1 else images
-        request = pipeline.check_inputs("edit_image", [instruction], [entry], height=height, width=width, seed=seed,
-                                        **_edit_options(args))
-        return record(index, request)
+        return record(index, request_for(index))
 
     wanted = {path: index for index, path in paths.items()}
     stale = _stale_outputs(out_dir, wanted, expected)
@@ -566,9 +579,11 @@ def _edit_batch(args: argparse.Namespace) -> int:
               f"in {out_dir}")
     for index in tqdm(todo, desc=f"edits (process {rank + 1}/{world})", disable=args.quiet):
         images, instruction, seed = job(index)
-        image, request = _edit_one(pipeline, images, instruction, seed, args, progress=False)
+        image, request = _edit_one(pipeline, images, instruction, seed, args, progress=False,
+                                   request=request_for(index))
         save_image_atomic(image, paths[index], record(index, request))
         sources.pop(index, None)
+        checked.pop(index, None)
     print(f"process {rank + 1}/{world}: wrote {len(todo)} job(s) to {out_dir}")
     return 0
 
@@ -583,13 +598,10 @@ def _inpainting_pipeline(args: argparse.Namespace):
     return pipeline
 
 
-def _inpaint_kwargs(args: argparse.Namespace, seed: int) -> dict:
-    return {"seed": seed, "grow": args.grow, "feather": args.feather, **_sampling_options(args)}
-
-
 def cmd_inpaint(args: argparse.Namespace) -> int:
     """`unipic inpaint IMAGE MASK PROMPT -o OUT` or `unipic inpaint IMAGE PROMPT --box x0,y0,x1,y1 -o OUT`."""
-    from unipic.inpainting import box_mask, check_grow_feather, check_mask, parse_box, prepare_masks
+    from unipic.images import upright_size
+    from unipic.inpainting import box_mask, check_inpaint_request, parse_box
     from unipic.io_utils import save_image_atomic
 
     if args.box is not None:
@@ -603,24 +615,25 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
         mask_path, prompt = args.inputs
     if not prompt.strip():
         raise UserError("the prompt is empty; describe the picture the masked region belongs to")
-    _check_sampling_args(args)
-    check_grow_feather(args.grow, args.feather, ("--grow", "--feather"))
+    _check_sampling_args(args, seeds=0)
     out = _check_output_file(args.output, overwrite=args.overwrite)
     source = open_image(args.image)
     if mask_path is None:
-        mask = check_mask(box_mask(source.size, parse_box(args.box)), source.size, f"--box {args.box}")
+        mask_name = f"--box {args.box}"
+        mask = box_mask(upright_size(source), parse_box(args.box))
     else:
         from unipic.images import open_image as open_named
 
-        mask = check_mask(open_named(mask_path, name="mask"), source.size, f"mask {mask_path}")
-    # A --grow that swallows the whole image fails before loading.
-    prepare_masks([source], [mask], args.grow, names=[f"mask {mask_path}" if mask_path else f"--box {args.box}"],
-                  grow_name="--grow")
-    pipeline = _inpainting_pipeline(args)
+        mask_name = f"mask {mask_path}"
+        mask = open_named(mask_path, name="mask")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    kwargs = _inpaint_kwargs(args, seed)
-    request = pipeline.check_inpaint([source], [mask], [prompt], **kwargs)
-    [image] = pipeline.inpaint([source], [mask], [prompt], progress=not args.quiet, **kwargs)
+    # Before loading: the prompt, seed, --grow/--feather and the mask, checked and grown once (a --grow
+    # that swallows the whole image fails here); the loaded family adds its settings.
+    request = check_inpaint_request([source], [mask], [prompt], seed=seed, grow=args.grow, feather=args.feather,
+                                    mask_names=[mask_name], names=("--grow", "--feather", "--seed"))
+    pipeline = _inpainting_pipeline(args)
+    request = pipeline.inpaint_settings(request, **_sampling_options(args))
+    [image] = pipeline.run(request, progress=not args.quiet)
     where = {"box": args.box} if mask_path is None else {"mask": str(mask_path)}
     save_image_atomic(image, out, _metadata(args, request, seed, prompt=prompt, source=str(args.image), **where))
     print(out)
@@ -629,7 +642,7 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
 
 def cmd_outpaint(args: argparse.Namespace) -> int:
     """`unipic outpaint IMAGE PROMPT --left N --right N --top N --bottom N -o OUT`."""
-    from unipic.inpainting import check_grow_feather, outpaint_canvas
+    from unipic.inpainting import check_grow_feather, check_padding, outpaint_request
     from unipic.io_utils import save_image_atomic
 
     if not args.prompt.strip():
@@ -638,13 +651,15 @@ def cmd_outpaint(args: argparse.Namespace) -> int:
     check_grow_feather(args.grow, args.feather, ("--grow", "--feather"))
     out = _check_output_file(args.output, overwrite=args.overwrite)
     source = open_image(args.image)
-    pads = {"left": args.left, "right": args.right, "top": args.top, "bottom": args.bottom}
-    canvas, mask = outpaint_canvas(source, **pads, names=("--left", "--right", "--top", "--bottom"))
+    sides = ("left", "right", "top", "bottom")
+    pads = dict(zip(sides, check_padding(*(getattr(args, side) for side in sides),
+                                         names=tuple(f"--{side}" for side in sides))))
     pipeline = _inpainting_pipeline(args)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    kwargs = _inpaint_kwargs(args, seed)
-    request = pipeline.check_inpaint([canvas], [mask], [args.prompt], **kwargs)
-    [image] = pipeline.outpaint([source], [args.prompt], **pads, progress=not args.quiet, **kwargs)
+    # The padded canvas and its border mask, checked once as an inpainting request, then sampled.
+    request = outpaint_request(pipeline, [source], [args.prompt], **pads, seed=seed, grow=args.grow,
+                               feather=args.feather, **_sampling_options(args))
+    [image] = pipeline.run(request, progress=not args.quiet)
     save_image_atomic(image, out, _metadata(args, request, seed, prompt=args.prompt, source=str(args.image),
                                             padding=json.dumps(pads)))
     print(out)
@@ -752,7 +767,10 @@ def build_parser() -> argparse.ArgumentParser:
     edit = sub.add_parser("edit", help="edit an image (UniPic-3: compose 1-6 images) by an instruction",
                           usage="unipic edit [options] IMAGE [IMAGE ...] INSTRUCTION\n"
                                 "       unipic edit [options] --prompt-file JOBS.jsonl -o FOLDER",
-                          description="Edit IMAGE following INSTRUCTION. UniPic-1 centre-crops the source to the "
+                          description="Edit IMAGE following INSTRUCTION. Without a size the output keeps the "
+                                      "source's aspect ratio (UniPic-1: at about the model's default pixel count; "
+                                      "UniPic-2: its longer side 512), as the server does. UniPic-1 centre-crops "
+                                      "the source to the "
                                       "output aspect ratio and resizes it to the output size; UniPic-2 resizes it "
                                       "straight to the output size, as upstream does (see --input-resize). UniPic-3 "
                                       "takes 1 to 6 images (edited or composed into one picture; they share a "

@@ -56,15 +56,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def pipeline_from_args(args: argparse.Namespace):
-    """Load the pipeline named by --model/--device/--dtype (raises UserError on bad input)."""
-    from unipic.loading import load_pipeline
-
-    return load_pipeline(args.model, **loader_kwargs(args))
-
-
 def loader_kwargs(args: argparse.Namespace) -> dict:
-    """`load_pipeline` keyword arguments from the parsed model options (absent options keep their defaults)."""
+    """`load_pipeline` keyword arguments from the parsed model options (absent options keep their defaults).
+
+    The one mapping from the command line to the one loader, for every command that loads a model
+    (generate, edit, inpaint, outpaint, caption, eval, serve): `load_pipeline(args.model, **loader_kwargs(args))`.
+    """
     return {"device": args.device, "dtype": args.dtype, "qwen_path": getattr(args, "qwen", None),
             "cpu_offload": getattr(args, "cpu_offload", False), "vae_tiling": getattr(args, "vae_tiling", False),
             "base": getattr(args, "base", None), "ema": getattr(args, "ema", None),

@@ -38,6 +38,25 @@ def _greyscale_to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
 
 
+def _require_image(image: object, name: str) -> None:
+    if not isinstance(image, Image.Image):
+        hint = ("open it first with unipic.images.open_image(path)" if isinstance(image, (str, os.PathLike))
+                else "pass a PIL.Image.Image (e.g. PIL.Image.fromarray(array) for a uint8 HxWx3 array)")
+        raise UserError(f"{name} has type {type(image).__name__}, not PIL.Image.Image; {hint}")
+
+
+def upright_size(image: Image.Image, *, name: str = "image") -> tuple[int, int]:
+    """(width, height) of `image` as `to_rgb` returns it (EXIF orientation applied), without converting it.
+
+    Raises:
+        UserError: `image` is not a PIL image.
+    """
+    _require_image(image, name)
+    width, height = image.size
+    # ImageOps.exif_transpose: orientations 5-8 turn the image by a quarter, swapping its sides.
+    return (height, width) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
+
+
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255), *,
            name: str = "image") -> Image.Image:
     """Return `image` as an RGB image, converting every PIL mode by what its values mean.
@@ -51,10 +70,7 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     Raises:
         UserError: `image` is not a PIL image, or its mode has no RGB conversion.
     """
-    if not isinstance(image, Image.Image):
-        hint = ("open it first with unipic.images.open_image(path)" if isinstance(image, (str, os.PathLike))
-                else "pass a PIL.Image.Image (e.g. PIL.Image.fromarray(array) for a uint8 HxWx3 array)")
-        raise UserError(f"{name} has type {type(image).__name__}, not PIL.Image.Image; {hint}")
+    _require_image(image, name)
     source, frame = image, (image.tell() if getattr(image, "n_frames", 1) > 1 else None)
     try:
         if frame is not None:

@@ -14,7 +14,8 @@ mask PNG). The steps every family takes, in order:
    (grown) mask is exactly the source's.
 
 Outpainting (`outpaint_canvas`) pads the source with copies of its edge pixels, masks the new
-border and inpaints it; `outpaint_with` does that for any pipeline that has `inpaint`.
+border and inpaints it; `outpaint_request` builds that checked request for any pipeline that
+inpaints, and `outpaint_with` runs it.
 """
 
 from __future__ import annotations
@@ -175,18 +176,18 @@ def check_grow_feather(grow: object, feather: object, names: Sequence[str] = ("g
             check_int(feather, names[1], minimum=0, maximum=MAX_GROW, hint=" pixels"))
 
 
-def prepare_masks(images: Sequence[Image.Image], masks: Sequence[object], grow: int, *,
+def prepare_masks(sizes: Sequence[tuple[int, int]], masks: Sequence[object], grow: int, *,
                   names: Sequence[str] | None = None, grow_name: str = "grow") -> list[np.ndarray]:
-    """Checked, grown bool masks, one per (RGB) image; a grown mask that covers everything is refused."""
+    """Checked, grown bool masks, one per image size (W, H); a grown mask that covers everything is refused."""
     if isinstance(masks, (Image.Image, np.ndarray)) or not isinstance(masks, Sequence):
         raise UserError(f"masks must be a list with one mask per image, got a {type(masks).__name__}; "
                         "wrap a single mask in a list")
-    if len(masks) != len(images):
-        raise UserError(f"got {len(masks)} masks for {len(images)} images; give one mask per image")
+    if len(masks) != len(sizes):
+        raise UserError(f"got {len(masks)} masks for {len(sizes)} images; give one mask per image")
     names = names or [f"masks[{i}]" for i in range(len(masks))]
     out = []
-    for name, image, mask in zip(names, images, masks):
-        array = grow_mask(check_mask(mask, image.size, name), grow)
+    for name, size, mask in zip(names, sizes, masks):
+        array = grow_mask(check_mask(mask, size, name), grow)
         if array.all():
             raise UserError(f"{name} grown by {show(grow_name, grow)} pixels covers the whole image; "
                             f"use a smaller {grow_name}")
@@ -194,27 +195,41 @@ def prepare_masks(images: Sequence[Image.Image], masks: Sequence[object], grow: 
     return out
 
 
-def check_inpaint_request(images: Sequence[Image.Image], masks: Sequence[object], prompts: Sequence[str], *,
-                          seed: object, grow: object, feather: object,
-                          background: tuple[int, int, int]) -> CheckedInputs:
-    """The family-independent checks of an inpainting request: prompts, one RGB image and one grown
-    mask per prompt, a seed (or one per prompt), grow and feather; settings hold grow and feather."""
-    from unipic.checks import check_image_list, check_seeds
+def rgb_request(request: CheckedInputs, background: tuple[int, int, int]) -> CheckedInputs:
+    """A model-free inpainting request with its images converted to RGB (transparency onto `background`)."""
     from unipic.images import to_rgb
 
+    request.images = [to_rgb(im, background, name=f"images[{i}]") for i, im in enumerate(request.images)]
+    return request
+
+
+def check_inpaint_request(images: Sequence[Image.Image], masks: Sequence[object], prompts: Sequence[str], *,
+                          seed: object, grow: object, feather: object, mask_names: Sequence[str] | None = None,
+                          names: Sequence[str] = ("grow", "feather", "seed")) -> CheckedInputs:
+    """The family-independent checks of an inpainting request, which need no model: prompts, one image
+    and one mask per prompt (checked against the image's upright size and grown, once), a seed (or one
+    per prompt), grow and feather; settings hold grow and feather.
+
+    The images stay as given: the family's `inpaint_settings` converts them to RGB (its own
+    background for transparency) and adds its sampling settings. `mask_names` and `names` (grow,
+    feather, seed) name the arguments in messages (the CLI passes its flags).
+    """
+    from unipic.checks import check_image_list, check_seeds
+    from unipic.images import upright_size
+
     texts = check_texts(prompts, "prompts")
-    seed = check_seeds(seed, len(texts), "prompt")
-    grow, feather = check_grow_feather(grow, feather)
-    rgb = [to_rgb(im, background, name=f"images[{i}]")
-           for i, im in enumerate(check_image_list(images, "images", len(texts), "prompts"))]
-    return CheckedInputs("inpaint", texts, rgb, seed, 1, {"grow": grow, "feather": feather},
-                         masks=prepare_masks(rgb, masks, grow))
+    seed = check_seeds(seed, len(texts), "prompt", names[2])
+    grow, feather = check_grow_feather(grow, feather, names[:2])
+    images = check_image_list(images, "images", len(texts), "prompts")
+    sizes = [upright_size(im, name=f"images[{i}]") for i, im in enumerate(images)]
+    return CheckedInputs("inpaint", texts, images, seed, 1, {"grow": grow, "feather": feather},
+                         masks=prepare_masks(sizes, masks, grow, names=mask_names, grow_name=names[0]))
 
 
-def outpaint_canvas(image: Image.Image, *, left: int = 0, right: int = 0, top: int = 0,
-                    bottom: int = 0, names: Sequence[str] = ("left", "right", "top", "bottom"),
-                    multiple: int = OUTPAINT_MULTIPLE) -> tuple[Image.Image, np.ndarray]:
-    """The padded canvas (edge pixels repeated outwards) and its mask (True on the new border)."""
+def check_padding(left: object = 0, right: object = 0, top: object = 0, bottom: object = 0, *,
+                  names: Sequence[str] = ("left", "right", "top", "bottom"),
+                  multiple: int = OUTPAINT_MULTIPLE) -> tuple[int, int, int, int]:
+    """Outpainting's padding (left, right, top, bottom): multiples of `multiple`, at least one above 0."""
     from unipic.checks import check_int
 
     pads = []
@@ -224,10 +239,17 @@ def outpaint_canvas(image: Image.Image, *, left: int = 0, right: int = 0, top: i
             fixed = round(value / multiple) * multiple or multiple
             raise UserError(f"{name} {value}: must be a multiple of {multiple}; use {fixed}")
         pads.append(value)
-    left, right, top, bottom = pads
     if not any(pads):
         raise UserError(f"nothing to outpaint: give at least one of {', '.join(names)} (pixels, multiples of "
                         f"{multiple})")
+    return tuple(pads)  # type: ignore[return-value]
+
+
+def outpaint_canvas(image: Image.Image, *, left: int = 0, right: int = 0, top: int = 0,
+                    bottom: int = 0, names: Sequence[str] = ("left", "right", "top", "bottom"),
+                    multiple: int = OUTPAINT_MULTIPLE) -> tuple[Image.Image, np.ndarray]:
+    """The padded canvas (edge pixels repeated outwards) and its mask (True on the new border)."""
+    left, right, top, bottom = check_padding(left, right, top, bottom, names=names, multiple=multiple)
     source = np.asarray(image.convert("RGB"))
     canvas = np.pad(source, ((top, bottom), (left, right), (0, 0)), mode="edge")
     mask = np.ones(canvas.shape[:2], dtype=bool)
@@ -235,22 +257,32 @@ def outpaint_canvas(image: Image.Image, *, left: int = 0, right: int = 0, top: i
     return Image.fromarray(canvas), mask
 
 
-def outpaint_with(pipeline, images: Sequence[Image.Image], prompts: Sequence[str], *, left: int = 0,
-                  right: int = 0, top: int = 0, bottom: int = 0, background: tuple[int, int, int] = (255, 255, 255),
-                  **kwargs: object) -> list[Image.Image]:
-    """Outpaint through `pipeline.inpaint`: pad every image, mask the new border, inpaint it.
+def outpaint_request(pipeline, images: Sequence[Image.Image], prompts: Sequence[str], *, left: int = 0,
+                     right: int = 0, top: int = 0, bottom: int = 0, **kwargs: object) -> CheckedInputs:
+    """An outpainting request as the checked inpainting request of the padded canvases.
 
-    `background` is what transparent source pixels are composited onto (the family's choice).
+    Every image is converted to RGB by the pipeline's rule (transparency onto its `alpha_background`),
+    padded with copies of its edge pixels and masked on the new border; `pipeline.check_inpaint`
+    then checks it once (keyword arguments: seed, grow, feather and sampling options).
     """
     from unipic.images import to_rgb
 
     if isinstance(images, Image.Image) or not isinstance(images, Sequence):
         raise UserError(f"images must be a list of PIL images, got a {type(images).__name__}; "
                         "wrap a single image in a list")
+    background = getattr(pipeline, "alpha_background", (255, 255, 255))
     canvases, masks = [], []
     for index, image in enumerate(images):
         canvas, mask = outpaint_canvas(to_rgb(image, background, name=f"images[{index}]"), left=left, right=right,
                                        top=top, bottom=bottom)
         canvases.append(canvas)
         masks.append(mask)
-    return pipeline.inpaint(canvases, masks, prompts, **kwargs)
+    return pipeline.check_inpaint(canvases, masks, prompts, **kwargs)
+
+
+def outpaint_with(pipeline, images: Sequence[Image.Image], prompts: Sequence[str], *, left: int = 0,
+                  right: int = 0, top: int = 0, bottom: int = 0, progress: bool = False,
+                  **kwargs: object) -> list[Image.Image]:
+    """Outpaint through the pipeline: pad every image, mask the new border, inpaint it (`outpaint_request`)."""
+    request = outpaint_request(pipeline, images, prompts, left=left, right=right, top=top, bottom=bottom, **kwargs)
+    return pipeline.run(request, progress=progress)

@@ -75,7 +75,8 @@ class _RecordingPipeline:
     def __getattr__(self, name):
         return getattr(self._pipeline, name)
 
-    def __call__(self, *, image, **kwargs):
+    def sample_checked(self, prompt, *, references, **kwargs):  # what the adapter samples a checked edit with
+        [image] = references
         self.references.append(image)
         return SimpleNamespace(images=[image])
 

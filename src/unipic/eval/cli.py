@@ -12,7 +12,7 @@ from pathlib import Path
 
 from unipic.api import UserError
 from unipic.checks import check_int, check_seed, check_writable
-from unipic.cli_common import add_model_options, pipeline_from_args
+from unipic.cli_common import add_model_options, loader_kwargs
 
 
 def _add_common(parser: argparse.ArgumentParser, *, size_default: int | None, seed: bool = True) -> None:
@@ -55,10 +55,11 @@ def _check_before_load(args: argparse.Namespace) -> None:
 
 def cmd_eval_geneval(args: argparse.Namespace) -> int:
     from unipic.eval.t2i import generate_geneval, load_metadata
+    from unipic.loading import load_pipeline
 
     _check_before_load(args)
     metadata = load_metadata(args.metadata)
-    pipeline = pipeline_from_args(args)
+    pipeline = load_pipeline(args.model, **loader_kwargs(args))
     result = generate_geneval(pipeline, metadata, args.out, args.images_per_prompt, args.size, args.seed,
                               _model_name(args), progress=not args.quiet)
     print(f"{args.out}: generated {result['generated']} prompts, {result['skipped']} already done "
@@ -77,9 +78,10 @@ def cmd_eval_judge(args: argparse.Namespace) -> int:
 
 def cmd_eval_t2i(args: argparse.Namespace) -> int:
     from unipic.eval.t2i import run_t2i_eval, summary_table
+    from unipic.loading import load_pipeline
 
     _check_before_load(args)
-    pipeline = pipeline_from_args(args)
+    pipeline = load_pipeline(args.model, **loader_kwargs(args))
     summary = run_t2i_eval(pipeline, args.out, args.n_per_category, args.images_per_prompt, args.size, args.seed,
                            _model_name(args), progress=not args.quiet)
     if summary is not None:  # the main process judges; the others only generated
@@ -90,9 +92,11 @@ def cmd_eval_t2i(args: argparse.Namespace) -> int:
 
 def _run_per_kind_eval(args: argparse.Namespace, run: Callable[..., dict], table: Callable[[dict], str]) -> int:
     """The i2t, edit and inpaint evaluations: check, load, run `--n-per-kind` cases, print the table."""
+    from unipic.loading import load_pipeline
+
     _check_before_load(args)
-    summary = run(pipeline_from_args(args), args.out, args.n_per_kind, args.size, args.seed, args.batch_size,
-                  progress=not args.quiet)
+    pipeline = load_pipeline(args.model, **loader_kwargs(args))
+    summary = run(pipeline, args.out, args.n_per_kind, args.size, args.seed, args.batch_size, progress=not args.quiet)
     print(table(summary))
     print(f"wrote {args.out}/summary.json, results.jsonl and contact_sheet.png")
     return 0
@@ -118,9 +122,11 @@ def cmd_eval_inpaint(args: argparse.Namespace) -> int:
 
 def cmd_eval_dpg(args: argparse.Namespace) -> int:
     from unipic.eval.dpg import generate_dpg
+    from unipic.loading import load_pipeline
 
     _check_before_load(args)
-    result = generate_dpg(pipeline_from_args(args), args.out, args.size, args.seed, args.limit, _model_name(args),
+    pipeline = load_pipeline(args.model, **loader_kwargs(args))
+    result = generate_dpg(pipeline, args.out, args.size, args.seed, args.limit, _model_name(args),
                           progress=not args.quiet)
     print(f"{args.out}: wrote {result['generated']} DPG-Bench grids, {result['skipped']} already there")
     return 0

@@ -92,32 +92,32 @@ def build_tokenizer(choice: str, preset: str | None, world_vocab_size: int):
     return load_tokenizer(choice)
 
 
-def init_model(cfg: ModelConfig, seed: int):
-    """(model, tokenizer) as `cfg.init_from` / `cfg.init_vae_from` describe, on the CPU in float32.
+def init_model(config: ModelConfig, seed: int):
+    """(model, tokenizer) as `config.init_from` / `config.init_vae_from` describe, on the CPU in float32.
 
     Raises:
         UserError: unknown preset or path, or a VAE that does not fit the model.
     """
-    name = cfg.init_from
+    name = config.init_from
     if name in MODEL_PRESETS:
-        tokenizer = build_tokenizer(cfg.tokenizer, name, cfg.world_vocab_size)
-        config = preset_config(name, tokenizer, cfg.architecture)
-        if len(tokenizer) > config.llm.vocab_size:
+        tokenizer = build_tokenizer(config.tokenizer, name, config.world_vocab_size)
+        model_config = preset_config(name, tokenizer, config.architecture)
+        if len(tokenizer) > model_config.llm.vocab_size:
             raise UserError(f"the tokenizer has {len(tokenizer)} entries but preset {name} has only "
-                            f"{config.llm.vocab_size} embedding rows; use model.tokenizer=byte or a bigger preset")
-        model = build_model(config, seed=seed)
-        model.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+                            f"{model_config.llm.vocab_size} embedding rows; use model.tokenizer=byte or a bigger preset")
+        model = build_model(model_config, seed=seed)
+        model.image_token_id = tokenizer.convert_tokens_to_ids(model_config.image_token)
     else:
         folder = resolve_model_folder(name)
         if folder is None:
             raise UserError(f"model.init_from={name!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a "
                             f"unipic model folder or run out_dir with final/{CONFIG_NAME}")
         model, tokenizer = load_model_folder(folder)
-        if cfg.tokenizer not in ("auto",):
-            logger.warning("model.tokenizer=%s ignored: a model folder brings its own tokenizer", cfg.tokenizer)
+        if config.tokenizer not in ("auto",):
+            logger.warning("model.tokenizer=%s ignored: a model folder brings its own tokenizer", config.tokenizer)
     model.float()
-    if cfg.init_vae_from:
-        vae_config, state = load_vae_file(cfg.init_vae_from)
+    if config.init_vae_from:
+        vae_config, state = load_vae_file(config.init_vae_from)
         swap_vae(model, vae_config, state)
     return model, tokenizer
 
@@ -182,32 +182,32 @@ def load_vae_state(vae: AutoencoderKL, state: dict[str, torch.Tensor]) -> None:
         raise UserError(f"VAE weights do not match the VAE config: {str(error).strip()[:500]}") from None
 
 
-def init_vae(cfg: ModelConfig, seed: int) -> AutoencoderKL:
+def init_vae(config: ModelConfig, seed: int) -> AutoencoderKL:
     """The autoencoder a `stage: vae` run starts from: `init_vae_from`, else `init_from`'s VAE."""
-    if cfg.init_vae_from:
-        config, state = load_vae_file(cfg.init_vae_from)
-        vae = AutoencoderKL(config)
+    if config.init_vae_from:
+        vae_config, state = load_vae_file(config.init_vae_from)
+        vae = AutoencoderKL(vae_config)
         load_vae_state(vae, state)
         return vae.float()
-    name = cfg.init_from
+    name = config.init_from
     if name in MODEL_PRESETS:
-        config = preset_config(name, None, cfg.architecture).vae
+        vae_config = preset_config(name, None, config.architecture).vae
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            vae = AutoencoderKL(config)
-        if cfg.vae_init_logvar is not None:
+            vae = AutoencoderKL(vae_config)
+        if config.vae_init_logvar is not None:
             # A fresh VAE samples its latents with std exp(logvar / 2) ≈ 1, which drowns the small
             # initial posterior means: the decoder first learns an average image and the encoder
             # needs many steps to push the variance down (the KL weight barely resists). Starting
             # the log-variance low skips that phase; quant_conv's second half is the log-variance.
             with torch.no_grad():
-                vae.quant_conv.bias[config.embed_dim:].fill_(cfg.vae_init_logvar)
+                vae.quant_conv.bias[vae_config.embed_dim:].fill_(config.vae_init_logvar)
         return vae
     folder = resolve_model_folder(name)
     if folder is None:
         raise UserError(f"model.init_from={name!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a model folder")
-    config = UniPicConfig.load(folder / CONFIG_NAME).vae
-    vae = AutoencoderKL(config)
+    vae_config = UniPicConfig.load(folder / CONFIG_NAME).vae
+    vae = AutoencoderKL(vae_config)
     state = {k[len("vae."):]: v for k, v in read_model_folder_tensors(folder).items() if k.startswith("vae.")}
     load_vae_state(vae, state)
     return vae.float()
@@ -222,7 +222,7 @@ MAR_DECODER_PARTS = ("decoder_embed", "decoder_blocks", "decoder_norm", "mask_to
                      "decoder_pos_embed_learned", "diffusion_pos_embed_learned")
 
 
-def apply_freezing(model, cfg: ModelConfig) -> None:
+def apply_freezing(model, config: ModelConfig) -> None:
     """Set requires_grad per the freeze flags. Parts no loss uses are frozen too, so that every
     trainable parameter receives a gradient: the MAR class table (an ImageNet leftover) and, when
     understanding goes through the MAR features, the SigLIP2 tower and its projector."""
@@ -233,14 +233,14 @@ def apply_freezing(model, cfg: ModelConfig) -> None:
         for part in (model.siglip2, model.siglip2_proj):
             if part is not None:
                 part.requires_grad_(False)
-    if cfg.freeze_llm:
+    if config.freeze_llm:
         model.llm.requires_grad_(False)
-    if cfg.freeze_mar:
+    if config.freeze_mar:
         model.mar.requires_grad_(False)
-    if cfg.freeze_mar_decoder:
+    if config.freeze_mar_decoder:
         for name in MAR_DECODER_PARTS:
             getattr(model.mar, name).requires_grad_(False)  # modules and bare parameters alike
-    if cfg.grad_checkpointing:
+    if config.grad_checkpointing:
         model.config.mar.grad_checkpointing = True
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

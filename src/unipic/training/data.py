@@ -39,27 +39,27 @@ IMAGE_KEYS = {"t2i": ("image",), "i2t": ("image",), "edit": ("source", "target")
 class TaskSource:
     """One task's examples for one process: `get(k)` is this process's k-th example."""
 
-    def __init__(self, task: str, cfg: DataConfig, rank: int, world_size: int) -> None:
+    def __init__(self, task: str, config: DataConfig, rank: int, world_size: int) -> None:
         self.task, self.rank, self.world_size = task, rank, world_size
-        self.seed = cfg.world_seed
-        self.pool = cfg.world_pool
-        self.questions = cfg.i2t_questions
-        if cfg.source == "world":
+        self.seed = config.world_seed
+        self.pool = config.world_pool
+        self.questions = config.i2t_questions
+        if config.source == "world":
             from unipic.data.datasets import ShapesStream
             from unipic.world.questions import QUESTION_KINDS
             from unipic.world.spec import EDIT_KINDS
 
-            self.kinds = tuple(cfg.i2t_kinds) or QUESTION_KINDS
-            self._stream = ShapesStream(task, seed=cfg.world_seed, size=cfg.image_size, train=True,
-                                        rank=rank, world_size=world_size, layout=cfg.world_layout,
-                                        question_kinds=self.kinds, edit_kinds=tuple(cfg.edit_kinds) or EDIT_KINDS,
-                                        edit_placement=cfg.edit_placement)
+            self.kinds = tuple(config.i2t_kinds) or QUESTION_KINDS
+            self._stream = ShapesStream(task, seed=config.world_seed, size=config.image_size, train=True,
+                                        rank=rank, world_size=world_size, layout=config.world_layout,
+                                        question_kinds=self.kinds, edit_kinds=tuple(config.edit_kinds) or EDIT_KINDS,
+                                        edit_placement=config.edit_placement)
             self._folder = None
         else:
             from unipic.data.disk import read_folder
 
             self._stream = None
-            self._folder = read_folder(cfg.folders[task], task)
+            self._folder = read_folder(config.folders[task], task)
             self._perm: tuple[int, torch.Tensor] | None = None
 
     def __len__(self) -> int:
@@ -86,11 +86,11 @@ class TaskSource:
 class TaskData:
     """The round-robin task schedule and each task's position for this process."""
 
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int) -> None:
-        self.schedule = [t for t in TASKS for _ in range(cfg.tasks.get(t, 0))]
-        self.sources = {t: TaskSource(t, cfg, rank, world_size) for t in dict.fromkeys(self.schedule)}
+    def __init__(self, config: DataConfig, rank: int, world_size: int) -> None:
+        self.schedule = [t for t in TASKS for _ in range(config.tasks.get(t, 0))]
+        self.sources = {t: TaskSource(t, config, rank, world_size) for t in dict.fromkeys(self.schedule)}
         self.positions = dict.fromkeys(self.sources, 0)
-        self.batch_size = cfg.batch_size
+        self.batch_size = config.batch_size
 
     def task_for(self, micro_step: int) -> str:
         """Which task micro-batch `micro_step` (counted from the start of the run) belongs to."""
@@ -137,19 +137,19 @@ class BatchBuilder:
       source), which teaches the branch editing CFG contrasts against.
     """
 
-    def __init__(self, model, tokenizer, cfg: DataConfig, targets: Collection[str] | None = None) -> None:
+    def __init__(self, model, tokenizer, config: DataConfig, targets: Collection[str] | None = None) -> None:
         self.config = model.config
         self.model = model
         self.tokenizer = tokenizer
-        self.cfg = cfg
-        self.size = cfg.image_size
+        self.cfg = config
+        self.size = config.image_size
         # Which Shapes-world training-only targets batches carry (world_aux.TARGETS); None = all,
         # with the object read-out at centre cells. A run builds only those its losses read.
         self.world = WorldTargets(model, self.size, set(TARGETS) - {"object_cells"} if targets is None else targets)
         self.pad_id = padding_id(tokenizer)
         # A finite data set (a world pool or folders) repeats its images, and the VAE is frozen.
-        finite = cfg.source == "folder" or cfg.world_pool > 0
-        self.latent_cache = LatentCache(model) if cfg.cache_latents and finite else None
+        finite = config.source == "folder" or config.world_pool > 0
+        self.latent_cache = LatentCache(model) if config.cache_latents and finite else None
 
     def __call__(self, task: str, examples: Sequence[dict], rng: np.random.Generator) -> dict[str, torch.Tensor]:
         batch = getattr(self, f"_{task}")(examples, rng)

@@ -26,30 +26,30 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(module: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
     """AdamW with the run's betas/eps (β = (0.9, 0.95), ε = 1e-15 in the paper)."""
-    groups = param_groups(module, cfg.weight_decay)
+    groups = param_groups(module, config.weight_decay)
     if not groups:
         raise ValueError("nothing to train: every parameter is frozen")
     # foreach=False: the per-parameter loop gives bit-identical results however the groups are laid out.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=False)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, foreach=False)
 
 
-def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+def lr_at(step: int, config: OptimConfig, max_steps: int) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warm-up, then constant or cosine.
 
     Warm-up lasts `ceil(warmup_ratio * max_steps)` steps and rises from lr/warmup to lr; the
     cosine decays from lr to `min_lr_ratio * lr` at the last step.
     """
-    warmup = math.ceil(cfg.warmup_ratio * max_steps)
+    warmup = math.ceil(config.warmup_ratio * max_steps)
     if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    if cfg.schedule == "constant":
-        return cfg.lr
+        return config.lr * (step + 1) / warmup
+    if config.schedule == "constant":
+        return config.lr
     span = max(1, max_steps - warmup - 1)
     progress = min(1.0, (step - warmup) / span)
-    floor = cfg.min_lr_ratio * cfg.lr
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    floor = config.min_lr_ratio * config.lr
+    return floor + (config.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class EMA:

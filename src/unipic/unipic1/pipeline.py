@@ -38,6 +38,7 @@ from unipic.inpainting import (
     feather_alpha,
     outpaint_with,
     pad_to_multiple,
+    rgb_request,
     token_grid_mask,
 )
 from unipic.unipic1.sampling.diffusion import HEAD_SOLVERS
@@ -118,6 +119,8 @@ def _row_generators(seeds: list[int], owners: list[int], device: torch.device,
 class UniPicPipeline:
     """Text-to-image, editing and image-to-text for a loaded `UniPic` model and its tokenizer."""
 
+    alpha_background = ALPHA_BACKGROUND  # transparent input pixels are composited onto this
+
     def __init__(self, model, tokenizer) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -140,6 +143,9 @@ class UniPicPipeline:
 
         Raises `UserError` naming the argument, the bad value and the fix. The returned settings
         are exactly what sampling uses (defaults filled in, `num_iter`/`steps` merged into `steps`).
+        An edit without height and width keeps each source's aspect ratio at the model's resolution
+        (`unipic.images.aspect_size`, the one rule every front end gets here); `sizes` holds every
+        edit's output size.
         """
         what = {"text_to_image": "prompts", "edit_image": "instructions", "image_to_text": "questions"}.get(job)
         if what is None:
@@ -156,23 +162,36 @@ class UniPicPipeline:
             self._check_i2t_positions(texts, settings["max_new_tokens"])
             return CheckedInputs(job, texts, rgb, seed, 1, settings)
         images_per_prompt = check_int(images_per_prompt, "images_per_prompt", minimum=1)
+        sizes = None
         if job == "edit_image" and height is None and width is None:
-            # No size given: the first source's aspect ratio at the model's resolution (every front end).
-            height, width = aspect_size(rgb[0].width, rgb[0].height, self.config.sampling.image_size,
-                                        self.config.pixel_stride)
+            side, stride = self.config.sampling.image_size, self.config.pixel_stride
+            sizes = [aspect_size(im.width, im.height, side, stride) for im in rgb]
         settings = self._mar_settings(_check_options(options, _T2I_OPTIONS, job.replace("_", "-")), job,
-                                      height, width)
-        self._check_positions(job, texts, settings["height"], settings["width"])
-        rows = min(settings["batch_size"], len(texts) * images_per_prompt)
-        self._check_memory(settings["height"], settings["width"], rows)
-        return CheckedInputs(job, texts, rgb, seed, images_per_prompt, settings)
+                                      sorted(set(sizes)) if sizes else [(height, width)],
+                                      rows=len(texts) * images_per_prompt, texts=texts)
+        if job == "edit_image" and sizes is None:
+            sizes = [(settings["height"], settings["width"])] * len(texts)
+        return CheckedInputs(job, texts, rgb, seed, images_per_prompt, settings, sizes=sizes)
 
-    def _mar_settings(self, options: dict, job: str, height: object, width: object) -> dict:
+    def _mar_settings(self, options: dict, job: str, sizes: list[tuple[object, object]], *, rows: int,
+                      texts: list[str]) -> dict:
+        """Every sampling setting, each checked once, for outputs of the given (height, width) sizes.
+
+        Each distinct size must fit the model's positions (with every text) and memory (`rows` images
+        at once, up to the batch size). One size is recorded as height/width; several (edits of
+        differently shaped sources, inpainting) are left out: each output has its own.
+        """
         s = self.config.sampling
         editing = job == "edit_image"
         stride = self.config.pixel_stride
-        size = {name: check_size(s.image_size if value is None else value, name, stride, example=s.image_size)
-                for name, value in (("height", height), ("width", width))}
+        checked = []
+        for height, width in sizes:
+            checked.append(tuple(check_size(s.image_size if value is None else value, name, stride,
+                                            example=s.image_size)
+                                 for name, value in (("height", height), ("width", width))))
+        # The smallest image bounds the steps: each step reveals at least one of its tokens.
+        small_h, small_w = min(checked, key=lambda hw: hw[0] * hw[1])
+        size = {"height": small_h, "width": small_w}
         if "num_iter" in options and "steps" in options and options["num_iter"] != options["steps"]:
             raise UserError(f"num_iter={options['num_iter']} and steps={options['steps']} are one setting; pass one")
         fast = options.get("fast", False)
@@ -203,23 +222,32 @@ class UniPicPipeline:
         head_steps = check_int(options.get("head_steps", default_head_steps),
                                "head_steps", minimum=1, maximum=self.config.head.train_steps - solver,
                                hint=" (the head's training steps)")
-        return {"height": size["height"], "width": size["width"], "steps": steps, "cfg": cfg,
-                "cfg_schedule": check_choice(options.get("cfg_schedule", s.cfg_schedule), "cfg_schedule",
-                                             ("constant", "linear")),
-                "temperature": temperature, "head_steps": head_steps, "fast": fast,
-                "head_solver": head_solver,
-                "head_anneal": check_number(options.get("head_anneal", FAST_HEAD_ANNEAL if fast and not solver else 1.0),
-                                            "head_anneal", minimum=0.0, maximum=1.0, above_minimum=True,
-                                            hint=" (1 = every MAR step runs all head steps)"),
-                "guidance_interval": check_int(options.get("guidance_interval",
-                                                           FAST_GUIDANCE_INTERVAL if fast else 1),
-                                               "guidance_interval", minimum=1, maximum=head_steps,
-                                               hint=" (1 = unconditional rows at every head step)"),
-                "uncond_interval": check_int(options.get("uncond_interval",
-                                                         min(FAST_UNCOND_INTERVAL, steps) if fast else 1),
-                                             "uncond_interval", minimum=1, maximum=steps,
-                                             hint=" (1 = unconditional rows through MAR and the LLM at every step)"),
-                "batch_size": check_int(options.get("batch_size", DEFAULT_BATCH_SIZE), "batch_size", minimum=1)}
+        settings = {"height": None, "width": None, "steps": steps, "cfg": cfg,
+                    "cfg_schedule": check_choice(options.get("cfg_schedule", s.cfg_schedule), "cfg_schedule",
+                                                 ("constant", "linear")),
+                    "temperature": temperature, "head_steps": head_steps, "fast": fast,
+                    "head_solver": head_solver,
+                    "head_anneal": check_number(options.get("head_anneal",
+                                                            FAST_HEAD_ANNEAL if fast and not solver else 1.0),
+                                                "head_anneal", minimum=0.0, maximum=1.0, above_minimum=True,
+                                                hint=" (1 = every MAR step runs all head steps)"),
+                    "guidance_interval": check_int(options.get("guidance_interval",
+                                                               FAST_GUIDANCE_INTERVAL if fast else 1),
+                                                   "guidance_interval", minimum=1, maximum=head_steps,
+                                                   hint=" (1 = unconditional rows at every head step)"),
+                    "uncond_interval": check_int(options.get("uncond_interval",
+                                                             min(FAST_UNCOND_INTERVAL, steps) if fast else 1),
+                                                 "uncond_interval", minimum=1, maximum=steps,
+                                                 hint=" (1 = unconditional rows through MAR and the LLM at every step)"),
+                    "batch_size": check_int(options.get("batch_size", DEFAULT_BATCH_SIZE), "batch_size", minimum=1)}
+        for height, width in sorted(set(checked)):
+            self._check_positions(job, texts, height, width)
+            self._check_memory(height, width, min(settings["batch_size"], rows))
+        if len(set(checked)) == 1:
+            settings["height"], settings["width"] = checked[0]
+        else:
+            del settings["height"], settings["width"]
+        return settings
 
     def _i2t_settings(self, options: dict, max_new_tokens: object) -> dict:
         limit = self.config.sampling.max_new_tokens if max_new_tokens is None else max_new_tokens
@@ -338,8 +366,19 @@ class UniPicPipeline:
         generator, so they equal the same prompt generated alone with that seed, whatever else
         shares the batch (up to floating-point rounding of the batched arithmetic).
         """
-        request = self.check_inputs("text_to_image", prompts, height=height, width=width,
-                                    images_per_prompt=images_per_prompt, seed=seed, **options)
+        return self.run(self.check_inputs("text_to_image", prompts, height=height, width=width,
+                                          images_per_prompt=images_per_prompt, seed=seed, **options),
+                        progress=progress)
+
+    def run(self, request: CheckedInputs, *, progress: bool = False) -> list:
+        """Sample a checked request (`check_inputs` or `check_inpaint`) without checking it again."""
+        job = {"text_to_image": self._text_to_image, "edit_image": self._edit_image, "inpaint": self._inpaint,
+               "image_to_text": self._image_to_text}.get(request.job)
+        if job is None:
+            raise ValueError(f"unknown job {request.job!r} in a checked request")
+        return job(request, progress)
+
+    def _text_to_image(self, request: CheckedInputs, progress: bool) -> list[list[Image.Image]]:
         settings, per_prompt = request.settings, request.images_per_prompt
         batch_size = settings["batch_size"]
         expanded = [p for p in request.texts for _ in range(per_prompt)]
@@ -369,25 +408,33 @@ class UniPicPipeline:
         `seed` may be a list with one seed per pair, which makes each edit independent of the others
         in the batch (see `text_to_image`).
         """
-        request = self.check_inputs("edit_image", instructions, images, height=height, width=width, seed=seed,
-                                    **options)
+        return self.run(self.check_inputs("edit_image", instructions, images, height=height, width=width, seed=seed,
+                                          **options), progress=progress)
+
+    def _edit_image(self, request: CheckedInputs, progress: bool) -> list[Image.Image]:
         settings = request.settings
-        height, width, batch_size = settings["height"], settings["width"], settings["batch_size"]
+        batch_size = settings["batch_size"]
         seeds = request.seed if isinstance(request.seed, list) else None
         generator = None if seeds is not None else make_generator(request.seed, self.model.device)
         generators: dict[int, torch.Generator] = {}
-        outputs: list[Image.Image] = []
-        for start in range(0, len(request.images), batch_size):
-            if seeds is not None:
-                owners = list(range(start, min(start + batch_size, len(request.images))))
-                generator = _row_generators(seeds, owners, self.model.device, generators)
-            sources = [center_crop_resize(im, height, width) for im in request.images[start:start + batch_size]]
-            pixels = edit_images(self.model, self.tokenizer, images_to_tensor(sources, self.model.device),
-                                 request.texts[start:start + batch_size], generator=generator, progress=progress,
-                                 **self._sampler_kwargs(settings))
-            self._check_finite(pixels, settings)
-            outputs.extend(tensor_to_images(pixels))
-        return outputs
+        outputs: list[Image.Image | None] = [None] * len(request.images)
+        # A batch holds edits of one output size (each source's own when no size was given).
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, size in enumerate(request.sizes):
+            groups.setdefault(size, []).append(index)
+        for (height, width), members in groups.items():
+            for start in range(0, len(members), batch_size):
+                rows = members[start:start + batch_size]
+                if seeds is not None:
+                    generator = _row_generators(seeds, rows, self.model.device, generators)
+                sources = [center_crop_resize(request.images[r], height, width) for r in rows]
+                pixels = edit_images(self.model, self.tokenizer, images_to_tensor(sources, self.model.device),
+                                     [request.texts[r] for r in rows], generator=generator, progress=progress,
+                                     **self._sampler_kwargs(settings))
+                self._check_finite(pixels, settings)
+                for row, image in zip(rows, tensor_to_images(pixels)):
+                    outputs[row] = image
+        return outputs  # type: ignore[return-value]
 
     # --- inpainting -------------------------------------------------------------------------
 
@@ -399,18 +446,18 @@ class UniPicPipeline:
         Each image keeps its size (padded internally to the token stride); every distinct size must
         fit the model's positions and memory, as for text-to-image.
         """
-        request = check_inpaint_request(images, masks, prompts, seed=seed, grow=grow, feather=feather,
-                                        background=ALPHA_BACKGROUND)
+        return self.inpaint_settings(check_inpaint_request(images, masks, prompts, seed=seed, grow=grow,
+                                                           feather=feather), **options)
+
+    def inpaint_settings(self, request: CheckedInputs, **options: object) -> CheckedInputs:
+        """Complete a model-free `check_inpaint_request`: RGB images and the sampling settings."""
+        request = rgb_request(request, ALPHA_BACKGROUND)
         options = _check_options(options, _T2I_OPTIONS, "inpaint")
         stride = self.config.pixel_stride
         sizes = sorted({(-(-im.height // stride) * stride, -(-im.width // stride) * stride) for im in request.images})
-        settings: dict = {}
-        for height, width in sizes:
-            settings = self._mar_settings(dict(options), "text_to_image", height, width)
-            self._check_positions("text_to_image", request.texts, height, width)
-            self._check_memory(height, width, min(settings["batch_size"], len(request.texts)))
-        for key in ("height", "width"):
-            settings.pop(key)  # each output has its source's size
+        settings = self._mar_settings(options, "text_to_image", sizes, rows=len(request.texts), texts=request.texts)
+        settings.pop("height", None)  # each output has its source's size
+        settings.pop("width", None)
         # Each image reveals its masked tokens, at least one per step: `steps` is capped per image at
         # its masked-token count, and the record says the steps each image really took.
         settings["steps_used"] = [min(settings["steps"], int(token_grid_mask(pad_to_multiple(image, mask, stride)[1],
@@ -433,7 +480,10 @@ class UniPicPipeline:
         back). Images are batched with others of the same size and masked-token count; a seed
         list gives each image its own generator, so its result does not depend on the batch.
         """
-        request = self.check_inpaint(images, masks, prompts, seed=seed, grow=grow, feather=feather, **options)
+        return self.run(self.check_inpaint(images, masks, prompts, seed=seed, grow=grow, feather=feather, **options),
+                        progress=progress)
+
+    def _inpaint(self, request: CheckedInputs, progress: bool) -> list[Image.Image]:
         settings = request.settings
         stride, device = self.config.pixel_stride, self.model.device
         canvases, canvas_masks, token_masks = [], [], []
@@ -472,16 +522,17 @@ class UniPicPipeline:
                  top: int = 0, bottom: int = 0, **kwargs: object) -> list[Image.Image]:
         """Extend each image by the given pixels (multiples of 16) on each side: pad (edge pixels
         repeated), mask the new border and `inpaint` it; keyword arguments go to `inpaint`."""
-        return outpaint_with(self, images, prompts, left=left, right=right, top=top, bottom=bottom,
-                             background=ALPHA_BACKGROUND, **kwargs)
+        return outpaint_with(self, images, prompts, left=left, right=right, top=top, bottom=bottom, **kwargs)
 
     # --- image to text ----------------------------------------------------------------------
 
     def image_to_text(self, images: Sequence[Image.Image], questions: Sequence[str], *,
                       max_new_tokens: int | None = None, seed: int | None = None, **options: object) -> list[str]:
         """Answer question i about image i (greedy by default; `do_sample=True` samples)."""
-        request = self.check_inputs("image_to_text", questions, images, seed=seed, max_new_tokens=max_new_tokens,
-                                    **options)
+        return self.run(self.check_inputs("image_to_text", questions, images, seed=seed,
+                                          max_new_tokens=max_new_tokens, **options))
+
+    def _image_to_text(self, request: CheckedInputs, progress: bool = False) -> list[str]:
         settings = dict(request.settings)
         batch_size = settings.pop("batch_size")
         size = self.config.sampling.understanding_image_size

@@ -43,6 +43,7 @@ from unipic.inpainting import (
     check_inpaint_request,
     outpaint_with,
     pad_to_multiple,
+    rgb_request,
 )
 from unipic.unipic2.images import (
     EDIT_NEGATIVE_PROMPT,
@@ -86,6 +87,7 @@ class _UniPic2Adapter:
 
     family = "unipic2"
     edit_size_multiple = 16  # explicit edit sizes: VAE factor x patch size
+    alpha_background = (255, 255, 255)  # transparent input pixels are composited onto white (upstream)
 
     def __init__(self, pipeline, name: str | None = None):
         self.pipeline = pipeline
@@ -168,15 +170,21 @@ class _UniPic2Adapter:
                 settings.update(height=height, width=width)
             else:
                 settings["image_size"] = opts.get("image_size", EDIT_IMAGE_SIZE)
+            sizes = []
             for i, image in enumerate(rgb):
                 out_w, out_h = self._edit_size(image.size, height, width, opts.get("image_size", EDIT_IMAGE_SIZE))
                 check_size(out_h, out_w, multiple=self.edit_size_multiple, max_side=self.pipeline.max_image_side(),
                            what=f"edit output of images[{i}]")
+                sizes.append((out_h, out_w))
         else:
             raise UserError(f"job={job!r}: must be 'text_to_image', 'edit_image' or 'image_to_text'")
         settings.update(num_inference_steps=opts.get("num_inference_steps", DEFAULT_STEPS),
                         cfg=opts.get("cfg", DEFAULT_GUIDANCE))
-        return CheckedInputs(job, texts, rgb, seed, images_per_prompt, settings)
+        return CheckedInputs(job, texts, rgb, seed, images_per_prompt, settings,
+                             sizes=sizes if job == "edit_image" else None)
+
+    def _image_to_text(self, request: CheckedInputs, progress: bool = False) -> list[str]:
+        return self._check_caption(request.texts, request.images, request.seed, None, {})  # raises
 
     def _check_caption(self, texts, images, seed, max_new_tokens, options) -> CheckedInputs:
         raise UnsupportedTaskError(
@@ -196,9 +204,21 @@ class _UniPic2Adapter:
         **options: object,
     ) -> list[list[Image.Image]]:
         """Generate `images_per_prompt` images per prompt (default 512x512; one given side makes a square)."""
-        request = self.check_inputs("text_to_image", prompts, height=height, width=width,
-                                    images_per_prompt=images_per_prompt, seed=seed, **options)
-        prompts, settings = request.texts, request.settings
+        return self.run(self.check_inputs("text_to_image", prompts, height=height, width=width,
+                                          images_per_prompt=images_per_prompt, seed=seed, **options),
+                        progress=progress)
+
+    def run(self, request: CheckedInputs, *, progress: bool = False) -> list:
+        """Sample a checked request (`check_inputs` or `check_inpaint`): the diffusers pipeline's
+        `sample_checked` gets its checked values, so nothing is checked again."""
+        job = {"text_to_image": self._text_to_image, "edit_image": self._edit_image, "inpaint": self._inpaint,
+               "image_to_text": self._image_to_text}.get(request.job)
+        if job is None:
+            raise ValueError(f"unknown job {request.job!r} in a checked request")
+        return job(request, progress)
+
+    def _text_to_image(self, request: CheckedInputs, progress: bool) -> list[list[Image.Image]]:
+        prompts, settings, images_per_prompt = request.texts, request.settings, request.images_per_prompt
         shared = not isinstance(request.seed, list)
         generators = self._generators(request.seed, len(prompts))
         self.pipeline.set_progress_bar_config(disable=not progress)
@@ -211,12 +231,12 @@ class _UniPic2Adapter:
             # from its own generator (repeated, it advances from one image to the next).
             generator = generators[0] if shared else [g for g in generators[start : start + per_call]
                                                       for _ in range(images_per_prompt)]
-            images = self.pipeline(
-                prompt=chunk,
+            images = self.pipeline.sample_checked(
+                chunk,
                 height=settings["height"],
                 width=settings["width"],
                 num_inference_steps=settings["num_inference_steps"],
-                guidance_scale=settings["cfg"],
+                cfg=settings["cfg"],
                 negative_prompt=settings["negative_prompt"],
                 num_images_per_prompt=images_per_prompt,
                 generator=generator,
@@ -257,27 +277,28 @@ class _UniPic2Adapter:
         the output's aspect ratio first, which avoids distortion when a forced size has another
         aspect ratio.
         """
-        request = self.check_inputs("edit_image", instructions, images, height=height, width=width, seed=seed,
-                                    **options)
+        return self.run(self.check_inputs("edit_image", instructions, images, height=height, width=width,
+                                          seed=seed, **options), progress=progress)
+
+    def _edit_image(self, request: CheckedInputs, progress: bool) -> list[Image.Image]:
         settings = request.settings
         generators = self._generators(request.seed, len(request.texts))
         self.pipeline.set_progress_bar_config(disable=not progress)
         edited = []
-        for image, instruction, generator in zip(request.images, request.texts, generators):
-            out_w, out_h = self._edit_size(image.size, height, width, settings.get("image_size", EDIT_IMAGE_SIZE))
-            result = self.pipeline(
-                prompt=instruction,
-                image=resize_input(image, out_w, out_h, settings["input_resize"]),
+        for image, instruction, generator, (out_h, out_w) in zip(request.images, request.texts, generators,
+                                                                 request.sizes):
+            result = self.pipeline.sample_checked(
+                instruction,
+                references=[resize_input(image, out_w, out_h, settings["input_resize"])],
                 height=out_h,
                 width=out_w,
                 num_inference_steps=settings["num_inference_steps"],
-                guidance_scale=settings["cfg"],
+                cfg=settings["cfg"],
                 negative_prompt=settings["negative_prompt"],
                 generator=generator,
             ).images[0]
             edited.append(result)
         return edited
-
 
     # ------------------------------------------------------------------ inpainting
 
@@ -293,8 +314,12 @@ class _UniPic2Adapter:
         **options: object,
     ) -> CheckedInputs:
         """Validate an inpainting request (`UserError` naming the argument); settings are what sampling uses."""
-        request = check_inpaint_request(images, masks, prompts, seed=seed, grow=grow, feather=feather,
-                                        background=(255, 255, 255))
+        return self.inpaint_settings(check_inpaint_request(images, masks, prompts, seed=seed, grow=grow,
+                                                           feather=feather), **options)
+
+    def inpaint_settings(self, request: CheckedInputs, **options: object) -> CheckedInputs:
+        """Complete a model-free `check_inpaint_request`: RGB images and the sampling settings."""
+        request = rgb_request(request, self.alpha_background)
         opts = _parse_options(options, _INPAINT_OPTIONS, "inpaint")
         multiple = self.pipeline.vae_scale_factor * self.pipeline.patch_size
         for i, image in enumerate(request.images):
@@ -325,7 +350,10 @@ class _UniPic2Adapter:
         inside the mask, so every pixel outside it is exactly the source's. Sizes that are not
         multiples of 16 are padded (edge pixels repeated) and cropped back.
         """
-        request = self.check_inpaint(images, masks, prompts, seed=seed, grow=grow, feather=feather, **options)
+        return self.run(self.check_inpaint(images, masks, prompts, seed=seed, grow=grow, feather=feather, **options),
+                        progress=progress)
+
+    def _inpaint(self, request: CheckedInputs, progress: bool) -> list[Image.Image]:
         settings = request.settings
         generators = self._generators(request.seed, len(request.texts))
         self.pipeline.set_progress_bar_config(disable=not progress)
@@ -333,14 +361,14 @@ class _UniPic2Adapter:
         out = []
         for image, mask, prompt, generator in zip(request.images, request.masks, request.texts, generators):
             canvas, canvas_mask = pad_to_multiple(image, mask, multiple)
-            result = self.pipeline(
-                prompt=prompt,
-                inpaint_image=canvas,
-                mask_image=canvas_mask,
+            result = self.pipeline.sample_checked(
+                prompt,
+                inpaint_sources=[canvas],
+                inpaint_masks=[canvas_mask],
                 height=canvas.height,
                 width=canvas.width,
                 num_inference_steps=settings["num_inference_steps"],
-                guidance_scale=settings["cfg"],
+                cfg=settings["cfg"],
                 negative_prompt=settings["negative_prompt"],
                 generator=generator,
                 feather=settings["feather"],
@@ -399,8 +427,10 @@ class MetaQueryUnifiedPipeline(_UniPic2Adapter):
         checkpoint's generation config decides. `max_new_tokens=None` (the default) means 512,
         upstream's i2t default. `seed` makes sampling reproducible.
         """
-        request = self.check_inputs("image_to_text", questions, images, seed=seed, max_new_tokens=max_new_tokens,
-                                    **options)
+        return self.run(self.check_inputs("image_to_text", questions, images, seed=seed,
+                                          max_new_tokens=max_new_tokens, **options))
+
+    def _image_to_text(self, request: CheckedInputs, progress: bool = False) -> list[str]:
         generate_kwargs = dict(request.settings)
         max_new_tokens = generate_kwargs.pop("max_new_tokens")
         device = torch.device(self.pipeline._execution_device)

@@ -75,30 +75,30 @@ def linear(n_in: int, n_out: int, bias: bool = True) -> int:
     return n_in * n_out + (n_out if bias else 0)
 
 
-def sd3_transformer_params(cfg: dict) -> int:
+def sd3_transformer_params(config: dict) -> int:
     """Parameters of diffusers' SD3Transformer2DModel (== SD3Transformer2DKontextModel)."""
-    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    hd, p = cfg["attention_head_dim"], cfg["patch_size"]
-    out_ch = cfg.get("out_channels") or cfg["in_channels"]
-    total = cfg["in_channels"] * d * p * p + d  # patch-embedding conv
-    total += linear(256, d) + linear(d, d) + linear(cfg["pooled_projection_dim"], d) + linear(d, d)  # time + pooled
-    total += linear(cfg["joint_attention_dim"], cfg["caption_projection_dim"])  # context_embedder
-    for i in range(cfg["num_layers"]):
-        dual, last = i in cfg.get("dual_attention_layers", ()), i == cfg["num_layers"] - 1
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    hd, p = config["attention_head_dim"], config["patch_size"]
+    out_ch = config.get("out_channels") or config["in_channels"]
+    total = config["in_channels"] * d * p * p + d  # patch-embedding conv
+    total += linear(256, d) + linear(d, d) + linear(config["pooled_projection_dim"], d) + linear(d, d)  # time + pooled
+    total += linear(config["joint_attention_dim"], config["caption_projection_dim"])  # context_embedder
+    for i in range(config["num_layers"]):
+        dual, last = i in config.get("dual_attention_layers", ()), i == config["num_layers"] - 1
         total += linear(d, (9 if dual else 6) * d)  # AdaLayerNormZero(X) of the image stream
         total += linear(d, 2 * d) if last else linear(d, 6 * d)  # context norm (continuous in the last block)
         total += 7 * linear(d, d) + (0 if last else linear(d, d))  # q,k,v, added q,k,v, out, (added out)
-        total += 4 * hd if cfg.get("qk_norm") == "rms_norm" else 0  # RMSNorm on q,k and added q,k
+        total += 4 * hd if config.get("qk_norm") == "rms_norm" else 0  # RMSNorm on q,k and added q,k
         if dual:  # image-only self-attention of SD3.5 (MMDiT-X)
-            total += 4 * linear(d, d) + (2 * hd if cfg.get("qk_norm") == "rms_norm" else 0)
+            total += 4 * linear(d, d) + (2 * hd if config.get("qk_norm") == "rms_norm" else 0)
         total += (1 if last else 2) * (linear(d, 4 * d) + linear(4 * d, d))  # FF (+ context FF)
     total += linear(d, 2 * d) + linear(d, p * p * out_ch)  # norm_out + proj_out
     return total
 
 
-def sd3_pos_embed_values(cfg: dict) -> int:
+def sd3_pos_embed_values(config: dict) -> int:
     """Values of the persistent sin-cos table `pos_embed.pos_embed` (a buffer, not a parameter)."""
-    return cfg["pos_embed_max_size"] ** 2 * cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    return config["pos_embed_max_size"] ** 2 * config["num_attention_heads"] * config["attention_head_dim"]
 
 
 def _resnet(c_in: int, c_out: int) -> int:
@@ -110,19 +110,19 @@ def _mid_block(c: int) -> int:
     return 2 * _resnet(c, c) + 2 * c + 4 * linear(c, c)  # two resnets + single-head attention
 
 
-def vae_params(cfg: dict) -> int:
+def vae_params(config: dict) -> int:
     """Parameters of diffusers' AutoencoderKL with DownEncoderBlock2D / UpDecoderBlock2D blocks."""
-    ch, lpb, lat = cfg["block_out_channels"], cfg["layers_per_block"], cfg["latent_channels"]
+    ch, lpb, lat = config["block_out_channels"], config["layers_per_block"], config["latent_channels"]
     conv3 = lambda c_in, c_out: c_in * c_out * 9 + c_out  # noqa: E731
     # Encoder
-    total, prev = conv3(cfg["in_channels"], ch[0]), ch[0]
+    total, prev = conv3(config["in_channels"], ch[0]), ch[0]
     for i, c in enumerate(ch):
         for j in range(lpb):
             total += _resnet(prev if j == 0 else c, c)
         prev = c
         total += conv3(c, c) if i < len(ch) - 1 else 0  # downsampler
     total += _mid_block(ch[-1]) + 2 * ch[-1] + conv3(ch[-1], 2 * lat)
-    total += linear(2 * lat, 2 * lat) if cfg.get("use_quant_conv", True) else 0
+    total += linear(2 * lat, 2 * lat) if config.get("use_quant_conv", True) else 0
     # Decoder
     total += conv3(lat, ch[-1]) + _mid_block(ch[-1])
     prev = ch[-1]
@@ -131,34 +131,34 @@ def vae_params(cfg: dict) -> int:
             total += _resnet(prev if j == 0 else c, c)
         prev = c
         total += conv3(c, c) if i < len(ch) - 1 else 0  # upsampler
-    total += 2 * ch[0] + conv3(ch[0], cfg["out_channels"])
-    total += linear(lat, lat) if cfg.get("use_post_quant_conv", True) else 0
+    total += 2 * ch[0] + conv3(ch[0], config["out_channels"])
+    total += linear(lat, lat) if config.get("use_post_quant_conv", True) else 0
     return total
 
 
-def clip_text_params(cfg: dict) -> int:
+def clip_text_params(config: dict) -> int:
     """Parameters of transformers' CLIPTextModelWithProjection."""
-    d, f = cfg["hidden_size"], cfg["intermediate_size"]
+    d, f = config["hidden_size"], config["intermediate_size"]
     layer = 4 * linear(d, d) + 4 * d + linear(d, f) + linear(f, d)
-    return cfg["vocab_size"] * d + cfg["max_position_embeddings"] * d + cfg["num_hidden_layers"] * layer + 2 * d + d * cfg["projection_dim"]
+    return config["vocab_size"] * d + config["max_position_embeddings"] * d + config["num_hidden_layers"] * layer + 2 * d + d * config["projection_dim"]
 
 
-def t5_encoder_params(cfg: dict) -> int:
+def t5_encoder_params(config: dict) -> int:
     """Parameters of transformers' T5EncoderModel (the tied input embedding counted once)."""
-    d, f, inner = cfg["d_model"], cfg["d_ff"], cfg["num_heads"] * cfg["d_kv"]
-    ff = 3 * d * f if cfg.get("feed_forward_proj", "relu").startswith("gated") else 2 * d * f
+    d, f, inner = config["d_model"], config["d_ff"], config["num_heads"] * config["d_kv"]
+    ff = 3 * d * f if config.get("feed_forward_proj", "relu").startswith("gated") else 2 * d * f
     layer = 4 * d * inner + ff + 2 * d
-    rel_bias = cfg["relative_attention_num_buckets"] * cfg["num_heads"]
-    return cfg["vocab_size"] * d + cfg["num_layers"] * layer + rel_bias + d
+    rel_bias = config["relative_attention_num_buckets"] * config["num_heads"]
+    return config["vocab_size"] * d + config["num_layers"] * layer + rel_bias + d
 
 
-def qwen2_5_vl_params(cfg: dict) -> tuple[int, int]:
+def qwen2_5_vl_params(config: dict) -> tuple[int, int]:
     """(total, vision) parameters of transformers' Qwen2_5_VLForConditionalGeneration."""
-    t, v = cfg["text_config"], cfg["vision_config"]
+    t, v = config["text_config"], config["vision_config"]
     h, f = t["hidden_size"], t["intermediate_size"]
     kv = t["num_key_value_heads"] * (h // t["num_attention_heads"])
     layer = linear(h, h) + 2 * linear(h, kv) + linear(h, h, bias=False) + 3 * h * f + 2 * h
-    tied = cfg.get("tie_word_embeddings", t.get("tie_word_embeddings", False))
+    tied = config.get("tie_word_embeddings", t.get("tie_word_embeddings", False))
     text = t["vocab_size"] * h * (1 if tied else 2) + t["num_hidden_layers"] * layer + h
     vh, vf, m = v["hidden_size"], v["intermediate_size"], v["spatial_merge_size"]
     block = 2 * vh + linear(vh, 3 * vh) + linear(vh, vh) + 2 * linear(vh, vf) + linear(vf, vh)
@@ -168,17 +168,17 @@ def qwen2_5_vl_params(cfg: dict) -> tuple[int, int]:
     return text + vision, vision
 
 
-def conditioner_params(cfg: dict) -> int:
+def conditioner_params(config: dict) -> int:
     """Parameters of StableDiffusion3Conditioner (queries, connector, three projections)."""
-    c = cfg["connector_config"]
-    hidden, ff, llm = c["hidden_size"], c["intermediate_size"], cfg["llm_hidden_size"]
+    c = config["connector_config"]
+    hidden, ff, llm = c["hidden_size"], c["intermediate_size"], config["llm_hidden_size"]
     layer = 4 * linear(hidden, hidden) + 4 * hidden + linear(hidden, ff) + linear(ff, hidden)
     return (
-        cfg["num_queries"] * llm
+        config["num_queries"] * llm
         + linear(llm, hidden)
         + c["num_hidden_layers"] * layer
-        + linear(hidden, cfg["pooled_projection_dim"])
-        + linear(hidden, cfg["joint_attention_dim"])
+        + linear(hidden, config["pooled_projection_dim"])
+        + linear(hidden, config["joint_attention_dim"])
     )
 
 
@@ -216,9 +216,9 @@ def metaquery_weight_bytes(b: int) -> dict[str, int]:
     }
 
 
-def _dit_act(height: int, width: int, text_tokens: int, edit: bool, b: int, cfg: bool = True) -> int:
+def _dit_act(height: int, width: int, text_tokens: int, edit: bool, b: int, guided: bool = True) -> int:
     n = (height // 16) * (width // 16)
-    return (2 if cfg else 1) * (text_tokens + (2 if edit else 1) * n) * SD35M_TRANSFORMER["caption_projection_dim"] * 16 * b
+    return (2 if guided else 1) * (text_tokens + (2 if edit else 1) * n) * SD35M_TRANSFORMER["caption_projection_dim"] * 16 * b
 
 
 def _llm_act(batch: int, tokens: int, hidden: int, ff: int, b: int) -> int:

@@ -50,6 +50,13 @@ DEFAULT_GUIDANCE = 3.5
 REFERENCE_SAMPLE_MODES = ("sample", "argmax")
 
 
+def guidance_enabled(cfg: float) -> bool:
+    """UniPic-2 guides only above scale 1, as diffusers' SD3 pipelines do: at cfg <= 1 it samples the
+    conditional prediction alone (docs/sampling.md has both families' rules). The one place the
+    UniPic-2 pipelines decide it."""
+    return cfg > 1
+
+
 class KontextSamplingMixin:
     """Reference encoding, the flow-matching denoising loop and decoding for Kontext-style DiTs.
 
@@ -252,7 +259,7 @@ class KontextSamplingMixin:
         pooled_prompt_embeds: torch.Tensor,
         negative_prompt_embeds: torch.Tensor | None,
         negative_pooled_prompt_embeds: torch.Tensor | None,
-        guidance_scale: float,
+        cfg: float,
         ref_latents: torch.Tensor | None = None,
         joint_attention_kwargs: dict[str, Any] | None = None,
         skip_guidance_layers: list[int] | None = None,
@@ -272,7 +279,7 @@ class KontextSamplingMixin:
         level, sigma * noise + (1 - sigma) * source, which is the source itself after the last step
         (sigma = 0), as diffusers' inpainting pipelines do.
         """
-        do_cfg = guidance_scale > 1
+        do_cfg = guidance_enabled(cfg)
         if do_cfg:
             cfg_prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds], dim=0)  # (2B, L, J)
             cfg_pooled = torch.cat([negative_pooled_prompt_embeds, pooled_prompt_embeds], dim=0)  # (2B, P)
@@ -301,7 +308,7 @@ class KontextSamplingMixin:
 
                 if do_cfg:
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                    noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+                    noise_pred = noise_pred_uncond + cfg * (noise_pred_text - noise_pred_uncond)
                     use_slg = (
                         skip_guidance_layers is not None
                         and num_inference_steps * skip_layer_guidance_start < i < num_inference_steps * skip_layer_guidance_stop
@@ -346,7 +353,7 @@ class KontextSamplingMixin:
         num_inference_steps: int,
         sigmas: list[float] | None,
         mu: float | None,
-        guidance_scale: float,
+        cfg: float,
         output_type: str,
         return_dict: bool,
         inpaint_sources: list[Image.Image] | None = None,
@@ -384,7 +391,7 @@ class KontextSamplingMixin:
             pooled_prompt_embeds.to(device),
             None if negative_prompt_embeds is None else negative_prompt_embeds.to(device),
             None if negative_pooled_prompt_embeds is None else negative_pooled_prompt_embeds.to(device),
-            guidance_scale,
+            cfg,
             ref_latents=ref_latents,
             **denoise_options,
         )
@@ -566,7 +573,69 @@ class StableDiffusion3KontextPipeline(KontextSamplingMixin, StableDiffusion3Pipe
         sources = masks = None
         if inpaint_image is not None:
             sources, masks = self.check_inpaint_inputs(inpaint_image, mask_image, batch_size, height, width, grow)
-        self._guidance_scale = guidance_scale
+        return self.sample_checked(
+            prompt, batch_size=batch_size, height=height, width=width, cfg=guidance_scale,
+            num_inference_steps=num_inference_steps, negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt, generator=generator, references=references,
+            inpaint_sources=sources, inpaint_masks=masks, feather=feather, prompt_2=prompt_2, prompt_3=prompt_3,
+            negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, latents=latents, sigmas=sigmas,
+            reference_sample_mode=reference_sample_mode, output_type=output_type, return_dict=return_dict,
+            joint_attention_kwargs=joint_attention_kwargs, clip_skip=clip_skip,
+            max_sequence_length=max_sequence_length, skip_guidance_layers=skip_guidance_layers,
+            skip_layer_guidance_scale=skip_layer_guidance_scale, skip_layer_guidance_stop=skip_layer_guidance_stop,
+            skip_layer_guidance_start=skip_layer_guidance_start, mu=mu,
+        )
+
+    @torch.no_grad()
+    def sample_checked(
+        self,
+        prompt: str | list[str] | None,
+        *,
+        height: int,
+        width: int,
+        cfg: float,
+        num_inference_steps: int = DEFAULT_STEPS,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        references: list[Image.Image] | None = None,
+        inpaint_sources: list[Image.Image] | None = None,
+        inpaint_masks: list[np.ndarray] | None = None,
+        feather: int = DEFAULT_FEATHER,
+        batch_size: int | None = None,
+        prompt_2: str | list[str] | None = None,
+        prompt_3: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        negative_prompt_3: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        sigmas: list[float] | None = None,
+        reference_sample_mode: str = "sample",
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        max_sequence_length: int = 256,
+        skip_guidance_layers: list[int] | None = None,
+        skip_layer_guidance_scale: float = 2.8,
+        skip_layer_guidance_stop: float = 0.2,
+        skip_layer_guidance_start: float = 0.01,
+        mu: float | None = None,
+    ) -> StableDiffusion3PipelineOutput | tuple:
+        """Steps 2-7 of `__call__` on inputs already checked, by `__call__` or by the `UnifiedPipeline`
+        adapter's `check_inputs`: nothing is checked again.
+
+        `references` are RGB images of exactly `width` x `height`, one per prompt; `inpaint_sources`
+        and `inpaint_masks` are RGB images of that size and grown bool (H, W) masks, one per prompt.
+        """
+        if batch_size is None:
+            batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        self._guidance_scale = cfg
         self._clip_skip = clip_skip
         self._joint_attention_kwargs = joint_attention_kwargs
         self._interrupt = False
@@ -586,7 +655,7 @@ class StableDiffusion3KontextPipeline(KontextSamplingMixin, StableDiffusion3Pipe
             negative_prompt=negative_prompt,
             negative_prompt_2=negative_prompt_2,
             negative_prompt_3=negative_prompt_3,
-            do_classifier_free_guidance=guidance_scale > 1,
+            do_classifier_free_guidance=guidance_enabled(cfg),
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
             pooled_prompt_embeds=pooled_prompt_embeds,
@@ -604,9 +673,9 @@ class StableDiffusion3KontextPipeline(KontextSamplingMixin, StableDiffusion3Pipe
             images=batch_size * num_images_per_prompt, height=height, width=width, references=references,
             num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
             reference_sample_mode=reference_sample_mode, num_inference_steps=num_inference_steps, sigmas=sigmas,
-            mu=mu, guidance_scale=guidance_scale, output_type=output_type, return_dict=return_dict,
+            mu=mu, cfg=cfg, output_type=output_type, return_dict=return_dict,
             joint_attention_kwargs=joint_attention_kwargs, skip_guidance_layers=skip_guidance_layers,
             skip_layer_guidance_scale=skip_layer_guidance_scale, skip_layer_guidance_start=skip_layer_guidance_start,
-            skip_layer_guidance_stop=skip_layer_guidance_stop, inpaint_sources=sources, inpaint_masks=masks,
-            feather=feather,
+            skip_layer_guidance_stop=skip_layer_guidance_stop, inpaint_sources=inpaint_sources,
+            inpaint_masks=inpaint_masks, feather=feather,
         )

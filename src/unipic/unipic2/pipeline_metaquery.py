@@ -45,6 +45,7 @@ from unipic.unipic2.pipeline_kontext import (
     DEFAULT_SIZE,
     DEFAULT_STEPS,
     KontextSamplingMixin,
+    guidance_enabled,
 )
 from unipic.unipic2.qwen_pixels import qwen_pixel_values
 from unipic.unipic2.transformer_sd3_kontext import SD3Transformer2DKontextModel
@@ -312,7 +313,7 @@ class UniPic2MetaQueryPipeline(KontextSamplingMixin, DiffusionPipeline):
                 width, height = (width or first.size[0]), (height or first.size[1])
         height = height or DEFAULT_SIZE
         width = width or DEFAULT_SIZE
-        do_cfg = guidance_scale > 1
+        do_cfg = guidance_enabled(guidance_scale)
 
         # 1. Check inputs
         self.check_size(height, width)
@@ -333,11 +334,62 @@ class UniPic2MetaQueryPipeline(KontextSamplingMixin, DiffusionPipeline):
         if inpaint_image is not None:
             sources, masks = self.check_inpaint_inputs(inpaint_image, mask_image, batch_size, height, width, grow)
 
+        return self.sample_checked(
+            prompt, batch_size=batch_size, height=height, width=width, cfg=guidance_scale,
+            num_inference_steps=num_inference_steps, negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt, generator=generator, references=references,
+            inpaint_sources=sources, inpaint_masks=masks, feather=feather, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, latents=latents, sigmas=sigmas,
+            reference_sample_mode=reference_sample_mode, output_type=output_type, return_dict=return_dict,
+            joint_attention_kwargs=joint_attention_kwargs, skip_guidance_layers=skip_guidance_layers,
+            skip_layer_guidance_scale=skip_layer_guidance_scale, skip_layer_guidance_stop=skip_layer_guidance_stop,
+            skip_layer_guidance_start=skip_layer_guidance_start, mu=mu,
+        )
+
+    @torch.no_grad()
+    def sample_checked(
+        self,
+        prompt: str | list[str] | None,
+        *,
+        height: int,
+        width: int,
+        cfg: float,
+        num_inference_steps: int = DEFAULT_STEPS,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        references: list[Image.Image] | None = None,
+        inpaint_sources: list[Image.Image] | None = None,
+        inpaint_masks: list | None = None,
+        feather: int = DEFAULT_FEATHER,
+        batch_size: int | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        sigmas: list[float] | None = None,
+        reference_sample_mode: str = "sample",
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        skip_guidance_layers: list[int] | None = None,
+        skip_layer_guidance_scale: float = 2.8,
+        skip_layer_guidance_stop: float = 0.2,
+        skip_layer_guidance_start: float = 0.01,
+        mu: float | None = None,
+    ) -> StableDiffusion3PipelineOutput | tuple:
+        """Steps 2-7 of `__call__` on inputs already checked (by `__call__` or the adapter's
+        `check_inputs`); nothing is checked again. Inputs as for the Kontext pipeline's `sample_checked`."""
+        if batch_size is None:
+            batch_size = 1 if isinstance(prompt, str) else len(prompt)
+
         # 2. Qwen2.5-VL + conditioner replace the three text encoders (spec §4.3)
         if prompt_embeds is None:
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = (
                 self.encode_prompt(
-                    prompt, references, negative_prompt, do_cfg, num_images_per_prompt, height, width
+                    prompt, references, negative_prompt, guidance_enabled(cfg), num_images_per_prompt, height, width
                 )
             )
 
@@ -347,11 +399,11 @@ class UniPic2MetaQueryPipeline(KontextSamplingMixin, DiffusionPipeline):
             images=batch_size * num_images_per_prompt, height=height, width=width, references=references,
             num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
             reference_sample_mode=reference_sample_mode, num_inference_steps=num_inference_steps, sigmas=sigmas,
-            mu=mu, guidance_scale=guidance_scale, output_type=output_type, return_dict=return_dict,
+            mu=mu, cfg=cfg, output_type=output_type, return_dict=return_dict,
             joint_attention_kwargs=joint_attention_kwargs, skip_guidance_layers=skip_guidance_layers,
             skip_layer_guidance_scale=skip_layer_guidance_scale, skip_layer_guidance_start=skip_layer_guidance_start,
-            skip_layer_guidance_stop=skip_layer_guidance_stop, inpaint_sources=sources, inpaint_masks=masks,
-            feather=feather,
+            skip_layer_guidance_stop=skip_layer_guidance_stop, inpaint_sources=inpaint_sources,
+            inpaint_masks=inpaint_masks, feather=feather,
         )
 
     # ------------------------------------------------------------------ understanding

@@ -197,9 +197,15 @@ class UniPic3UnifiedPipeline:
         Instructions run one after another (their inputs differ in number and size). Inputs of any
         mode are converted to RGB (transparency composited on white).
         """
-        request = self.check_inputs("edit_image", instructions, images, height=height, width=width, seed=seed,
-                                    **options)
+        return self.run(self.check_inputs("edit_image", instructions, images, height=height, width=width,
+                                          seed=seed, **options), progress=progress)
+
+    def run(self, request: CheckedInputs, *, progress: bool = False) -> list[Image.Image]:
+        """Sample a checked edit request (`check_inputs`) without checking it again."""
+        if request.job != "edit_image":
+            raise UnsupportedTaskError(NO_CAPTIONS if request.job == "image_to_text" else NO_TEXT_TO_IMAGE)
         settings = request.settings
+        height, width = settings.get("height"), settings.get("width")
         self.pipeline.set_progress_bar_config(disable=not progress)
         edited = []
         for group, instruction, (noise, step) in zip(request.images, request.texts,

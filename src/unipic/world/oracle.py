@@ -35,6 +35,7 @@ from unipic.inpainting import (
     composite,
     feather_alpha,
     outpaint_with,
+    rgb_request,
 )
 from unipic.world.edits import apply_instruction
 from unipic.world.geneval import colored_position, record_for_prompt, scene_for_record
@@ -59,6 +60,8 @@ class ShapesOracle:
         blank_unknown: draw an empty canvas for a prompt it cannot parse instead of refusing it
             (tests of evaluators' file layouts on real-world prompt sets use this).
     """
+
+    alpha_background = (128, 128, 128)  # transparent input pixels are composited onto this
 
     def __init__(self, wrong_colors: bool = False, drop_object: bool = False, mirror_positions: bool = False,
                  size: int = DEFAULT_SIZE, blank_unknown: bool = False) -> None:
@@ -88,16 +91,23 @@ class ShapesOracle:
                                        "mirror_positions": self.mirror_positions}
         rgb = None
         if job != "text_to_image":
-            rgb = [to_rgb(im, (128, 128, 128), name=f"images[{i}]")
+            rgb = [to_rgb(im, self.alpha_background, name=f"images[{i}]")
                    for i, im in enumerate(check_image_list(images, "images", len(texts), what))]
+        sizes = None
         if job == "text_to_image":
             images_per_prompt = check_int(images_per_prompt, "images_per_prompt", minimum=1)
             settings["size"] = self._size(height, width)
+            for prompt in texts:  # an unparseable prompt is refused before anything is drawn
+                self.scene_for_prompt(prompt, rng_for(0, 31))
+        elif job == "edit_image":  # each source's own size unless one is given
+            if height is not None or width is not None:
+                settings["size"] = self._size(height, width)
+            sizes = [(self._size(height or im.height, width or im.width),) * 2 for im in rgb]
         elif height is not None or width is not None:
             settings["size"] = self._size(height, width)
         if max_new_tokens is not None:
             check_int(max_new_tokens, "max_new_tokens", minimum=1)
-        return CheckedInputs(job, texts, rgb, seed, images_per_prompt, settings)
+        return CheckedInputs(job, texts, rgb, seed, images_per_prompt, settings, sizes=sizes)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -154,10 +164,18 @@ class ShapesOracle:
                       images_per_prompt: int = 1, seed: int | Sequence[int] | None = None, progress: bool = False,
                       **options: object) -> list[list[Image.Image]]:
         """Render each prompt's scene `images_per_prompt` times (an unparseable prompt is a UserError)."""
-        request = self.check_inputs("text_to_image", prompts, height=height, width=width,
-                                    images_per_prompt=images_per_prompt, seed=seed, **options)
-        for prompt in request.texts:  # refuse before drawing anything
-            self.scene_for_prompt(prompt, rng_for(0, 31))
+        return self.run(self.check_inputs("text_to_image", prompts, height=height, width=width,
+                                          images_per_prompt=images_per_prompt, seed=seed, **options))
+
+    def run(self, request: CheckedInputs, *, progress: bool = False) -> list:
+        """Draw (or answer) a checked request without checking it again."""
+        job = {"text_to_image": self._text_to_image, "edit_image": self._edit_image, "inpaint": self._inpaint,
+               "image_to_text": self._image_to_text}.get(request.job)
+        if job is None:
+            raise ValueError(f"unknown job {request.job!r} in a checked request")
+        return job(request)
+
+    def _text_to_image(self, request: CheckedInputs) -> list[list[Image.Image]]:
         size, keys = request.settings["size"], self._seed_keys(request.seed, len(request.texts))
         out = []
         for i, prompt in enumerate(request.texts):
@@ -172,12 +190,14 @@ class ShapesOracle:
                    width: int | None = None, seed: int | Sequence[int] | None = None, progress: bool = False,
                    **options: object) -> list[Image.Image]:
         """Read each source with the judge, apply its instruction and render the result."""
-        request = self.check_inputs("edit_image", instructions, images, height=height, width=width, seed=seed,
-                                    **options)
+        return self.run(self.check_inputs("edit_image", instructions, images, height=height, width=width,
+                                          seed=seed, **options))
+
+    def _edit_image(self, request: CheckedInputs) -> list[Image.Image]:
         keys = self._seed_keys(request.seed, len(request.texts))
         out = []
         for i, (image, instruction) in enumerate(zip(request.images, request.texts)):
-            size = self._size(height or image.height, width or image.width)
+            size = request.sizes[i][0]
             source = Scene(tuple(_snap(o) for o in judge_scene(image).objects))
             rng = rng_for(keys[i][0], 32, keys[i][1])
             edit = apply_instruction(rng, source, instruction)
@@ -189,10 +209,14 @@ class ShapesOracle:
                       seed: int | Sequence[int] | None = None, grow: int = DEFAULT_GROW,
                       feather: int = DEFAULT_FEATHER, **options: object) -> CheckedInputs:
         """Validate an inpainting request (square images only, like everything the oracle draws)."""
+        return self.inpaint_settings(check_inpaint_request(images, masks, prompts, seed=seed, grow=grow,
+                                                           feather=feather), **options)
+
+    def inpaint_settings(self, request: CheckedInputs, **options: object) -> CheckedInputs:
+        """Complete a model-free `check_inpaint_request` (square images only, like everything the oracle draws)."""
         if options:
             raise UserError(f"the Shapes oracle takes no sampling options; got {', '.join(sorted(options))}")
-        request = check_inpaint_request(images, masks, prompts, seed=seed, grow=grow, feather=feather,
-                                        background=(128, 128, 128))
+        request = rgb_request(request, self.alpha_background)
         for i, image in enumerate(request.images):
             if image.width != image.height:
                 raise UserError(f"the Shapes oracle draws square images; images[{i}] is {image.width}x{image.height}")
@@ -204,7 +228,9 @@ class ShapesOracle:
                 seed: int | Sequence[int] | None = None, grow: int = DEFAULT_GROW, feather: int = DEFAULT_FEATHER,
                 progress: bool = False, **options: object) -> list[Image.Image]:
         """Keep what lies outside each mask and draw the prompt's missing object inside it."""
-        request = self.check_inpaint(images, masks, prompts, seed=seed, grow=grow, feather=feather, **options)
+        return self.run(self.check_inpaint(images, masks, prompts, seed=seed, grow=grow, feather=feather, **options))
+
+    def _inpaint(self, request: CheckedInputs) -> list[Image.Image]:
         keys = self._seed_keys(request.seed, len(request.texts))
         out = []
         for i, (image, mask, prompt) in enumerate(zip(request.images, request.masks, request.texts)):
@@ -241,14 +267,15 @@ class ShapesOracle:
     def outpaint(self, images: Sequence[Image.Image], prompts: Sequence[str], *, left: int = 0, right: int = 0,
                  top: int = 0, bottom: int = 0, **kwargs: object) -> list[Image.Image]:
         """Pad each image (multiples of 16) and inpaint the new border."""
-        return outpaint_with(self, images, prompts, left=left, right=right, top=top, bottom=bottom,
-                             background=(128, 128, 128), **kwargs)
+        return outpaint_with(self, images, prompts, left=left, right=right, top=top, bottom=bottom, **kwargs)
 
     def image_to_text(self, images: Sequence[Image.Image], questions: Sequence[str], *, max_new_tokens: int = 256,
                       seed: int | None = None, **options: object) -> list[str]:
         """Read each image with the judge and answer its question."""
-        request = self.check_inputs("image_to_text", questions, images, seed=seed, max_new_tokens=max_new_tokens,
-                                    **options)
+        return self.run(self.check_inputs("image_to_text", questions, images, seed=seed,
+                                          max_new_tokens=max_new_tokens, **options))
+
+    def _image_to_text(self, request: CheckedInputs) -> list[str]:
         answers = []
         for i, (image, question) in enumerate(zip(request.images, request.texts)):
             found = judge(image)
